@@ -1,0 +1,274 @@
+"""The rollout engine: request -> scheduler -> model runner -> sampler -> Rollout.
+
+`generate` is the batch API; `add_request` / `step` let an RL loop drive it incrementally.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence as Seq
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from parity.config import EngineConfig
+from parity.precision.dtypes import resolve_dtype
+from parity.rollout.block_manager import BlockManager
+from parity.rollout.model_runner import ModelRunner, kv_cache_bytes_per_block
+from parity.rollout.models.config import ModelConfig
+from parity.rollout.models.decoder import DecoderModel
+from parity.rollout.models.weights import WeightMap, load_checkpoint
+from parity.rollout.sampler import sample
+from parity.rollout.sampling_params import SamplingParams
+from parity.rollout.scheduler import Scheduler, SchedulerConfig
+from parity.rollout.sequence import Rollout, Sequence
+
+
+class PromptTooLongError(ValueError):
+    """A request that can never run: longer than the context, or than the whole KV cache."""
+
+
+def _pick_device(name: str | None) -> torch.device:
+    if name is not None:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _pick_dtype(name: str, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    if name != "auto":
+        return resolve_dtype(name)
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if cfg.torch_dtype == torch.float16 else torch.bfloat16
+
+
+def _available_host_memory() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class Engine:
+    def __init__(self, model: DecoderModel, tokenizer, config: EngineConfig, max_model_len: int):
+        self.model = model
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.max_model_len = max_model_len
+        self.weights = WeightMap(model, model.config)
+        self.weight_version = 0
+        num_blocks = self._num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device)
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> Engine:
+        """Load an HF-format model directory. Keyword arguments are EngineConfig fields."""
+        names = {f.name for f in fields(EngineConfig)}
+        unknown = set(kwargs) - names
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        config = EngineConfig(**kwargs)
+        path = Path(path)
+        model_config = ModelConfig.from_pretrained(path)
+        device = _pick_device(config.device)
+        dtype = _pick_dtype(config.dtype, device, model_config)
+        max_model_len = config.max_model_len or model_config.max_position_embeddings
+        model = DecoderModel(model_config, dtype, device, max_model_len, logits_fp32=config.logits_fp32)
+        load_checkpoint(WeightMap(model, model_config), path)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, config, max_model_len)
+
+    def _num_kv_blocks(self) -> int:
+        per_block = kv_cache_bytes_per_block(self.model, self.config.block_size)
+        if self.config.kv_cache_memory is not None:
+            budget = self.config.kv_cache_memory
+        elif self.device.type == "cuda":
+            budget = self._cuda_kv_budget()
+        else:
+            budget = int(_available_host_memory() * self.config.memory_utilization)
+        blocks_per_seq = -(-self.max_model_len // self.config.block_size)
+        num_blocks = min(budget // per_block, self.config.max_num_seqs * blocks_per_seq)
+        if num_blocks < 1:
+            raise MemoryError(
+                f"KV-cache budget of {budget} bytes is below one block ({per_block} bytes); "
+                "raise kv_cache_memory or memory_utilization"
+            )
+        return int(num_blocks)
+
+    def _cuda_kv_budget(self) -> int:
+        """What is left under memory_utilization after weights and the activations of a full-size step."""
+        from parity.kernels.metadata import AttentionMetadata
+
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        lens = [min(self.max_model_len, num_tokens - i) for i in range(0, num_tokens, self.max_model_len)]
+        with torch.inference_mode():
+            ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+            hidden = self.model(ids, torch.cat([torch.arange(n, device=self.device) for n in lens]),
+                                AttentionMetadata.for_packed_sequences(lens, self.device))
+            self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        activations = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        return int(free - (1 - self.config.memory_utilization) * total - activations)
+
+    # ------------------------------------------------------------------------------------ requests
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_index: int | None = None,
+    ) -> str:
+        """Queue one prompt (text or token ids) for `params.n` samples. Raises for a prompt that
+        can never run, leaving the engine and other requests untouched."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt)
+        index = next(self._request_ids)
+        request_id = request_id if request_id is not None else str(index)
+        self._validate_prompt(request_id, prompt_ids, params)
+        max_len = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        leader = None
+        for k in range(params.n):
+            seed = params.seed + k if params.seed is not None else hash((self.config.seed, index, k)) & (2**62 - 1)
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                prompt_index=index if prompt_index is None else prompt_index,
+                sample_index=k,
+                prompt_ids=list(prompt_ids),
+                params=params,
+                seed=seed,
+                max_len=max_len,
+                group_leader=leader,
+            )
+            leader = leader or seq
+            self.scheduler.add(seq)
+        return request_id
+
+    def _validate_prompt(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError(f"request {request_id}: empty prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves no room to generate "
+                f"within max_model_len={self.max_model_len}"
+            )
+        need = self.block_manager.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        if need > self.block_manager.num_blocks:
+            raise PromptTooLongError(
+                f"request {request_id}: prompt + max_tokens needs {need} KV blocks but the cache has "
+                f"{self.block_manager.num_blocks}; lower max_tokens or give the KV cache more memory"
+            )
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --------------------------------------------------------------------------------------- steps
+    def step(self) -> list[Rollout]:
+        """Run one scheduler step; return the samples that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits, sampled_idx = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        if logits is None:
+            return []
+        seqs = [batch.seqs[i] for i in sampled_idx]
+        out = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
+        finished = []
+        for seq, token, logprob, raw in zip(seqs, out.token_ids, out.logprobs, out.raw_logprobs):
+            seq.output_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            seq.output_raw_logprobs.append(raw)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                finished.append(self._to_rollout(seq))
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
+            return "stop"
+        if seq.num_tokens >= seq.max_len:
+            return "length"
+        return None
+
+    def _to_rollout(self, seq: Sequence) -> Rollout:
+        return Rollout(
+            request_id=seq.request_id,
+            prompt_index=seq.prompt_index,
+            sample_index=seq.sample_index,
+            prompt_ids=seq.prompt_ids,
+            output_ids=seq.output_ids,
+            output_logprobs=seq.output_logprobs,
+            output_raw_logprobs=seq.output_raw_logprobs if seq.params.raw_logprobs else None,
+            finish_reason=seq.finish_reason,
+            text=self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else None,
+            weight_version=self.weight_version,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            num_preemptions=seq.num_preemptions,
+        )
+
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]] | str,
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[Rollout]:
+        """Generate for every prompt; return a flat list ordered by prompt, then sample index.
+
+        All prompts are validated before any work starts, so a bad one raises without side effects.
+        """
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine; drain add_request()/step() first")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        encoded = [self.encode(p) for p in prompts]
+        for i, (ids, p) in enumerate(zip(encoded, params_list)):
+            self._validate_prompt(f"prompt {i}", ids, p)
+        for i, (ids, p) in enumerate(zip(encoded, params_list)):
+            self.add_request(ids, p, prompt_index=i)
+        total = sum(p.n for p in params_list)
+        results: list[Rollout] = []
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="rollouts", unit="seq")
+        while self.scheduler.has_unfinished():
+            done = self.step()
+            results.extend(done)
+            if bar is not None:
+                bar.update(len(done))
+        if bar is not None:
+            bar.close()
+        return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
+
+    def kv_cache_usage(self) -> dict[str, int]:
+        """Blocks in use and free, for tests and metrics."""
+        return {"num_blocks": self.block_manager.num_blocks, "used_blocks": self.block_manager.num_used_blocks}

@@ -1,0 +1,1 @@
+"""Model definitions, HF config parsing, weight loading and the test-model factory."""
