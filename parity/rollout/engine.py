@@ -79,7 +79,9 @@ class Engine:
         device = _pick_device(config.device)
         dtype = _pick_dtype(config.dtype, device, model_config)
         max_model_len = config.max_model_len or model_config.max_position_embeddings
-        model = DecoderModel(model_config, dtype, device, max_model_len, logits_fp32=config.logits_fp32)
+        model = DecoderModel(
+            model_config, dtype, device, max_model_len, logits_fp32=config.logits_fp32, deterministic=config.deterministic
+        )
         load_checkpoint(WeightMap(model, model_config), path)
         from transformers import AutoTokenizer
 

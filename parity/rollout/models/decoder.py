@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity.kernels import ops
 from parity.kernels.metadata import AttentionMetadata
+from parity.kernels.ops import Kernels
 from parity.rollout.models.config import ModelConfig
 from parity.rollout.models.rope import cos_sin_tables
 
@@ -27,38 +27,41 @@ def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype, device):
+    def __init__(self, size: int, eps: float, kernels: Kernels, dtype, device):
         super().__init__()
+        self.kernels = kernels
         self.eps = eps
         self.weight = _param(size, dtype=dtype, device=device)
 
     def forward(self, x, residual=None):
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Linear(nn.Module):
     """y = x W^T (+ b), weights stored as HF stores them ([out, in])."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device):
+    def __init__(self, in_features: int, out_features: int, bias: bool, kernels: Kernels, dtype, device):
         super().__init__()
+        self.kernels = kernels
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return self.kernels.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, dtype, device):
         super().__init__()
+        self.kernels = kernels
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.attention_bias, dtype, device)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, False, dtype, device)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.attention_bias, kernels, dtype, device)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, False, kernels, dtype, device)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels, dtype, device)
         else:
             self.q_norm = self.k_norm = None
 
@@ -70,28 +73,29 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.apply_rotary(q, k, cos, sin)
-        out = ops.attention(q, k, v, kv_cache, meta, self.scale)
+        q, k = self.kernels.apply_rotary(q, k, cos, sin)
+        out = self.kernels.attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, dtype, device):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, dtype, device)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, dtype, device)
+        self.kernels = kernels
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, kernels, dtype, device)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, kernels, dtype, device)
 
     def forward(self, x):
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, dtype, device):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)
+        self.self_attn = Attention(cfg, kernels, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)
+        self.mlp = MLP(cfg, kernels, dtype, device)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         # The residual add is fused into the norm: (x + residual) then normalise, as HF orders it.
@@ -105,14 +109,24 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, max_positions: int, logits_fp32: bool = True):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device,
+        max_positions: int,
+        logits_fp32: bool = True,
+        deterministic: bool = False,
+    ):
         super().__init__()
         self.config = cfg
+        self.kernels = Kernels(deterministic=deterministic)
+        kernels = self.kernels
         self.dtype = dtype
         self.logits_fp32 = logits_fp32
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         cos, sin = cos_sin_tables(cfg.hf_config, cfg.head_dim, max_positions, dtype, device)
         self.register_buffer("cos_table", cos, persistent=False)
@@ -142,5 +156,5 @@ class DecoderModel(nn.Module):
         """Float32 logits. With logits_fp32 the LM head itself runs in float32 (MiniMax-M1's fix);
         otherwise it runs in the compute dtype and only the result is upcast."""
         if self.logits_fp32:
-            return F.linear(hidden.float(), self.lm_head_weight.float())
-        return F.linear(hidden, self.lm_head_weight).float()
+            return self.kernels.linear(hidden.float(), self.lm_head_weight.float())
+        return self.kernels.linear(hidden, self.lm_head_weight).float()
