@@ -144,13 +144,17 @@ class DecoderModel(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden] of the flattened tokens."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = self.embed(input_ids)
         cos, sin = self.cos_table[positions], self.sin_table[positions]
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, None if kv_caches is None else kv_caches[i], meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [num_tokens, hidden] (a tensor-parallel model looks up its vocabulary shard)."""
+        return F.embedding(input_ids, self.embed_tokens)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits. With logits_fp32 the LM head itself runs in float32 (MiniMax-M1's fix);
