@@ -24,6 +24,8 @@ from parity.rollout.sampler import sample
 from parity.rollout.sampling_params import SamplingParams
 from parity.rollout.scheduler import Scheduler, SchedulerConfig
 from parity.rollout.sequence import Rollout, Sequence
+from parity.trainer_bridge import sleep as sleep_mode
+from parity.trainer_bridge import weight_sync
 
 
 class PromptTooLongError(ValueError):
@@ -58,6 +60,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.weights = WeightMap(model, model.config)
         self.weight_version = 0
+        self.sleep_state: sleep_mode.SleepState | None = None
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
@@ -138,6 +141,7 @@ class Engine:
     ) -> str:
         """Queue one prompt (text or token ids) for `params.n` samples. Raises for a prompt that
         can never run, leaving the engine and other requests untouched."""
+        sleep_mode.check_awake(self)
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt)
         index = next(self._request_ids)
@@ -270,6 +274,19 @@ class Engine:
         if bar is not None:
             bar.close()
         return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
+
+    # ------------------------------------------------------------------------------ trainer bridge
+    def update_weights(self, source: weight_sync.WeightSource, partial: bool = False) -> weight_sync.WeightSyncStats:
+        """Copy a trainer's weights (module, state dict, or (name, tensor) pairs) in place; see weight_sync."""
+        return weight_sync.update_weights(self, source, partial=partial)
+
+    def sleep(self, level: int = 1) -> sleep_mode.SleepStats:
+        """Free the KV cache and offload (level 1) or discard (level 2) the weights; see trainer_bridge.sleep."""
+        return sleep_mode.sleep(self, level)
+
+    def wake_up(self, tags: Seq[str] | None = None) -> sleep_mode.WakeStats:
+        """Restore what sleep() released: tags "weights", "kv_cache" (default both)."""
+        return sleep_mode.wake_up(self, tags)
 
     def kv_cache_usage(self) -> dict[str, int]:
         """Blocks in use and free, for tests and metrics."""

@@ -1,0 +1,178 @@
+"""In-process weight sync: trainer weights changed by an optimizer step reach the engine in place;
+a bad update is refused whole; every source form (module, wrappers, DTensor, state dict, iterator) works."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from parity import Engine, SamplingParams
+from parity.rollout.models.weights import WeightError
+from parity.trainer_bridge.logprobs import trainer_logprobs
+
+PROMPTS = ["What is 3 + 4?", "Sort the list 5 3 9 1", "Hello"]
+PARAMS = SamplingParams(n=2, temperature=0.9, top_k=50, max_tokens=12, seed=7, raw_logprobs=True)
+
+
+def make_engine(model_dir: str, **kw) -> Engine:
+    return Engine.from_pretrained(model_dir, device="cpu", kv_cache_memory=1 << 21, max_model_len=128, **kw)
+
+
+def hf_raw_logprobs(model, rollout) -> torch.Tensor:
+    """Independent reference: teacher-forced full-softmax logprobs of the response, one sequence at a time."""
+    ids = torch.tensor([rollout.prompt_ids + rollout.output_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)[len(rollout.prompt_ids) - 1 : -1]
+    return logp.gather(1, torch.tensor(rollout.output_ids)[:, None])[:, 0]
+
+
+def optimizer_step(model, rollouts) -> None:
+    """One Adam step of next-token loss on the rollouts' own tokens: moves every weight."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    ids = torch.tensor([r.prompt_ids + r.output_ids for r in rollouts[:1]])
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+
+
+def engine_state(engine: Engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
+
+
+def test_update_after_optimizer_step_matches_trainer(model_dirs):
+    model_dir = model_dirs["qwen2"]  # q/k/v biases exercise the fused-bias slices
+    engine = make_engine(model_dir, dtype="fp32")
+    trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    before = engine.generate(PROMPTS, PARAMS)
+    for r in before:
+        assert r.weight_version == 0
+        torch.testing.assert_close(torch.tensor(r.output_raw_logprobs), hf_raw_logprobs(trainer, r), atol=1e-4, rtol=0)
+
+    old_trainer = copy.deepcopy(trainer)
+    optimizer_step(trainer, before)
+    stats = engine.update_weights(trainer)
+    assert stats.weight_version == engine.weight_version == 1
+    assert stats.num_tensors == len(engine.weights.targets)
+    assert stats.bytes_copied == sum(p.numel() * 4 for p in engine.model.parameters())
+    assert engine.block_manager.cached == {}  # prefixes computed with old weights are gone
+
+    after = engine.generate(PROMPTS, PARAMS)
+    max_shift = 0.0
+    for r in after:
+        assert r.weight_version == 1
+        engine_lp = torch.tensor(r.output_raw_logprobs)
+        torch.testing.assert_close(engine_lp, hf_raw_logprobs(trainer, r), atol=1e-4, rtol=0)
+        max_shift = max(max_shift, (engine_lp - hf_raw_logprobs(old_trainer, r)).abs().max().item())
+    assert max_shift > 1e-2, "the update did not change the engine's logprobs"
+
+    # The trainer-side batch recomputation (padded, temperature + top-k as sampled) agrees too.
+    for mode in ("processed", "raw"):
+        out = trainer_logprobs(trainer, after, PARAMS, mode=mode)
+        assert out.mask.sum() == sum(len(r.output_ids) for r in after)
+        torch.testing.assert_close(out.logprobs[out.mask], out.rollout_logprobs[out.mask], atol=1e-4, rtol=0)
+
+
+def test_bf16_engine_receives_rounded_fp32_weights(llama_dir):
+    engine = make_engine(llama_dir, dtype="bf16")
+    trainer = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        trainer.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+    stats = engine.update_weights(trainer.state_dict())
+    assert stats.bytes_copied == sum(p.numel() * 2 for p in engine.model.parameters())
+    inter = trainer.config.intermediate_size
+    fused = engine.model.layers[1].mlp.gate_up_proj.weight
+    assert fused.dtype == torch.bfloat16
+    assert torch.equal(fused[inter:], trainer.model.layers[1].mlp.up_proj.weight.to(torch.bfloat16))
+    assert torch.equal(engine.model.embed_tokens, trainer.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("where", ["shape", "missing", "unexpected", "dtype"])
+def test_bad_update_is_refused_whole(llama_dir, where):
+    engine = make_engine(llama_dir, dtype="fp32")
+    params = SamplingParams(temperature=0, max_tokens=8, raw_logprobs=True)
+    reference = engine.generate(PROMPTS, params)
+    state_before = engine_state(engine)
+    trainer = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    # Every good tensor is scaled, and the bad entry comes last: a copy-as-you-go loader would have
+    # changed the engine before noticing.
+    source = {k: v * 2.0 for k, v in trainer.state_dict().items()}
+    last = "model.layers.1.mlp.down_proj.weight"
+    good = source.pop(last)
+    if where == "shape":
+        source[last] = torch.zeros(good.shape[0], good.shape[1] + 1)
+    elif where == "unexpected":
+        source[last] = good
+        source["model.layers.2.mlp.down_proj.weight"] = good
+    elif where == "dtype":
+        source[last] = good.to(torch.int32)
+    with pytest.raises(WeightError) as err:
+        engine.update_weights(source)
+    expected = {"shape": "has shape", "missing": "missing tensor", "unexpected": "unexpected tensor", "dtype": "dtype"}
+    assert expected[where] in str(err.value) and ("down_proj" in str(err.value))
+    with pytest.raises(WeightError):  # the same through a one-shot iterator
+        engine.update_weights(iter(source.items()))
+    assert engine.weight_version == 0
+    for k, v in engine_state(engine).items():
+        assert torch.equal(v, state_before[k]), k
+    again = engine.generate(PROMPTS, params)
+    assert [r.output_ids for r in again] == [r.output_ids for r in reference]
+    assert [r.output_logprobs for r in again] == [r.output_logprobs for r in reference]
+
+
+def test_update_refused_with_requests_in_flight(llama_dir):
+    engine = make_engine(llama_dir, dtype="fp32")
+    trainer = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with pytest.raises(TypeError, match="nn.Module, a state dict"):
+        engine.update_weights(42)
+    engine.add_request("Hello", SamplingParams(max_tokens=4))
+    engine.step()
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.update_weights(trainer)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def process_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_every_source_form_gives_the_same_weights(llama_dir, process_group):
+    """Module, DDP wrapper, FSDP2 (DTensor parameters), state dict, (name, tensor) iterator."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    engine = make_engine(llama_dir, dtype="fp32")
+    trainer = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine.update_weights(trainer)
+    expected = engine_state(engine)
+
+    sharded = copy.deepcopy(trainer)
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
+    assert any(type(t).__name__ == "DTensor" for t in sharded.state_dict().values())
+    sources = {
+        "ddp": DistributedDataParallel(copy.deepcopy(trainer)),
+        "fsdp2": sharded,
+        "compiled-name prefix": {f"_orig_mod.{k}": v for k, v in trainer.state_dict().items()},
+        "iterator": trainer.named_parameters(),
+    }
+    for name, source in sources.items():
+        engine.update_weights({k: torch.zeros_like(v) for k, v in trainer.state_dict().items()})
+        stats = engine.update_weights(source)
+        assert stats.num_gathered == (len(engine.weights.targets) if name == "fsdp2" else 0), name
+        for k, v in engine_state(engine).items():
+            assert torch.equal(v, expected[k]), (name, k)
