@@ -1,0 +1,268 @@
+"""`parity diagnose`: measure training–inference logprob mismatch (run, compare, convert-vllm).
+
+Every command that compares writes to --out: report.json, tokens.csv and five PNG plots
+(log_ratio_hist, abs_diff_by_position, abs_diff_vs_prob, prob_scatter, worst_tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RUN_HELP = """\
+Sample with the parity engine under each precision in --dtypes, recompute the logprobs of the same
+tokens trainer-side, and report the mismatch of every pairing:
+  engine → hf       engine vs HF transformers in the same dtype (the usual trainer: one full forward)
+  engine → parity   engine vs parity's trainer-side forward (when parity.trainer_bridge.parity_forward exists)
+  engine → fp32     engine vs HF transformers in fp32 (the reference)
+  hf → fp32         the trainer's own precision error
+For the fp32 token set, hf is the reference itself. Every recomputation uses the sampling temperature
+(default 1.0, where processed and raw logprobs are the same), so like is compared with like.
+Writes under --out: report.json, tokens.csv, PNG plots and rollouts/<dtype>/<source>.jsonl (every
+source's logprobs in the rollout format, ready for `parity diagnose compare`).
+With no arguments it runs the built-in tiny model on built-in prompts (small defaults on CPU).
+exit codes: 0 ok, 2 bad arguments or input, 1 internal failure."""
+
+COMPARE_HELP = """\
+Compare the per-token logprobs of two rollout files over the same tokens (e.g. an engine's output vs
+a trainer's recomputation saved elsewhere). Records are matched in file order; prompt_ids and
+output_ids must be identical, otherwise it stops with exit code 2 and
+  "token sequences differ: record I (prompt_index P, sample_index S), output_ids position T: A has X, B has Y".
+A plays π_rollout and B π_train (log ratio = logp_B − logp_A). Both sides must describe the same
+distribution (same temperature and top-k/top-p/min-p; raw logprobs = temperature 1, no filters).
+The rollout format is described in docs/rollout_format.md.
+exit codes: 0 ok, 2 bad arguments or input (malformed JSONL names its line), 1 internal failure."""
+
+CONVERT_HELP = """\
+Convert vLLM RequestOutputs dumped as JSON (one object, a list, or JSONL) into a parity rollout file.
+Each object needs prompt_token_ids and outputs[*].token_ids / .logprobs (vLLM's list of
+{token_id: {"logprob": x, ...}} per position; run vLLM with SamplingParams(logprobs=0)).
+vLLM does not store sampling parameters in its outputs: pass --temperature (and filters) so
+`compare` can check like with like. See docs/rollout_format.md.
+exit codes: 0 ok, 2 bad arguments or input, 1 internal failure."""
+
+CPU_DEFAULTS = {"n": 2, "max_tokens": 24}
+CUDA_DEFAULTS = {"n": 8, "max_tokens": 256}
+
+
+def _add_output_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
+    p.add_argument("--wandb", action="store_true", help="also log the table, metrics and plots to a W&B run")
+    p.add_argument("--wandb-mode", default="offline", choices=["offline", "online"],
+                   help="W&B mode (default offline: no network needed; `wandb sync` it later)")
+    p.add_argument("--wandb-project", default="parity-diagnose", help="W&B project (default parity-diagnose)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="measure training-inference logprob mismatch (run, compare, convert-vllm)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = p.add_subparsers(dest="diagnose_command", required=True, metavar="{run,compare,convert-vllm}")
+
+    r = dsub.add_parser("run", help="sample under each precision, recompute trainer-side, report mismatch",
+                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--model", help="HF model directory (config.json + safetensors); default: built-in tiny model")
+    r.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma-separated engine precisions (default fp16,bf16,fp32)")
+    r.add_argument("--prompts", help="prompt file: .txt (one prompt per line) or .jsonl ({\"prompt\": ...} per line); "
+                                     "default: built-in prompts")
+    r.add_argument("--n", type=int, help="samples per prompt (default 8 on CUDA, 2 on CPU)")
+    r.add_argument("--max-tokens", type=int, help="tokens per sample (default 256 on CUDA, 24 on CPU)")
+    r.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature, also used by every recomputation (default 1.0; 0 = greedy, scored at 1)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    r.add_argument("--deterministic", action="store_true", help="engine in batch-invariant deterministic mode")
+    r.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    r.add_argument("--micro-batch", type=int, default=8, help="sequences per HF recompute forward (default 8)")
+    _add_output_args(r, "parity-diagnose")
+    r.set_defaults(func=run)
+
+    c = dsub.add_parser("compare", help="compare the logprobs of two rollout files over the same tokens",
+                        description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("a", metavar="A.jsonl", help="rollout file playing π_rollout")
+    c.add_argument("b", metavar="B.jsonl", help="rollout file playing π_train")
+    c.add_argument("--logprobs", default="auto", choices=["auto", "processed", "raw"],
+                   help="which field to compare: 'logprobs' (processed) or 'raw_logprobs'; auto = processed "
+                        "when both files have it, else raw (default auto)")
+    c.add_argument("--tokenizer", help="model or tokenizer directory, to decode tokens in the report (default: ids)")
+    _add_output_args(c, "parity-compare")
+    c.set_defaults(func=compare)
+
+    v = dsub.add_parser("convert-vllm", help="convert vLLM RequestOutput JSON into a rollout file",
+                        description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("input", metavar="IN", help="vLLM outputs: .json (object or list) or .jsonl")
+    v.add_argument("output", metavar="OUT", help="rollout file to write (.jsonl)")
+    v.add_argument("--logprobs-mode", default="raw_logprobs", choices=["raw_logprobs", "processed_logprobs"],
+                   help="the vLLM engine's logprobs_mode (vLLM's default: raw_logprobs)")
+    v.add_argument("--temperature", type=float, help="sampling temperature the outputs were drawn with")
+    v.add_argument("--top-p", type=float, help="top_p the outputs were drawn with")
+    v.add_argument("--top-k", type=int, help="top_k the outputs were drawn with")
+    v.add_argument("--min-p", type=float, help="min_p the outputs were drawn with")
+    v.add_argument("--dtype", help="vLLM's compute dtype (recorded as is)")
+    v.add_argument("--model", help="model name or path (recorded as is)")
+    v.set_defaults(func=convert_vllm)
+
+
+# --------------------------------------------------------------------------------------- helpers
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt file (one per non-blank line) or .jsonl ({"prompt": str} per line)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file {file} does not exist")
+    prompts = []
+    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}: line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise ValueError(f"{file}: line {lineno}: expected an object with a string 'prompt'")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompt file {file} holds no prompts")
+    return prompts
+
+
+def _write_outputs(args, command: str, token_sets, pairings, config: dict, environment: dict, notes: list[str],
+                   tokenizer, indices, console) -> int:
+    """report.json, tokens.csv, plots, console tables and (with --wandb) a W&B run."""
+    from parity.diagnostics import plots
+    from parity.diagnostics.report import (
+        build_report,
+        metrics_table,
+        worst_tokens,
+        worst_tokens_table,
+        write_report,
+        write_tokens_csv,
+    )
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    by_label = {t.label: t for t in token_sets}
+    worst = [w for p in pairings for w in worst_tokens(p, by_label[p.token_set], tokenizer)]
+    write_tokens_csv(out / "tokens.csv", token_sets, tokenizer, indices)
+    plot_paths = plots.write_plots(pairings, worst, out)
+    files = {"tokens": "tokens.csv", **{k: v.name for k, v in plot_paths.items()}}
+    report = build_report(command, token_sets, pairings, worst, config, environment, notes, files)
+    write_report(out / "report.json", report)
+
+    title = "logprob mismatch (log ratio = logp_train − logp_rollout)"
+    console.print(metrics_table(pairings, title))
+    first_worst = [w for p in pairings[:1] for w in worst if w.pairing == p.name][:5]
+    if first_worst:
+        console.print(worst_tokens_table(first_worst, f"worst tokens of {pairings[0].name}"))
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if args.wandb:
+        from parity.diagnostics.wandb_log import log_diagnosis
+
+        run_dir = log_diagnosis(report, pairings, plot_paths, args.wandb_project, args.wandb_mode, out)
+        console.print(f"W&B run ({args.wandb_mode}): {run_dir}")
+    console.print(f"wrote {out / 'report.json'}, {out / 'tokens.csv'} and {len(plot_paths)} plots under {out}")
+    return 0
+
+
+def _check_wandb(args) -> None:
+    """Fail before any work if --wandb cannot be honoured."""
+    if args.wandb:
+        import importlib.util
+
+        from parity.cli.main import UsageError
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UsageError("--wandb needs the wandb package (pip install wandb), or drop --wandb")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+# -------------------------------------------------------------------------------------- commands
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from parity.cli.generate import DEFAULT_PROMPTS
+    from parity.diagnostics.runner import RunConfig, run_diagnosis
+    from parity.rollout.models.factory import default_model_dir
+    from parity.rollout.rollout_io import write_rollouts
+
+    _check_wandb(args)
+    console = _console()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    if args.model is None:
+        console.print("[dim]no --model given: using the built-in tiny random model[/dim]")
+    cfg = RunConfig(
+        model=str(args.model or default_model_dir()),
+        prompts=read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS),
+        dtypes=[d.strip() for d in args.dtypes.split(",") if d.strip()],
+        n=args.n if args.n is not None else defaults["n"],
+        max_tokens=args.max_tokens if args.max_tokens is not None else defaults["max_tokens"],
+        temperature=args.temperature,
+        seed=args.seed,
+        deterministic=args.deterministic,
+        device=device,
+        micro_batch=args.micro_batch,
+    )
+    result = run_diagnosis(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    out = Path(args.out)
+    for key, recs in result.records.items():
+        write_rollouts(out / "rollouts" / f"{key}.jsonl", recs)
+    indices = {t.label: [(r.prompt_index, r.sample_index) for r in result.records[f"{t.label}/engine"]]
+               for t in result.token_sets}
+    return _write_outputs(args, "run", result.token_sets, result.pairings, asdict(cfg), result.environment,
+                          result.notes, result.tokenizer, indices, console)
+
+
+def _source_names(a, b) -> tuple[str, str]:
+    """Names for the two files' sources: engine[dtype] when that tells them apart, else A and B."""
+    name = lambda r: f"{r.engine or 'unknown'}[{r.dtype}]" if r.dtype else (r.engine or "unknown")
+    na, nb = name(a[0]), name(b[0])
+    return (na, nb) if na != nb else ("A", "B")
+
+
+def compare(args: argparse.Namespace) -> int:
+    import parity
+    from parity.diagnostics.comparison import TokenSet, check_same_tokens, choose_logprob_kinds
+    from parity.diagnostics.comparison import compare as compare_sources
+    from parity.rollout.rollout_io import read_rollouts
+
+    _check_wandb(args)
+    console = _console()
+    a, b = read_rollouts(args.a), read_rollouts(args.b)
+    check_same_tokens(a, b, names=(args.a, args.b))
+    kind_a, kind_b, notes = choose_logprob_kinds(a, b, args.logprobs, names=(args.a, args.b))
+    src_a, src_b = _source_names(a, b)
+    tokens = TokenSet("compare", [r.prompt_ids for r in a], [r.output_ids for r in a])
+    tokens.add(src_a, [r.get_logprobs(kind_a) for r in a])
+    tokens.add(src_b, [r.get_logprobs(kind_b) for r in b])
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    pairing = compare_sources(tokens, src_a, src_b)
+    config = {"a": str(args.a), "b": str(args.b), "logprobs_a": kind_a, "logprobs_b": kind_b,
+              "source_a": src_a, "source_b": src_b}
+    indices = {"compare": [(r.prompt_index, r.sample_index) for r in a]}
+    return _write_outputs(args, "compare", [tokens], [pairing], config, {"parity": parity.__version__}, notes,
+                          tokenizer, indices, console)
+
+
+def convert_vllm(args: argparse.Namespace) -> int:
+    from parity.rollout.rollout_io import load_vllm_json, records_from_vllm, write_rollouts
+
+    params = {k: v for k, v in [("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k),
+                                ("min_p", args.min_p)] if v is not None}
+    records = records_from_vllm(load_vllm_json(args.input), args.logprobs_mode, params, args.dtype, args.model)
+    write_rollouts(args.output, records)
+    print(f"wrote {len(records)} records to {args.output}")
+    return 0
