@@ -1,0 +1,304 @@
+"""Triton attention over the paged KV cache, plus the cache write. Same signatures as `reference.py`.
+
+Layout: the cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`; token `n` of
+sequence `s` lives in flat slot `block_tables[s, n // block_size] * block_size + n % block_size`.
+
+- `prefill`: flash attention (online softmax, fp32 accumulation) for any ragged batch. One program
+  owns BLOCK_M query rows of one sequence and one head; the (sequence, query block) pairs are laid out
+  flat and each program finds its sequence by binary search over `query_start_loc`, so no host work
+  is needed. Query row i of a sequence sits at position `seq_len - q_len + i` and attends to keys at
+  positions <= its own (cached prefix + new tokens, causally). Without a cache the same kernel reads
+  K/V straight from the packed `[tokens, kv_heads, head_dim]` tensors (the trainer's varlen path).
+- `decode` (every sequence has one query): flash-decoding. One program owns one sequence, one KV head
+  (all the query heads of its GQA group at once, so K/V are read once) and one split of the context;
+  a second kernel merges the splits by log-sum-exp. Splits keep a batch of one with a long context
+  spread over the whole GPU. The split count depends only on host-known sizes, and each program
+  derives its range from the device-side `seq_lens`, so a CUDA graph captured once serves every
+  context length.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.kernels.metadata import AttentionMetadata
+
+# Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw integers; in that mode the dots
+# upcast to float32 first (products of bf16/fp16 values are exact in float32, so the maths is the same).
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b):
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+# ------------------------------------------------------------------------------------------ cache write
+@triton.jit
+def _store_kvcache_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:
+        return
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    dst = slot * stride_cs + h * stride_ch + d
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kvcache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write token t's K/V [T, KV, D] into flat slot `slot_mapping[t]` of the paged cache; -1 means skip."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    _store_kvcache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_kv_heads * head_dim, head_dim,
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+# -------------------------------------------------------------------------------------------- prefill
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    num_seqs, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    # Sequence s owns flat query blocks [qsl[s] // BLOCK_M + s, qsl[s+1] // BLOCK_M + s + 1).
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_M + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block = pid - (q_start // BLOCK_M + seq)
+    if q_block * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+
+    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    m_mask = offs_m[:, None] < q_len
+    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_mask & d_mask, other=0.0)
+    q_pos = context + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kv_end = tl.minimum(seq_len, context + (q_block + 1) * BLOCK_M)
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < kv_end
+        if PAGED:
+            page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+            rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        else:
+            rows = (q_start + offs_n).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask
+        k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask & d_mask)
+
+
+def _prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_m = 16 if meta.max_query_len <= 16 else 64
+    num_q_blocks = q.shape[0] // block_m + meta.num_seqs
+    paged = block_tables is not None
+    _prefill_kernel[(num_q_blocks, num_heads)](
+        q, k, v, out, meta.query_start_loc, meta.seq_lens, block_tables if paged else meta.seq_lens,
+        meta.num_seqs, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
+        GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged,
+        BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2,
+    )
+
+
+# --------------------------------------------------------------------------------------------- decode
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    token = tl.load(query_start_loc_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_h
+    h_mask = offs_h[:, None] < GROUP
+    d_mask = offs_d[None, :] < HEAD_DIM
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask & d_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+        rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        kv_mask = n_mask[:, None] & d_mask
+        k = tl.load(k_cache_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty range (padding row, or split past the end) gives 0
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=h_mask & d_mask)
+    else:
+        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc / safe_l[:, None], mask=h_mask & d_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=offs_h < GROUP)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    token = tl.load(query_start_loc_ptr + seq)
+    base = (seq * NUM_HEADS + head) * NUM_SPLITS
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + base + offs_s)
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+    parts = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@functools.lru_cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: pretend to be an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Split the context until about 4 programs per SM exist, keeping every split >= 128 keys, at most 16."""
+    splits = 1
+    while splits < 16 and num_seqs * num_kv_heads * splits < 4 * num_sms and max_seq_len >= 128 * splits * 2:
+        splits *= 2
+    return splits
+
+
+def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float) -> None:
+    num_seqs = meta.num_seqs
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    splits = decode_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
+    if splits > 1:
+        part_out = torch.empty(num_seqs * num_heads * splits * head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs * num_heads * splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_kernel[(num_seqs, num_kv_heads, splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            out, part_out, part_lse, meta.query_start_loc, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits, BLOCK_D=block_d,
+        )
+
+
+# ------------------------------------------------------------------------------------------ public API
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of the ragged batch q: [T, H, D] over the paged cache [blocks, block_size, KV, D]."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    if meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
+        _decode(q, k_cache, v_cache, out, meta, scale)
+    else:
+        _prefill(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), out, meta, scale, meta.block_tables, k_cache.shape[1])
+    return out
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Causal attention within each packed sequence, with no cache (trainer-side forward)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    _prefill(q, k, v, out, meta, scale, None, 1)
+    return out
