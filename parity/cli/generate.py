@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--dtype", default="auto", help="auto, fp16, bf16 or fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", metavar="FILE", help="also write the samples, with processed and raw logprobs, to FILE "
+                                                 "in the rollout format (JSONL, see docs/rollout_format.md)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[dim]no --model given: using the built-in tiny random model at {model}[/dim]")
     engine = Engine.from_pretrained(model, dtype=args.dtype, device=args.device)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed, max_tokens=args.max_tokens)
+                            seed=args.seed, max_tokens=args.max_tokens, raw_logprobs=args.out is not None)
     prompts = args.prompt or DEFAULT_PROMPTS
     rollouts = engine.generate(prompts, params)
     tok = engine.tokenizer
@@ -51,4 +53,9 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(str(i), repr(tok.decode([t])), f"{lp:.4f}")
         console.print(table)
         console.print(f"text: {r.text!r}  finish={r.finish_reason}  sum logprob={r.cumulative_logprob:.3f}\n")
+    if args.out:
+        from parity.rollout.rollout_io import write_engine_rollouts
+
+        write_engine_rollouts(args.out, engine, rollouts, params, model=str(model))
+        console.print(f"wrote {len(rollouts)} samples to {args.out}")
     return 0

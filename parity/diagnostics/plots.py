@@ -30,7 +30,8 @@ def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
 
     cols = min(n_panels, 4)
     rows = max(1, math.ceil(n_panels / cols))
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    fig = Figure(figsize=(width * cols, height * rows))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.9, wspace=0.3, hspace=0.45)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
@@ -57,7 +58,8 @@ def log_ratio_hist(pairings: list[Pairing], path: Path) -> Path:
         if hi <= lo:  # every token the same (e.g. bitwise agreement): a narrow bar around it
             pad = max(abs(lo) * 1e-3, 1e-9)
             lo, hi = lo - pad, hi + pad
-        ax.hist(lr, bins=60, range=(lo, hi), color="tab:blue")
+        counts, edges = np.histogram(lr, bins=60, range=(lo, hi))
+        ax.stairs(counts, edges, fill=True, color="tab:blue")
         ax.set_yscale("log")
         ax.set_title(p.name, fontsize=9)
         ax.set_xlabel("log ratio  logp_train − logp_rollout")

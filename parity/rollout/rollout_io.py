@@ -216,6 +216,14 @@ def records_from_rollouts(
     return out
 
 
+def write_engine_rollouts(path: str | Path, engine, rollouts: Sequence[Rollout],
+                          params: SamplingParams | Sequence[SamplingParams], model: str | None = None) -> Path:
+    """Write an `Engine`'s results, stamped with its compute dtype, to a rollout file."""
+    from parity.precision.dtypes import dtype_name
+
+    return write_rollouts(path, records_from_rollouts(rollouts, params, dtype_name(engine.model.dtype), model=model))
+
+
 # ------------------------------------------------------------------------------------------ vLLM
 VLLM_LOGPROBS_MODES = {"raw_logprobs": "raw", "processed_logprobs": "processed"}
 
