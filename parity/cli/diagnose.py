@@ -166,15 +166,16 @@ def _write_outputs(args, command: str, token_sets, pairings, config: dict, envir
     return 0
 
 
-def _check_wandb(args) -> None:
-    """Fail before any work if --wandb cannot be honoured."""
-    if args.wandb:
-        import importlib.util
+def _check_packages(args) -> None:
+    """Fail before any work if the plots or --wandb cannot be made."""
+    import importlib.util
 
-        from parity.cli.main import UsageError
+    from parity.cli.main import UsageError
 
-        if importlib.util.find_spec("wandb") is None:
-            raise UsageError("--wandb needs the wandb package (pip install wandb), or drop --wandb")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("the plots need matplotlib: pip install 'parity[diagnose]' (or matplotlib)")
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--wandb needs the wandb package (pip install wandb), or drop --wandb")
 
 
 def _console():
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     from parity.rollout.models.factory import default_model_dir
     from parity.rollout.rollout_io import write_rollouts
 
-    _check_wandb(args)
+    _check_packages(args)
     console = _console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
@@ -212,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         micro_batch=args.micro_batch,
     )
-    result = run_diagnosis(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    result = run_diagnosis(cfg, log=lambda msg: console.print(msg, style="dim", markup=False))
     out = Path(args.out)
     for key, recs in result.records.items():
         write_rollouts(out / "rollouts" / f"{key}.jsonl", recs)
@@ -235,7 +236,7 @@ def compare(args: argparse.Namespace) -> int:
     from parity.diagnostics.comparison import compare as compare_sources
     from parity.rollout.rollout_io import read_rollouts
 
-    _check_wandb(args)
+    _check_packages(args)
     console = _console()
     a, b = read_rollouts(args.a), read_rollouts(args.b)
     check_same_tokens(a, b, names=(args.a, args.b))
