@@ -65,6 +65,8 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
 

@@ -31,9 +31,14 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
+def noise_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The per-row hash key of (seed, step) that `uniform_noise` mixes with each vocab id. [B] int64."""
+    return _mix64((seeds & _MASK62) * 0x9E3779B9 + steps)
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """u in (0, 1), float64 [B, V], a pure function of (seed, step, vocab id)."""
-    key = _mix64((seeds & _MASK62) * 0x9E3779B9 + steps)  # [B]
+    key = noise_keys(seeds, steps)  # [B]
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _mix64(key[:, None] ^ (vocab[None, :] * -7046029254386353131))  # 0x9e3779b97f4a7c15
     return (_shift_right(bits, 11).double() + 0.5) / float(1 << 53)
@@ -80,18 +85,33 @@ def sample(
 ) -> SamplerOutput:
     """Sample one token per row of float32 `logits` [B, V]; `steps[i]` = tokens row i has generated."""
     raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logprobs = torch.log_softmax(process_logits(logits, params), dim=-1)
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    logprobs = raw_logprobs if _leaves_logits_unchanged(params) else torch.log_softmax(process_logits(logits, params), dim=-1)
     tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=logits.device)
         steps_t = torch.tensor(steps, dtype=torch.int64, device=logits.device)
-        gumbel = -torch.log(-torch.log(uniform_noise(seeds_t, steps_t, logits.shape[-1])))
-        sampled = (logprobs.double() + gumbel).argmax(dim=-1)
-        tokens = torch.where(greedy, tokens, sampled)
+        tokens = torch.where(greedy, tokens, gumbel_argmax(logprobs, seeds_t, steps_t))
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return SamplerOutput(
-        token_ids=tokens.tolist(),
-        logprobs=logprobs[rows, tokens].tolist(),
-        raw_logprobs=raw_logprobs[rows, tokens].tolist(),
-    )
+    # one device-to-host copy; float32 -> float64 is exact, so the values equal three .tolist() calls
+    picked = torch.stack([tokens.double(), logprobs[rows, tokens].double(), raw_logprobs[rows, tokens].double()])
+    token_ids, chosen, raw = picked.tolist()
+    return SamplerOutput(token_ids=[int(t) for t in token_ids], logprobs=chosen, raw_logprobs=raw)
+
+
+def _leaves_logits_unchanged(params: list[SamplingParams]) -> bool:
+    """True when process_logits would return the logits as they are (temperature 1 or greedy, no filters)."""
+    return all(p.temperature in (0, 1) and p.min_p <= 0 and p.top_k <= 0 and p.top_p >= 1.0 for p in params)
+
+
+def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """argmax(logprobs + g) per row with the counter-based Gumbel noise g. On CUDA one fused kernel makes
+    the noise in registers (the float64 [B, V] tensors cost ~1 GB of traffic at B=256, V=152k)."""
+    from parity.kernels.ops import use_triton
+
+    if use_triton(logprobs):
+        from parity.kernels.triton_sampling import gumbel_argmax as fused
+
+        return fused(logprobs, noise_keys(seeds, steps))
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logprobs.shape[-1])))
+    return (logprobs.double() + gumbel).argmax(dim=-1)

@@ -160,5 +160,5 @@ class DecoderModel(nn.Module):
         """Float32 logits. With logits_fp32 the LM head itself runs in float32 (MiniMax-M1's fix);
         otherwise it runs in the compute dtype and only the result is upcast."""
         if self.logits_fp32:
-            return self.kernels.linear(hidden.float(), self.lm_head_weight.float())
+            return self.kernels.linear_fp32(hidden, self.lm_head_weight)
         return self.kernels.linear(hidden, self.lm_head_weight).float()
