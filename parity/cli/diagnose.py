@@ -130,6 +130,8 @@ def read_prompts(path: str) -> list[str]:
 def _write_outputs(args, command: str, token_sets, pairings, config: dict, environment: dict, notes: list[str],
                    tokenizer, indices, console) -> int:
     """report.json, tokens.csv, plots, console tables and (with --wandb) a W&B run."""
+    from rich.markup import escape
+
     from parity.diagnostics import plots
     from parity.diagnostics.report import (
         build_report,
@@ -156,13 +158,14 @@ def _write_outputs(args, command: str, token_sets, pairings, config: dict, envir
     if first_worst:
         console.print(worst_tokens_table(first_worst, f"worst tokens of {pairings[0].name}"))
     for note in notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if args.wandb:
         from parity.diagnostics.wandb_log import log_diagnosis
 
         run_dir = log_diagnosis(report, pairings, plot_paths, args.wandb_project, args.wandb_mode, out)
-        console.print(f"W&B run ({args.wandb_mode}): {run_dir}")
-    console.print(f"wrote {out / 'report.json'}, {out / 'tokens.csv'} and {len(plot_paths)} plots under {out}")
+        console.print(f"W&B run ({args.wandb_mode}): {run_dir}", markup=False)
+    console.print(f"wrote {out / 'report.json'}, {out / 'tokens.csv'} and {len(plot_paths)} plots under {out}",
+                  markup=False)
     return 0
 
 
@@ -179,9 +182,11 @@ def _check_packages(args) -> None:
 
 
 def _console():
+    """Rich console; when output goes to a file or pipe, wide enough for the metrics table on one line."""
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 150))
 
 
 # -------------------------------------------------------------------------------------- commands
@@ -224,8 +229,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _source_names(a, b) -> tuple[str, str]:
-    """Names for the two files' sources: engine[dtype] when that tells them apart, else A and B."""
-    name = lambda r: f"{r.engine or 'unknown'}[{r.dtype}]" if r.dtype else (r.engine or "unknown")
+    """Names for the two files' sources: <engine>-<dtype> when that tells them apart, else A and B."""
+    name = lambda r: "-".join(x for x in (r.engine or "unknown", r.dtype) if x)
     na, nb = name(a[0]), name(b[0])
     return (na, nb) if na != nb else ("A", "B")
 

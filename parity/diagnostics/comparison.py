@@ -87,7 +87,7 @@ def compare(tokens: TokenSet, rollout: str, train: str) -> Pairing:
         raise ValueError(f"{tokens.label}: every sample has an empty output; there is nothing to compare")
     lp_rollout, mask = _padded(tokens.logprobs[rollout])
     lp_train, _ = _padded(tokens.logprobs[train])
-    metrics = {k: float(v) for k, v in mismatch_metrics(lp_rollout, lp_train, mask).items()}
+    metrics = {k: float(v) for k, v in mismatch_metrics(lp_rollout, lp_train, mask, prefix="").items()}
     sample = np.concatenate([np.full(len(o), i) for i, o in enumerate(tokens.output_ids)])
     position = np.concatenate([np.arange(len(o)) for o in tokens.output_ids])
     return Pairing(

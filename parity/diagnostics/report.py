@@ -23,20 +23,17 @@ import numpy as np
 
 from parity.diagnostics.comparison import Pairing, TokenSet
 
-# Columns of the console table, in order; any metric the metrics function does not return is left out.
-TABLE_METRICS = [
-    "mismatch_kl",
-    "mismatch_k3_kl",
-    "abs_diff_mean",
-    "abs_diff_max",
-    "ratio_mean",
-    "ratio_min",
-    "ratio_max",
-    "frac_ratio_outside",
-    "rollout_ppl",
-    "training_ppl",
-    "prob_pearson",
-]
+# Columns of the console table (metric -> short header); report.json holds every metric under its full name.
+TABLE_METRICS = {
+    "logp_abs_diff_mean": "mean |Δ|",
+    "logp_abs_diff_max": "max |Δ|",
+    "mismatch_kl": "KL k1",
+    "mismatch_k3_kl": "KL k3",
+    "ratio_min": "ρ min",
+    "ratio_max": "ρ max",
+    "ratio_fraction_outside": "ρ ∉ [½,2]",
+    "prob_pearson": "pearson p",
+}
 WORST_PER_PAIRING = 10
 
 
@@ -87,8 +84,7 @@ def worst_tokens(pairing: Pairing, tokens: TokenSet, tokenizer=None, k: int = WO
 
 def table_columns(pairings: list[Pairing]) -> list[str]:
     have = set().union(*(p.metrics for p in pairings)) if pairings else set()
-    cols = [m for m in TABLE_METRICS if m in have]
-    return cols or sorted(have)[:10]
+    return [m for m in TABLE_METRICS if m in have]
 
 
 def _fmt(x: float) -> str:
@@ -96,36 +92,38 @@ def _fmt(x: float) -> str:
         return str(x)
     if x == 0:
         return "0"
-    return f"{x:.3e}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:.4f}"
+    return f"{x:.2e}" if abs(x) < 1e-2 or abs(x) >= 1e3 else f"{x:.4f}"
 
 
 def metrics_table(pairings: list[Pairing], title: str):
     """A rich Table: one row per pairing, the TABLE_METRICS columns."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    table.add_column("tokens", style="bold")
-    table.add_column("rollout → train")
-    table.add_column("n", justify="right")
+    table = Table(title=escape(title), title_justify="left", caption="ρ = π_train/π_rollout; all metrics: report.json",
+                  caption_justify="left")
+    table.add_column("tokens: rollout → train", style="bold", overflow="fold", min_width=16)
+    table.add_column("n", justify="right", no_wrap=True)
     cols = table_columns(pairings)
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(TABLE_METRICS[c], justify="right", no_wrap=True, min_width=8)
     for p in pairings:
-        table.add_row(p.token_set, f"{p.rollout} → {p.train}", str(len(p.logp_rollout)),
-                      *(_fmt(p.metrics[c]) if c in p.metrics else "-" for c in cols))
+        table.add_row(escape(f"{p.token_set}: {p.rollout} → {p.train}"), str(len(p.logp_rollout)),
+                      *(_fmt(p.metrics[c]) for c in cols))
     return table
 
 
 def worst_tokens_table(worst: list[WorstToken], title: str):
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for c, j in [("sample", "right"), ("pos", "right"), ("token", "left"),
                  ("logp rollout", "right"), ("logp train", "right"), ("log ratio", "right"), ("context", "left")]:
         table.add_column(c, justify=j)
     for w in worst:
-        table.add_row(str(w.sample), str(w.position), repr(w.token), f"{w.logp_rollout:.4f}",
-                      f"{w.logp_train:.4f}", f"{w.log_ratio:+.4f}", repr(w.context))
+        table.add_row(str(w.sample), str(w.position), escape(repr(w.token)), f"{w.logp_rollout:.4f}",
+                      f"{w.logp_train:.4f}", f"{w.log_ratio:+.4f}", escape(repr(w.context)))
     return table
 
 
