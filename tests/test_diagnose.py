@@ -28,7 +28,7 @@ def run_out(tmp_path_factory):
     out = root / "out"
     try:
         rc = main(["diagnose", "run", "--dtypes", "bf16,fp32", "--n", "2", "--max-tokens", "8", "--device", "cpu",
-                   "--deterministic", "--out", str(out)])
+                   "--deterministic", "--micro-batch", "4", "--out", str(out)])
     finally:
         mp.undo()
     assert rc == 0

@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     r.add_argument("--deterministic", action="store_true", help="engine in batch-invariant deterministic mode")
     r.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    r.add_argument("--micro-batch", type=int, default=8, help="sequences per HF recompute forward (default 8)")
+    r.add_argument("--micro-batch", type=int, default=8, help="sequences per trainer-side forward, HF and parity (default 8)")
     _add_output_args(r, "parity-diagnose")
     r.set_defaults(func=run)
 

@@ -75,11 +75,20 @@ def parity_forward_available() -> bool:
 
 @torch.no_grad()
 def parity_token_logprobs(
-    model, prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]], temperature: float = 1.0
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    temperature: float = 1.0,
+    micro_batch: int = 8,
 ) -> list[list[float]]:
-    """Per-token logprobs from parity's trainer-side forward on the engine's `DecoderModel`."""
+    """Per-token logprobs from parity's trainer-side forward on the engine's `DecoderModel`, packing
+    `micro_batch` sequences per forward (the full-vocabulary logits of every row are materialised)."""
     from parity.trainer_bridge.parity_forward import token_logprobs
 
-    result = token_logprobs(model, list(map(list, prompt_ids)), list(map(list, output_ids)),
-                            temperature=effective_temperature(temperature))
-    return [torch.as_tensor(r).double().cpu().tolist() for r in result]
+    out: list[list[float]] = []
+    for start in range(0, len(prompt_ids), micro_batch):
+        result = token_logprobs(model, [list(p) for p in prompt_ids[start : start + micro_batch]],
+                                [list(o) for o in output_ids[start : start + micro_batch]],
+                                temperature=effective_temperature(temperature))
+        out += [r.double().cpu().tolist() for r in result]
+    return out

@@ -143,7 +143,8 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
         records[f"{dtype}/engine"] = recs
         if has_parity:
             log(f"[{dtype}] recomputing with parity's trainer-side forward")
-            values = parity_token_logprobs(engine.model, tokens.prompt_ids, tokens.output_ids, cfg.temperature)
+            values = parity_token_logprobs(engine.model, tokens.prompt_ids, tokens.output_ids, cfg.temperature,
+                                           cfg.micro_batch)
             tokens.add("parity", values)
             records[f"{dtype}/parity"] = _recompute_records(recs, values, "parity-forward", recs[0].engine_version,
                                                             dtype, cfg.temperature)
