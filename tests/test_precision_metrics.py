@@ -264,3 +264,13 @@ def test_bandit_corrected_gradient_converges_to_on_policy_gradient():
     # uncorrected one converges to a gradient off by half its size.
     assert 4 * standard_error(50_000, rho) < 0.08 * float(true_grad.norm())
     assert float((biased - true_grad).norm()) > 0.4 * float(true_grad.norm())
+
+
+def test_api_conveniences():
+    rewards = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
+    torch.testing.assert_close(group_advantages(rewards), group_advantages(rewards.flatten(), 2).view(2, 2))
+    rollout, train, mask = _crafted()
+    by_name = importance_weights(rollout, train, mask, "mis")
+    assert torch.equal(by_name.weights, importance_weights(rollout, train, mask, ISConfig("mis")).weights)
+    with pytest.raises(TypeError):  # everything after the mask is keyword-only
+        policy_loss(train, train, torch.ones(2), mask, by_name.weights)

@@ -95,10 +95,14 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> float:
 
 @torch.no_grad()
 def importance_weights(
-    logp_rollout: torch.Tensor, logp_train: torch.Tensor, mask: torch.Tensor, config: ISConfig | None = None
+    logp_rollout: torch.Tensor, logp_train: torch.Tensor, mask: torch.Tensor, config: ISConfig | str | None = None
 ) -> ISWeights:
-    """IS weights, updated loss mask and stats for [B, T] logprobs of the same tokens (see module docstring)."""
-    config = config or ISConfig()
+    """IS weights, updated loss mask and stats for [B, T] logprobs of the same tokens (see module docstring).
+
+    Argument order as in `mismatch_metrics`: rollout (engine) logprobs first, trainer logprobs second.
+    `config` may be a method name ("tis", "mis", ...) for its defaults.
+    """
+    config = ISConfig(config) if isinstance(config, str) else (config or ISConfig())
     if logp_rollout.shape != logp_train.shape or logp_rollout.shape != mask.shape or logp_rollout.dim() != 2:
         raise ValueError(f"expected [B, T] logp_rollout, logp_train and mask of one shape, got "
                          f"{tuple(logp_rollout.shape)}, {tuple(logp_train.shape)}, {tuple(mask.shape)}")

@@ -20,19 +20,27 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
 def group_advantages(
-    rewards: torch.Tensor | Sequence[float], group_size: int, normalize_std: bool = True, eps: float = 1e-6
+    rewards: torch.Tensor | Sequence[float],
+    group_size: int | None = None,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
-    """GRPO advantages (Shao et al. 2024, DeepSeekMath): A_i = (r_i − mean_g r) / (std_g r + eps) over each
-    group of `group_size` consecutive rewards (std unbiased, as in verl and TRL); without
-    `normalize_std` (Dr. GRPO), A_i = r_i − mean_g r. A group of one gets advantage 0. float32 [N]."""
-    r = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+    """GRPO advantages (Shao et al. 2024, DeepSeekMath): A_i = (r_i − mean_g r) / (std_g r + eps) within
+    each group (std unbiased, as in verl and TRL); without `normalize_std` (Dr. GRPO), A_i = r_i − mean_g r.
+    `rewards`: flat [N] with `group_size` consecutive samples per prompt, or [P, G] (one row per
+    prompt, group_size None). A group of one gets advantage 0. float32, same shape as `rewards`."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    if group_size is None:
+        if r.dim() != 2:
+            raise ValueError(f"rewards of shape {tuple(r.shape)}: pass group_size, or a [prompts, group] tensor")
+        group_size = r.shape[1]
     if group_size < 1 or r.numel() % group_size:
         raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
-    groups = r.view(-1, group_size)
+    groups = r.reshape(-1, group_size)
     adv = groups - groups.mean(dim=1, keepdim=True)
     if normalize_std and group_size > 1:
         adv = adv / (groups.std(dim=1, keepdim=True) + eps)
-    return adv.reshape(-1)
+    return adv.reshape(r.shape)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
@@ -58,6 +66,7 @@ def policy_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     is_weights: torch.Tensor | None = None,
