@@ -123,7 +123,7 @@ def worst_tokens_table(worst: list[WorstToken], title: str):
         table.add_column(c, justify=j)
     for w in worst:
         table.add_row(str(w.sample), str(w.position), escape(repr(w.token)), f"{w.logp_rollout:.4f}",
-                      f"{w.logp_train:.4f}", f"{w.log_ratio:+.4f}", escape(repr(w.context)))
+                      f"{w.logp_train:.4f}", f"{w.log_ratio:+.2e}", escape(repr(w.context)))
     return table
 
 
