@@ -32,6 +32,7 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 DTYPES = [torch.float16, torch.bfloat16]
+ATTENTION_DTYPES = DTYPES + [torch.float32]  # fp32 models: full-precision dots, not tf32
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
@@ -164,7 +165,7 @@ def attention_truth(q, k_cache, v_cache, meta, scale):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
 @pytest.mark.parametrize("head_dim,heads", [(64, (4, 2)), (128, (8, 2))])
 def test_prefill_paged_attention_ragged_chunked(device, dtype, head_dim, heads):
     """Fresh prompts, chunks after a cached prefix, and decode rows in one ragged batch."""
@@ -180,7 +181,7 @@ def test_prefill_paged_attention_ragged_chunked(device, dtype, head_dim, heads):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_decode_split_kv_with_shared_blocks(device, dtype, group):
     """One query per sequence: the split-KV path, with two sequences sharing prefix blocks."""

@@ -30,9 +30,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
+_MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=) on CUDA exists from torch 2.8; older builds upcast instead
+
+
 def _mm_fp32_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T from fp16/bf16 operands with float32 accumulation and output (cuBLAS, no fp32 weight copy)."""
-    return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).reshape(*x.shape[:-1], -1)
+    if _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).reshape(*x.shape[:-1], -1)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    return F.linear(x.float(), weight.float())
 
 
 @dataclass

@@ -38,6 +38,8 @@ LOG2E = 1.4426950408889634
 def _dot(a, b):
     if INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if a.dtype == tl.float32:  # an fp32 model keeps full fp32 products (Triton's default would be tf32)
+        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
 

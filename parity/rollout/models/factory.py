@@ -48,6 +48,11 @@ class TinyModelSpec:
     initializer_range: float = 0.3
     rope_scaling: dict | None = field(default=None)
     seed: int = 0
+    # Benchmark-sized models: pad the config's vocabulary past the small tokenizer's (as real checkpoints
+    # pad theirs), initialise on `init_device`, and save in `save_dtype`.
+    padded_vocab_size: int | None = None
+    init_device: str = "cpu"
+    save_dtype: str = "float32"
 
 
 def train_tokenizer(vocab_size: int):
@@ -121,9 +126,10 @@ def write_tiny_model(path: str | Path, spec: TinyModelSpec | None = None, max_sh
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(spec.vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = _hf_config(spec, len(tokenizer), eos_id)
+    config = _hf_config(spec, max(len(tokenizer), spec.padded_vocab_size or 0), eos_id)
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(spec.init_device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.save_dtype))
     with torch.no_grad():  # make norm weights and biases non-trivial so their code paths matter
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
