@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from parity.rollout.rollout_io import LOGPROB_KINDS, RolloutRecord
 
@@ -66,27 +65,17 @@ class Pairing:
         return np.abs(self.log_ratio)
 
 
-def _padded(values: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(v) for v in values), default=0)
-    out = torch.zeros(len(values), width, dtype=torch.float64)
-    mask = torch.zeros(len(values), width, dtype=torch.bool)
-    for i, v in enumerate(values):
-        out[i, : len(v)] = torch.tensor(v, dtype=torch.float64)
-        mask[i, : len(v)] = True
-    return out, mask
-
-
 def compare(tokens: TokenSet, rollout: str, train: str) -> Pairing:
     """Mismatch of source `train` against source `rollout` over every output token of `tokens`."""
-    from parity.precision.metrics import mismatch_metrics
+    from parity.precision.metrics import mismatch_metrics, pad_sequences
 
     for source in (rollout, train):
         if source not in tokens.logprobs:
             raise KeyError(f"{tokens.label}: no logprobs from {source!r} (have {sorted(tokens.logprobs)})")
     if not any(tokens.output_ids):
         raise ValueError(f"{tokens.label}: every sample has an empty output; there is nothing to compare")
-    lp_rollout, mask = _padded(tokens.logprobs[rollout])
-    lp_train, _ = _padded(tokens.logprobs[train])
+    lp_rollout, mask = pad_sequences(tokens.logprobs[rollout])
+    lp_train, _ = pad_sequences(tokens.logprobs[train])
     metrics = {k: float(v) for k, v in mismatch_metrics(lp_rollout, lp_train, mask, prefix="").items()}
     sample = np.concatenate([np.full(len(o), i) for i, o in enumerate(tokens.output_ids)])
     position = np.concatenate([np.arange(len(o)) for o in tokens.output_ids])
