@@ -19,6 +19,9 @@ tokens trainer-side, and report the mismatch of every pairing:
   hf → fp32         the trainer's own precision error
 For the fp32 token set, hf is the reference itself. Every recomputation uses the sampling temperature
 (default 1.0, where processed and raw logprobs are the same), so like is compared with like.
+The parity forward runs on the engine's own model (same weights, same mode): with --deterministic
+it matches the engine bit for bit. fp32 engine vs fp32 HF agree to ~1e-6, not bitwise (different
+kernels sum in a different order).
 Writes under --out: report.json, tokens.csv, PNG plots and rollouts/<dtype>/<source>.jsonl (every
 source's logprobs in the rollout format, ready for `parity diagnose compare`).
 With no arguments it runs the built-in tiny model on built-in prompts (small defaults on CPU).
@@ -48,7 +51,8 @@ CUDA_DEFAULTS = {"n": 8, "max_tokens": 256}
 
 def _add_output_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
-    p.add_argument("--wandb", action="store_true", help="also log the table, metrics and plots to a W&B run")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log the table, metrics and plots to a W&B run (under OUT/tracking)")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online"],
                    help="W&B mode (default offline: no network needed; `wandb sync` it later)")
     p.add_argument("--wandb-project", default="parity-diagnose", help="W&B project (default parity-diagnose)")
