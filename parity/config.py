@@ -15,6 +15,8 @@ class EngineConfig:
     max_model_len tokens could ever use.
     logits_fp32: run the LM head in float32 (MiniMax-M1's fix for train/rollout probability gaps).
     deterministic: batch-invariant kernels, so logprobs do not depend on batch composition.
+    check_finite: raise NonFiniteActivationError, naming the layer, when a forward produces inf/nan
+        (e.g. fp16 overflow). Every precision switch is documented in parity.precision.policy.
     enforce_eager: no CUDA graphs.
     """
 
@@ -29,6 +31,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     logits_fp32: bool = True
     deterministic: bool = False
+    check_finite: bool = True
     enforce_eager: bool = False
     seed: int = 0
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from parity.kernels import reference
+from parity.kernels import invariant, reference
 from parity.kernels.metadata import AttentionMetadata
 
 HAVE_TRITON = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
@@ -48,26 +48,36 @@ class Kernels:
     deterministic: bool = False
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.deterministic:
+            return invariant.linear(x, weight, bias)
         return F.linear(x, weight, bias)
 
     def linear_fp32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x @ weight.T with float32 products, sums and output: the same maths as upcasting both first,
         without materialising a float32 copy of the weight (600 MB for a 151936 x 1024 LM head)."""
+        if self.deterministic:
+            return invariant.linear_fp32(x, weight)
         if use_triton(x, weight) and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16):
             return _mm_fp32_out(x, weight)
         return self.linear(x.float(), weight.float())
 
     def rms_norm(self, x, weight, eps, residual=None):
+        if self.deterministic:
+            return invariant.rms_norm(x, weight, eps, residual)
         if use_triton(x, weight, residual):
             return triton_norm.rms_norm(x, weight, eps, residual)
         return reference.rms_norm(x, weight, eps, residual)
 
     def apply_rotary(self, q, k, cos, sin):
+        if self.deterministic:
+            return invariant.apply_rotary(q, k, cos, sin)
         if use_triton(q, k):
             return triton_elementwise.apply_rotary(q, k, cos, sin)
         return reference.apply_rotary(q, k, cos, sin)
 
     def silu_and_mul(self, x):
+        if self.deterministic:
+            return invariant.silu_and_mul(x)
         if use_triton(x):
             return triton_elementwise.silu_and_mul(x)
         return reference.silu_and_mul(x)
@@ -82,9 +92,17 @@ class Kernels:
         scale: float,
     ) -> torch.Tensor:
         """Write k/v into the cache (if any), then attend. Without a cache: causal within each sequence."""
+        if self.deterministic:
+            return invariant.attention(q, k, v, kv_cache, meta, scale)
         impl = triton_attention if use_triton(q, k, v) else reference
         if kv_cache is None:
             return impl.varlen_attention(q, k, v, meta, scale)
         k_cache, v_cache = kv_cache
         impl.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         return impl.paged_attention(q, k_cache, v_cache, meta, scale)
+
+    def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """log-softmax over the vocabulary of float32 logits [N, V] (the sampler's and the trainer's)."""
+        if self.deterministic:
+            return invariant.log_softmax(logits)
+        return torch.log_softmax(logits, dim=-1)

@@ -85,7 +85,8 @@ class Engine:
         dtype = _pick_dtype(config.dtype, device, model_config)
         max_model_len = config.max_model_len or model_config.max_position_embeddings
         model = DecoderModel(
-            model_config, dtype, device, max_model_len, logits_fp32=config.logits_fp32, deterministic=config.deterministic
+            model_config, dtype, device, max_model_len, logits_fp32=config.logits_fp32, deterministic=config.deterministic,
+            check_finite=config.check_finite,
         )
         load_checkpoint(WeightMap(model, model_config), path)
         from transformers import AutoTokenizer
@@ -203,7 +204,8 @@ class Engine:
         if logits is None:
             return []
         seqs = [batch.seqs[i] for i in sampled_idx]
-        out = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
+        out = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
+                     log_softmax=self.model.kernels.log_softmax)
         finished = []
         for seq, token, logprob, raw in zip(seqs, out.token_ids, out.logprobs, out.raw_logprobs):
             seq.output_ids.append(token)

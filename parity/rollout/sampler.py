@@ -8,6 +8,7 @@ or preemption. Sampling is the Gumbel-max trick: argmax(logp + g) with g = -log(
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +81,24 @@ class SamplerOutput:
     raw_logprobs: list[float]  # log-softmax of the raw logits
 
 
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1)
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    steps: list[int],
+    log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
 ) -> SamplerOutput:
-    """Sample one token per row of float32 `logits` [B, V]; `steps[i]` = tokens row i has generated."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logprobs = raw_logprobs if _leaves_logits_unchanged(params) else torch.log_softmax(process_logits(logits, params), dim=-1)
+    """Sample one token per row of float32 `logits` [B, V]; `steps[i]` = tokens row i has generated.
+
+    `log_softmax` is the model's (`Kernels.log_softmax`): batch-invariant in deterministic mode, and
+    the same function the trainer-side parity forward scores tokens with.
+    """
+    raw_logprobs = log_softmax(logits)
+    logprobs = raw_logprobs if _leaves_logits_unchanged(params) else log_softmax(process_logits(logits, params))
     tokens = logits.argmax(dim=-1)
     if not all(p.greedy for p in params):
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)

@@ -18,6 +18,7 @@ from torch import nn
 
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.ops import Kernels
+from parity.precision.policy import check_activations
 from parity.rollout.models.config import ModelConfig
 from parity.rollout.models.rope import cos_sin_tables
 
@@ -117,9 +118,12 @@ class DecoderModel(nn.Module):
         max_positions: int,
         logits_fp32: bool = True,
         deterministic: bool = False,
+        check_finite: bool = True,
     ):
+        """Numeric switches (dtype, logits_fp32, deterministic, check_finite): parity.precision.policy."""
         super().__init__()
         self.config = cfg
+        self.check_finite = check_finite
         self.kernels = Kernels(deterministic=deterministic)
         kernels = self.kernels
         self.dtype = dtype
@@ -150,6 +154,8 @@ class DecoderModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, None if kv_caches is None else kv_caches[i], meta)
         x, _ = self.norm(x, residual)
+        if self.check_finite:  # one isfinite + sync; on inf/nan, re-run to name the layer
+            check_activations(self, x, lambda: self.forward(input_ids, positions, meta, kv_caches))
         return x
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""Batch-invariant kernels (deterministic mode): a token's result depends on that token alone.
+
+Why ordinary kernels are not invariant: a matmul library picks its blocking (on GPUs also split-K)
+from the number of rows; CPU elementwise kernels switch between a vectorised body and a scalar tail
+at offsets that depend on the tensor's size; attention backends use different kernels (and split-KV)
+for prefill and decode. Each choice changes the order of floating-point operations, so the same
+token gets different low bits depending on what else is in the batch (Thinking Machines,
+"Defeating Nondeterminism in LLM Inference", 2025). The engine's batch changes every step, the
+trainer's packed batch is different again, so the rollout and the trainer disagree.
+
+The fix: every reduction runs in an order fixed by the token's own shapes.
+- CPU (this file, plain torch): each op that reduces, or evaluates a transcendental, runs row by row
+  on a fresh contiguous copy of the row, so a row always meets the same kernel with the same shape.
+  Attention runs per query row over exactly the keys at positions <= its own, gathered into a fresh
+  tensor whether they come from the paged KV cache (engine, any chunking) or from the packed batch
+  (trainer). Autograd works as usual. Slow (a Python loop per row): the CPU reference.
+- CUDA: Triton kernels with fixed tiles (`triton_invariant.py`): matmul without split-K, one-pass
+  RMSNorm per row, attention with one fixed key order for prefill, decode and the trainer path, and
+  a fixed-chunk log-softmax; gradients come from torch (recomputed reference) in backward.
+Ops that are exact elementwise IEEE arithmetic (RoPE's multiply-adds, the residual add) are
+invariant already and keep their normal kernels on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from parity.kernels import reference
+from parity.kernels.metadata import AttentionMetadata
+
+
+def _gpu():
+    """The Triton implementations, imported on first CUDA use (CPU runs never import Triton)."""
+    from parity.kernels import triton_invariant
+
+    return triton_invariant
+
+
+def _row(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Row i as [1, ...] in freshly allocated contiguous memory (same alignment for every row)."""
+    return x[i : i + 1].clone(memory_format=torch.contiguous_format)
+
+
+def _per_row(fn: Callable, *tensors: torch.Tensor):
+    """fn applied to each row (dim 0) of `tensors` separately; outputs concatenated back."""
+    num_rows = tensors[0].shape[0]
+    if num_rows == 0:
+        return fn(*tensors)
+    outs = [fn(*(_row(t, i) for t in tensors)) for i in range(num_rows)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ b), each row computed alone (CPU) or with fixed tiles and no split-K (CUDA)."""
+    if x.is_cuda:
+        return _gpu().linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.dtype != torch.float32:
+        # fp16/bf16: products are exact in float32, so upcasting keeps the maths of a half-precision GEMM
+        # (float32 accumulation, one rounding at the end); torch's CPU half GEMM opens a thread pool per call.
+        wf, bf = weight.float(), None if bias is None else bias.float()
+        y = _per_row(lambda r: F.linear(r.float(), wf, bf).to(x.dtype), x2)
+    else:
+        y = _per_row(lambda r: F.linear(r, weight, bias), x2)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T with float32 products, sums and output (the LM head under logits_fp32)."""
+    if x.is_cuda:
+        return _gpu().linear(x, weight, None, fp32=True)
+    return linear(x.float(), weight.float())
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`reference.rms_norm` (HF's cast order), one row at a time."""
+    if x.is_cuda:
+        return _gpu().rms_norm(x, weight, eps, residual)
+    if residual is None:
+        return _per_row(lambda r: reference.rms_norm(r, weight, eps), x)
+    return _per_row(lambda r, res: reference.rms_norm(r, weight, eps, res), x, residual)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Elementwise multiply-adds: exactly rounded, so invariant with any kernel."""
+    if q.is_cuda:
+        return _gpu().apply_rotary(q, k, cos, sin)
+    return reference.apply_rotary(q, k, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU uses exp, whose CPU vector body and scalar tail can differ in the last bit: per row."""
+    if x.is_cuda:
+        return _gpu().silu_and_mul(x)
+    return _per_row(reference.silu_and_mul, x)
+
+
+# torch's CPU (log-)softmax always opens an OpenMP region (grain size 0), which costs milliseconds per
+# call on a busy machine; these spell it out with ops that stay single-threaded on one row.
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(x - x.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _log_softmax_row(x: torch.Tensor) -> torch.Tensor:
+    shifted = x - x.amax(dim=-1, keepdim=True)
+    return shifted - torch.log(torch.exp(shifted).sum(dim=-1, keepdim=True))
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the last dim of [N, V], each row alone."""
+    if logits.is_cuda:
+        return _gpu().log_softmax(logits)
+    return _per_row(_log_softmax_row, logits)
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row q [H, D] over its keys k, v [L, KV, D] (positions 0..L-1, all visible).
+
+    Float32 scores and softmax like `reference._causal_attention`; fresh copies make the kernels see
+    the same shapes, strides and alignment whatever tensor the keys were gathered from.
+    """
+    num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    qf = q.to(torch.float32, copy=True).view(num_kv_heads, num_heads // num_kv_heads, 1, head_dim)
+    kf = k.to(torch.float32, copy=True).transpose(0, 1).unsqueeze(1)  # [KV, 1, L, D]
+    vf = v.to(torch.float32, copy=True).transpose(0, 1).unsqueeze(1)  # [KV, 1, L, D]
+    # Products and sums instead of bmm: CPU bmm opens a thread pool per call (slow on a busy machine).
+    probs = _softmax((qf * kf).sum(dim=-1) * scale)  # [KV, group, L]
+    return (probs.unsqueeze(-1) * vf).sum(dim=-2).reshape(num_heads, head_dim).to(q.dtype)
+
+
+def _attend_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    """q [Q, H, D] are the last Q of the L positions in k/v [L, KV, D]; row j sees keys 0..L-Q+j."""
+    first = k.shape[0] - q.shape[0]
+    return [_attend_one(q[j], k[: first + j + 1], v[: first + j + 1], scale) for j in range(q.shape[0])]
+
+
+def _store_kvcache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """`reference.store_kvcache` with index_copy_ (CPU advanced indexing opens a thread pool per call)."""
+    keep = (slot_mapping >= 0).nonzero().squeeze(1)
+    slots = slot_mapping.index_select(0, keep)
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.index_select(0, keep).to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.index_select(0, keep).to(v_cache.dtype))
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write k/v into the cache (if any), then attend, with the same per-query key order for the
+    paged cache (prefill chunks, decode) and the packed trainer batch (no cache)."""
+    if q.is_cuda:
+        return _gpu().attention(q, k, v, kv_cache, meta, scale)
+    starts = meta.query_start_loc_cpu
+    rows: list[torch.Tensor] = []
+    if kv_cache is None:
+        for i in range(meta.num_seqs):
+            s, e = starts[i], starts[i + 1]
+            rows += _attend_sequence(q[s:e], k[s:e], v[s:e], scale)
+    else:
+        k_cache, v_cache = kv_cache
+        _store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        block_size = k_cache.shape[1]
+        for i, seq_len in enumerate(meta.seq_lens_cpu):
+            if starts[i + 1] == starts[i]:
+                continue
+            blocks = meta.block_tables[i, : -(-seq_len // block_size)].long()
+            k_seq = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+            v_seq = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+            rows += _attend_sequence(q[starts[i] : starts[i + 1]], k_seq, v_seq, scale)
+    out = torch.stack(rows) if rows else torch.zeros_like(q)
+    if out.shape[0] != q.shape[0]:  # rows past the last sequence (padding) attend to nothing
+        out = torch.cat([out, torch.zeros_like(q[out.shape[0] :])])
+    return out
