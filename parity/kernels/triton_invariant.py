@@ -1,0 +1,301 @@
+"""Batch-invariant Triton kernels for deterministic mode on CUDA (see `invariant.py` for why).
+
+Each kernel's reduction order is fixed by the shapes of one token's own work, never by the batch:
+- `linear`: tiled matmul with one tile configuration per weight shape (BLOCK_M, BLOCK_N, BLOCK_K chosen
+  from N and K only) and no split-K; a row's dot products run over K in the same BLOCK_K steps
+  whatever M is, whichever tile the row lands in. With `fp32=True` (the LM head under logits_fp32)
+  half-precision operands are upcast in registers: float32 products and sums, no float32 weight copy.
+- `attention`: one program per (token, query head) walks the keys at positions <= its own in
+  BLOCK_N steps with an online softmax, in float32. Prefill chunks, decode steps and the trainer's
+  packed batch all run this one kernel with the same key order; K/V come from the paged cache
+  (through the block table) or from the packed tensors, the same values either way. No split-KV.
+- `log_softmax`: one program per row, fixed chunks of the vocabulary.
+- RMSNorm, RoPE and SiLU-and-mul reuse `triton_norm` / `triton_elementwise`, whose programs own
+  whole rows (RMSNorm) or single elements (RoPE, SiLU), so they are invariant already.
+Gradients (the trainer's parity forward): the matmul and log-softmax have their analytic backward;
+the other ops recompute the torch reference under autograd in backward. Only the forward values need
+to be bitwise equal to the engine's; gradients agree with the reference to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.kernels import reference, triton_elementwise, triton_norm
+from parity.kernels.metadata import AttentionMetadata
+from parity.kernels.triton_attention import _dot, store_kvcache
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# -------------------------------------------------------------------------------------------- matmul
+# Row counts are never specialised on (Triton compiles a separate variant for an argument equal to 1).
+@triton.jit(do_not_specialize=["M"])
+def _linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m[:, None] < M
+    n_mask = offs_n[None, :] < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_mask & (kk[None, :] < K), other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=n_mask & (kk[:, None] < K), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += _dot(a, b)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask & n_mask)
+
+
+def linear_config(n: int, k: int) -> dict:
+    """Tile sizes from the weight's shape only (never from the number of rows). BLOCK_N shrinks for
+    narrow weights so a decode step still spreads over the GPU without split-K."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    block_n = 128 if n >= 128 * 264 else 64 if n >= 64 * 132 else 32
+    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool) -> torch.Tensor:
+    m, k = x2.shape
+    n = weight.shape[0]
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    out_dtype = torch.float32 if fp32 else x2.dtype
+    y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
+    if m == 0:
+        return y
+    cfg = linear_config(n, k)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _linear_kernel[grid](
+        x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, UPCAST=fp32 or INTERPRET, **cfg,
+    )
+    return y
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias, fp32):
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias, ctx.fp32 = bias is not None, fp32
+        return _linear_forward(x2, weight, bias, fp32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        compute = torch.float32 if ctx.fp32 else x2.dtype
+        g = grad.to(compute)
+        grad_x = (g @ weight.to(compute)).to(x2.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ x2.to(compute)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32: bool = False) -> torch.Tensor:
+    """y = x W^T (+ b); `fp32`: float32 products, sums and output from half-precision operands."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if fp32 and x2.dtype != weight.dtype:
+        x2, weight = x2.float(), weight.float()
+    if _needs_grad(x2, weight, bias):
+        y = _Linear.apply(x2, weight, bias, fp32)
+    else:
+        y = _linear_forward(x2, weight, bias, fp32)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------------ attention
+@triton.jit(do_not_specialize=["num_seqs"])
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, num_seqs, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    lo = 0  # the sequence owning this token: last s with query_start_loc[s] <= token
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) <= token:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_end = tl.load(query_start_loc_ptr + seq + 1)
+    if token >= q_end:  # padding rows past the last sequence
+        return
+    pos = tl.load(seq_lens_ptr + seq) - (q_end - token)  # this token's position; it sees keys 0..pos
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + token.to(tl.int64) * stride_qt + head * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for start in range(0, pos + 1, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n <= pos
+        if PAGED:
+            page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+            rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        else:
+            rows = (q_start + offs_n).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
+        s = tl.where(n_mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)  # a padding row of a CUDA graph (context length 0) gives zeros
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=d_mask)
+
+
+def attention_config(head_dim: int) -> dict:
+    """From the head size only: [BLOCK_N, BLOCK_D] fp32 tiles of at most 8192 values per program."""
+    block_d = triton.next_power_of_2(head_dim)
+    return dict(BLOCK_N=max(16, min(64, 8192 // block_d)), BLOCK_D=block_d, num_warps=4)
+
+
+def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    out = torch.zeros_like(q)
+    if num_tokens == 0:
+        return out
+    paged = block_tables is not None
+    _attention_kernel[(num_tokens, num_heads)](
+        q, k, v, out, meta.query_start_loc, meta.seq_lens, block_tables if paged else meta.seq_lens, meta.num_seqs, scale,
+        q.stride(0), q.stride(1), k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), out.stride(0), out.stride(1),
+        block_tables.stride(0) if paged else 0,
+        GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, **attention_config(head_dim),
+    )
+    return out
+
+
+class _RecomputeBackward(torch.autograd.Function):
+    """Forward by a Triton kernel; backward by autograd through the torch reference, recomputed."""
+
+    @staticmethod
+    def forward(ctx, kernel, ref, *tensors):
+        ctx.ref = ref
+        ctx.save_for_backward(*tensors)
+        return kernel(*tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = ctx.ref(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        wrt = [t for t in inputs if t is not None and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+        return (None, None, *[next(found) if t is not None and t.requires_grad else None for t in inputs])
+
+
+def _invariant_op(kernel, ref, *tensors):
+    """kernel(*tensors), differentiable through `ref` when any input needs a gradient."""
+    if _needs_grad(*tensors):
+        return _RecomputeBackward.apply(kernel, ref, *tensors)
+    return kernel(*tensors)
+
+
+def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Write k/v into the paged cache (if any), then attend; one kernel and key order for every layout."""
+    if kv_cache is None:
+        return _invariant_op(lambda q_, k_, v_: _attention_forward(q_, k_, v_, meta, scale, None, 1),
+                             lambda q_, k_, v_: reference.varlen_attention(q_, k_, v_, meta, scale), q, k, v)
+    k_cache, v_cache = kv_cache
+    store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    return _attention_forward(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta, scale, meta.block_tables,
+                              k_cache.shape[1])
+
+
+# ---------------------------------------------------------------------------------------- log-softmax
+@triton.jit
+def _log_softmax_kernel(x_ptr, out_ptr, V, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = float("-inf")
+    total = 0.0
+    for start in range(0, V, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # A chunk (or everything so far) may be all -inf (filtered tokens): keep exp(-inf - -inf) out.
+        scale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+        total = total * scale + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new)), axis=0)
+        m = m_new
+    lse = m + tl.log(total)
+    for start in range(0, V, BLOCK):
+        mask = start + offs < V
+        x = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + start + offs, x - lse, mask=mask)
+
+
+def _log_softmax_forward(logits: torch.Tensor) -> torch.Tensor:
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        block = 1024 if INTERPRET else 4096
+        _log_softmax_kernel[(x.shape[0],)](x, out, x.shape[-1], x.stride(0), out.stride(0), BLOCK=block, num_warps=8)
+    return out
+
+
+class _LogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits):
+        out = _log_softmax_forward(logits)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad - torch.exp(out) * grad.sum(dim=-1, keepdim=True)
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax over the last dim of [N, V], each row in the same fixed chunk order."""
+    return _LogSoftmax.apply(logits) if _needs_grad(logits) else _log_softmax_forward(logits)
+
+
+# ----------------------------------------------------------------- row- or element-local ops (reused)
+def rms_norm(x, weight, eps, residual=None):
+    if residual is None:
+        return _invariant_op(lambda x_, w_: triton_norm.rms_norm(x_, w_, eps),
+                             lambda x_, w_: reference.rms_norm(x_, w_, eps), x, weight)
+    return _invariant_op(lambda x_, w_, r_: triton_norm.rms_norm(x_, w_, eps, r_),
+                         lambda x_, w_, r_: reference.rms_norm(x_, w_, eps, r_), x, weight, residual)
+
+
+def apply_rotary(q, k, cos, sin):
+    return _invariant_op(triton_elementwise.apply_rotary, reference.apply_rotary, q, k, cos, sin)
+
+
+def silu_and_mul(x):
+    return _invariant_op(triton_elementwise.silu_and_mul, reference.silu_and_mul, x)

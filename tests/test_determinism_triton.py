@@ -1,0 +1,180 @@
+"""Deterministic-mode Triton kernels: batch invariance (bitwise) and closeness to the torch reference.
+
+Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before any kernel is
+defined) at small sizes; the interpreter's numpy arithmetic is not the GPU's, so these check the
+kernels' logic (indexing, masking, one key order for paged and packed K/V, autograd). `-m gpu`
+checks the compiled kernels and the whole engine on CUDA: a request alone == in any batch, and
+engine logprobs == parity forward bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from parity.kernels import reference  # noqa: E402
+from parity.kernels import triton_invariant as ti  # noqa: E402
+from parity.kernels.metadata import AttentionMetadata  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def _rel(out, ref) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_is_row_invariant_and_close_to_torch(dtype):
+    x, w, b = _randn(37, 80, dtype=dtype), _randn(70, 80, dtype=dtype, seed=1), _randn(70, dtype=dtype, seed=2)
+    y = ti.linear(x, w, b)
+    assert _rel(y, x.double() @ w.double().T + b.double()) < (1e-6 if dtype == torch.float32 else 2e-3)
+    for rows in (slice(0, 1), slice(16, 17), slice(5, 30), slice(36, 37)):
+        assert torch.equal(ti.linear(x[rows], w, b), y[rows])
+    # LM head under logits_fp32: half-precision operands, float32 products, sums and output.
+    y32 = ti.linear(x, w, None, fp32=True)
+    assert y32.dtype == torch.float32 and _rel(y32, x.double() @ w.double().T) < 1e-6
+    assert torch.equal(ti.linear(x[3:4], w, None, fp32=True), y32[3:4])
+
+
+def test_linear_gradients():
+    x = _randn(9, 40).requires_grad_()
+    w = _randn(24, 40, seed=1).requires_grad_()
+    b = _randn(24, seed=2).requires_grad_()
+    (ti.linear(x, w, b) ** 2).sum().backward()
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    (torch.nn.functional.linear(x, w, b) ** 2).sum().backward()
+    for got, t in zip(grads, (x, w, b)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_same_bits_from_paged_cache_and_packed_batch(dtype):
+    num_heads, num_kv, head_dim, block = 4, 2, 32, 4
+    lens = [20, 11]
+    total = sum(lens)
+    q, k, v = (_randn(total, h, head_dim, dtype=dtype, seed=s) for s, h in ((0, num_heads), (1, num_kv), (2, num_kv)))
+    packed_meta = AttentionMetadata.for_packed_sequences(lens, DEVICE)
+    packed = ti.attention(q, k, v, None, packed_meta, head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert _rel(packed, reference.varlen_attention(q, k, v, packed_meta, head_dim**-0.5)) < tol
+
+    # Sequence 0 again, through a paged cache with scattered blocks, in chunks 7 + 12 + 1 (prefill,
+    # prefill, decode), next to sequence 1 in the same batch: the same bits for every token.
+    k_cache = torch.full((16, block, num_kv, head_dim), float("nan"), dtype=dtype, device=DEVICE)  # unused: NaN
+    v_cache = torch.full_like(k_cache, float("nan"))
+    tables = torch.tensor([[9, 2, 14, 5, 0], [1, 3, 4, 0, 0]], dtype=torch.int32, device=DEVICE)
+    other_done = 0
+    out = []
+    for start, end in ((0, 7), (7, 19), (19, 20)):
+        other_end = min(lens[1], other_done + 4)
+        q_lens = [end - start, other_end - other_done]
+        slots = [int(tables[0, p // block]) * block + p % block for p in range(start, end)]
+        slots += [int(tables[1, p // block]) * block + p % block for p in range(other_done, other_end)]
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=DEVICE),
+            seq_lens=torch.tensor([end, other_end], dtype=torch.int32, device=DEVICE),
+            max_query_len=max(q_lens), max_seq_len=end, query_start_loc_cpu=[0, q_lens[0], sum(q_lens)],
+            seq_lens_cpu=[end, other_end], block_tables=tables, slot_mapping=torch.tensor(slots, device=DEVICE),
+        )
+        rows = torch.cat([torch.arange(start, end), lens[0] + torch.arange(other_done, other_end)]).to(DEVICE)
+        step = ti.attention(q[rows], k[rows], v[rows], (k_cache, v_cache), meta, head_dim**-0.5)
+        out.append(step[: q_lens[0]])
+        other_done = other_end
+    assert torch.equal(torch.cat(out), packed[:20])
+
+
+def test_attention_padding_rows_give_zeros():
+    """CUDA-graph padding: a sequence with one query row, context length 0 and slot -1 attends to nothing."""
+    k_cache = torch.zeros(4, 4, 2, 16, device=DEVICE)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor([3, 0], dtype=torch.int32, device=DEVICE), max_query_len=1, max_seq_len=3,
+        query_start_loc_cpu=[0, 1, 2], seq_lens_cpu=[3, 0], block_tables=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),
+        slot_mapping=torch.tensor([2, -1], device=DEVICE),
+    )
+    q, k = _randn(2, 4, 16), _randn(2, 2, 16, seed=1)
+    out = ti.attention(q, k, k, (k_cache, k_cache.clone()), meta, 0.25)
+    assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_attention_gradients_come_from_the_reference():
+    lens = [6, 3]
+    q = _randn(9, 4, 16).requires_grad_()
+    k = _randn(9, 2, 16, seed=1).requires_grad_()
+    v = _randn(9, 2, 16, seed=2).requires_grad_()
+    meta = AttentionMetadata.for_packed_sequences(lens, DEVICE)
+    ti.attention(q, k, v, None, meta, 0.25).square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference.varlen_attention(q, k, v, meta, 0.25).square().sum().backward()
+    for got, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_log_softmax_rows_invariant_close_and_differentiable():
+    logits = 5 * _randn(6, 2500)
+    logits[1, 100:] = float("-inf")  # filtered tokens, including whole chunks
+    out = ti.log_softmax(logits)
+    torch.testing.assert_close(out, torch.log_softmax(logits, -1), rtol=1e-6, atol=1e-5)
+    assert torch.equal(ti.log_softmax(logits[1:2]), out[1:2]) and torch.equal(ti.log_softmax(logits[4:]), out[4:])
+    x = logits[2:4].clone().requires_grad_()
+    (ti.log_softmax(x) * torch.linspace(0, 1, 2500, device=DEVICE)).sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    (torch.log_softmax(x, -1) * torch.linspace(0, 1, 2500, device=DEVICE)).sum().backward()
+    torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_wrapper_is_row_invariant_with_reference_gradients():
+    x = _randn(11, 64).requires_grad_()
+    r = _randn(11, 64, seed=1)
+    w = (1 + 0.1 * _randn(64, seed=2)).requires_grad_()
+    out, summed = ti.rms_norm(x, w, 1e-6, r)
+    ref_out, ref_sum = reference.rms_norm(x, w, 1e-6, r)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ti.rms_norm(x[4:5].detach(), w.detach(), 1e-6, r[4:5])[0], out[4:5].detach())
+    (out.sum() + summed.square().sum()).backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    (ref_out.sum() + ref_sum.square().sum()).backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ on the GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype):
+    from parity.rollout.engine import Engine
+    from parity.rollout.sampling_params import SamplingParams
+    from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
+
+    engine = Engine.from_pretrained(llama_dir, dtype=dtype, deterministic=True, max_model_len=512,
+                                    max_num_batched_tokens=64, kv_cache_memory=64 << 20)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 90, 41, 9, 130, 3, 60, 17)]
+    params = SamplingParams(temperature=0.9, max_tokens=40, seed=3, ignore_eos=True)
+    batch = engine.generate(prompts, params)
+    for i in (0, 4, 7):
+        alone = engine.generate([prompts[i]], params)[0]
+        assert alone.output_ids == batch[i].output_ids and alone.output_logprobs == batch[i].output_logprobs
+    trainer = parity_model_from_engine(engine)
+    scored = token_logprobs(trainer, prompts, [r.output_ids for r in batch], temperature=0.9)
+    for r, lp in zip(batch, scored):
+        assert lp.tolist() == r.output_logprobs
