@@ -176,3 +176,24 @@ def test_every_source_form_gives_the_same_weights(llama_dir, process_group):
         assert stats.num_gathered == (len(engine.weights.targets) if name == "fsdp2" else 0), name
         for k, v in engine_state(engine).items():
             assert torch.equal(v, expected[k]), (name, k)
+
+
+def test_sync_from_parity_trainer_model(llama_dir):
+    """parity's own trainer model (DecoderModel, fused layout) as the source, and as the scorer."""
+    from parity.trainer_bridge.parity_forward import parity_model_from_engine
+
+    engine = make_engine(llama_dir, dtype="fp32")
+    trainer = parity_model_from_engine(engine)
+    before = engine.generate(PROMPTS, PARAMS)
+    opt = torch.optim.Adam(trainer.parameters(), lr=3e-2)
+    logp = trainer_logprobs(trainer, before, PARAMS, with_grad=True)
+    (-(logp.logprobs * logp.mask).sum()).backward()
+    opt.step()
+    engine.update_weights(trainer)
+    for name, p in trainer.named_parameters():
+        assert torch.equal(dict(engine.model.named_parameters())[name], p.detach()), name
+    after = engine.generate(PROMPTS, PARAMS)
+    out = trainer_logprobs(trainer, after, PARAMS)
+    torch.testing.assert_close(out.logprobs[out.mask], out.rollout_logprobs[out.mask], atol=1e-4, rtol=0)
+    stale = trainer_logprobs(trainer, before, PARAMS)
+    assert (stale.logprobs - stale.rollout_logprobs)[stale.mask].abs().max() > 1e-2

@@ -10,8 +10,10 @@ Layout for HF models: prompts left-padded to a common length and responses right
 every response starts at the same column and only its T+1 positions go through the LM head
 (`logits_to_keep`). The forward goes through the outermost module, so DDP / FSDP / accelerate
 wrappers see it. With `logits_fp32` the LM head runs in float32 even under autocast (the engine's
-`logits_fp32` default, MiniMax-M1's fix). For parity's own trainer model (`parity_forward`), the
-packed varlen forward is used instead.
+`logits_fp32` default, MiniMax-M1's fix).
+
+For parity's own trainer model (a `DecoderModel`, see `parity_forward`), sequences are packed and scored
+by `parity_forward.token_logprobs`, the engine's own code; its LM-head precision is the model's policy.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parity.rollout.models.decoder import DecoderModel
 from parity.rollout.sampler import process_logits
 from parity.rollout.sampling_params import SamplingParams
 from parity.rollout.sequence import Rollout
@@ -99,6 +102,17 @@ def _hf_response_logits(model: nn.Module, rollouts: Sequence[Rollout], pad_id: i
     return out.logits[:, :-1]  # column j predicts response token j
 
 
+def _parity_response_logprobs(model: DecoderModel, rollouts: Sequence[Rollout], params: SamplingParams | None,
+                              mode: str, mask: torch.Tensor) -> torch.Tensor:
+    from parity.trainer_bridge.parity_forward import token_logprobs
+
+    filters = {}
+    if mode == "processed" and params is not None:
+        filters = dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
+    per_seq = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts], **filters)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, torch.cat(per_seq))
+
+
 def trainer_logprobs(
     model: nn.Module,
     rollouts: Sequence[Rollout],
@@ -113,6 +127,7 @@ def trainer_logprobs(
     `params` are the rollouts' SamplingParams (temperature, top-k/p, min-p); None = temperature 1,
     no filters. Greedy rollouts are scored at temperature 1, as the engine scores them. `mode`:
     "processed" (compare with Rollout.output_logprobs) or "raw" (output_raw_logprobs).
+    `logits_fp32` and `pad_id` apply to HF models only.
     """
     if mode not in LOGPROB_MODES:
         raise ValueError(f"unknown logprob mode {mode!r}; expected one of {LOGPROB_MODES}")
@@ -135,10 +150,13 @@ def trainer_logprobs(
         engine_lp = r.output_logprobs if mode == "processed" else r.output_raw_logprobs
         rollout_lp[b, :n] = torch.tensor(engine_lp, dtype=torch.float32, device=device)
 
+    if params is not None and params.greedy:
+        params = None  # the engine scores greedy tokens at temperature 1, unfiltered
     with torch.set_grad_enabled(with_grad):
-        logits = _hf_response_logits(model, rollouts, pad_id, device, logits_fp32)
-        if params is not None and params.greedy:
-            params = None  # the engine scores greedy tokens at temperature 1, unfiltered
-        flat = _token_logprobs(logits[mask], targets[mask], params, mode)
-        logprobs = torch.zeros(mask.shape, dtype=flat.dtype, device=device).masked_scatter(mask, flat)
+        if isinstance(unwrap_module(model), DecoderModel):
+            logprobs = _parity_response_logprobs(unwrap_module(model), rollouts, params, mode, mask)
+        else:
+            logits = _hf_response_logits(model, rollouts, pad_id, device, logits_fp32)
+            flat = _token_logprobs(logits[mask], targets[mask], params, mode)
+            logprobs = torch.zeros(mask.shape, dtype=flat.dtype, device=device).masked_scatter(mask, flat)
     return TrainerLogprobs(logprobs, rollout_lp, mask)

@@ -2,7 +2,8 @@
 
 `update_weights(engine, source)` accepts what a trainer has at hand:
   - an `nn.Module` (HF `AutoModelForCausalLM`, possibly wrapped by DDP / accelerate / torch.compile /
-    FSDP2, whose sharded parameters are DTensors gathered one at a time with `full_tensor()`),
+    FSDP2, whose sharded parameters are DTensors gathered one at a time with `full_tensor()`; or
+    parity's own trainer `DecoderModel`, read through HF-named views of its fused parameters),
   - a state dict (`Mapping[str, Tensor]`, HF names),
   - an iterable of `(name, tensor)` pairs (what verl hands to `load_weights`).
 
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from parity.rollout.models.decoder import DecoderModel
 from parity.rollout.models.weights import WeightError
 from parity.trainer_bridge.sleep import check_weights_resident, clear_discarded_weights
 
@@ -72,7 +74,12 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 def _named_tensors(source: WeightSource) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs without copying data: module state dicts and mappings hold references."""
     if isinstance(source, nn.Module):
-        return list(unwrap_module(source).state_dict().items())
+        module = unwrap_module(source)
+        if isinstance(module, DecoderModel):  # parity's own trainer model: fused layout -> HF-named views
+            from parity.trainer_bridge.parity_forward import hf_named_weights
+
+            return list(hf_named_weights(module))
+        return list(module.state_dict().items())
     if isinstance(source, Mapping):
         return list(source.items())
     if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):

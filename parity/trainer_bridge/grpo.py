@@ -1,0 +1,245 @@
+"""GRPO with parity as the in-process rollout engine: rollout -> reward -> trainer logprobs -> clipped,
+IS-corrected policy loss -> optimizer step (accelerate) -> weight sync -> repeat.
+
+One step, with the phase each metric's time belongs to:
+  rollout  the engine samples `group_size` responses for each of `prompts_per_step` task prompts;
+           exact-match rewards; group-normalised advantages.
+  logprob  the trainer recomputes every response token's logprob at the current weights (no grad):
+           the PPO "old" policy, and the trainer side of the rollout/trainer mismatch metrics and of
+           the importance-sampling correction (token TIS by default).
+  train    per minibatch: logprobs with grad, clipped policy loss times the IS weights,
+           `accelerator.backward` (fp16: loss scaling), gradient clipping, optimizer step.
+  sync     `engine.update_weights(model)`: in place, version bumped, prefix cache dropped.
+With `sleep_level`, the engine sleeps from the end of the rollout until the sync (vLLM's order:
+wake weights, update, wake KV cache), and the freed memory is logged.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parity.precision.importance_sampling import importance_weights
+from parity.precision.metrics import mismatch_metrics
+from parity.rollout.engine import Engine
+from parity.rollout.models.factory import write_tiny_model
+from parity.rollout.sampling_params import SamplingParams
+from parity.rollout.sequence import Rollout
+from parity.trainer_bridge.logprobs import trainer_logprobs
+from parity.trainer_bridge.losses import group_advantages, policy_loss
+from parity.trainer_bridge.tasks import Problem, Task
+from parity.trainer_bridge.tracking import Tracker
+from parity.trainer_bridge.train_config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    summary: dict[str, Any]
+    out_dir: Path
+    run_dir: Path | None  # the W&B run directory, if W&B was on
+    warmstart_loss: float | None = None
+    metrics_file: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics_file = self.out_dir / "metrics.jsonl"
+
+
+def _sft_batch(tokenizer, problems: list[Problem], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt + answer + EOS, right-padded; labels only on answer + EOS."""
+    eos = tokenizer.eos_token_id
+    rows, labels = [], []
+    for p in problems:
+        prompt = tokenizer.encode(p.prompt)
+        answer = tokenizer.encode(p.answer, add_special_tokens=False) + [eos]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(map(len, rows))
+    pad = lambda x, v: x + [v] * (width - len(x))
+    ids = torch.tensor([pad(r, eos) for r in rows], device=device)
+    mask = torch.tensor([pad([1] * len(r), 0) for r in rows], device=device)
+    return ids, mask, torch.tensor([pad(lab, -100) for lab in labels], device=device)
+
+
+class GRPOTrainer:
+    def __init__(self, config: TrainConfig, tracker: Tracker | None = None):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = cfg = config
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # accelerate keeps one process-wide state; reset it so that one process can run several
+        # experiments with different precisions (the device benchmark runs fp16, then bf16).
+        AcceleratorState._reset_state(reset_partial_state=True)
+        self.accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=device == "cpu")
+        self.device = self.accelerator.device
+        model_dir = Path(cfg.model.path) if cfg.model.path else write_tiny_model(self.out_dir / "init-model",
+                                                                                   cfg.model.factory)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.task = Task(cfg.task)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        self.warmstart_loss = self._warm_start(model) if cfg.warmstart.steps > 0 else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        engine_options = {**asdict(cfg.engine), "device": str(self.device)}
+        self.engine = Engine.from_pretrained(model_dir, **engine_options)
+        if self.warmstart_loss is not None:
+            self.engine.update_weights(self.accelerator.unwrap_model(self.model))
+        r = cfg.rollout
+        self.sampling = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                       max_tokens=r.max_tokens)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------------------ warm start
+    def _warm_start(self, model) -> float:
+        """A few supervised steps (plain fp32 AdamW) on a noisy teacher's answers, so RL starts with some reward."""
+        ws = self.config.warmstart
+        optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr)
+        model.train()
+        loss = torch.tensor(float("nan"))
+        for _ in range(ws.steps):
+            examples = self.task.warmstart_examples(self.rng, ws.batch_size, ws.accuracy)
+            ids, mask, labels = _sft_batch(self.tokenizer, examples, self.device)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    # ------------------------------------------------------------------------------------- step
+    def _logprobs(self, rollouts: list[Rollout], with_grad: bool):
+        return trainer_logprobs(self.model, rollouts, self.sampling, with_grad=with_grad,
+                                logits_fp32=self.config.engine.logits_fp32, pad_id=self.pad_id)
+
+    def step(self) -> dict[str, float]:
+        cfg, engine = self.config, self.engine
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        problems = self.task.sample(self.rng, cfg.rollout.prompts_per_step)
+        rollouts = engine.generate([p.prompt for p in problems], self.sampling)
+        rewards = torch.tensor([Task.reward(problems[r.prompt_index], r) for r in rollouts])
+        advantages = group_advantages(rewards.view(len(problems), cfg.rollout.group_size),
+                                      normalize_std=cfg.loss.normalize_std).flatten().to(self.device)
+        timings["rollout"] = time.perf_counter() - start
+        sleep_stats = engine.sleep(cfg.sleep_level) if cfg.sleep_level else None
+
+        start = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            old = self._logprobs(rollouts, with_grad=False)
+        mismatch = mismatch_metrics(old.rollout_logprobs, old.logprobs, old.mask)
+        correction = importance_weights(old.rollout_logprobs, old.logprobs, old.mask, cfg.loss.importance_sampling)
+        timings["logprob"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.model.train()
+        train_stats: dict[str, float] = {}
+        order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self.rng.getrandbits(31)))
+        for idx in order.chunk(cfg.loss.num_minibatches):
+            idx_list = idx.tolist()
+            new = self._logprobs([rollouts[i] for i in idx_list], with_grad=True)
+            width = new.mask.shape[1]
+            idx = idx.to(self.device)
+            loss, train_stats = policy_loss(
+                new.logprobs, old.logprobs[idx, :width], advantages[idx], correction.mask[idx, :width],
+                is_weights=correction.weights[idx, :width], clip_low=cfg.loss.clip_low,
+                clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip, agg=cfg.loss.agg,
+            )
+            self.accelerator.backward(loss)
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            train_stats = {**train_stats, "actor/grad_norm": float(grad_norm)}
+        timings["train"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if sleep_stats is not None:
+            engine.wake_up(["weights"])
+        sync = engine.update_weights(self.accelerator.unwrap_model(self.model))
+        if sleep_stats is not None:
+            engine.wake_up(["kv_cache"])
+        timings["sync"] = time.perf_counter() - start
+
+        lengths = torch.tensor([len(r.output_ids) for r in rollouts], dtype=torch.float32)
+        generated = int(lengths.sum())
+        metrics = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response_length/clip_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+            **{k: float(v) for k, v in mismatch.items()},
+            **correction.stats,
+            **train_stats,
+            **{f"time/{k}_s": v for k, v in timings.items()},
+            "time/step_s": sum(timings.values()),
+            "throughput/rollout_tokens_per_s": generated / timings["rollout"],
+            "throughput/train_tokens_per_s": float(old.mask.sum() + sum(len(r.prompt_ids) for r in rollouts))
+            / timings["train"],
+            "sync/seconds": sync.seconds,
+            "sync/gb_per_s": sync.gb_per_s,
+            "sync/bytes": float(sync.bytes_copied),
+            "weight_version": float(sync.weight_version),
+        }
+        if sleep_stats is not None:
+            metrics["sleep/freed_bytes"] = float(sleep_stats.freed_bytes)
+            if sleep_stats.freed_reserved_bytes is not None:
+                metrics["sleep/freed_reserved_bytes"] = float(sleep_stats.freed_reserved_bytes)
+        return metrics
+
+    # -------------------------------------------------------------------------------------- run
+    def train(self, progress: bool = True) -> TrainResult:
+        from tqdm import tqdm
+
+        history: list[dict[str, float]] = []
+        bar = tqdm(range(self.config.steps), desc="grpo", unit="step", disable=not progress)
+        for step in bar:
+            metrics = self.step()
+            history.append(metrics)
+            if self.tracker is not None:
+                self.tracker.log(metrics, step=step)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", len=f"{metrics['response_length/mean']:.1f}",
+                            sync_ms=f"{1e3 * metrics['sync/seconds']:.0f}")
+        summary = summarize(history, self.warmstart_loss)
+        run_dir = None
+        if self.tracker is not None:
+            run_dir = self.tracker.run_dir
+            self.tracker.finish(summary)
+        return TrainResult(history, summary, self.out_dir, run_dir, self.warmstart_loss)
+
+
+def summarize(history: list[dict[str, float]], warmstart_loss: float | None, window: int = 3) -> dict[str, float]:
+    """Reward at the start and end (means over `window` steps), totals and mean phase timings."""
+    if not history:
+        return {}
+    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)
+    summary = {
+        "final/reward_first": mean("reward/mean", history[:window]),
+        "final/reward_last": mean("reward/mean", history[-window:]),
+        "final/steps": float(len(history)),
+        "final/total_time_s": sum(r["time/step_s"] for r in history),
+    }
+    for phase in ("rollout", "logprob", "train", "sync"):
+        summary[f"final/mean_{phase}_s"] = mean(f"time/{phase}_s", history)
+    if warmstart_loss is not None:
+        summary["final/warmstart_loss"] = warmstart_loss
+    return summary
+
+
+def run_grpo(config: TrainConfig, progress: bool = True) -> TrainResult:
+    """One experiment: a tracker (W&B per config.tracking, plus metrics.jsonl) around GRPOTrainer."""
+    tracker = Tracker(config.tracking, config.to_dict(), config.out_dir)
+    return GRPOTrainer(config, tracker).train(progress=progress)

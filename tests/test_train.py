@@ -1,0 +1,128 @@
+"""`parity train`: the default GRPO run raises the reward; every step logs its metrics; the engine
+stays in step with the trainer; config loading refuses bad input; the built-in tasks score exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity.cli.main import main
+from parity.rollout.sequence import Rollout
+from parity.trainer_bridge.grpo import run_grpo
+from parity.trainer_bridge.tasks import Problem, Task, TaskConfig
+from parity.trainer_bridge.tracking import read_offline_run
+from parity.trainer_bridge.train_config import TrainConfig, load_train_config
+
+DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "grpo_tiny_arith.yaml"
+STEP_KEYS = (
+    "reward/mean", "response_length/mean", "mismatch/logp_abs_diff_max", "mismatch/mismatch_k3_kl",
+    "mismatch/rollout_is_mean", "mismatch/rollout_is_eff_sample_size", "actor/pg_loss", "actor/grad_norm",
+    "time/rollout_s", "time/logprob_s", "time/train_s", "time/sync_s", "throughput/rollout_tokens_per_s",
+    "sync/seconds", "weight_version",
+)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model's matmuls gain nothing from intra-op threads; on shared cores they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_run_raises_reward(tmp_path, one_thread):
+    """The built-in default (fp32 on CPU, fixed seed): mean reward from < 0.3 to > 0.7 in 40 steps."""
+    out = tmp_path / "run"
+    assert main(["train", str(DEFAULT_CONFIG), "--out", str(out), "--wandb-mode", "offline", "--no-progress"]) == 0
+    rows = read_metrics(out)
+    assert len(rows) == 40
+    for row in rows:
+        assert set(STEP_KEYS) <= row.keys()
+        # Engine (fp32) and trainer (HF, fp32) agree on every sampled token, every step, after every sync.
+        assert row["mismatch/logp_abs_diff_max"] < 1e-4
+    assert [r["weight_version"] for r in rows] == list(range(2, 42))  # warm-start sync, then one per step
+    reward = [r["reward/mean"] for r in rows]
+    first, last = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
+    assert first < 0.3 and last > 0.7, f"reward {first:.2f} -> {last:.2f}: {[round(x, 2) for x in reward]}"
+
+    run = read_offline_run(next((out / "wandb").glob("offline-run-*")))
+    assert run.config["task"]["name"] == "addition" and run.config["rollout"]["group_size"] == 8
+    assert [h["reward/mean"] for h in run.history] == reward
+    assert run.summary["final/reward_last"] == pytest.approx(sum(reward[-3:]) / 3)
+    assert run.summary["reward/mean"] == reward[-1]
+
+
+def test_sleeping_bf16_loop_keeps_engine_in_step(tmp_path, one_thread):
+    """bf16 trainer (accelerate autocast) and engine; the engine sleeps (level 2) through every train phase."""
+    config = load_train_config(DEFAULT_CONFIG, [
+        f"out_dir={tmp_path}", "steps=2", "rollout.prompts_per_step=4", "sleep_level=2", "engine.dtype=bf16",
+        "optim.mixed_precision=bf16", "tracking.mode=disabled", "loss.importance_sampling.method=mis",
+    ])
+    result = run_grpo(config, progress=False)
+    for row in result.history:
+        assert row["sleep/freed_bytes"] > 0
+        assert 0 < row["mismatch/logp_abs_diff_max"] < 0.5  # bf16 rounding, nothing broken
+        assert row["mismatch/rollout_is_kept_fraction"] > 0.9
+    assert read_metrics(tmp_path)[-1]["weight_version"] == 3
+
+
+def test_default_config_file_is_the_dataclass_default():
+    assert load_train_config(DEFAULT_CONFIG) == TrainConfig()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("steps=many", "steps: expected int"),
+    ("engine.dtype=fp8", "unknown dtype"),
+    ("loss.importance_sampling.method=clip", "unknown IS method"),
+    ("loss.agg=sum", "loss.agg"),
+    ("tracking.mode=cloud", "wandb mode"),
+    ("sleep_level=3", "sleep_level"),
+])
+def test_bad_config_is_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_train_config(DEFAULT_CONFIG, [override])
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["train", "--set", "task.name=calculus"]) == 2
+    assert "unknown task 'calculus'" in capsys.readouterr().err
+
+
+def rollout(text: str, finish: str = "stop") -> Rollout:
+    return Rollout("0", 0, 0, [1], [2, 0], [-0.1, -0.1], finish, text=text)
+
+
+def test_task_rewards_are_exact_match():
+    problem = Problem("3+4=", "7")
+    assert Task.reward(problem, rollout("7")) == 1.0
+    assert Task.reward(problem, rollout(" 7 ")) == 1.0
+    assert Task.reward(problem, rollout("7", finish="length")) == 0.0  # no EOS: not an answer
+    assert Task.reward(problem, rollout("77")) == 0.0
+    rng = random.Random(0)
+    for p in Task(TaskConfig(name="addition", max_operand=9)).sample(rng, 50):
+        a, b = p.prompt.rstrip("=").split("+")
+        assert int(p.answer) == int(a) + int(b) and 0 <= int(a) <= 9
+    for p in Task(TaskConfig(name="sort", length=4)).sample(rng, 50):
+        digits = p.prompt.removeprefix("sort ").rstrip(":").split()
+        assert p.answer.split() == sorted(digits, key=int) and len(digits) == 4
+
+
+def test_warmstart_teacher_accuracy():
+    task = Task(TaskConfig())
+    examples = task.warmstart_examples(random.Random(0), 2000, accuracy=0.3)
+    right = sum(int(e.answer) == sum(map(int, e.prompt.rstrip("=").split("+"))) for e in examples) / len(examples)
+    # Right with probability 0.3, plus wrong-teacher answers that happen to be right by chance.
+    assert 0.3 < right < 0.45
+    assert all(dataclasses.astuple(e) for e in examples)
