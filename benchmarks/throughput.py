@@ -136,23 +136,31 @@ def run_parity(engine: Engine, prompts, max_tokens: list[int], clock: Clock) -> 
     }
 
 
-def decode_timing(engine: Engine, batch: int, context: int, steps: int, copy_bw: float | None, clock: Clock) -> dict:
-    """Decode steps of `batch` sequences at `context` tokens: whole engine step (host + GPU) and graph replay."""
-    vocab = engine.model_config.vocab_size
+def start_decoding(engine: Engine, batch: int, context: int) -> None:
+    """Admit `batch` prompts of `context` tokens, long-lived, and step until every one is decoding."""
+    vocab, room = engine.model_config.vocab_size, engine.max_model_len - context
     for p in random_prompts(batch, vocab, context, context, seed=1000 + batch):
-        engine.add_request(p, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=room, ignore_eos=True))
     sched = engine.scheduler
     while sched.waiting or any(s.in_prefill for s in sched.running):
         engine.step()
+    assert len(sched.running) == batch
+
+
+def decode_timing(engine: Engine, batch: int, context: int, steps: int, copy_bw: float | None, clock: Clock) -> dict:
+    """Decode steps of `batch` sequences at `context` tokens: whole engine step (host + GPU) and graph replay."""
+    sched = engine.scheduler
+    start_decoding(engine, batch, context)
     start = clock.now()
     for _ in range(steps):
         engine.step()
     step_s = (clock.now() - start) / steps
+    assert len(sched.running) == batch
     ctx = statistics.mean(s.num_computed_tokens for s in sched.running)
     row = {"batch": batch, "context": round(ctx), "engine_step_ms": step_s * 1e3}
     graphs = engine.runner.graphs
     if graphs is not None:
-        graph = graphs.graphs[graphs.padded_size(batch)]
+        graph = graphs.graphs[graphs.padded_size(batch)]  # its inputs are still those of the last step
         start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
         start_ev.record()
@@ -171,6 +179,44 @@ def decode_timing(engine: Engine, batch: int, context: int, steps: int, copy_bw:
         row["decode_tok_s"] = batch / step_s
     sched.abort_all()
     return row
+
+
+def profile_steps(engine: Engine, out: Path, batch: int, context: int) -> None:
+    """GPU time per kernel (torch.profiler) and host time per function (cProfile): decode steps at `batch`,
+    then the first mixed prefill+decode steps of a workload-A-like queue."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    report = []
+    start_decoding(engine, batch, context)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine.step()
+    report.append(f"=== GPU, 5 decode steps, batch {batch}, context {context}\n"
+                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    prof_host = cProfile.Profile()
+    prof_host.enable()
+    for _ in range(10):
+        engine.step()
+    prof_host.disable()
+    text = io.StringIO()
+    pstats.Stats(prof_host, stream=text).sort_stats("tottime").print_stats(25)
+    report.append(f"=== host, 10 decode steps, batch {batch}\n{text.getvalue()}")
+    engine.scheduler.abort_all()
+    for p in random_prompts(128, engine.model_config.vocab_size, 100, min(1024, engine.max_model_len // 2), seed=77):
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    for _ in range(4):  # let some sequences start decoding next to the prefill chunks
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            engine.step()
+    report.append("=== GPU, 4 mixed prefill+decode steps (8192-token budget)\n"
+                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    engine.scheduler.abort_all()
+    (out / "profile.txt").write_text("\n\n".join(report))
 
 
 def time_to_first_token(engine: Engine, length: int, clock: Clock) -> float:
@@ -198,6 +244,8 @@ def parity_suite(path: Path, args, prompts, lens_b, clock: Clock, copy_bw, full:
         res["decode"] = [decode_timing(engine, b, args.decode_context, args.decode_steps, copy_bw, clock)
                          for b in args.decode_batches]
         res["ttft_s"] = time_to_first_token(engine, args.decode_context, clock)
+        if args.profile:
+            profile_steps(engine, args.out, max(args.decode_batches), args.decode_context)
     del engine
     return res
 
@@ -344,8 +392,10 @@ def main() -> None:
     ap.add_argument("--decode-context", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "kernels", "1.5b"])
+    ap.add_argument("--profile", action="store_true", help="write profile.txt: kernel and host time of some steps")
     ap.add_argument("--time-budget", type=float, default=500.0, help="seconds; later parts are skipped past it")
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     deadline = t_start + args.time_budget
     specs = {"qwen3-0.6b": QWEN3_06B, "qwen2.5-1.5b": QWEN25_15B}
