@@ -178,3 +178,30 @@ def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype
     scored = token_logprobs(trainer, prompts, [r.output_ids for r in batch], temperature=0.9)
     for r, lp in zip(batch, scored):
         assert lp.tolist() == r.output_logprobs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu test runs the compiled kernels")
+def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch):
+    """The whole deterministic engine on the Triton kernels (interpreted, on CPU tensors): a request
+    alone == in a batch with chunked prefill, and == the parity forward on the same kernels. A one-layer
+    model with two heads keeps the interpreter (seconds per hundred programs) fast enough."""
+    from parity.kernels import invariant
+    from parity.rollout.engine import Engine
+    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+    from parity.rollout.sampling_params import SamplingParams
+    from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
+
+    spec = TinyModelSpec(architecture="qwen2", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=1, vocab_size=300)
+    monkeypatch.setattr(invariant, "_use_triton", lambda x: True)
+    engine = Engine.from_pretrained(write_tiny_model(tmp_path / "m", spec), dtype="fp32", deterministic=True,
+                                    max_model_len=128, max_num_batched_tokens=8, kv_cache_memory=1 << 20)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (4, 13)]
+    params = SamplingParams(temperature=0.8, max_tokens=3, seed=3, ignore_eos=True)
+    batch = engine.generate(prompts, params)
+    alone = engine.generate([prompts[1]], params)[0]
+    assert alone.output_ids == batch[1].output_ids and alone.output_logprobs == batch[1].output_logprobs
+    scored = token_logprobs(parity_model_from_engine(engine), prompts, [r.output_ids for r in batch], temperature=0.8)
+    for r, lp in zip(batch, scored):
+        assert lp.tolist() == r.output_logprobs

@@ -32,6 +32,11 @@ from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
 
 
+def _use_triton(x: torch.Tensor) -> bool:
+    """CUDA tensors take the Triton kernels (tests patch this to run them in Triton's CPU interpreter)."""
+    return x.is_cuda
+
+
 def _gpu():
     """The Triton implementations, imported on first CUDA use (CPU runs never import Triton)."""
     from parity.kernels import triton_invariant
@@ -57,7 +62,7 @@ def _per_row(fn: Callable, *tensors: torch.Tensor):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b), each row computed alone (CPU) or with fixed tiles and no split-K (CUDA)."""
-    if x.is_cuda:
+    if _use_triton(x):
         return _gpu().linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
     if x.dtype != torch.float32:
@@ -72,7 +77,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T with float32 products, sums and output (the LM head under logits_fp32)."""
-    if x.is_cuda:
+    if _use_triton(x):
         return _gpu().linear(x, weight, None, fp32=True)
     return linear(x.float(), weight.float())
 
@@ -81,7 +86,7 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`reference.rms_norm` (HF's cast order), one row at a time."""
-    if x.is_cuda:
+    if _use_triton(x):
         return _gpu().rms_norm(x, weight, eps, residual)
     if residual is None:
         return _per_row(lambda r: reference.rms_norm(r, weight, eps), x)
@@ -90,14 +95,14 @@ def rms_norm(
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Elementwise multiply-adds: exactly rounded, so invariant with any kernel."""
-    if q.is_cuda:
+    if _use_triton(q):
         return _gpu().apply_rotary(q, k, cos, sin)
     return reference.apply_rotary(q, k, cos, sin)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SiLU uses exp, whose CPU vector body and scalar tail can differ in the last bit: per row."""
-    if x.is_cuda:
+    if _use_triton(x):
         return _gpu().silu_and_mul(x)
     return _per_row(reference.silu_and_mul, x)
 
@@ -116,7 +121,7 @@ def _log_softmax_row(x: torch.Tensor) -> torch.Tensor:
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax over the last dim of [N, V], each row alone."""
-    if logits.is_cuda:
+    if _use_triton(logits):
         return _gpu().log_softmax(logits)
     return _per_row(_log_softmax_row, logits)
 
@@ -162,7 +167,7 @@ def attention(
 ) -> torch.Tensor:
     """Write k/v into the cache (if any), then attend, with the same per-query key order for the
     paged cache (prefill chunks, decode) and the packed trainer batch (no cache)."""
-    if q.is_cuda:
+    if _use_triton(q):
         return _gpu().attention(q, k, v, kv_cache, meta, scale)
     starts = meta.query_start_loc_cpu
     rows: list[torch.Tensor] = []

@@ -66,8 +66,8 @@ def _linear_kernel(
 def linear_config(n: int, k: int) -> dict:
     """Tile sizes from the weight's shape only (never from the number of rows). BLOCK_N shrinks for
     narrow weights so a decode step still spreads over the GPU without split-K."""
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if INTERPRET:  # few, large programs: the CPU interpreter's cost is per program and per op
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
     block_n = 128 if n >= 128 * 264 else 64 if n >= 64 * 132 else 32
     return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
 
