@@ -4,7 +4,8 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
 - `linear`: tiled matmul with one tile configuration per weight shape (BLOCK_M, BLOCK_N, BLOCK_K chosen
   from N and K only) and no split-K; a row's dot products run over K in the same BLOCK_K steps
   whatever M is, whichever tile the row lands in. With `fp32=True` (the LM head under logits_fp32)
-  half-precision operands are upcast in registers: float32 products and sums, no float32 weight copy.
+  half-precision operands go through the tensor cores as they are (their products are exact in
+  float32) with float32 sums and a float32 output, like the fast path's cuBLAS call: no fp32 weight copy.
 - `attention`: one program per (token, query head) walks the keys at positions <= its own in
   BLOCK_N steps with an online softmax, in float32. Prefill chunks, decode steps and the trainer's
   packed batch all run this one kernel with the same key order; K/V come from the paged cache
@@ -41,7 +42,7 @@ def _needs_grad(*tensors) -> bool:
 @triton.jit(do_not_specialize=["M"])
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,10 +54,7 @@ def _linear_kernel(
         kk = k0 + offs_k
         a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_mask & (kk[None, :] < K), other=0.0)
         b = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=n_mask & (kk[:, None] < K), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += _dot(a, b)
+        acc += _dot(a, b)  # fp16/bf16: tensor cores, exact products, float32 sums; fp32: IEEE (not tf32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -85,7 +83,7 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, UPCAST=fp32 or INTERPRET, **cfg,
+        HAS_BIAS=bias is not None, **cfg,
     )
     return y
 
@@ -228,7 +226,9 @@ def _invariant_op(kernel, ref, *tensors):
 def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write k/v into the paged cache (if any), then attend; one kernel and key order for every layout."""
     if kv_cache is None:
-        return _invariant_op(lambda q_, k_, v_: _attention_forward(q_, k_, v_, meta, scale, None, 1),
+        # Contiguous [T, KV, D] K/V have the cache's strides, so Triton lays out (and reduces) the key
+        # tiles of both paths the same way: its layouts follow the pointers' alignment and contiguity.
+        return _invariant_op(lambda q_, k_, v_: _attention_forward(q_, k_.contiguous(), v_.contiguous(), meta, scale, None, 1),
                              lambda q_, k_, v_: reference.varlen_attention(q_, k_, v_, meta, scale), q, k, v)
     k_cache, v_cache = kv_cache
     store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
