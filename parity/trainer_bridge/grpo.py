@@ -83,7 +83,8 @@ class GRPOTrainer:
         # accelerate keeps one process-wide state; reset it so that one process can run several
         # experiments with different precisions (the device benchmark runs fp16, then bf16).
         AcceleratorState._reset_state(reset_partial_state=True)
-        self.accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=device == "cpu")
+        mixed = "no" if cfg.optim.mixed_precision == "fp32" else cfg.optim.mixed_precision
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=device == "cpu")
         self.device = self.accelerator.device
         model_dir = Path(cfg.model.path) if cfg.model.path else write_tiny_model(self.out_dir / "init-model",
                                                                                    cfg.model.factory)

@@ -24,7 +24,7 @@ from parity.trainer_bridge.losses import AGG_MODES
 from parity.trainer_bridge.tasks import TaskConfig
 from parity.trainer_bridge.tracking import TrackingConfig
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -63,7 +63,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    mixed_precision: str = "no"  # accelerate: "no" (fp32), "bf16", or "fp16" (with loss scaling; CUDA only)
+    mixed_precision: str = "fp32"  # trainer compute: fp32, or accelerate autocast bf16 / fp16 (with loss scaling)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
