@@ -180,3 +180,32 @@ def test_invariant_attention_same_bits_from_paged_cache_and_packed_batch():
         )
         out.append(invariant.attention(q[start:end], k[start:end], v[start:end], (k_cache, v_cache), meta, 0.25))
     assert torch.equal(torch.cat(out), packed[:20])
+
+
+# ------------------------------------------------------------------------------- parity forward API
+def test_token_logprobs_per_sequence_temperature_and_errors(llama_dir):
+    model = load_parity_model(llama_dir, PrecisionPolicy("fp32", deterministic=True), "cpu", max_positions=64)
+    prompts, outputs = [[5, 6, 7], [8, 9], [10]], [[11, 12], [], [13, 14, 15]]
+    mixed = token_logprobs(model, prompts, outputs, temperature=[0.5, 1.0, 0.0])
+    assert [t.numel() for t in mixed] == [2, 0, 3]
+    assert mixed[0].tolist() == token_logprobs(model, prompts[:1], outputs[:1], temperature=0.5)[0].tolist()
+    greedy = token_logprobs(model, prompts[2:], outputs[2:], temperature=1.0)[0]  # greedy scores at temperature 1
+    assert mixed[2].tolist() == greedy.tolist()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        token_logprobs(model, [[5]], [[10**6]])
+    with pytest.raises(ValueError, match="max_positions=64"):
+        token_logprobs(model, [[5] * 60], [[6] * 10])
+    with pytest.raises(ValueError, match="2 prompts but 1 outputs"):
+        token_logprobs(model, [[5], [6]], [[7]])
+
+
+def test_trained_parity_model_syncs_into_the_engine(llama_dir):
+    """hf_named_weights: the fused parameters under HF names, so weight sync takes the trainer model."""
+    engine = _engine(llama_dir)
+    trainer = parity_model_from_engine(engine)
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(0.01)
+    engine.update_weights(trainer)
+    for (name, ours), theirs in zip(engine.model.named_parameters(), trainer.parameters()):
+        assert torch.equal(ours, theirs), name
