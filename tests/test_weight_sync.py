@@ -197,3 +197,27 @@ def test_sync_from_parity_trainer_model(llama_dir):
     torch.testing.assert_close(out.logprobs[out.mask], out.rollout_logprobs[out.mask], atol=1e-4, rtol=0)
     stale = trainer_logprobs(trainer, before, PARAMS)
     assert (stale.logprobs - stale.rollout_logprobs)[stale.mask].abs().max() > 1e-2
+
+
+
+def test_trainer_logprobs_fp32_head_under_autocast(llama_dir):
+    """Under bf16 autocast, logits_fp32 runs the LM head in float32 on the model's final hidden states."""
+    engine = make_engine(llama_dir, dtype="fp32")
+    trainer = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    rollouts = engine.generate(PROMPTS, PARAMS)
+    captured = {}
+    trainer.model.norm.register_forward_hook(lambda module, args, out: captured.__setitem__("hidden", out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32_head = trainer_logprobs(trainer, rollouts, None, logits_fp32=True, with_grad=True)
+        hidden = captured["hidden"].detach()
+        bf16_head = trainer_logprobs(trainer, rollouts, None, logits_fp32=False)
+    assert fp32_head.logprobs.requires_grad
+    # Reference: response rows of the final hidden states (prompts are left-padded, so the last T+1
+    # columns), times the float32 LM head, full softmax at temperature 1.
+    m = fp32_head.mask
+    width = m.shape[1]
+    logits = hidden[:, -(width + 1) : -1].float() @ trainer.lm_head.weight.float().T
+    targets = torch.tensor([r.output_ids + [0] * (width - len(r.output_ids)) for r in rollouts])
+    ref = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(fp32_head.logprobs.detach()[m], ref[m], atol=1e-5, rtol=0)
+    assert (bf16_head.logprobs - ref)[m].abs().max() > 1e-3  # a bf16 head rounds visibly

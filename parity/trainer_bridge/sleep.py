@@ -194,6 +194,8 @@ def wake_up(engine: Engine, tags: Iterable[str] | None = None) -> WakeStats:
             restored += nbytes
         for p, host in zip(state.params, state.host_copies):
             p.detach().copy_(host, non_blocking=True)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)  # before the host copies are dropped
         preserved = [p.untyped_storage().data_ptr() for p in state.params] == state.addresses
         state.weights = "resident" if state.weights == "offloaded" else "unloaded"
         state.host_copies = []
