@@ -124,55 +124,66 @@ class GRPOTrainer:
         return trainer_logprobs(self.model, rollouts, self.sampling, with_grad=with_grad,
                                 logits_fp32=self.config.engine.logits_fp32, pad_id=self.pad_id)
 
+    def _clock(self) -> float:
+        """Wall time, after the device has finished queued work (so phase timings are honest on CUDA)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _train_phase(self, rollouts: list[Rollout], old, advantages: torch.Tensor, correction) -> dict[str, float]:
+        """One optimizer step per minibatch (a random split of the rollouts); stats averaged over them."""
+        cfg = self.config
+        self.model.train()
+        stats: list[dict[str, float]] = []
+        order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self.rng.getrandbits(31)))
+        for idx in order.chunk(cfg.loss.num_minibatches):
+            new = self._logprobs([rollouts[i] for i in idx.tolist()], with_grad=True)
+            width = new.mask.shape[1]  # this minibatch's longest response
+            idx = idx.to(self.device)
+            loss, loss_stats = policy_loss(
+                new.logprobs, old.logprobs[idx, :width], advantages[idx], correction.mask[idx, :width],
+                is_weights=correction.weights[idx, :width], clip_low=cfg.loss.clip_low,
+                clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip, agg=cfg.loss.agg,
+            )
+            self.accelerator.backward(loss)  # fp16: scaled, and unscaled before clipping
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.append({**loss_stats, "actor/grad_norm": float(grad_norm)})
+        return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
     def step(self) -> dict[str, float]:
         cfg, engine = self.config, self.engine
         timings: dict[str, float] = {}
 
-        start = time.perf_counter()
+        start = self._clock()
         problems = self.task.sample(self.rng, cfg.rollout.prompts_per_step)
         rollouts = engine.generate([p.prompt for p in problems], self.sampling)
         rewards = torch.tensor([Task.reward(problems[r.prompt_index], r) for r in rollouts])
         advantages = group_advantages(rewards.view(len(problems), cfg.rollout.group_size),
                                       normalize_std=cfg.loss.normalize_std).flatten().to(self.device)
-        timings["rollout"] = time.perf_counter() - start
+        timings["rollout"] = self._clock() - start
         sleep_stats = engine.sleep(cfg.sleep_level) if cfg.sleep_level else None
 
-        start = time.perf_counter()
+        start = self._clock()
         self.model.eval()
         with torch.no_grad():
             old = self._logprobs(rollouts, with_grad=False)
         mismatch = mismatch_metrics(old.rollout_logprobs, old.logprobs, old.mask)
         correction = importance_weights(old.rollout_logprobs, old.logprobs, old.mask, cfg.loss.importance_sampling)
-        timings["logprob"] = time.perf_counter() - start
+        timings["logprob"] = self._clock() - start
 
-        start = time.perf_counter()
-        self.model.train()
-        train_stats: dict[str, float] = {}
-        order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self.rng.getrandbits(31)))
-        for idx in order.chunk(cfg.loss.num_minibatches):
-            idx_list = idx.tolist()
-            new = self._logprobs([rollouts[i] for i in idx_list], with_grad=True)
-            width = new.mask.shape[1]
-            idx = idx.to(self.device)
-            loss, train_stats = policy_loss(
-                new.logprobs, old.logprobs[idx, :width], advantages[idx], correction.mask[idx, :width],
-                is_weights=correction.weights[idx, :width], clip_low=cfg.loss.clip_low,
-                clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip, agg=cfg.loss.agg,
-            )
-            self.accelerator.backward(loss)
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            train_stats = {**train_stats, "actor/grad_norm": float(grad_norm)}
-        timings["train"] = time.perf_counter() - start
+        start = self._clock()
+        train_stats = self._train_phase(rollouts, old, advantages, correction)
+        timings["train"] = self._clock() - start
 
-        start = time.perf_counter()
+        start = self._clock()
         if sleep_stats is not None:
             engine.wake_up(["weights"])
         sync = engine.update_weights(self.accelerator.unwrap_model(self.model))
         if sleep_stats is not None:
             engine.wake_up(["kv_cache"])
-        timings["sync"] = time.perf_counter() - start
+        timings["sync"] = self._clock() - start
 
         lengths = torch.tensor([len(r.output_ids) for r in rollouts], dtype=torch.float32)
         generated = int(lengths.sum())
