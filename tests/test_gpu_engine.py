@@ -77,8 +77,8 @@ def test_gpu_bf16_stays_within_torch_bf16_error(gpu_model_dirs, name):
     assert sum(gpu_err) / len(gpu_err) <= 2 * sum(cpu_err) / len(cpu_err) + 0.01, (gpu_err, cpu_err)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_cuda_graphs_match_eager(gpu_model_dirs, dtype):
+@pytest.mark.parametrize("dtype,logprob_tol", [("bf16", 0.25), ("fp16", 0.05)])
+def test_cuda_graphs_match_eager(gpu_model_dirs, dtype, logprob_tol):
     """Graph replay (padded batch sizes, split-KV sized by max_model_len) against eager kernels; then
     after invalidation the graphs are re-captured and give the same results again."""
     path = gpu_model_dirs["qwen3-d128"]
@@ -93,9 +93,11 @@ def test_cuda_graphs_match_eager(gpu_model_dirs, dtype):
     eng.runner.invalidate_cuda_graphs()
     again = eng.generate(PROMPTS, params)
     for r, a, b in zip(ref, first, again):
-        assert a.output_ids[:8] == r.output_ids[:8]
-        assert max(abs(x - y) for x, y in zip(a.output_logprobs[:8], r.output_logprobs[:8])) < 0.05
         assert a.output_ids == b.output_ids and a.output_logprobs == b.output_logprobs  # replays are deterministic
+        # graphs and eager differ in batch shapes and split-KV counts, so only rounding may differ: bf16 rounding
+        # moves these tiny models' logprobs (logits in the tens) by up to ~0.1, fp16's about 8x less
+        assert a.output_ids[:8] == r.output_ids[:8]
+        assert max(abs(x - y) for x, y in zip(a.output_logprobs[:8], r.output_logprobs[:8])) < logprob_tol
 
 
 def test_lm_head_fp32_output_without_weight_copy():
