@@ -90,8 +90,8 @@ def paged_attention(
             continue
         num_blocks = -(-seq_len // block_size)
         blocks = meta.block_tables[i, :num_blocks].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len]
+        k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+        v = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
         out[starts[i] : starts[i + 1]] = _causal_attention(q_i, k, v, scale)
     return out
 
