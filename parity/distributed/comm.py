@@ -33,7 +33,7 @@ def init_distributed(backend: str | None = None) -> torch.device:
         if missing:
             raise RuntimeError(
                 f"no torch.distributed job to join: {', '.join(missing)} not set; "
-                "start the script with `torchrun --nproc-per-node N` or `accelerate launch`"
+                "start the script with `torchrun --nproc-per-node N` or `accelerate launch --multi_gpu --num_processes N`"
             )
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), init_method="env://")
     return device
