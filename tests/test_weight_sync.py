@@ -69,10 +69,12 @@ def test_update_after_optimizer_step_matches_trainer(model_dirs):
         max_shift = max(max_shift, (engine_lp - hf_raw_logprobs(old_trainer, r)).abs().max().item())
     assert max_shift > 1e-2, "the update did not change the engine's logprobs"
 
-    # The trainer-side batch recomputation (padded, temperature + top-k as sampled) agrees too.
-    for mode in ("processed", "raw"):
-        out = trainer_logprobs(trainer, after, PARAMS, mode=mode)
-        assert out.mask.sum() == sum(len(r.output_ids) for r in after)
+    # The trainer-side batch recomputation (padded, temperature + top-k as sampled; greedy at T = 1) agrees too.
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    for rollouts, params, mode in [(after, PARAMS, "processed"), (after, PARAMS, "raw"),
+                                   (engine.generate(PROMPTS, greedy), greedy, "processed")]:
+        out = trainer_logprobs(trainer, rollouts, params, mode=mode)
+        assert out.mask.sum() == sum(len(r.output_ids) for r in rollouts)
         torch.testing.assert_close(out.logprobs[out.mask], out.rollout_logprobs[out.mask], atol=1e-4, rtol=0)
 
 

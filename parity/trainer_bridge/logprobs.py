@@ -125,7 +125,7 @@ def trainer_logprobs(
     """Recompute the response tokens' logprobs of `rollouts` with the trainer's `model`.
 
     `params` are the rollouts' SamplingParams (temperature, top-k/p, min-p); None = temperature 1,
-    no filters. Greedy rollouts are scored at temperature 1, as the engine scores them. `mode`:
+    no filters. Greedy rollouts are scored at temperature 1 (filters still apply), as the engine scores them. `mode`:
     "processed" (compare with Rollout.output_logprobs) or "raw" (output_raw_logprobs).
     `logits_fp32` and `pad_id` apply to HF models only.
     """
@@ -140,18 +140,12 @@ def trainer_logprobs(
         raise ValueError("mode='raw' needs rollouts generated with SamplingParams(raw_logprobs=True)")
     device = next(model.parameters()).device
     resp_len = max(len(r.output_ids) for r in rollouts)
-    mask = torch.zeros(len(rollouts), resp_len, dtype=torch.bool, device=device)
-    targets = torch.zeros(len(rollouts), resp_len, dtype=torch.int64, device=device)
-    rollout_lp = torch.zeros(len(rollouts), resp_len, dtype=torch.float32, device=device)
-    for b, r in enumerate(rollouts):
-        n = len(r.output_ids)
-        mask[b, :n] = True
-        targets[b, :n] = torch.tensor(r.output_ids, device=device)
-        engine_lp = r.output_logprobs if mode == "processed" else r.output_raw_logprobs
-        rollout_lp[b, :n] = torch.tensor(engine_lp, dtype=torch.float32, device=device)
+    pad = lambda values, fill: list(values) + [fill] * (resp_len - len(values))
+    mask = torch.tensor([pad([True] * len(r.output_ids), False) for r in rollouts]).to(device)
+    targets = torch.tensor([pad(r.output_ids, 0) for r in rollouts]).to(device)
+    engine_lp = [r.output_logprobs if mode == "processed" else r.output_raw_logprobs for r in rollouts]
+    rollout_lp = torch.tensor([pad(lp, 0.0) for lp in engine_lp], dtype=torch.float32).to(device)
 
-    if params is not None and params.greedy:
-        params = None  # the engine scores greedy tokens at temperature 1, unfiltered
     with torch.set_grad_enabled(with_grad):
         if isinstance(unwrap_module(model), DecoderModel):
             logprobs = _parity_response_logprobs(unwrap_module(model), rollouts, params, mode, mask)
