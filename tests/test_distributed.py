@@ -157,6 +157,9 @@ def run_tp_checks(engine: Engine, model_dir: str) -> dict:
     out["greedy_after_bad_update"] = engine.generate(prompts, GREEDY)
     engine.update_weights(perturbed_state(model_dir))
     out["greedy_after_update"] = engine.generate(prompts, GREEDY)
+    engine.sleep(level=1)
+    engine.wake_up()
+    out["greedy_after_wake"] = engine.generate(prompts, GREEDY)
     out["kv_cache_shape"] = tuple(engine.runner.kv_cache.shape)
     return out
 
@@ -199,7 +202,7 @@ def test_tensor_parallel_equals_tp1(model_dirs, tmp_path):
         cfg = ModelConfig.from_pretrained(path)
         if name == "qwen2_untied":
             assert cfg.vocab_size == 383 and not cfg.tie_word_embeddings
-        for case in ("greedy", "sampled", "greedy_after_bad_update", "greedy_after_update"):
+        for case in ("greedy", "sampled", "greedy_after_bad_update", "greedy_after_update", "greedy_after_wake"):
             assert_same_rollouts(got[case], want[case], atol=TP_ATOL)
         assert outcome(got["greedy_after_update"]) != outcome(got["greedy"])  # the sync really changed weights
         assert "model.norm.weight" in got["bad_update_error"]
