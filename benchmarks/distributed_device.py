@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -200,7 +201,7 @@ def main() -> None:
         free(device)
 
     if "tp" not in args.skip:
-        for eager in (True, False) if args.tp_cuda_graphs else (True,):
+        for eager in (True, False) if args.tp_cuda_graphs and device.type == "cuda" else (True,):
             tp = TPEngine.from_pretrained(path, dtype=dtype, enforce_eager=eager, **engine_kw)
             row = timed_generate(tp.generate, prompts, args.output_len, device)
             row["weight_gib_per_rank"] = weight_bytes(tp) / 2**30
@@ -223,7 +224,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "distributed.json").write_text(json.dumps(results, indent=1))
         print(summary(results))
-    dist.barrier()  # lets gloo's worker threads finish before the interpreter exits
+    dist.barrier()  # every rank is done with the model; also lets gloo's threads finish before exit
+    if rank == 0:
+        shutil.rmtree(tmp[0], ignore_errors=True)
     dist.destroy_process_group()
 
 
