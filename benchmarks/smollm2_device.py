@@ -1,6 +1,6 @@
-"""SmolLM2-135M-Instruct (GGUF) end to end: training-inference mismatch per dtype, parity beside the HF anchor.
+"""SmolLM2-135M-Instruct (GGUF) end to end: mismatch per dtype beside the HF anchor, and GRPO before/after.
 
-For each dtype, in one run and on the same prompts:
+`mismatch`: for each dtype, in one run and on the same prompts:
   anchor   HF `generate` (KV cache, left-padded batch, T=1, logprobs from its raw logits) vs one full HF
            forward of prompt+response in the same dtype (position ids from the attention mask): issue 9's table.
   parity   the engine's sampled rollout vs parity's trainer-side forward (the same DecoderModel code, packed,
@@ -8,10 +8,13 @@ For each dtype, in one run and on the same prompts:
   vs HF    the engine's rollout vs the HF full forward in the same dtype (a cross-implementation check).
 Metrics per pairing (parity.precision.metrics): mean / max |Δlogp| and k3 KL = mean(ρ − 1 − log ρ),
 log ρ = logp_train − logp_rollout.
+`grpo`: configs/grpo_smollm2_arith.yaml through `parity train`'s loop, with greedy accuracy on evaluation
+problems before the warm-start, after it and after GRPO, the reward curve and the phase timings.
 
-Runs on CPU or CUDA. On the device (no `gguf` package there) see docs/real_model.md for carrying the
-GGUF in two halves and the gguf wheel. Example:
+Runs on CPU or CUDA. The device has no `gguf` package and takes 64 MiB per call: `prepare` splits the GGUF
+into .gguf/part1 and .gguf/part2, `join` puts it back together there (docs/real_model.md has the commands):
   python benchmarks/smollm2_device.py mismatch --device cuda --out $OUT/smollm2_mismatch.json
+  python benchmarks/smollm2_device.py grpo --set optim.mixed_precision=bf16 --out $OUT/smollm2_grpo.json
 """
 
 from __future__ import annotations
@@ -178,6 +181,60 @@ def join(first: Path, second: Path, site: Path) -> None:
     print(f"installed {pkg / model.filename} (sha256 ok)")
 
 
+def export_hf(out_dir: Path) -> Path:
+    """The GGUF as an HF directory (fp32 safetensors), written once: what `parity train` loads."""
+    from parity.rollout.models.gguf import export_hf_dir
+    from parity.rollout.models.registry import DEFAULT_REAL_MODEL, packaged_model_path
+
+    if not (out_dir / "model.safetensors").is_file():
+        export_hf_dir(packaged_model_path(DEFAULT_REAL_MODEL), out_dir)
+    return out_dir
+
+
+def eval_accuracy(engine, problems) -> float:
+    """Greedy exact-match accuracy (the training reward: bare answer, then EOS) on evaluation problems."""
+    from parity import SamplingParams
+    from parity.trainer_bridge.tasks import Task
+
+    rollouts = engine.generate([p.prompt for p in problems], SamplingParams(temperature=0, max_tokens=8))
+    return sum(Task.reward(problems[r.prompt_index], r) for r in rollouts) / len(problems)
+
+
+def run_grpo_experiment(config_path: Path, overrides: list[str], num_eval: int) -> dict:
+    """Greedy accuracy before the warm-start, after it, and after GRPO, around `parity train`'s loop.
+
+    The evaluation problems are drawn with their own seed from the task's distribution; the built-in task
+    has no train/test split, so the warm-start and GRPO may draw the same problems (with operands 0..20,
+    most of the 441): the figures are task accuracy, not generalisation to unseen problems."""
+    import random
+
+    from parity import Engine
+    from parity.trainer_bridge.grpo import GRPOTrainer
+    from parity.trainer_bridge.tasks import Task
+    from parity.trainer_bridge.tracking import Tracker
+    from parity.trainer_bridge.train_config import load_train_config
+
+    cfg = load_train_config(config_path, overrides)
+    if cfg.model.path is None:
+        cfg = load_train_config(config_path, [*overrides, f"model.path={export_hf(Path(cfg.out_dir) / 'smollm2-hf')}"])
+    problems = Task(cfg.task).sample(random.Random(10_000 + cfg.seed), num_eval)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = Engine.from_pretrained(cfg.model.path, dtype=cfg.engine.dtype, device=device, max_model_len=64,
+                                  max_num_seqs=num_eval, kv_cache_memory=256 << 20)
+    acc = {"base": eval_accuracy(base, problems)}
+    del base
+    t0 = time.perf_counter()
+    trainer = GRPOTrainer(cfg, Tracker(cfg.tracking, cfg.to_dict(), cfg.out_dir))
+    t_warm = time.perf_counter() - t0
+    acc["after_warmstart"] = eval_accuracy(trainer.engine, problems)
+    result = trainer.train(progress=True)
+    acc["after_grpo"] = eval_accuracy(trainer.engine, problems)
+    return {"eval_accuracy": acc, "eval_problems": num_eval, "warmstart_s": t_warm, "summary": result.summary,
+            "reward_curve": [h["reward/mean"] for h in result.history],
+            "mismatch_mean_curve": [h["mismatch/logp_abs_diff_mean"] for h in result.history],
+            "run_dir": str(result.run_dir) if result.run_dir else None, "config": cfg.to_dict()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--first", type=Path, required=True, help="folder holding model.gguf.part1")
     j.add_argument("--second", type=Path, required=True, help="folder holding model.gguf.part2 and .sha256")
     j.add_argument("--site", type=Path, default=Path("/tmp/site"))
+    e = sub.add_parser("export-hf", help="write the GGUF as an HF directory (what `parity train` loads)")
+    e.add_argument("out", type=Path)
+    g = sub.add_parser("grpo", help="greedy accuracy before/after GRPO on configs/grpo_smollm2_arith.yaml")
+    g.add_argument("--config", type=Path, default=Path(__file__).parents[1] / "configs" / "grpo_smollm2_arith.yaml")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--eval-problems", type=int, default=200, help="evaluation problems (default 200)")
+    g.add_argument("--out", type=Path, help="write the result as JSON here")
     m = sub.add_parser("mismatch", help="mismatch per dtype: HF anchor, parity fast and deterministic")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of fp32, bf16, fp16")
@@ -199,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.out)
     elif args.command == "join":
         join(args.first, args.second, args.site)
+    elif args.command == "export-hf":
+        print(export_hf(args.out))
+    elif args.command == "grpo":
+        result = run_grpo_experiment(args.config, args.overrides, args.eval_problems)
+        print(json.dumps({k: result[k] for k in ("eval_accuracy", "summary", "reward_curve")}, indent=1))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
     else:
         mismatch_main(args)
     return 0

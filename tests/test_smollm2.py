@@ -99,6 +99,23 @@ def test_dir_plus_gguf_file_and_path_load_the_same_weights(engine, gguf_path):
     torch.testing.assert_close(other.model.norm.weight, engine.model.norm.weight.to(torch.bfloat16), atol=0, rtol=0)
 
 
+@needs_model
+def test_export_hf_dir_loads_in_transformers(engine, gguf_path, hf_fp32, tmp_path):
+    """The HF directory written from the GGUF holds transformers' own dequantized weights and the chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from parity.rollout.models.gguf import export_hf_dir
+
+    out = export_hf_dir(gguf_path, tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    for name, tensor in hf_fp32.state_dict().items():
+        torch.testing.assert_close(reloaded[name], tensor, atol=0, rtol=0, msg=name)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok(tok.apply_chat_template(CHATS[0], add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"] == engine.apply_chat_template(CHATS[0])
+    assert Engine.from_pretrained(out, dtype="fp32", **ENGINE_KW).model_config.eos_token_ids == engine.model_config.eos_token_ids
+
+
 def test_alias_absent_names_install_command(monkeypatch):
     import importlib.util
 

@@ -140,3 +140,24 @@ def load_gguf_checkpoint(weights: WeightMap, path: Path, cfg: ModelConfig) -> No
     """Validate every tensor's name and shape, then dequantize and copy them one at a time."""
     for name, tensor in iter_gguf_tensors(path, cfg, weights):
         weights.copy(name, tensor)
+
+
+def export_hf_dir(path: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the GGUF as an HF model directory: config, safetensors (the weights parity loads, in `dtype`),
+    tokenizer with its chat template, generation config with the EOS ids. For tools that take only HF
+    directories (an HF trainer loading the policy); parity itself reads the .gguf directly."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from parity.rollout.models.decoder import DecoderModel
+
+    cfg = load_gguf_config(path)
+    shapes_only = DecoderModel(cfg, dtype, "meta", max_positions=1)  # names and shapes for validation
+    tensors = {name: t.to(dtype) for name, t in iter_gguf_tensors(path, cfg, WeightMap(shapes_only, cfg))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg.hf_config.dtype = dtype
+    cfg.hf_config.save_pretrained(out_dir)
+    GenerationConfig(eos_token_id=cfg.eos_token_ids, bos_token_id=cfg.bos_token_id).save_pretrained(out_dir)
+    load_gguf_tokenizer(path).save_pretrained(out_dir)
+    return out_dir
