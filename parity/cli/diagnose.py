@@ -65,7 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = dsub.add_parser("run", help="sample under each precision, recompute trainer-side, report mismatch",
                         description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--model", help="HF model directory (config.json + safetensors); default: built-in tiny model")
+    r.add_argument("--model", help="HF model directory (config.json + safetensors), a .gguf file, or an alias such as "
+                   "smollm2-135m-instruct; default: built-in tiny model")
+    r.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the model's chat template (instruct models)")
     r.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma-separated engine precisions (default fp16,bf16,fp32)")
     r.add_argument("--prompts", help="prompt file: .txt (one prompt per line) or .jsonl ({\"prompt\": ...} per line); "
                                      "default: built-in prompts")
@@ -221,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         device=device,
         micro_batch=args.micro_batch,
+        chat=args.chat,
     )
     result = run_diagnosis(cfg, log=lambda msg: console.print(msg, style="dim", markup=False))
     out = Path(args.out)

@@ -9,6 +9,7 @@ tokens. `parity_token_logprobs` runs parity's own trainer-side forward on the en
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -21,14 +22,20 @@ def effective_temperature(temperature: float) -> float:
 
 
 def load_hf_model(path: str, dtype: str, device: torch.device):
-    """AutoModelForCausalLM in `dtype` on `device`, eval mode (`dtype=` since transformers 4.56)."""
+    """AutoModelForCausalLM (from an HF directory or a .gguf file) in `dtype` on `device`, eval mode
+    (`dtype=` since transformers 4.56)."""
     import transformers
     from packaging.version import Version
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
+    from parity.rollout.models.gguf import is_gguf
+
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(path, **{key: resolve_dtype(dtype)})
+    kwargs = {key: resolve_dtype(dtype)}
+    if is_gguf(path):  # transformers dequantizes GGUF itself (through the `gguf` package)
+        path, kwargs["gguf_file"] = str(Path(path).parent), Path(path).name
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.to(device).eval()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -46,6 +45,7 @@ class RunConfig:
     deterministic: bool = False
     device: str = "cpu"
     micro_batch: int = 8
+    chat: bool = False  # wrap each prompt as a user message in the tokenizer's chat template
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -102,23 +102,37 @@ def _recompute_records(base: list[RolloutRecord], values: list[list[float]], eng
     ]
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a prompt; with `chat`, as a user turn in the tokenizer's chat template."""
+    if not chat:
+        return tokenizer.encode(prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat needs a tokenizer with a chat template, and this model's has none")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
 def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
     """Generate under every dtype in `cfg.dtypes`, recompute, and compare (see the module docstring)."""
     import transformers
 
     from parity import Engine
     from parity.rollout.models.config import ModelConfig
+    from parity.rollout.models.gguf import is_gguf, load_gguf_config, load_gguf_tokenizer
+    from parity.rollout.models.registry import resolve_model_path
 
-    model_dir = Path(cfg.model)
-    if not (model_dir / "config.json").is_file():
+    model_dir = resolve_model_path(cfg.model)
+    gguf = is_gguf(model_dir)
+    if not gguf and not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
-            f"{model_dir} is not an HF model directory (no config.json); diagnose loads the same "
-            "checkpoint in HF transformers as the trainer reference"
+            f"{model_dir} is not an HF model directory (no config.json) or a .gguf file; diagnose loads the "
+            "same checkpoint in HF transformers as the trainer reference"
         )
     device = torch.device(cfg.device)
     params = SamplingParams(n=cfg.n, temperature=cfg.temperature, seed=cfg.seed, max_tokens=cfg.max_tokens,
                             raw_logprobs=True)
-    max_positions = ModelConfig.from_pretrained(model_dir).max_position_embeddings
+    model_config = load_gguf_config(model_dir) if gguf else ModelConfig.from_pretrained(model_dir)
+    max_positions = model_config.max_position_embeddings
     notes: list[str] = []
     has_parity = parity_forward_available()
     if not has_parity:
@@ -126,8 +140,8 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
                      "the 'parity' source and its pairings are skipped")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = [tokenizer.encode(p) for p in cfg.prompts]
+    tokenizer = load_gguf_tokenizer(model_dir) if gguf else AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = [encode_prompt(tokenizer, p, cfg.chat) for p in cfg.prompts]
     max_model_len = min(max_positions, max(map(len, prompt_ids)) + cfg.max_tokens)
     token_sets: list[TokenSet] = []
     records: dict[str, list[RolloutRecord]] = {}
