@@ -8,7 +8,7 @@ stage=$1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=/tmp/res/$stage
 mkdir -p "$res" /tmp/sm
-pack() { tar czf "$OUT/res-$stage.tgz" -C "$res" . ; }
+pack() { tar czf "$OUT/res-$stage.tgz" --exclude="*.safetensors" --exclude="*.jsonl" -C "$res" . ; }
 trap pack EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$res/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$res/gpu.txt"
