@@ -12,7 +12,6 @@ import pytest
 from parity.cli.diagnose import read_prompts
 from parity.cli.main import main
 from parity.diagnostics.plots import PLOT_FILES
-from parity.diagnostics.recompute import parity_forward_available
 from parity.rollout.rollout_io import read_rollouts, write_rollouts
 
 # mismatch_metrics names (parity.precision.metrics) the tests read
@@ -77,7 +76,6 @@ def test_fp32_pairing_is_near_zero_and_bf16_is_not(run_out):
     assert p["bf16: engine vs fp32"]["metrics"][ABS_MEAN] > 100 * fp32[ABS_MEAN]
 
 
-@pytest.mark.skipif(not parity_forward_available(), reason="parity.trainer_bridge.parity_forward not there")
 def test_deterministic_engine_equals_parity_forward_bitwise(run_out):
     """--deterministic: the engine's logprobs and parity's trainer-side forward agree bit for bit."""
     p = _pairings(run_out)

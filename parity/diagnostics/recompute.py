@@ -72,14 +72,6 @@ def hf_token_logprobs(
     return out
 
 
-def parity_forward_available() -> bool:
-    try:
-        from parity.trainer_bridge.parity_forward import token_logprobs  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @torch.no_grad()
 def parity_token_logprobs(
     model,

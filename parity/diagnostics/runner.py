@@ -21,7 +21,6 @@ from parity.diagnostics.comparison import Pairing, TokenSet, compare
 from parity.diagnostics.recompute import (
     hf_token_logprobs,
     load_hf_model,
-    parity_forward_available,
     parity_token_logprobs,
 )
 from parity.precision.dtypes import dtype_name, resolve_dtype
@@ -134,10 +133,6 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
     model_config = load_gguf_config(model_dir) if gguf else ModelConfig.from_pretrained(model_dir)
     max_positions = model_config.max_position_embeddings
     notes: list[str] = []
-    has_parity = parity_forward_available()
-    if not has_parity:
-        notes.append("parity trainer-side forward (parity.trainer_bridge.parity_forward) is not available: "
-                     "the 'parity' source and its pairings are skipped")
     from transformers import AutoTokenizer
 
     tokenizer = load_gguf_tokenizer(model_dir) if gguf else AutoTokenizer.from_pretrained(model_dir)
@@ -155,13 +150,12 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
         tokens = TokenSet(dtype, [r.prompt_ids for r in recs], [r.output_ids for r in recs])
         tokens.add("engine", [r.logprobs for r in recs])
         records[f"{dtype}/engine"] = recs
-        if has_parity:
-            log(f"[{dtype}] recomputing with parity's trainer-side forward")
-            values = parity_token_logprobs(engine.model, tokens.prompt_ids, tokens.output_ids, cfg.temperature,
-                                           cfg.micro_batch)
-            tokens.add("parity", values)
-            records[f"{dtype}/parity"] = _recompute_records(recs, values, "parity-forward", recs[0].engine_version,
-                                                            dtype, cfg.temperature)
+        log(f"[{dtype}] recomputing with parity's trainer-side forward")
+        values = parity_token_logprobs(engine.model, tokens.prompt_ids, tokens.output_ids, cfg.temperature,
+                                       cfg.micro_batch)
+        tokens.add("parity", values)
+        records[f"{dtype}/parity"] = _recompute_records(recs, values, "parity-forward", recs[0].engine_version,
+                                                        dtype, cfg.temperature)
         del engine
         _free_memory()
         log(f"[{dtype}] recomputing with HF transformers in {dtype}")
