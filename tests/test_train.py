@@ -76,6 +76,28 @@ def test_sleeping_bf16_loop_keeps_engine_in_step(tmp_path, one_thread):
     assert read_metrics(tmp_path)[-1]["weight_version"] == 3
 
 
+
+def test_warmstart_teaches_the_eos_the_engine_stops_on(tmp_path, one_thread):
+    """The warm-start ends answers with the model config's EOS, not the tokenizer's: transformers 5.17 reads
+    SmolLM2's GGUF tokenizer with eos_token <|im_start|> while the model (and so the engine and the reward)
+    ends with <|im_end|>; warm-starting on the tokenizer's token left every rollout at max_tokens, reward 0."""
+    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+    from parity.rollout.sampling_params import SamplingParams
+    from parity.trainer_bridge.grpo import GRPOTrainer
+
+    model_dir = write_tiny_model(tmp_path / "model", TinyModelSpec(hidden_size=128, intermediate_size=256))
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**tok_config, "eos_token": "<|im_start|>"}))
+    config = load_train_config(DEFAULT_CONFIG, [f"out_dir={tmp_path / 'run'}", f"model.path={model_dir}",
+                                                "warmstart.steps=40", "tracking.mode=disabled"])
+    trainer = GRPOTrainer(config)
+    assert trainer.tokenizer.eos_token == "<|im_start|>"  # the disagreement under test is really there
+    problems = trainer.task.sample(random.Random(1), 32)
+    rollouts = trainer.engine.generate([p.prompt for p in problems], SamplingParams(temperature=0, max_tokens=4))
+    stopped = sum(r.finish_reason == "stop" for r in rollouts) / len(rollouts)
+    accuracy = sum(Task.reward(problems[r.prompt_index], r) for r in rollouts) / len(rollouts)
+    assert stopped > 0.9 and accuracy > 0.3, f"stopped with EOS {stopped:.0%}, accuracy {accuracy:.0%}"
+
 def test_default_config_file_is_the_dataclass_default():
     assert load_train_config(DEFAULT_CONFIG) == TrainConfig()
 

@@ -27,6 +27,7 @@ import torch
 from parity.precision.importance_sampling import importance_weights
 from parity.precision.metrics import mismatch_metrics
 from parity.rollout.engine import Engine
+from parity.rollout.models.config import ModelConfig
 from parity.rollout.models.factory import write_tiny_model
 from parity.rollout.sampling_params import SamplingParams
 from parity.rollout.sequence import Rollout
@@ -50,9 +51,8 @@ class TrainResult:
         self.metrics_file = self.out_dir / "metrics.jsonl"
 
 
-def _sft_batch(tokenizer, problems: list[Problem], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """prompt + answer + EOS, right-padded; labels only on answer + EOS."""
-    eos = tokenizer.eos_token_id
+def _sft_batch(tokenizer, problems: list[Problem], eos: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt + answer + `eos`, right-padded; labels only on answer + EOS."""
     rows, labels = [], []
     for p in problems:
         prompt = tokenizer.encode(p.prompt)
@@ -64,6 +64,18 @@ def _sft_batch(tokenizer, problems: list[Problem], device) -> tuple[torch.Tensor
     ids = torch.tensor([pad(r, eos) for r in rows], device=device)
     mask = torch.tensor([pad([1] * len(r), 0) for r in rows], device=device)
     return ids, mask, torch.tensor([pad(lab, -100) for lab in labels], device=device)
+
+
+def _stop_token(model_dir: Path) -> int:
+    """The EOS the warm-start teaches: the model config's (generation_config.json first), which is what the
+    engine stops on and the reward demands. Not `tokenizer.eos_token_id`: transformers 5.17 reads SmolLM2's
+    GGUF tokenizer with eos_token <|im_start|> while the model ends turns with <|im_end|>, so a warm-start on
+    the tokenizer's EOS taught a token the engine never stops on (every rollout hit max_tokens, reward 0)."""
+    eos_ids = ModelConfig.from_pretrained(model_dir).eos_token_ids
+    if not eos_ids:
+        raise ValueError(f"{model_dir}: the model config names no eos_token_id; the exact-match reward needs "
+                         "responses that stop with EOS")
+    return eos_ids[0]
 
 
 class GRPOTrainer:
@@ -89,6 +101,7 @@ class GRPOTrainer:
         model_dir = Path(cfg.model.path) if cfg.model.path else write_tiny_model(self.out_dir / "init-model",
                                                                                    cfg.model.factory)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.eos_id = _stop_token(model_dir)
         self.task = Task(cfg.task)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
         self.warmstart_loss = self._warm_start(model) if cfg.warmstart.steps > 0 else None
@@ -112,7 +125,7 @@ class GRPOTrainer:
         loss = torch.tensor(float("nan"))
         for _ in range(ws.steps):
             examples = self.task.warmstart_examples(self.rng, ws.batch_size, ws.accuracy)
-            ids, mask, labels = _sft_batch(self.tokenizer, examples, self.device)
+            ids, mask, labels = _sft_batch(self.tokenizer, examples, self.eos_id, self.device)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
