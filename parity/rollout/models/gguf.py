@@ -90,9 +90,20 @@ def load_gguf_config(path: Path) -> ModelConfig:
 
 
 def load_gguf_tokenizer(path: Path):
-    """The tokenizer stored in the file, with its chat template (a private copy per caller)."""
+    """The tokenizer stored in the file, with its chat template (a private copy per caller).
+
+    Its EOS is set to the model's (the id the engine stops on): transformers 5.17 reads SmolLM2's GGUF
+    tokenizer with eos = <|im_start|> while the config says <|im_end|>, and code that ends training
+    targets with `tokenizer.eos_token_id` then teaches a token the engine never stops on.
+    """
     _require_gguf()
-    return copy.deepcopy(_read_tokenizer(_file_key(path)))
+    tokenizer = copy.deepcopy(_read_tokenizer(_file_key(path)))
+    eos_ids = load_gguf_config(path).eos_token_ids
+    if eos_ids and tokenizer.eos_token_id not in eos_ids:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_ids[0])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _unpermute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
