@@ -219,7 +219,7 @@ def run_grpo_experiment(config_path: Path, overrides: list[str], num_eval: int) 
     if cfg.model.path is None:
         hf_dir = export_hf(Path(os.environ.get("PARITY_CACHE", Path.home() / ".cache" / "parity")) / "smollm2-135m-instruct-hf")
         cfg = load_train_config(config_path, [*overrides, f"model.path={hf_dir}"])
-    problems = Task(cfg.task).sample(random.Random(10_000 + cfg.seed), num_eval)
+    problems = Task(cfg.task).sample(random.Random(10_000 + cfg.seed), num_eval, split="eval")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = Engine.from_pretrained(cfg.model.path, dtype=cfg.engine.dtype, device=device, max_model_len=64,
                                   max_num_seqs=num_eval, kv_cache_memory=256 << 20)

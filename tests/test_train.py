@@ -148,3 +148,19 @@ def test_warmstart_teacher_accuracy():
     # Right with probability 0.3, plus wrong-teacher answers that happen to be right by chance.
     assert 0.3 < right < 0.45
     assert all(dataclasses.astuple(e) for e in examples)
+
+
+def test_holdout_split_is_disjoint_and_stable():
+    """With holdout_fraction, training draws never hit an evaluation problem, and the split is a fixed
+    function of the prompt (the same on every machine and every seed)."""
+    task = Task(TaskConfig(name="addition", max_operand=20, holdout_fraction=0.2))
+    train = task.sample(random.Random(0), 3000)
+    held = task.sample(random.Random(1), 500, split="eval")
+    train_prompts, held_prompts = {p.prompt for p in train}, {p.prompt for p in held}
+    assert not train_prompts & held_prompts
+    assert len(train_prompts) + len(held_prompts) == 441  # every sum 0..20 + 0..20 lands in exactly one split
+    assert 0.1 < len(held_prompts) / 441 < 0.3
+    assert all(Task(TaskConfig(name="addition", max_operand=20, holdout_fraction=0.2)).is_held_out(p) for p in held)
+    assert not {p.prompt for p in task.warmstart_examples(random.Random(2), 500, accuracy=1.0)} & held_prompts
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        TaskConfig(holdout_fraction=1.0)

@@ -11,6 +11,7 @@ to find everywhere) but mostly misses it (rewards start low).
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
 
 from parity.rollout.sequence import Rollout
@@ -24,11 +25,16 @@ class Problem:
 
 @dataclass
 class TaskConfig:
-    """name: "addition" (a+b= with operands 0..max_operand) or "sort" (sort `length` digits 0..max_operand)."""
+    """name: "addition" (a+b= with operands 0..max_operand) or "sort" (sort `length` digits 0..max_operand).
+
+    holdout_fraction: the share of all problems reserved for evaluation, chosen by a fixed hash of the
+    prompt; training never draws them (0 = no split: evaluation draws from the training distribution).
+    """
 
     name: str = "addition"
     max_operand: int = 4
     length: int = 3
+    holdout_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -37,6 +43,8 @@ class TaskConfig:
             raise ValueError(f"max_operand must be in [1, 99], got {self.max_operand}")
         if self.length < 2:
             raise ValueError(f"sort length must be >= 2, got {self.length}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
 
 def addition_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
@@ -57,8 +65,26 @@ class Task:
         self.config = config
         self._draw = TASKS[config.name]
 
-    def sample(self, rng: random.Random, n: int) -> list[Problem]:
-        return [self._draw(rng, self.config) for _ in range(n)]
+    def is_held_out(self, problem: Problem) -> bool:
+        """Whether `problem` belongs to the evaluation split (a fixed hash of its prompt, same everywhere)."""
+        return zlib.crc32(problem.prompt.encode()) % 10_000 < self.config.holdout_fraction * 10_000
+
+    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Problem]:
+        """`n` problems of the training split, or of the held-out evaluation split (`split="eval"`).
+        Without a holdout both splits are the whole task."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if self.config.holdout_fraction == 0.0:
+            return [self._draw(rng, self.config) for _ in range(n)]
+        want_held_out = split == "eval"
+        problems: list[Problem] = []
+        for _ in range(1000 * n):
+            problem = self._draw(rng, self.config)
+            if self.is_held_out(problem) == want_held_out:
+                problems.append(problem)
+                if len(problems) == n:
+                    return problems
+        raise ValueError(f"the {split} split of task {self.config.name!r} is (nearly) empty; change holdout_fraction")
 
     def warmstart_examples(self, rng: random.Random, n: int, accuracy: float) -> list[Problem]:
         examples = []
