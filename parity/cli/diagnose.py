@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     indices = {t.label: [(r.prompt_index, r.sample_index) for r in result.records[f"{t.label}/engine"]]
                for t in result.token_sets}
     return _write_outputs(args, "run", result.token_sets, result.pairings, asdict(cfg), result.environment,
-                          result.notes, result.tokenizer, indices, console)
+                          [], result.tokenizer, indices, console)
 
 
 def _source_names(a, b) -> tuple[str, str]:

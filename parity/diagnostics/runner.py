@@ -65,7 +65,6 @@ class RunResult:
     token_sets: list[TokenSet]
     pairings: list[Pairing]
     records: dict[str, list[RolloutRecord]]  # "<dtype>/<source>" -> records written under rollouts/
-    notes: list[str]
     environment: dict[str, str]
     tokenizer: object  # decodes token ids for the report
 
@@ -132,7 +131,6 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
                             raw_logprobs=True)
     model_config = load_gguf_config(model_dir) if gguf else ModelConfig.from_pretrained(model_dir)
     max_positions = model_config.max_position_embeddings
-    notes: list[str] = []
     from transformers import AutoTokenizer
 
     tokenizer = load_gguf_tokenizer(model_dir) if gguf else AutoTokenizer.from_pretrained(model_dir)
@@ -187,4 +185,4 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
         for rollout, train in PAIRINGS:
             if rollout in tokens.logprobs and train in tokens.logprobs:
                 pairings.append(compare(tokens, rollout, train))
-    return RunResult(token_sets, pairings, records, notes, _environment(device), tokenizer)
+    return RunResult(token_sets, pairings, records, _environment(device), tokenizer)

@@ -147,7 +147,7 @@ class ModelRunner:
         logits = graphs.run(
             [_token_range(seq, p, p + 1)[0] for seq, p in zip(batch.seqs, positions)],
             positions,
-            [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.seqs, positions)],
+            [_slots(seq.block_table, p, p + 1, bs)[0] for seq, p in zip(batch.seqs, positions)],
             [p + 1 for p in positions],
             [seq.block_table for seq in batch.seqs],
         )
