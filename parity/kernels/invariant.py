@@ -14,9 +14,10 @@ The fix: every reduction runs in an order fixed by the token's own shapes.
   Attention runs per query row over exactly the keys at positions <= its own, gathered into a fresh
   tensor whether they come from the paged KV cache (engine, any chunking) or from the packed batch
   (trainer). Autograd works as usual. Slow (a Python loop per row): the CPU reference.
-- CUDA: Triton kernels with fixed tiles (`triton_invariant.py`): matmul without split-K, one-pass
-  RMSNorm per row, attention with one fixed key order for prefill, decode and the trainer path, and
-  a fixed-chunk log-softmax; gradients come from torch (recomputed reference) in backward.
+- CUDA: Triton kernels with fixed tiles (`triton_invariant.py`): matmul with tiles chosen from the
+  weight's shape only and no split-K, one-pass RMSNorm per row, attention with one fixed key order
+  for prefill, decode and the trainer path, and a fixed-chunk log-softmax; gradients come from torch
+  (recomputed reference) in backward. Cost vs fast mode: benchmarks/RESULTS.md.
 Ops that are exact elementwise IEEE arithmetic (RoPE's multiply-adds, the residual add) are
 invariant already and keep their normal kernels on CPU.
 """

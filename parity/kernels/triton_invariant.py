@@ -6,10 +6,14 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
   whatever M is, whichever tile the row lands in. With `fp32=True` (the LM head under logits_fp32)
   half-precision operands go through the tensor cores as they are (their products are exact in
   float32) with float32 sums and a float32 output, like the fast path's cuBLAS call: no fp32 weight copy.
-- `attention`: one program per (token, query head) walks the keys at positions <= its own in
-  BLOCK_N steps with an online softmax, in float32. Prefill chunks, decode steps and the trainer's
-  packed batch all run this one kernel with the same key order; K/V come from the paged cache
-  (through the block table) or from the packed tensors, the same values either way. No split-KV.
+- `attention`: one program per (tile of consecutive query tokens of one sequence, KV head); the tile's
+  rows are those tokens x the query heads of the GQA group (16 rows: 8 tokens for groups of 2, one
+  token for groups of 16), so K/V are read once per group and the dots run on the tensor cores. Key
+  tiles always start at position 0 in BLOCK_N steps with an online softmax in float32; a row's
+  numbers depend on its own query and keys only (rows of an MMA are independent, and key tiles past a
+  row's position are fully masked no-ops), so prefill chunks, decode steps (one token per tile) and the
+  trainer's packed batch give the same bits. K/V come from the paged cache (through the block table)
+  or from the packed tensors, the same values either way. No split-KV.
 - `log_softmax`: one program per row, fixed chunks of the vocabulary.
 - RMSNorm, RoPE and SiLU-and-mul reuse `triton_norm` / `triton_elementwise`, whose programs own
   whole rows (RMSNorm) or single elements (RoPE, SiLU), so they are invariant already.
@@ -28,7 +32,7 @@ import triton.language as tl
 
 from parity.kernels import reference, triton_elementwise, triton_norm
 from parity.kernels.metadata import AttentionMetadata
-from parity.kernels.triton_attention import _dot, store_kvcache
+from parity.kernels.triton_attention import LOG2E, _dot, store_kvcache
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -62,15 +66,21 @@ def _linear_kernel(
 
 
 def linear_config(n: int, k: int) -> dict:
-    """Tile sizes from the weight's shape only (never from the number of rows). BLOCK_N shrinks for
-    narrow weights so a decode step still spreads over the GPU without split-K."""
+    """Tile sizes from the weight's shape only (never from the number of rows).
+
+    From the sweep in benchmarks/invariant_linear_sweep.py (H100, Qwen3-0.6B shapes, bf16): 64 x 128 tiles,
+    4 stages, are within ~1.1-1.6x of cuBLAS at decode batch sizes for the layer weights; the wide LM head
+    prefers 64 x 64 tiles. A fixed split-K (invariant too) measured no better once its extra pass is counted."""
     if INTERPRET:  # few, large programs: the CPU interpreter's cost is per program and per op
         return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
-    block_n = 128 if n >= 128 * 264 else 64 if n >= 64 * 132 else 32
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
+    if n >= 64 * 1024:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 
 
-def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool) -> torch.Tensor:
+def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
+                    cfg: dict | None = None) -> torch.Tensor:
+    """`cfg` overrides `linear_config` (the tile sweep in benchmarks/ measures candidates)."""
     m, k = x2.shape
     n = weight.shape[0]
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -79,7 +89,7 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
     if m == 0:
         return y
-    cfg = linear_config(n, k)
+    cfg = cfg or linear_config(n, k)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
@@ -121,63 +131,77 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # ------------------------------------------------------------------------------------------ attention
 @triton.jit(do_not_specialize=["num_seqs"])
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, num_seqs, scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, num_seqs, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // GROUP
-    lo = 0  # the sequence owning this token: last s with query_start_loc[s] <= token
+    # Rows of the tile: TOKENS consecutive query tokens of one sequence x the GROUP query heads that
+    # share this program's KV head (padded to GROUP_PAD), so each K/V tile is loaded once for all of them.
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    lo = 0  # sequence s owns flat tiles [qsl[s] // TOKENS + s, qsl[s+1] // TOKENS + s + 1)
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) <= token:
+        if tl.load(query_start_loc_ptr + mid) // TOKENS + mid <= pid:
             lo = mid + 1
         else:
             hi = mid
     seq = lo - 1
     q_start = tl.load(query_start_loc_ptr + seq)
-    q_end = tl.load(query_start_loc_ptr + seq + 1)
-    if token >= q_end:  # padding rows past the last sequence
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    tile = pid - (q_start // TOKENS + seq)
+    if tile * TOKENS >= q_len:
         return
-    pos = tl.load(seq_lens_ptr + seq) - (q_end - token)  # this token's position; it sees keys 0..pos
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
 
+    rows = tl.arange(0, TOKENS * GROUP_PAD)
+    tok = tile * TOKENS + rows // GROUP_PAD  # index within the sequence's query rows
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_mask = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+    pos = context + tok  # each row sees keys 0..pos
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + token.to(tl.int64) * stride_qt + head * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    m_i = float("-inf")
-    l_i = 0.0
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(0, pos + 1, BLOCK_N):
+    d_mask = offs_d[None, :] < HEAD_DIM
+    q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & d_mask, other=0.0)
+
+    m_i = tl.full([TOKENS * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([TOKENS * GROUP_PAD], tl.float32)
+    acc = tl.zeros([TOKENS * GROUP_PAD, BLOCK_D], tl.float32)
+    kv_end = tl.minimum(seq_len, context + (tile + 1) * TOKENS)
+    # Key tiles always start at position 0 in BLOCK_N steps: a row meets the same tiles (and, past its
+    # own position, only fully masked ones, which change nothing) whichever tokens share its program.
+    for start in range(0, kv_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n <= pos
+        n_mask = offs_n < kv_end
         if PAGED:
             page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-            rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+            kv_rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
         else:
-            rows = (q_start + offs_n).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
-        s = tl.where(n_mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            kv_rows = (q_start + offs_n).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask
+        k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)  # a padding row of a CUDA graph (context length 0) gives zeros
-    tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=d_mask)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding row of a CUDA graph (context 0) gives zeros
+    o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask)
 
 
-def attention_config(head_dim: int) -> dict:
-    """From the head size only: [BLOCK_N, BLOCK_D] fp32 tiles of at most 8192 values per program."""
-    block_d = triton.next_power_of_2(head_dim)
-    return dict(BLOCK_N=max(16, min(64, 8192 // block_d)), BLOCK_D=block_d, num_warps=4)
+def attention_config(num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
+    """From the head layout only: tiles of 16 (token, head) rows for the tensor cores, BLOCK_N keys."""
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    return dict(GROUP_PAD=group_pad, TOKENS=max(1, 16 // group_pad), BLOCK_N=64,
+                BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2)
 
 
 def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> torch.Tensor:
@@ -186,11 +210,14 @@ def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tab
     if num_tokens == 0:
         return out
     paged = block_tables is not None
-    _attention_kernel[(num_tokens, num_heads)](
-        q, k, v, out, meta.query_start_loc, meta.seq_lens, block_tables if paged else meta.seq_lens, meta.num_seqs, scale,
-        q.stride(0), q.stride(1), k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), out.stride(0), out.stride(1),
-        block_tables.stride(0) if paged else 0,
-        GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, **attention_config(head_dim),
+    num_kv_heads = k.shape[-2]
+    cfg = attention_config(num_heads, num_kv_heads, head_dim)
+    grid = (num_tokens // cfg["TOKENS"] + meta.num_seqs, num_kv_heads)
+    _attention_kernel[grid](
+        q, k, v, out, meta.query_start_loc, meta.seq_lens, block_tables if paged else meta.seq_lens, meta.num_seqs,
+        scale * LOG2E, q.stride(0), q.stride(1), k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
+        out.stride(0), out.stride(1), block_tables.stride(0) if paged else 0,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, **cfg,
     )
     return out
 

@@ -1,0 +1,85 @@
+"""Tile sweep for deterministic mode's batch-invariant matmul, beside cuBLAS (torch.matmul) in the same run.
+
+The invariant kernel may choose its tiles and K splits from the weight's shape only, never from the
+number of rows, so one configuration has to serve decode (M = batch size) and prefill (M = thousands of
+tokens). For each weight shape of a model (Qwen3-0.6B by default) and each candidate configuration this
+times M in --rows, checks that a row's result is the same bits alone and inside the big batch, and prints
+each configuration's time relative to cuBLAS at the same M; `linear_config`'s choice is marked `*`.
+
+  python benchmarks/invariant_linear_sweep.py --out DIR       # on the GPU (about 2 minutes on an H100)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+
+from parity.kernels import triton_invariant as ti
+from parity.kernels.ops import _mm_fp32_out
+
+# (name, N, K) of Qwen3-0.6B: fused qkv, o_proj, fused gate_up, down, LM head (tied, float32 output).
+QWEN3_06B_SHAPES = [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072),
+                    ("lm_head", 151936, 1024)]
+
+
+def candidates() -> list[dict]:
+    out = []
+    for bm, bn, bk, stages in itertools.product((64, 128), (64, 128), (64, 128), (3, 4)):
+        if bm == 128 and bn == 128 and bk == 128:
+            continue  # shared memory
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 128 * 128 else 4,
+                        num_stages=stages))
+    return out
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=25) * 1e3  # microseconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", type=int, nargs="*", default=[1, 64, 128, 256, 2048, 8192])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    results = []
+    for name, n, k in QWEN3_06B_SHAPES:
+        fp32 = name == "lm_head"
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+        xs = {m: torch.randn(m, k, device="cuda", dtype=dtype) for m in args.rows}
+        peer = partial(_mm_fp32_out, weight=w) if fp32 else partial(torch.nn.functional.linear, weight=w)  # fast mode's
+        cublas = {m: bench(partial(peer, x)) for m, x in xs.items()}
+        chosen = ti.linear_config(n, k)
+        for cfg in candidates():
+            try:
+                times = {m: bench(partial(ti._linear_forward, x, w, None, fp32, cfg)) for m, x in xs.items()}
+                big = ti._linear_forward(xs[max(args.rows)], w, None, fp32, cfg)
+                invariant = bool(torch.equal(ti._linear_forward(xs[max(args.rows)][:1].clone(), w, None, fp32, cfg), big[:1]))
+            except Exception as e:  # noqa: BLE001 -- out of shared memory etc.: report and go on
+                print(name, cfg, "failed:", type(e).__name__, str(e)[:80])
+                continue
+            row = dict(shape=name, n=n, k=k, cfg=cfg, us=times, cublas_us=cublas, invariant=invariant,
+                       chosen=cfg == chosen)
+            results.append(row)
+        rows = [r for r in results if r["shape"] == name]
+        rows.sort(key=lambda r: sum(r["us"][m] / cublas[m] for m in args.rows))
+        print(f"== {name} N={n} K={k}  cuBLAS us: " + " ".join(f"M{m}={cublas[m]:.1f}" for m in args.rows))
+        for r in rows[:12] + [r for r in rows[12:] if r["chosen"]]:
+            c = r["cfg"]
+            tag = "*" if r["chosen"] else " "
+            print(f" {tag} bm{c['BLOCK_M']} bn{c['BLOCK_N']} bk{c['BLOCK_K']} st{c['num_stages']} "
+                  f"w{c['num_warps']} inv={int(r['invariant'])} x cuBLAS: "
+                  + " ".join(f"M{m}={r['us'][m] / cublas[m]:.2f}" for m in args.rows))
+    (args.out / "invariant_linear_sweep.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
