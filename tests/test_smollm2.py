@@ -352,3 +352,46 @@ def test_chat_without_template_or_with_bad_messages_is_a_clear_error(llama_dir):
     engine.tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         engine.chat([{"role": "user", "content": "Hello"}])
+
+
+# ----------------------------------------------------------------- `parity train` from a GGUF or an alias
+def test_train_takes_a_gguf_file_or_alias_exported_once_into_the_cache(tmp_path, monkeypatch):
+    """model.path = a .gguf file: dequantized once into an HF directory under $PARITY_CACHE (keyed by size and
+    sha256), which trainer and engine load; the same file again reuses it; an alias resolves to the same export."""
+    pytest.importorskip("gguf")
+    import hashlib
+    import importlib
+
+    from parity.rollout.models import gguf as gguf_mod
+    from parity.rollout.models import registry
+    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+    from parity.trainer_bridge.grpo import GRPOTrainer, trainable_model_dir
+    from parity.trainer_bridge.train_config import load_train_config
+
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path / "cache"))
+    hf_dir = write_tiny_model(tmp_path / "hf", TinyModelSpec(rope_scaling={"rope_type": "default"}))
+    path = write_gguf(hf_dir, tmp_path / "tiny.gguf")
+    config = load_train_config(None, [f"out_dir={tmp_path / 'run'}", f"model.path={path}", "tracking.mode=disabled",
+                                      "steps=1", "warmstart.steps=0", "rollout.prompts_per_step=2"])
+    trainer = GRPOTrainer(config)
+    (export,) = (tmp_path / "cache" / "hf-from-gguf").iterdir()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert export.name == f"tiny-{path.stat().st_size}-{digest[:16]}" and (export / "model.safetensors").is_file()
+    reference = Engine.from_pretrained(path, dtype="fp32", device="cpu", kv_cache_memory=1 << 20)
+    for (name, a), (_, b) in zip(trainer.engine.model.named_parameters(), reference.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    hf_params = dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+    torch.testing.assert_close(hf_params["model.embed_tokens.weight"], reference.model.embed_tokens, atol=0, rtol=0)
+    assert trainer.train(progress=False).history[0]["reward/mean"] >= 0
+
+    monkeypatch.setattr(gguf_mod, "export_hf_dir", lambda *a, **k: pytest.fail("exported twice"))
+    assert trainable_model_dir(str(path)) == export
+    site = tmp_path / "site"
+    (site / "tiny_pkg").mkdir(parents=True)
+    (site / "tiny_pkg" / "__init__.py").write_text("")
+    (site / "tiny_pkg" / "tiny.gguf").write_bytes(path.read_bytes())
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    monkeypatch.setitem(registry.MODEL_ALIASES, "tiny-test", registry.PackagedModel("tiny_pkg", "tiny.gguf", "tiny-pkg"))
+    assert trainable_model_dir("tiny-test") == export  # same bytes (size and sha256): the same export
+    assert trainable_model_dir(str(hf_dir)) == hf_dir  # an HF directory is used as it is

@@ -95,7 +95,7 @@ def test_warmstart_teaches_the_eos_the_engine_stops_on(tmp_path, one_thread):
     problems = trainer.task.sample(random.Random(1), 32)
     rollouts = trainer.engine.generate([p.prompt for p in problems], SamplingParams(temperature=0, max_tokens=4))
     stopped = sum(r.finish_reason == "stop" for r in rollouts) / len(rollouts)
-    accuracy = sum(Task.reward(problems[r.prompt_index], r) for r in rollouts) / len(rollouts)
+    accuracy = sum(trainer.task.reward(problems[r.prompt_index], r) for r in rollouts) / len(rollouts)
     assert stopped > 0.9 and accuracy > 0.3, f"stopped with EOS {stopped:.0%}, accuracy {accuracy:.0%}"
 
 def test_default_config_file_is_the_dataclass_default():
@@ -127,11 +127,12 @@ def rollout(text: str, finish: str = "stop") -> Rollout:
 
 
 def test_task_rewards_are_exact_match():
-    problem = Problem("3+4=", "7")
-    assert Task.reward(problem, rollout("7")) == 1.0
-    assert Task.reward(problem, rollout(" 7 ")) == 1.0
-    assert Task.reward(problem, rollout("7", finish="length")) == 0.0  # no EOS: not an answer
-    assert Task.reward(problem, rollout("77")) == 0.0
+    problem, task = Problem("3+4=", "7"), Task(TaskConfig())
+    assert task.reward(problem, rollout("7")) == 1.0
+    assert task.reward(problem, rollout(" 7 ")) == 1.0
+    assert task.reward(problem, rollout("7", finish="length")) == 0.0  # no EOS: not an answer
+    assert task.reward(problem, rollout("77")) == 0.0
+    assert task.reward(problem, rollout("3 + 4 = 7")) == 0.0  # exact: the bare answer only
     rng = random.Random(0)
     for p in Task(TaskConfig(name="addition", max_operand=9)).sample(rng, 50):
         a, b = p.prompt.rstrip("=").split("+")

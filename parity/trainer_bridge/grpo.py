@@ -12,6 +12,11 @@ One step, with the phase each metric's time belongs to:
   sync     `engine.update_weights(model)`: in place, version bumped, prefix cache dropped.
 With `sleep_level`, the engine sleeps from the end of the rollout until the sync (vLLM's order:
 wake weights, update, wake KV cache), and the freed memory is logged.
+
+Prompts are the task's (`Task.prompt`: bare text, or with `task.chat` a user message through the chat
+template), encoded by the engine for rollouts, the warm-start and the evaluation alike. With `eval.enabled`,
+greedy accuracy on the whole held-out split is measured before the warm-start, after it, every
+`eval.every` steps and after the last step (`evaluation.py`).
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from parity.precision.metrics import mismatch_metrics
 from parity.rollout.engine import Engine
 from parity.rollout.models.config import ModelConfig
 from parity.rollout.models.factory import write_tiny_model
+from parity.rollout.models.gguf import cached_hf_dir, is_gguf
+from parity.rollout.models.registry import resolve_model_path
 from parity.rollout.sampling_params import SamplingParams
 from parity.rollout.sequence import Rollout
+from parity.trainer_bridge.evaluation import Evaluation, evaluate, paired_gain
 from parity.trainer_bridge.logprobs import trainer_logprobs
 from parity.trainer_bridge.losses import group_advantages, policy_loss
-from parity.trainer_bridge.tasks import Problem, Task
+from parity.trainer_bridge.tasks import Task
 from parity.trainer_bridge.tracking import Tracker
 from parity.trainer_bridge.train_config import TrainConfig
 
@@ -45,18 +53,19 @@ class TrainResult:
     out_dir: Path
     run_dir: Path | None  # the W&B run directory, if W&B was on
     warmstart_loss: float | None = None
+    evals: list[Evaluation] = field(default_factory=list)  # held-out evaluations, in order (eval.enabled)
     metrics_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics_file = self.out_dir / "metrics.jsonl"
 
 
-def _sft_batch(tokenizer, problems: list[Problem], eos: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """prompt + answer + `eos`, right-padded; labels only on answer + EOS."""
+def _sft_batch(prompts: list[list[int]], answers: list[list[int]], eos: int, device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt + answer + `eos` (token ids), right-padded; labels only on answer + EOS."""
     rows, labels = [], []
-    for p in problems:
-        prompt = tokenizer.encode(p.prompt)
-        answer = tokenizer.encode(p.answer, add_special_tokens=False) + [eos]
+    for prompt, answer in zip(prompts, answers, strict=True):
+        answer = answer + [eos]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     width = max(map(len, rows))
@@ -76,6 +85,14 @@ def _stop_token(model_dir: Path) -> int:
         raise ValueError(f"{model_dir}: the model config names no eos_token_id; the exact-match reward needs "
                          "responses that stop with EOS")
     return eos_ids[0]
+
+
+def trainable_model_dir(path: str) -> Path:
+    """An HF directory for `model.path`: itself, or for a .gguf file or a model alias the GGUF dequantized
+    once into an HF directory in the cache (the trainer is an HF model; parity's engine could read the GGUF
+    itself, but loads the same directory so both start from identical weights)."""
+    resolved = resolve_model_path(path)
+    return cached_hf_dir(resolved) if is_gguf(resolved) else resolved
 
 
 class GRPOTrainer:
@@ -98,19 +115,23 @@ class GRPOTrainer:
         mixed = "no" if cfg.optim.mixed_precision == "fp32" else cfg.optim.mixed_precision
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=device == "cpu")
         self.device = self.accelerator.device
-        model_dir = Path(cfg.model.path) if cfg.model.path else write_tiny_model(self.out_dir / "init-model",
-                                                                                   cfg.model.factory)
+        model_dir = (trainable_model_dir(cfg.model.path) if cfg.model.path
+                     else write_tiny_model(self.out_dir / "init-model", cfg.model.factory))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_id = _stop_token(model_dir)
         self.task = Task(cfg.task)
+        self.heldout = self.task.heldout_problems() if cfg.eval.enabled else []
+        self.evals: list[Evaluation] = []
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        engine_options = {**asdict(cfg.engine), "device": str(self.device)}
+        self.engine = Engine.from_pretrained(model_dir, **engine_options)
+        self.evaluate("base", 0)
         self.warmstart_loss = self._warm_start(model) if cfg.warmstart.steps > 0 else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        engine_options = {**asdict(cfg.engine), "device": str(self.device)}
-        self.engine = Engine.from_pretrained(model_dir, **engine_options)
         if self.warmstart_loss is not None:
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
+            self.evaluate("warmstart", 0)
         r = cfg.rollout
         self.sampling = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                        max_tokens=r.max_tokens)
@@ -125,12 +146,23 @@ class GRPOTrainer:
         loss = torch.tensor(float("nan"))
         for _ in range(ws.steps):
             examples = self.task.warmstart_examples(self.rng, ws.batch_size, ws.accuracy)
-            ids, mask, labels = _sft_batch(self.tokenizer, examples, self.eos_id, self.device)
+            prompts = [self.engine.encode(self.task.prompt(p)) for p in examples]
+            answers = [self.tokenizer.encode(p.answer, add_special_tokens=False) for p in examples]
+            ids, mask, labels = _sft_batch(prompts, answers, self.eos_id, self.device)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def evaluate(self, stage: str, step: int) -> Evaluation | None:
+        """Greedy accuracy of the engine's current weights on the whole held-out split (None if eval is off)."""
+        if not self.config.eval.enabled:
+            return None
+        max_tokens = self.config.eval.max_tokens or self.config.rollout.max_tokens
+        result = evaluate(self.engine, self.task, self.heldout, max_tokens, stage, step)
+        self.evals.append(result)
+        return result
 
     # ------------------------------------------------------------------------------------- step
     def _logprobs(self, rollouts: list[Rollout], with_grad: bool):
@@ -171,8 +203,8 @@ class GRPOTrainer:
 
         start = self._clock()
         problems = self.task.sample(self.rng, cfg.rollout.prompts_per_step)
-        rollouts = engine.generate([p.prompt for p in problems], self.sampling)
-        rewards = torch.tensor([Task.reward(problems[r.prompt_index], r) for r in rollouts])
+        rollouts = engine.generate([self.task.prompt(p) for p in problems], self.sampling)
+        rewards = torch.tensor([self.task.reward(problems[r.prompt_index], r) for r in rollouts])
         advantages = group_advantages(rewards.view(len(problems), cfg.rollout.group_size),
                                       normalize_std=cfg.loss.normalize_std).flatten().to(self.device)
         timings["rollout"] = self._clock() - start
@@ -229,27 +261,45 @@ class GRPOTrainer:
     def train(self, progress: bool = True) -> TrainResult:
         from tqdm import tqdm
 
+        cfg = self.config
         history: list[dict[str, float]] = []
-        bar = tqdm(range(self.config.steps), desc="grpo", unit="step", disable=not progress)
+        if self.tracker is not None and self.evals:  # the accuracy GRPO starts from, beside step 0's metrics
+            self.tracker.log(self.evals[-1].metrics(), step=0)
+        start = time.perf_counter()
+        bar = tqdm(range(cfg.steps), desc="grpo", unit="step", disable=not progress)
         for step in bar:
+            elapsed = time.perf_counter() - start
+            if cfg.time_limit_s is not None and elapsed + elapsed / max(step, 1) > cfg.time_limit_s:
+                break  # the next step (as long as the mean so far) would end past the limit
             metrics = self.step()
             history.append(metrics)
             if self.tracker is not None:
                 self.tracker.log(metrics, step=step)
+            done = step + 1
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps:
+                self._log_eval(self.evaluate("step", done))
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", len=f"{metrics['response_length/mean']:.1f}",
                             sync_ms=f"{1e3 * metrics['sync/seconds']:.0f}")
-        summary = summarize(history, self.warmstart_loss)
+        bar.close()
+        self._log_eval(self.evaluate("final", len(history)))
+        summary = {**summarize(history, self.warmstart_loss), **eval_summary(self.evals)}
+        if len(history) < cfg.steps:
+            summary["final/stopped_at_time_limit"] = 1.0
         run_dir = None
         if self.tracker is not None:
             run_dir = self.tracker.run_dir
             self.tracker.finish(summary)
-        return TrainResult(history, summary, self.out_dir, run_dir, self.warmstart_loss)
+        return TrainResult(history, summary, self.out_dir, run_dir, self.warmstart_loss, self.evals)
+
+    def _log_eval(self, result: Evaluation | None) -> None:
+        if result is not None and self.tracker is not None:
+            self.tracker.log(result.metrics(), step=result.step)
 
 
 def summarize(history: list[dict[str, float]], warmstart_loss: float | None, window: int = 3) -> dict[str, float]:
     """Reward at the start and end (means over `window` steps), totals and mean phase timings."""
     if not history:
-        return {}
+        return {"final/steps": 0.0}
     mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)
     summary = {
         "final/reward_first": mean("reward/mean", history[:window]),
@@ -261,6 +311,23 @@ def summarize(history: list[dict[str, float]], warmstart_loss: float | None, win
         summary[f"final/mean_{phase}_s"] = mean(f"time/{phase}_s", history)
     if warmstart_loss is not None:
         summary["final/warmstart_loss"] = warmstart_loss
+    return summary
+
+
+def eval_summary(evals: list[Evaluation]) -> dict[str, float]:
+    """Held-out accuracy (and its standard error) before the warm-start, after it and after GRPO, and
+    GRPO's paired gain: the final evaluation minus the one GRPO started from, on the same problems."""
+    summary: dict[str, float] = {}
+    for e in evals:
+        if e.stage != "step":
+            m = e.metrics()
+            summary.update({f"eval/{e.stage}_accuracy": m["eval/accuracy"], f"eval/{e.stage}_accuracy_se":
+                            m["eval/accuracy_se"], f"eval/{e.stage}_lenient_accuracy": m["eval/lenient_accuracy"]})
+    finals = [e for e in evals if e.stage == "final"]
+    if finals:
+        start = next(e for e in reversed(evals) if e.stage in ("warmstart", "base"))
+        gain = paired_gain(start.correct, finals[-1].correct)
+        summary.update({f"eval/grpo_gain{'' if k == 'gain' else '_' + k}": v for k, v in gain.items()})
     return summary
 
 

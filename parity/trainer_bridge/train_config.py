@@ -29,7 +29,9 @@ MIXED_PRECISION = ("fp32", "bf16", "fp16")
 
 @dataclass
 class ModelSource:
-    """path: an HF model directory to train; None = write a factory model with `factory`'s shapes."""
+    """path: the model to train: an HF directory, a .gguf file or a model alias (`smollm2-135m-instruct`;
+    a GGUF is dequantized once into an HF directory under $PARITY_CACHE, see gguf.cached_hf_dir);
+    None = write a factory model with `factory`'s shapes."""
 
     path: str | None = None
     factory: TinyModelSpec = field(
@@ -46,6 +48,20 @@ class WarmStartConfig:
     accuracy: float = 1.0
     batch_size: int = 32
     lr: float = 3e-3
+
+
+@dataclass
+class EvalConfig:
+    """Greedy accuracy on the whole held-out split (needs task.holdout_fraction > 0), each problem once:
+    before the warm-start, after it, every `every` GRPO steps (0 = only then and after the last step)."""
+
+    enabled: bool = False
+    every: int = 0
+    max_tokens: int | None = None  # default: rollout.max_tokens
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
 
 
 @dataclass
@@ -96,6 +112,7 @@ class TrainConfig:
     out_dir: str = "runs/grpo"
     device: str | None = None  # cuda if available, else cpu
     sleep_level: int = 0  # 1 or 2: put the engine to sleep while the trainer runs
+    time_limit_s: float | None = None  # stop GRPO early after this many seconds (the final evaluation still runs)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelSource = field(default_factory=ModelSource)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -104,10 +121,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.sleep_level not in (0, 1, 2):
             raise ValueError(f"sleep_level must be 0 (off), 1 or 2, got {self.sleep_level}")
+        if self.eval.enabled and self.task.holdout_fraction == 0.0:
+            raise ValueError("eval.enabled needs a held-out split: set task.holdout_fraction > 0")
         if self.engine.dtype != "auto":
             resolve_dtype(self.engine.dtype)  # fail at load time, not after the model is written
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +194,38 @@ def export_hf_dir(path: Path, out_dir: Path, dtype: torch.dtype = torch.float32)
     GenerationConfig(eos_token_id=cfg.eos_token_ids, bos_token_id=cfg.bos_token_id).save_pretrained(out_dir)
     load_gguf_tokenizer(path).save_pretrained(out_dir)
     return out_dir
+
+
+def cache_root() -> Path:
+    """Where parity writes derived files once: $PARITY_CACHE, else ~/.cache/parity."""
+    return Path(os.environ.get("PARITY_CACHE", Path.home() / ".cache" / "parity"))
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(key: tuple[str, int, int]) -> str:
+    digest = hashlib.sha256()
+    with open(key[0], "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_hf_dir(path: Path, cache_dir: Path | None = None) -> Path:
+    """`export_hf_dir(path)` (fp32) written once under `cache_dir` (default `cache_root()`) and reused after.
+    Keyed by the file's size and sha256, so a changed file gets a fresh export; written to a temporary
+    folder and renamed, so an interrupted export never passes for a finished one."""
+    path = Path(path)
+    key = _file_key(path)
+    out = Path(cache_dir or cache_root()) / "hf-from-gguf" / f"{path.stem}-{key[2]}-{_sha256(key)[:16]}"
+    if (out / "model.safetensors").is_file():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_hf_dir(path, tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same export first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "model.safetensors").is_file():
+            raise RuntimeError(f"{out} exists but holds no finished export; remove it and retry") from None
+    return out
