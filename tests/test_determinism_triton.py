@@ -158,26 +158,45 @@ def test_rms_norm_wrapper_is_row_invariant_with_reference_gradients():
 
 
 # ------------------------------------------------------------------------------------ on the GPU
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype):
+def _gpu_deterministic_run(model_dir, dtype: str, params):
+    """A batch of 8 mixed-length prompts (chunked prefill, CUDA-graph decode), then prompts 0, 4, 7 alone."""
     from parity.rollout.engine import Engine
-    from parity.rollout.sampling_params import SamplingParams
-    from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
 
-    engine = Engine.from_pretrained(llama_dir, dtype=dtype, deterministic=True, max_model_len=512,
+    engine = Engine.from_pretrained(model_dir, dtype=dtype, deterministic=True, max_model_len=512,
                                     max_num_batched_tokens=64, kv_cache_memory=64 << 20)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 90, 41, 9, 130, 3, 60, 17)]
-    params = SamplingParams(temperature=0.9, max_tokens=40, seed=3, ignore_eos=True)
     batch = engine.generate(prompts, params)
     for i in (0, 4, 7):
         alone = engine.generate([prompts[i]], params)[0]
         assert alone.output_ids == batch[i].output_ids and alone.output_logprobs == batch[i].output_logprobs
+        assert alone.output_raw_logprobs == batch[i].output_raw_logprobs
+    return engine, prompts, batch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype):
+    from parity.rollout.sampling_params import SamplingParams
+    from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
+
+    params = SamplingParams(temperature=0.9, max_tokens=40, seed=3, ignore_eos=True)
+    engine, prompts, batch = _gpu_deterministic_run(llama_dir, dtype, params)
     trainer = parity_model_from_engine(engine)
     scored = token_logprobs(trainer, prompts, [r.output_ids for r in batch], temperature=0.9)
     for r, lp in zip(batch, scored):
         assert lp.tolist() == r.output_logprobs
+
+
+@pytest.mark.gpu
+def test_gpu_filtered_sampling_is_batch_invariant(llama_dir):
+    """top-k / top-p / min-p filters run in torch on the batch's logits: their tokens and processed
+    logprobs must not depend on the batch either."""
+    from parity.rollout.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, max_tokens=40, seed=5,
+                            ignore_eos=True, raw_logprobs=True)
+    _gpu_deterministic_run(llama_dir, "bf16", params)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu test runs the compiled kernels")

@@ -110,3 +110,18 @@ def test_lm_head_fp32_output_without_weight_copy():
     ref = x.double() @ w.double().t()
     assert out.dtype == torch.float32
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5  # fp32 accumulation
+
+
+def test_overflow_inside_a_cuda_graph_decode_step_raises_naming_the_layer(gpu_model_dirs):
+    """The fp16 inf/nan check also covers graph replays: the prefill (eager) is finite, then layer 1's MLP
+    output projection is scaled in place (graphs read the same memory) and the next decode step overflows."""
+    from parity.precision.policy import NonFiniteActivationError
+
+    engine = Engine.from_pretrained(gpu_model_dirs["llama"], device="cuda", dtype="fp16", max_num_seqs=4, max_model_len=128)
+    assert engine.runner.graphs is not None
+    engine.add_request([5, 6, 7, 8], greedy(4))
+    engine.step()  # prefill, eager
+    with torch.no_grad():
+        engine.model.layers[1].mlp.down_proj.weight.mul_(1e4)
+    with pytest.raises(NonFiniteActivationError, match=r"layer 1 \(mlp\) produced inf/nan in fp16"):
+        engine.step()  # decode: a graph replay

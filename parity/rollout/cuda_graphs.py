@@ -7,6 +7,9 @@ real sequences. Attention reads everything it needs from device tensors (`seq_le
 and the split-KV count is fixed by `max_model_len`, so one graph serves every context length. Kernels
 used under capture must not read the host lists of AttentionMetadata: they are placeholders here.
 
+The model's inf/nan check (`check_finite`) cannot sync inside a graph, so each graph also writes one flag,
+`finite`, that the runner reads after the replay (and re-runs the step eagerly to name the layer).
+
 Graphs hold raw pointers: weight updates must copy into the existing parameters (weight sync does),
 and anything that reallocates the KV cache or the weights calls `ModelRunner.invalidate_cuda_graphs()`.
 """
@@ -45,6 +48,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # the replayed step's hidden states were finite
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.deterministic = model.kernels.deterministic  # the kernel set baked into the graphs
         self._capture()
@@ -63,6 +67,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> None:
         hidden = self.model(self.i64[0, :bs], self.i64[1, :bs], meta, self.layer_caches)
+        self.finite.copy_(torch.isfinite(hidden).all())  # the model's own check cannot run inside a graph
         self.logits[:bs] = self.model.compute_logits(hidden)
 
     @torch.inference_mode()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from parity.kernels.metadata import AttentionMetadata
+from parity.precision.policy import NonFiniteActivationError
 from parity.rollout.models.decoder import DecoderModel
 from parity.rollout.scheduler import ScheduledBatch
 
@@ -151,12 +152,22 @@ class ModelRunner:
             [p + 1 for p in positions],
             [seq.block_table for seq in batch.seqs],
         )
+        if self.model.check_finite and not bool(graphs.finite):
+            self._raise_nonfinite(batch)
         sampled = [i for i, (seq, p) in enumerate(zip(batch.seqs, positions)) if p + 1 == seq.num_tokens]
         if not sampled:
             return None, []
         if len(sampled) == len(batch.seqs):
             return logits, sampled
         return logits[torch.tensor(sampled, device=logits.device)], sampled
+
+
+    def _raise_nonfinite(self, batch: ScheduledBatch) -> None:
+        """A replayed decode step produced inf/nan: re-run it eagerly, whose check names the layer (re-running
+        writes the same K/V into the same slots)."""
+        inputs = self.prepare(batch)
+        self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
+        raise NonFiniteActivationError("a decode step (CUDA graph) produced inf/nan; the eager re-run did not")
 
 
 def _token_range(seq, begin: int, end: int) -> list[int]:
