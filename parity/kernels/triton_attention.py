@@ -4,8 +4,10 @@ Layout: the cache of one layer is `[num_blocks, block_size, num_kv_heads, head_d
 sequence `s` lives in flat slot `block_tables[s, n // block_size] * block_size + n % block_size`.
 
 - `prefill`: flash attention (online softmax, fp32 accumulation) for any ragged batch. One program
-  owns BLOCK_M query rows of one sequence and one head; the (sequence, query block) pairs are laid out
-  flat and each program finds its sequence by binary search over `query_start_loc`, so no host work
+  owns a tile of query rows: TOKENS consecutive tokens of one sequence x HEADS query heads of one GQA
+  group (fast mode: 16 or 64 tokens x 1 head; deterministic mode, `triton_invariant`: 16 rows of
+  tokens x the whole group, so K/V tiles are read once per group). The (sequence, tile) pairs are laid
+  out flat and each program finds its sequence by binary search over `query_start_loc`, so no host work
   is needed. Query row i of a sequence sits at position `seq_len - q_len + i` and attends to keys at
   positions <= its own (cached prefix + new tokens, causally). Without a cache the same kernel reads
   K/V straight from the packed `[tokens, kv_heads, head_dim]` tensors (the trainer's varlen path).
@@ -81,58 +83,66 @@ def store_kvcache(
 
 
 # -------------------------------------------------------------------------------------------- prefill
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     num_seqs, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOKENS: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # The program's rows: TOKENS consecutive query tokens of one sequence x HEADS query heads of one
+    # GQA group (HEADS > 1 reads each K/V tile once for several heads).
     pid = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // GROUP
-    # Sequence s owns flat query blocks [qsl[s] // BLOCK_M + s, qsl[s+1] // BLOCK_M + s + 1).
+    SUBS: tl.constexpr = (GROUP + HEADS - 1) // HEADS  # programs per KV head
+    kv_head = tl.program_id(1) // SUBS
+    first_head = (tl.program_id(1) % SUBS) * HEADS  # within the group
+    # Sequence s owns flat tiles [qsl[s] // TOKENS + s, qsl[s+1] // TOKENS + s + 1).
     lo = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // BLOCK_M + mid <= pid:
+        if tl.load(query_start_loc_ptr + mid) // TOKENS + mid <= pid:
             lo = mid + 1
         else:
             hi = mid
     seq = lo - 1
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_block = pid - (q_start // BLOCK_M + seq)
-    if q_block * BLOCK_M >= q_len:
+    tile = pid - (q_start // TOKENS + seq)
+    if tile * TOKENS >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
 
-    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, TOKENS * HEADS)
+    tok = tile * TOKENS + rows // HEADS  # index among the sequence's query rows
+    in_group = first_head + rows % HEADS
+    head = kv_head * GROUP + in_group
+    row_mask = ((tok < q_len) & (in_group < GROUP))[:, None]
+    q_pos = context + tok  # each row attends to keys 0..q_pos
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
-    m_mask = offs_m[:, None] < q_len
-    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_mask & d_mask, other=0.0)
-    q_pos = context + offs_m
+    q = tl.load(q_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask & d_mask, other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    kv_end = tl.minimum(seq_len, context + (q_block + 1) * BLOCK_M)
+    m_i = tl.full([TOKENS * HEADS], float("-inf"), tl.float32)
+    l_i = tl.zeros([TOKENS * HEADS], tl.float32)
+    acc = tl.zeros([TOKENS * HEADS, BLOCK_D], tl.float32)
+    kv_end = tl.minimum(seq_len, context + (tile + 1) * TOKENS)
+    # Key tiles start at position 0 in BLOCK_N steps; tiles past a row's own position are fully masked
+    # for it and leave its numbers unchanged (deterministic mode relies on this).
     for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_end
         if PAGED:
             page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-            rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+            kv_rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
         else:
-            rows = (q_start + offs_n).to(tl.int64)
+            kv_rows = (q_start + offs_n).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask
-        k = tl.load(k_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
         s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -141,24 +151,33 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=m_mask & d_mask)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no keys (CUDA-graph padding) gives zeros
+    tl.store(out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask & d_mask)
 
 
-def _prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> None:
+def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int,
+            tokens: int, heads: int) -> None:
+    """Causal attention of the ragged batch q into `out`, `tokens` query tokens x `heads` heads per program;
+    K/V from the paged cache (`block_tables`) or, with `block_tables=None`, packed like q."""
     num_heads, head_dim = q.shape[1], q.shape[2]
-    block_m = 16 if meta.max_query_len <= 16 else 64
-    num_q_blocks = q.shape[0] // block_m + meta.num_seqs
+    num_kv_heads = k.shape[-2]
+    group = num_heads // num_kv_heads
     paged = block_tables is not None
-    _prefill_kernel[(num_q_blocks, num_heads)](
+    grid = (q.shape[0] // tokens + meta.num_seqs, num_kv_heads * triton.cdiv(group, heads))
+    _prefill_kernel[grid](
         q, k, v, out, meta.query_start_loc, meta.seq_lens, block_tables if paged else meta.seq_lens,
         meta.num_seqs, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
-        GROUP=num_heads // k.shape[-2], HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged,
-        BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2,
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens, HEADS=heads,
+        BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2,
     )
+
+
+def _fast_prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> None:
+    """Fast mode: 16 or 64 query tokens of one head per program, from the longest query of this step."""
+    prefill(q, k, v, out, meta, scale, block_tables, page_size, tokens=16 if meta.max_query_len <= 16 else 64, heads=1)
 
 
 # --------------------------------------------------------------------------------------------- decode
@@ -291,7 +310,8 @@ def paged_attention(
     if meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
         _decode(q, k_cache, v_cache, out, meta, scale)
     else:
-        _prefill(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), out, meta, scale, meta.block_tables, k_cache.shape[1])
+        _fast_prefill(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), out, meta, scale, meta.block_tables,
+                      k_cache.shape[1])
     return out
 
 
@@ -302,5 +322,5 @@ def varlen_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
-    _prefill(q, k, v, out, meta, scale, None, 1)
+    _fast_prefill(q, k, v, out, meta, scale, None, 1)
     return out

@@ -6,14 +6,13 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
   whatever M is, whichever tile the row lands in. With `fp32=True` (the LM head under logits_fp32)
   half-precision operands go through the tensor cores as they are (their products are exact in
   float32) with float32 sums and a float32 output, like the fast path's cuBLAS call: no fp32 weight copy.
-- `attention`: one program per (tile of consecutive query tokens of one sequence, KV head); the tile's
-  rows are those tokens x the query heads of the GQA group (16 rows: 8 tokens for groups of 2, one
-  token for groups of 16), so K/V are read once per group and the dots run on the tensor cores. Key
-  tiles always start at position 0 in BLOCK_N steps with an online softmax in float32; a row's
-  numbers depend on its own query and keys only (rows of an MMA are independent, and key tiles past a
-  row's position are fully masked no-ops), so prefill chunks, decode steps (one token per tile) and the
-  trainer's packed batch give the same bits. K/V come from the paged cache (through the block table)
-  or from the packed tensors, the same values either way. No split-KV.
+- `attention`: `triton_attention.prefill` for prefill chunks, decode steps and the trainer's packed
+  batch alike, with tiles fixed by the head layout (`attention_tile`: 16 rows = the GQA group x
+  consecutive tokens; one token per tile at decode). Key tiles always start at position 0 in BLOCK_N
+  steps with an online softmax in float32; a row's numbers depend on its own query and keys only (rows
+  of an MMA are independent, and key tiles past a row's position are fully masked no-ops), so they do
+  not depend on which tokens share its program. K/V come from the paged cache (through the block
+  table) or from the packed tensors, the same values either way. No split-KV.
 - `log_softmax`: one program per row, fixed chunks of the vocabulary.
 - RMSNorm, RoPE and SiLU-and-mul reuse `triton_norm` / `triton_elementwise`, whose programs own
   whole rows (RMSNorm) or single elements (RoPE, SiLU), so they are invariant already.
@@ -32,7 +31,7 @@ import triton.language as tl
 
 from parity.kernels import reference, triton_elementwise, triton_norm
 from parity.kernels.metadata import AttentionMetadata
-from parity.kernels.triton_attention import LOG2E, _dot, store_kvcache
+from parity.kernels.triton_attention import _dot, prefill, store_kvcache
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -129,96 +128,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 # ------------------------------------------------------------------------------------------ attention
-@triton.jit(do_not_specialize=["num_seqs"])
-def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, num_seqs, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bt,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # Rows of the tile: TOKENS consecutive query tokens of one sequence x the GROUP query heads that
-    # share this program's KV head (padded to GROUP_PAD), so each K/V tile is loaded once for all of them.
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    lo = 0  # sequence s owns flat tiles [qsl[s] // TOKENS + s, qsl[s+1] // TOKENS + s + 1)
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // TOKENS + mid <= pid:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    tile = pid - (q_start // TOKENS + seq)
-    if tile * TOKENS >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    context = seq_len - q_len
-
-    rows = tl.arange(0, TOKENS * GROUP_PAD)
-    tok = tile * TOKENS + rows // GROUP_PAD  # index within the sequence's query rows
-    head = kv_head * GROUP + rows % GROUP_PAD
-    row_mask = (tok < q_len) & (rows % GROUP_PAD < GROUP)
-    pos = context + tok  # each row sees keys 0..pos
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d[None, :] < HEAD_DIM
-    q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & d_mask, other=0.0)
-
-    m_i = tl.full([TOKENS * GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([TOKENS * GROUP_PAD], tl.float32)
-    acc = tl.zeros([TOKENS * GROUP_PAD, BLOCK_D], tl.float32)
-    kv_end = tl.minimum(seq_len, context + (tile + 1) * TOKENS)
-    # Key tiles always start at position 0 in BLOCK_N steps: a row meets the same tiles (and, past its
-    # own position, only fully masked ones, which change nothing) whichever tokens share its program.
-    for start in range(0, kv_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < kv_end
-        if PAGED:
-            page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-            kv_rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
-        else:
-            kv_rows = (q_start + offs_n).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask
-        k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
-        s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding row of a CUDA graph (context 0) gives zeros
-    o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask)
-
-
-def attention_config(num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
-    """From the head layout only: tiles of 16 (token, head) rows for the tensor cores, BLOCK_N keys."""
-    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
-    return dict(GROUP_PAD=group_pad, TOKENS=max(1, 16 // group_pad), BLOCK_N=64,
-                BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2)
+def attention_tile(num_heads: int, num_kv_heads: int) -> dict:
+    """(tokens, heads) per program of `triton_attention.prefill`, from the head layout only: 16 rows, the
+    whole GQA group (padded to a power of two) x as many consecutive tokens as fit."""
+    heads = triton.next_power_of_2(num_heads // num_kv_heads)
+    return dict(tokens=max(1, 16 // heads), heads=heads)
 
 
 def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> torch.Tensor:
-    num_tokens, num_heads, head_dim = q.shape
     out = torch.zeros_like(q)
-    if num_tokens == 0:
-        return out
-    paged = block_tables is not None
-    num_kv_heads = k.shape[-2]
-    cfg = attention_config(num_heads, num_kv_heads, head_dim)
-    grid = (num_tokens // cfg["TOKENS"] + meta.num_seqs, num_kv_heads)
-    _attention_kernel[grid](
-        q, k, v, out, meta.query_start_loc, meta.seq_lens, block_tables if paged else meta.seq_lens, meta.num_seqs,
-        scale * LOG2E, q.stride(0), q.stride(1), k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
-        out.stride(0), out.stride(1), block_tables.stride(0) if paged else 0,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, **cfg,
-    )
+    if q.shape[0]:
+        prefill(q, k, v, out, meta, scale, block_tables, page_size, **attention_tile(q.shape[1], k.shape[-2]))
     return out
 
 
