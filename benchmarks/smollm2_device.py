@@ -8,27 +8,32 @@
   vs HF    the engine's rollout vs the HF full forward in the same dtype (a cross-implementation check).
 Metrics per pairing (parity.precision.metrics): mean / max |Δlogp| and k3 KL = mean(ρ − 1 − log ρ),
 log ρ = logp_train − logp_rollout.
-`grpo`: configs/grpo_smollm2_arith.yaml through `parity train`'s loop, with greedy accuracy on evaluation
-problems before the warm-start, after it and after GRPO, the reward curve and the phase timings.
+`grpo`: configs/grpo_smollm2_arith.yaml through `parity train`'s loop, one run per `--variant` (e.g. bf16 and
+fp16) inside a wall-clock budget, each with greedy accuracy on the whole held-out split (± binomial SE, 95%
+interval) before the warm-start, after it, every few steps and after GRPO, GRPO's paired gain, the reward and
+mismatch curves and the phase timings; JSON, PNG and the offline W&B runs (.tgz) rewritten after each run.
 
 Runs on CPU or CUDA. The device has no `gguf` package and takes 64 MiB per call: `prepare` splits the GGUF
 into .gguf/part1 and .gguf/part2, `join` puts it back together there (docs/real_model.md has the commands):
   python benchmarks/smollm2_device.py mismatch --device cuda --out $OUT/smollm2_mismatch.json
-  python benchmarks/smollm2_device.py grpo --set optim.mixed_precision=bf16 --out $OUT/smollm2_grpo.json
+  bash benchmarks/smollm2_grpo_device.sh ...          (the GRPO sweep; three calls, see the script)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import hashlib
 import json
-import os
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
+
+START = time.perf_counter()  # the sweep's wall-clock budget counts from here
 
 CHAT_PROMPTS = [
     "What is 12 + 34?",
@@ -182,84 +187,156 @@ def join(first: Path, second: Path, site: Path) -> None:
     print(f"installed {pkg / model.filename} (sha256 ok)")
 
 
-def export_hf(out_dir: Path) -> Path:
-    """The GGUF as an HF directory (fp32 safetensors), written once: what `parity train` loads."""
-    from parity.rollout.models.gguf import export_hf_dir
-    from parity.rollout.models.registry import DEFAULT_REAL_MODEL, packaged_model_path
-
-    if not (out_dir / "model.safetensors").is_file():
-        export_hf_dir(packaged_model_path(DEFAULT_REAL_MODEL), out_dir)
-    return out_dir
-
-
-def eval_accuracy(engine, problems) -> float:
-    """Greedy exact-match accuracy (the training reward: bare answer, then EOS) on evaluation problems."""
-    from parity import SamplingParams
-    from parity.trainer_bridge.tasks import Task
-
-    rollouts = engine.generate([p.prompt for p in problems], SamplingParams(temperature=0, max_tokens=8))
-    return sum(Task.reward(problems[r.prompt_index], r) for r in rollouts) / len(problems)
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """"NAME: key=value key=value" -> (NAME, overrides); NAME alone runs the config as it is."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise SystemExit(f"variant name {name!r}: use letters, digits, '.', '_' and '-' (it names files)")
+    return name, rest.split()
 
 
-def run_grpo_experiment(config_path: Path, overrides: list[str], num_eval: int) -> dict:
-    """Greedy accuracy before the warm-start, after it, and after GRPO, around `parity train`'s loop.
-
-    The evaluation problems are drawn with their own seed from the task's distribution; the built-in task
-    has no train/test split, so the warm-start and GRPO may draw the same problems (with operands 0..20,
-    most of the 441): the figures are task accuracy, not generalisation to unseen problems."""
-    import random
-
-    from parity import Engine
+def run_variant(config_path: Path, overrides: list[str], time_limit_s: float | None) -> dict:
+    """One GRPO run of `parity train`'s loop with held-out evaluation, as a JSON-able record."""
+    from parity.trainer_bridge.evaluation import accuracy_stats
     from parity.trainer_bridge.grpo import GRPOTrainer
-    from parity.trainer_bridge.tasks import Task
     from parity.trainer_bridge.tracking import Tracker
     from parity.trainer_bridge.train_config import load_train_config
 
-    cfg = load_train_config(config_path, overrides)
-    if cfg.model.path is None:
-        hf_dir = export_hf(Path(os.environ.get("PARITY_CACHE", Path.home() / ".cache" / "parity")) / "smollm2-135m-instruct-hf")
-        cfg = load_train_config(config_path, [*overrides, f"model.path={hf_dir}"])
-    problems = Task(cfg.task).sample(random.Random(10_000 + cfg.seed), num_eval, split="eval")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = Engine.from_pretrained(cfg.model.path, dtype=cfg.engine.dtype, device=device, max_model_len=64,
-                                  max_num_seqs=num_eval, kv_cache_memory=256 << 20)
-    acc = {"base": eval_accuracy(base, problems)}
-    del base
+    limit = [] if time_limit_s is None else [f"time_limit_s={time_limit_s:.0f}"]
+    cfg = load_train_config(config_path, [*overrides, *limit])
     t0 = time.perf_counter()
     trainer = GRPOTrainer(cfg, Tracker(cfg.tracking, cfg.to_dict(), cfg.out_dir))
-    t_warm = time.perf_counter() - t0
-    acc["after_warmstart"] = eval_accuracy(trainer.engine, problems)
+    setup_s = time.perf_counter() - t0
     result = trainer.train(progress=True)
-    acc["after_grpo"] = eval_accuracy(trainer.engine, problems)
-    return {"eval_accuracy": acc, "eval_problems": num_eval, "warmstart_s": t_warm, "summary": result.summary,
-            "reward_curve": [h["reward/mean"] for h in result.history],
-            "mismatch_mean_curve": [h["mismatch/logp_abs_diff_mean"] for h in result.history],
-            "mismatch_k3_curve": [h["mismatch/mismatch_k3_kl"] for h in result.history],
-            "run_dir": str(result.run_dir) if result.run_dir else None, "config": cfg.to_dict()}
+    evals = [{"stage": e.stage, "step": e.step, **accuracy_stats(e.correct),
+              "lenient_accuracy": accuracy_stats(e.lenient)["accuracy"]} for e in result.evals]
+    record = {
+        "config": cfg.to_dict(), "setup_s": setup_s, "wall_s": time.perf_counter() - t0, "evals": evals,
+        "summary": result.summary, "run_dir": str(result.run_dir) if result.run_dir else None,
+        "curves": {key: [h[key] for h in result.history] for key in CURVES},
+    }
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return record
 
 
-def plot_grpo(result: dict, path: Path) -> None:
-    """Reward per step (T=1 samples) and the greedy evaluation accuracy before and after GRPO."""
+# Per-step series kept in the result JSON (all metrics are in each run's metrics.jsonl and W&B run).
+CURVES = ("reward/mean", "response_length/mean", "mismatch/logp_abs_diff_mean", "mismatch/logp_abs_diff_max",
+          "mismatch/mismatch_k3_kl", "time/rollout_s", "time/logprob_s", "time/train_s", "time/sync_s")
+
+
+def plot_sweep(runs: dict[str, dict], path: Path) -> None:
+    """Left: GRPO reward per step (T=1 samples; a 10-step running mean over the raw points). Right: greedy
+    accuracy on the whole held-out split against GRPO steps, with 95% Wilson intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve, acc = result["reward_curve"], result["eval_accuracy"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot(range(1, len(curve) + 1), curve, marker=".", label="GRPO reward (mean over samples, T=1)")
-    ax.scatter([0, len(curve)], [acc["after_warmstart"], acc["after_grpo"]], color="C3", zorder=3,
-               label=f"greedy eval accuracy ({result['eval_problems']} problems)")
-    for x, key in ((0, "after_warmstart"), (len(curve), "after_grpo")):
-        ax.annotate(f"{acc[key]:.0%}", (x, acc[key]), textcoords="offset points", xytext=(4, 6))
-    cfg = result["config"]
-    ax.set(xlabel="step", ylabel="reward / accuracy", ylim=(0, 1),
-           title=f"SmolLM2-135M GRPO, addition 0..{cfg['task']['max_operand']}, engine {cfg['engine']['dtype']}")
-    ax.legend(loc="lower right", fontsize=8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, run) in enumerate(runs.items()):
+        reward = run["curves"]["reward/mean"]
+        steps = range(1, len(reward) + 1)
+        left.plot(steps, reward, color=f"C{i}", alpha=0.25, lw=0.8)
+        smooth = [sum(reward[max(0, k - 9): k + 1]) / len(reward[max(0, k - 9): k + 1]) for k in range(len(reward))]
+        left.plot(steps, smooth, color=f"C{i}", label=name)
+        evals = [e for e in run["evals"] if e["stage"] != "base"]
+        x, y = [e["step"] for e in evals], [e["accuracy"] for e in evals]
+        err = [[e["accuracy"] - e["ci95_low"] for e in evals], [e["ci95_high"] - e["accuracy"] for e in evals]]
+        right.errorbar(x, y, yerr=err, color=f"C{i}", marker="o", ms=3, capsize=2, label=name)
+        base = next((e for e in run["evals"] if e["stage"] == "base"), None)
+        if base is not None:
+            right.axhline(base["accuracy"], color=f"C{i}", ls=":", lw=0.8)
+    cfg = next(iter(runs.values()))["config"]["task"]
+    n = next(iter(runs.values()))["evals"][0]["n"]
+    left.set(xlabel="GRPO step", ylabel="mean reward", ylim=(0, 1), title="reward (T=1 samples)")
+    right.set(xlabel="GRPO step (0: after the warm-start; dotted: before it)", ylabel="greedy accuracy", ylim=(0, 1),
+              title=f"held-out accuracy ({n:.0f} problems, 95% CI)")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    model = next(iter(runs.values()))["config"]["model"]["path"] or "factory model"
+    fig.suptitle(f"GRPO on {model}: {cfg['name']} 0..{cfg['max_operand']}, chat={cfg['chat']}, "
+                 f"reward={cfg['reward']} (first run's settings)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pack_runs(runs: dict[str, dict], path: Path) -> None:
+    """Each run's offline W&B directory, metrics.jsonl and summary.json in one .tgz (`wandb sync` the runs)."""
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, run in runs.items():
+            out_dir = Path(run["config"]["out_dir"])
+            for item in ("metrics.jsonl", "summary.json"):
+                if (out_dir / item).is_file():
+                    tar.add(out_dir / item, arcname=f"{name}/{item}")
+            if run["run_dir"]:
+                tar.add(run["run_dir"], arcname=f"{name}/wandb/{Path(run['run_dir']).name}")
+
+
+def grpo_sweep(args: argparse.Namespace) -> dict:
+    """Run each variant in turn within the wall-clock budget; after each, rewrite the JSON, PNG and .tgz."""
+    import transformers
+
+    variants = [parse_variant(v) for v in args.variants] or [("run", [])]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name()
+                      if device == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
+                      "transformers": transformers.__version__, "config": str(args.config),
+                      "overrides": args.overrides, "budget_s": args.budget_s},
+              "runs": {}, "skipped": []}
+    setup_guess = 60.0  # seconds before the first GRPO step (export, engines, warm-start, evaluations)
+    for name, overrides in variants:
+        left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - START)
+        if left is not None and left < setup_guess + 30:
+            print(f"[sweep] skipping {name}: {left:.0f} s left of the budget", flush=True)
+            result["skipped"].append(name)
+            write_outputs(result, args)
+            continue
+        print(f"[sweep] {name}: {' '.join(overrides) or '(config as is)'}"
+              + ("" if left is None else f", {left:.0f} s left"), flush=True)
+        out_dir = Path(args.runs_dir) / name
+        run = run_variant(args.config, [*args.overrides, *overrides, f"out_dir={out_dir}", f"tracking.name={name}"],
+                          None if left is None else left - setup_guess - 20)
+        run["overrides"] = overrides
+        result["runs"][name] = run
+        setup_guess = max(run["setup_s"], 15.0) + 10
+        print(f"[sweep] {name}: " + json.dumps({e["stage"] + f"@{e['step']}": round(e["accuracy"], 4)
+                                                 for e in run["evals"]}), flush=True)
+        write_outputs(result, args)
+    return result
+
+
+def write_outputs(result: dict, args: argparse.Namespace) -> None:
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.plot and result["runs"]:
+        plot_sweep(result["runs"], args.plot)
+    if args.pack and result["runs"]:
+        pack_runs(result["runs"], args.pack)
+
+
+def grpo_table(result: dict) -> str:
+    """Markdown: held-out accuracy ± SE before / after the warm-start / after GRPO, and GRPO's paired gain."""
+    lines = ["| run | GRPO steps | base | after warm-start | after GRPO | GRPO gain ± paired SE (fixed/broken) "
+             "| reward first -> last 3 |", "|---|---|---|---|---|---|---|"]
+    for name, run in result["runs"].items():
+        acc = {e["stage"]: f"{100 * e['accuracy']:.1f} ± {100 * e['se']:.1f}" for e in run["evals"]}
+        s = run["summary"]
+        gain = (f"{100 * s['eval/grpo_gain']:+.1f} ± {100 * s['eval/grpo_gain_se']:.1f} "
+                f"({s['eval/grpo_gain_fixed']:.0f}/{s['eval/grpo_gain_broken']:.0f})") if "eval/grpo_gain" in s else "-"
+        reward = f"{s['final/reward_first']:.3f} -> {s['final/reward_last']:.3f}" if "final/reward_first" in s else "-"
+        cells = " | ".join(acc.get(stage, "-") for stage in ("base", "warmstart", "final"))
+        lines.append(f"| {name} | {s['final/steps']:.0f} | {cells} | {gain} | {reward} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,14 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--first", type=Path, required=True, help="folder holding model.gguf.part1")
     j.add_argument("--second", type=Path, required=True, help="folder holding model.gguf.part2 and .sha256")
     j.add_argument("--site", type=Path, default=Path("/tmp/site"))
-    e = sub.add_parser("export-hf", help="write the GGUF as an HF directory (what `parity train` loads)")
-    e.add_argument("out", type=Path)
-    g = sub.add_parser("grpo", help="greedy accuracy before/after GRPO on configs/grpo_smollm2_arith.yaml")
+    g = sub.add_parser("grpo", help="GRPO runs on configs/grpo_smollm2_arith.yaml with held-out accuracy before/after")
     g.add_argument("--config", type=Path, default=Path(__file__).parents[1] / "configs" / "grpo_smollm2_arith.yaml")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    g.add_argument("--eval-problems", type=int, default=200, help="evaluation problems (default 200)")
-    g.add_argument("--out", type=Path, help="write the result as JSON here")
-    g.add_argument("--plot", type=Path, help="write the reward curve + accuracies as a PNG here")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run (repeatable)")
+    g.add_argument("--variant", dest="variants", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
+                   help="one run with these extra overrides (repeatable; run in the order given)")
+    g.add_argument("--budget-s", type=float, help="wall-clock budget for the whole sweep from process start: a "
+                   "run's GRPO stops early to fit, and runs that cannot start in time are skipped")
+    g.add_argument("--runs-dir", default="runs/grpo_smollm2", help="each run writes to RUNS_DIR/NAME")
+    g.add_argument("--out", type=Path, help="write the result JSON here (rewritten after each run)")
+    g.add_argument("--plot", type=Path, help="write reward and held-out accuracy curves as a PNG here")
+    g.add_argument("--pack", type=Path, help="write each run's W&B directory and metrics as a .tgz here")
     m = sub.add_parser("mismatch", help="mismatch per dtype: HF anchor, parity fast and deterministic")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of fp32, bf16, fp16")
@@ -291,16 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.out)
     elif args.command == "join":
         join(args.first, args.second, args.site)
-    elif args.command == "export-hf":
-        print(export_hf(args.out))
     elif args.command == "grpo":
-        result = run_grpo_experiment(args.config, args.overrides, args.eval_problems)
-        print(json.dumps({k: result[k] for k in ("eval_accuracy", "summary", "reward_curve")}, indent=1))
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
-        if args.plot:
-            plot_grpo(result, args.plot)
+        result = grpo_sweep(args)
+        print(grpo_table(result))
     else:
         mismatch_main(args)
     return 0

@@ -362,6 +362,7 @@ def test_train_takes_a_gguf_file_or_alias_exported_once_into_the_cache(tmp_path,
     import hashlib
     import importlib
 
+    from parity.cli.main import main
     from parity.rollout.models import gguf as gguf_mod
     from parity.rollout.models import registry
     from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
@@ -386,6 +387,8 @@ def test_train_takes_a_gguf_file_or_alias_exported_once_into_the_cache(tmp_path,
 
     monkeypatch.setattr(gguf_mod, "export_hf_dir", lambda *a, **k: pytest.fail("exported twice"))
     assert trainable_model_dir(str(path)) == export
+    assert main(["train", "--model", str(path), "--steps", "1", "--out", str(tmp_path / "cli"), "--wandb-mode",
+                 "disabled", "--no-progress", "--set", "warmstart.steps=0", "--set", "rollout.prompts_per_step=2"]) == 0
     site = tmp_path / "site"
     (site / "tiny_pkg").mkdir(parents=True)
     (site / "tiny_pkg" / "__init__.py").write_text("")

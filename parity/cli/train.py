@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (overrides out_dir)")
     p.add_argument("--seed", type=int, help="seed (overrides the config)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--model", help="model to train (overrides model.path): an HF directory, a .gguf file or an "
+                   "alias such as smollm2-135m-instruct (a GGUF is exported once to an HF directory in the cache)")
     p.add_argument("--wandb-mode", choices=WANDB_MODES, help="W&B mode (default from the config: offline)")
     p.add_argument("--wandb-project", help="W&B project")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from parity.trainer_bridge.grpo import run_grpo
     from parity.trainer_bridge.train_config import load_train_config
 
-    flags = {"steps": args.steps, "out_dir": args.out, "seed": args.seed, "device": args.device,
+    flags = {"steps": args.steps, "out_dir": args.out, "seed": args.seed, "device": args.device, "model.path": args.model,
              "tracking.mode": args.wandb_mode, "tracking.project": args.wandb_project}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     config = load_train_config(args.config, overrides)
