@@ -251,7 +251,7 @@ def plot_sweep(runs: dict[str, dict], path: Path) -> None:
         if base is not None:
             right.axhline(base["accuracy"], color=f"C{i}", ls=":", lw=0.8)
     cfg = next(iter(runs.values()))["config"]["task"]
-    n = next(iter(runs.values()))["evals"][0]["n"]
+    n = next((run["evals"][0]["n"] for run in runs.values() if run["evals"]), 0)
     left.set(xlabel="GRPO step", ylabel="mean reward", ylim=(0, 1), title="reward (T=1 samples)")
     right.set(xlabel="GRPO step (0: after the warm-start; dotted: before it)", ylabel="greedy accuracy", ylim=(0, 1),
               title=f"held-out accuracy ({n:.0f} problems, 95% CI)")

@@ -110,6 +110,9 @@ def test_default_config_file_is_the_dataclass_default():
     ("loss.agg=sum", "loss.agg"),
     ("tracking.mode=cloud", "wandb mode"),
     ("sleep_level=3", "sleep_level"),
+    ("eval.enabled=true", "holdout_fraction > 0"),
+    ("task.reward=close", "unknown reward 'close'"),
+    ("eval.every=-1", "eval.every"),
 ])
 def test_bad_config_is_refused(override, message):
     with pytest.raises(ValueError, match=message):
@@ -165,3 +168,18 @@ def test_holdout_split_is_disjoint_and_stable():
     assert not {p.prompt for p in task.warmstart_examples(random.Random(2), 500, accuracy=1.0)} & held_prompts
     with pytest.raises(ValueError, match="holdout_fraction"):
         TaskConfig(holdout_fraction=1.0)
+
+
+def test_time_limit_stops_grpo_early_and_still_evaluates(tmp_path, one_thread):
+    """time_limit_s: no GRPO step starts that would end past the limit (0 s: none), the held-out evaluation
+    still runs after the loop, and the summary says the run was cut short."""
+    config = load_train_config(DEFAULT_CONFIG, [
+        f"out_dir={tmp_path}", "time_limit_s=0", "tracking.mode=disabled", "task.holdout_fraction=0.3",
+        "eval.enabled=true", "warmstart.steps=2",
+    ])
+    result = run_grpo(config, progress=False)
+    assert result.history == [] and result.summary["final/steps"] == 0
+    assert result.summary["final/stopped_at_time_limit"] == 1.0
+    assert [(e.stage, e.step) for e in result.evals] == [("base", 0), ("warmstart", 0), ("final", 0)]
+    assert result.evals[-1].correct == result.evals[1].correct  # no step: the same weights, the same answers
+    assert result.summary["eval/grpo_gain"] == 0.0 and result.summary["eval/grpo_gain_n"] == len(result.evals[0].correct)
