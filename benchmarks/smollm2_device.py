@@ -210,7 +210,8 @@ def run_variant(config_path: Path, overrides: list[str], time_limit_s: float | N
     setup_s = time.perf_counter() - t0
     result = trainer.train(progress=True)
     evals = [{"stage": e.stage, "step": e.step, **accuracy_stats(e.correct),
-              "lenient_accuracy": accuracy_stats(e.lenient)["accuracy"]} for e in result.evals]
+              **{f"{kind}_accuracy": accuracy_stats(c)["accuracy"] for kind, c in e.by_reward.items()}}
+             for e in result.evals]
     record = {
         "config": cfg.to_dict(), "setup_s": setup_s, "wall_s": time.perf_counter() - t0, "evals": evals,
         "summary": result.summary, "run_dir": str(result.run_dir) if result.run_dir else None,
@@ -229,7 +230,7 @@ CURVES = ("reward/mean", "response_length/mean", "mismatch/logp_abs_diff_mean", 
 
 
 def plot_sweep(runs: dict[str, dict], path: Path) -> None:
-    """Left: GRPO reward per step (T=1 samples; a 10-step running mean over the raw points). Right: greedy
+    """Left: GRPO reward per step (T=1 samples; a running mean of up to 10 steps over the raw points). Right: greedy
     accuracy on the whole held-out split against GRPO steps, with 95% Wilson intervals."""
     import matplotlib
 
@@ -241,19 +242,21 @@ def plot_sweep(runs: dict[str, dict], path: Path) -> None:
         reward = run["curves"]["reward/mean"]
         steps = range(1, len(reward) + 1)
         left.plot(steps, reward, color=f"C{i}", alpha=0.25, lw=0.8)
-        smooth = [sum(reward[max(0, k - 9): k + 1]) / len(reward[max(0, k - 9): k + 1]) for k in range(len(reward))]
+        w = max(1, min(10, len(reward) // 10))  # running-mean window
+        smooth = [sum(reward[max(0, k - w + 1): k + 1]) / len(reward[max(0, k - w + 1): k + 1]) for k in range(len(reward))]
         left.plot(steps, smooth, color=f"C{i}", label=name)
-        evals = [e for e in run["evals"] if e["stage"] != "base"]
+        warm = any(e["stage"] == "warmstart" for e in run["evals"])  # GRPO starts from it, else from the base model
+        evals = [e for e in run["evals"] if e["stage"] != ("base" if warm else "warmstart")]
         x, y = [e["step"] for e in evals], [e["accuracy"] for e in evals]
         err = [[e["accuracy"] - e["ci95_low"] for e in evals], [e["ci95_high"] - e["accuracy"] for e in evals]]
         right.errorbar(x, y, yerr=err, color=f"C{i}", marker="o", ms=3, capsize=2, label=name)
-        base = next((e for e in run["evals"] if e["stage"] == "base"), None)
-        if base is not None:
+        if warm:
+            base = next(e for e in run["evals"] if e["stage"] == "base")
             right.axhline(base["accuracy"], color=f"C{i}", ls=":", lw=0.8)
     cfg = next(iter(runs.values()))["config"]["task"]
     n = next((run["evals"][0]["n"] for run in runs.values() if run["evals"]), 0)
     left.set(xlabel="GRPO step", ylabel="mean reward", ylim=(0, 1), title="reward (T=1 samples)")
-    right.set(xlabel="GRPO step (0: after the warm-start; dotted: before it)", ylabel="greedy accuracy", ylim=(0, 1),
+    right.set(xlabel="GRPO step (dotted: before the warm-start, if any)", ylabel="greedy accuracy", ylim=(0, 1),
               title=f"held-out accuracy ({n:.0f} problems, 95% CI)")
     left.legend(fontsize=8)
     right.legend(fontsize=8)

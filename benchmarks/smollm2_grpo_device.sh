@@ -12,7 +12,8 @@
 #   call 3  carry [".gguf/part2"]   bash benchmarks/smollm2_grpo_device.sh run        (timeout_s 600)
 #
 # `run` joins the GGUF (sha256 checked) and runs the GRPO sweep of configs/grpo_smollm2_arith.yaml within
-# BUDGET_S seconds (default 500; a run's GRPO stops early to fit, later runs are skipped), writing into $OUT:
+# BUDGET_S seconds (default 500; a run's GRPO stops early to fit, later runs are skipped): bf16 (engine and
+# trainer), fp16, then bf16 with the supervised warm-start and the exact reward instead. Into $OUT:
 #   smollm2_grpo_sweep.json   every run: held-out accuracy ± SE (base / warm-start / every 25 steps / final),
 #                             GRPO's paired gain, reward, mismatch and phase-time curves, config, device
 #   smollm2_grpo_sweep.png    reward per step and held-out accuracy with 95% intervals, per run
@@ -21,28 +22,29 @@
 # The three files are rewritten after each run, so a cut-short call still returns the finished runs.
 set -uo pipefail
 stage=${1:?usage: smollm2_grpo_device.sh part1|wheels|run}
+t=${SCRATCH:-/tmp}  # survives between calls while the machine is warm
 case $stage in
 part1)
-  mkdir -p /tmp/sm && cp .gguf/part1/model.gguf.part1 /tmp/sm/ && ls -l /tmp/sm
+  mkdir -p $t/sm && cp .gguf/part1/model.gguf.part1 $t/sm/ && ls -l $t/sm
   ;;
 wheels)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/gguf-*.whl \
-    && python3 -m pip install -q --no-index --find-links .whl/wandb --no-cache-dir --target /tmp/wsite wandb \
-    && PYTHONPATH=/tmp/site:/tmp/wsite python3 -c "import gguf, wandb; print('gguf', gguf.__file__, 'wandb', wandb.__version__)"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $t/site .whl/gguf-*.whl \
+    && python3 -m pip install -q --no-index --find-links .whl/wandb --no-cache-dir --target $t/wsite wandb \
+    && PYTHONPATH=$t/site:$t/wsite python3 -c "import gguf, wandb; print('gguf', gguf.__file__, 'wandb', wandb.__version__)"
   ;;
 run)
-  export PYTHONPATH=/tmp/site:/tmp/wsite:$PWD PYTHONUNBUFFERED=1 WANDB_SILENT=true WANDB_MODE=offline
+  export PYTHONPATH=$t/site:$t/wsite:$PWD PYTHONUNBUFFERED=1 WANDB_SILENT=true WANDB_MODE=offline
   out=${OUT:-/tmp/out}
   mkdir -p "$out"
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
     git log -1 --format=%H 2>/dev/null; } > "$out/gpu.txt" 2>&1
-  python3 benchmarks/smollm2_device.py join --first /tmp/sm --second .gguf/part2 --site /tmp/site || exit 1
+  python3 benchmarks/smollm2_device.py join --first $t/sm --second .gguf/part2 --site $t/site || exit 1
   python3 benchmarks/smollm2_device.py grpo --budget-s "${BUDGET_S:-500}" \
     --variant "bf16: engine.dtype=bf16 optim.mixed_precision=bf16" \
     --variant "fp16: engine.dtype=fp16 optim.mixed_precision=fp16" \
-    --variant "bf16-rl-only: engine.dtype=bf16 optim.mixed_precision=bf16 warmstart.steps=0 task.reward=last_numbers rollout.max_tokens=24" \
-    --runs-dir /tmp/grpo_runs --out "$out/smollm2_grpo_sweep.json" --plot "$out/smollm2_grpo_sweep.png" \
+    --variant "bf16-warmstart-exact: engine.dtype=bf16 optim.mixed_precision=bf16 warmstart.steps=15 task.reward=exact rollout.max_tokens=6" \
+    --runs-dir $t/grpo_runs --out "$out/smollm2_grpo_sweep.json" --plot "$out/smollm2_grpo_sweep.png" \
     --pack "$out/smollm2_grpo_wandb.tgz" 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" | tee "$out/smollm2_grpo.log"
   ;;
 *)

@@ -141,8 +141,26 @@ def test_evaluation_scores_each_problem_once_in_order():
     held = task.heldout_problems()
     result = evaluate(OracleEngine(), task, held, max_tokens=4, stage="base", step=0)
     assert result.correct == [int(p.answer) % 2 == 0 for p in held]
+    assert result.by_reward["exact"] == result.by_reward["last_numbers"] == result.correct  # bare numbers
     assert result.metrics()["eval/problems"] == len(held)
     assert result.metrics()["eval/accuracy"] == pytest.approx(sum(result.correct) / len(held))
+
+
+class SentenceEngine(OracleEngine):
+    """Answers every addition right, in a sentence."""
+
+    def generate(self, prompts, params):
+        return [rollout(f"{p.rstrip('=').replace('+', ' + ')} = {sum(map(int, p.rstrip('=').split('+')))}", index=i)
+                for i, p in enumerate(prompts)]
+
+
+def test_evaluation_reports_both_rewards_whatever_the_task_uses():
+    held = Task(TaskConfig(max_operand=9, holdout_fraction=0.3)).heldout_problems()
+    for kind in ("exact", "last_numbers"):
+        task = Task(TaskConfig(max_operand=9, holdout_fraction=0.3, reward=kind))
+        m = evaluate(SentenceEngine(), task, held, max_tokens=16, stage="final", step=3).metrics()
+        assert m["eval/exact_accuracy"] == 0.0 and m["eval/last_numbers_accuracy"] == 1.0
+        assert m["eval/accuracy"] == m[f"eval/{kind}_accuracy"]
 
 
 # --------------------------------------------------------------------------------------- statistics

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from parity.rollout.sampling_params import SamplingParams
-from parity.trainer_bridge.tasks import Problem, Task, score
+from parity.trainer_bridge.tasks import REWARDS, Problem, Task, score
 
 Z95 = 1.959964
 
@@ -47,27 +47,28 @@ def paired_gain(before: Sequence[bool], after: Sequence[bool]) -> dict[str, floa
 
 @dataclass
 class Evaluation:
-    """One greedy pass over the evaluation problems: per-problem correctness under the task's reward and
-    under the lenient `last_numbers` reward (the right number somewhere at the end, whatever the format)."""
+    """One greedy pass over the evaluation problems: per-problem correctness under the task's reward
+    (`correct`) and under each built-in reward (`by_reward`: "exact" = the bare answer, "last_numbers" = the
+    answer ends the reply), which tells a format change from an arithmetic one."""
 
     stage: str  # "base" (before the warm-start), "warmstart", "step", "final"
     step: int  # GRPO steps done
     correct: list[bool]
-    lenient: list[bool]
+    by_reward: dict[str, list[bool]]
 
     def metrics(self) -> dict[str, float]:
-        s, lenient = accuracy_stats(self.correct), accuracy_stats(self.lenient)
+        s = accuracy_stats(self.correct)
         return {"eval/accuracy": s["accuracy"], "eval/accuracy_se": s["se"], "eval/ci95_low": s["ci95_low"],
-                "eval/ci95_high": s["ci95_high"], "eval/lenient_accuracy": lenient["accuracy"],
-                "eval/problems": s["n"]}
+                "eval/ci95_high": s["ci95_high"], "eval/problems": s["n"],
+                **{f"eval/{kind}_accuracy": accuracy_stats(c)["accuracy"] for kind, c in self.by_reward.items()}}
 
 
 def evaluate(engine, task: Task, problems: list[Problem], max_tokens: int, stage: str, step: int) -> Evaluation:
-    """Greedy responses to `problems` (each once, prompts as in training), scored by the task's reward."""
+    """Greedy responses to `problems` (each once, prompts as in training), scored by every reward."""
     rollouts = engine.generate([task.prompt(p) for p in problems], SamplingParams(temperature=0, max_tokens=max_tokens))
     by_index = sorted(rollouts, key=lambda r: r.prompt_index)
     if [r.prompt_index for r in by_index] != list(range(len(problems))):
         raise RuntimeError("evaluation expects exactly one greedy response per problem")
-    correct = [task.reward(p, r) == 1.0 for p, r in zip(problems, by_index)]
-    lenient = [score(p, r.text, r.finish_reason, "last_numbers") == 1.0 for p, r in zip(problems, by_index)]
-    return Evaluation(stage, step, correct, lenient)
+    by_reward = {kind: [score(p, r.text, r.finish_reason, kind) == 1.0 for p, r in zip(problems, by_index)]
+                 for kind in REWARDS}
+    return Evaluation(stage, step, by_reward[task.config.reward], by_reward)

@@ -320,9 +320,8 @@ def eval_summary(evals: list[Evaluation]) -> dict[str, float]:
     summary: dict[str, float] = {}
     for e in evals:
         if e.stage != "step":
-            m = e.metrics()
-            summary.update({f"eval/{e.stage}_accuracy": m["eval/accuracy"], f"eval/{e.stage}_accuracy_se":
-                            m["eval/accuracy_se"], f"eval/{e.stage}_lenient_accuracy": m["eval/lenient_accuracy"]})
+            summary.update({f"eval/{e.stage}_{k.removeprefix('eval/')}": v for k, v in e.metrics().items()
+                            if k != "eval/problems"})
     finals = [e for e in evals if e.stage == "final"]
     if finals:
         start = next(e for e in reversed(evals) if e.stage in ("warmstart", "base"))
