@@ -13,7 +13,7 @@
 #
 # `run` joins the GGUF (sha256 checked) and runs the GRPO sweep of configs/grpo_smollm2_arith.yaml within
 # BUDGET_S seconds (default 500; a run's GRPO stops early to fit, later runs are skipped): bf16 (engine and
-# trainer), fp16, then bf16 with the supervised warm-start and the exact reward instead. Into $OUT:
+# trainer), fp16, then bf16 without the warm-start on the last_numbers reward instead. Into $OUT:
 #   smollm2_grpo_sweep.json   every run: held-out accuracy ± SE (base / warm-start / every 25 steps / final),
 #                             GRPO's paired gain, reward, mismatch and phase-time curves, config, device
 #   smollm2_grpo_sweep.png    reward per step and held-out accuracy with 95% intervals, per run
@@ -43,7 +43,7 @@ run)
   python3 benchmarks/smollm2_device.py grpo --budget-s "${BUDGET_S:-500}" \
     --variant "bf16: engine.dtype=bf16 optim.mixed_precision=bf16" \
     --variant "fp16: engine.dtype=fp16 optim.mixed_precision=fp16" \
-    --variant "bf16-warmstart-exact: engine.dtype=bf16 optim.mixed_precision=bf16 warmstart.steps=15 task.reward=exact rollout.max_tokens=6" \
+    --variant "bf16-rl-only: engine.dtype=bf16 optim.mixed_precision=bf16 warmstart.steps=0 task.reward=last_numbers rollout.max_tokens=24" \
     --runs-dir $t/grpo_runs --out "$out/smollm2_grpo_sweep.json" --plot "$out/smollm2_grpo_sweep.png" \
     --pack "$out/smollm2_grpo_wandb.tgz" 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" | tee "$out/smollm2_grpo.log"
   ;;

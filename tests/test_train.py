@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from pathlib import Path
 
@@ -183,3 +184,23 @@ def test_time_limit_stops_grpo_early_and_still_evaluates(tmp_path, one_thread):
     assert [(e.stage, e.step) for e in result.evals] == [("base", 0), ("warmstart", 0), ("final", 0)]
     assert result.evals[-1].correct == result.evals[1].correct  # no step: the same weights, the same answers
     assert result.summary["eval/grpo_gain"] == 0.0 and result.summary["eval/grpo_gain_n"] == len(result.evals[0].correct)
+
+
+def test_nonfinite_gradient_skips_the_update(tmp_path, one_thread):
+    """A minibatch whose gradient holds nan (injected by a hook) leaves the weights untouched and is counted,
+    instead of writing nan into the trainer and, at the next sync, the engine."""
+    from parity.trainer_bridge.grpo import GRPOTrainer
+
+    config = load_train_config(DEFAULT_CONFIG, [f"out_dir={tmp_path}", "warmstart.steps=0", "tracking.mode=disabled",
+                                                "rollout.prompts_per_step=4", "loss.num_minibatches=1"])
+    trainer = GRPOTrainer(config)
+    weight = trainer.model.get_input_embeddings().weight
+    before = weight.detach().clone()
+    handle = weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    metrics = trainer.step()
+    handle.remove()
+    assert metrics["actor/nonfinite_grad_skipped"] == 1.0 and not math.isfinite(metrics["actor/grad_norm"])
+    assert torch.equal(weight.detach(), before)
+    assert all(torch.isfinite(p).all() for p in trainer.engine.model.parameters())
+    metrics = trainer.step()  # the next, clean step is not skipped
+    assert metrics["actor/nonfinite_grad_skipped"] == 0.0 and math.isfinite(metrics["actor/grad_norm"])

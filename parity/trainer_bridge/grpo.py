@@ -21,6 +21,7 @@ greedy accuracy on the whole held-out split is measured before the warm-start, a
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -191,10 +192,14 @@ class GRPOTrainer:
                 clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip, agg=cfg.loss.agg,
             )
             self.accelerator.backward(loss)  # fp16: scaled, and unscaled before clipping
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+            # A non-finite gradient would write inf/nan into every weight (and the engine's at the next sync):
+            # skip that update, as verl does. Under fp16 the loss scaler already skips it and must see the step.
+            finite = math.isfinite(grad_norm)
+            if finite or self.accelerator.scaler is not None:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            stats.append({**loss_stats, "actor/grad_norm": float(grad_norm)})
+            stats.append({**loss_stats, "actor/grad_norm": grad_norm, "actor/nonfinite_grad_skipped": float(not finite)})
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
     def step(self) -> dict[str, float]:
