@@ -2,7 +2,9 @@
 # The lead's device runs, two calls back to back on one warm machine (see docs/real_model.md for why the
 # GGUF travels in halves). Everything lands in /tmp/res and comes back as one archive, $OUT/res-STAGE.tgz.
 #   stage1 (carry .gguf/part1): GPU tests, mismatch benchmark, GRPO benchmark, diagnose on a Qwen3-shaped model
-#   stage2 (carry .gguf/part2 .whl): SmolLM2 from GGUF: mismatch vs the HF anchor, diagnose, GRPO fp16/bf16
+#   stage2 (carry .gguf/part2 .whl/gguf-0.19.0-py3-none-any.whl; not all of .whl, whose wandb/ would pass the
+#          64 MiB carry): SmolLM2 from GGUF: mismatch vs the HF anchor, diagnose, GRPO bf16/fp16 without W&B
+#          (benchmarks/smollm2_grpo_device.sh runs the GRPO sweep with W&B)
 set -uo pipefail
 stage=$1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -36,10 +38,8 @@ stage2)
     > "$res/smollm2_mismatch.log" 2>&1
   timeout 120 python3 -m parity.cli.main diagnose run --model smollm2-135m-instruct --chat --dtypes fp16,bf16 \
     --device cuda --n 8 --max-tokens 128 --out "$res/diag_smollm2" > "$res/diag_smollm2.log" 2>&1
-  for dt in bf16 fp16; do
-    timeout 130 python3 benchmarks/smollm2_device.py grpo --set engine.dtype=$dt --set optim.mixed_precision=$dt \
-      --set out_dir=/tmp/grpo_$dt --set tracking.mode=disabled --out "$res/smollm2_grpo_$dt.json" \
-      --plot "$res/grpo_smollm2_$dt.png" > "$res/smollm2_grpo_$dt.log" 2>&1
-  done
+  timeout 300 python3 benchmarks/smollm2_device.py grpo --budget-s 280 --set tracking.mode=disabled \
+    --variant "bf16: engine.dtype=bf16 optim.mixed_precision=bf16" --variant "fp16: engine.dtype=fp16 optim.mixed_precision=fp16" \
+    --runs-dir /tmp/grpo_runs --out "$res/smollm2_grpo.json" --plot "$res/smollm2_grpo.png" > "$res/smollm2_grpo.log" 2>&1
   ;;
 esac

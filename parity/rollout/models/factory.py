@@ -144,10 +144,9 @@ def write_tiny_model(path: str | Path, spec: TinyModelSpec | None = None, max_sh
 
 def default_model_dir() -> Path:
     """The built-in default model (a tiny Llama), written once to a cache folder."""
-    import os
+    from parity.rollout.models.registry import cache_root
 
-    root = Path(os.environ.get("PARITY_CACHE", Path.home() / ".cache" / "parity"))
-    path = root / "tiny-llama"
+    path = cache_root() / "tiny-llama"
     if not (path / "config.json").is_file():
         write_tiny_model(path)
     return path

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from parity.rollout.models.config import ModelConfig, UnsupportedModelError
+from parity.rollout.models.registry import cache_root
 from parity.rollout.models.weights import WeightMap
 
 # GGUF `general.architecture` -> the HF architecture name our ModelConfig reads.
@@ -194,11 +195,6 @@ def export_hf_dir(path: Path, out_dir: Path, dtype: torch.dtype = torch.float32)
     GenerationConfig(eos_token_id=cfg.eos_token_ids, bos_token_id=cfg.bos_token_id).save_pretrained(out_dir)
     load_gguf_tokenizer(path).save_pretrained(out_dir)
     return out_dir
-
-
-def cache_root() -> Path:
-    """Where parity writes derived files once: $PARITY_CACHE, else ~/.cache/parity."""
-    return Path(os.environ.get("PARITY_CACHE", Path.home() / ".cache" / "parity"))
 
 
 @functools.lru_cache(maxsize=8)

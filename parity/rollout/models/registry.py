@@ -7,8 +7,14 @@ A packaged model is located with `importlib.util.find_spec`, without importing i
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where parity writes derived files once (default model, GGUF exports): $PARITY_CACHE, else ~/.cache/parity."""
+    return Path(os.environ.get("PARITY_CACHE", Path.home() / ".cache" / "parity"))
 
 
 class ModelNotInstalledError(FileNotFoundError):
