@@ -226,7 +226,8 @@ def run_variant(config_path: Path, overrides: list[str], time_limit_s: float | N
 
 # Per-step series kept in the result JSON (all metrics are in each run's metrics.jsonl and W&B run).
 CURVES = ("reward/mean", "response_length/mean", "mismatch/logp_abs_diff_mean", "mismatch/logp_abs_diff_max",
-          "mismatch/mismatch_k3_kl", "time/rollout_s", "time/logprob_s", "time/train_s", "time/sync_s")
+          "mismatch/mismatch_k3_kl", "time/rollout_s", "time/logprob_s", "time/train_s", "time/sync_s",
+          "actor/grad_norm", "actor/nonfinite_grad_skipped")
 
 
 def plot_sweep(runs: dict[str, dict], path: Path) -> None:
