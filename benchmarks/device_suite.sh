@@ -23,7 +23,8 @@ stage1)
   timeout 150 python3 benchmarks/grpo_device.py --out "$res/grpo" > "$res/grpo.log" 2>&1
   python3 - <<'PY' > "$res/diag_model.log" 2>&1
 from dataclasses import replace
-from benchmarks.throughput import QWEN3_06B
+import sys; sys.path.insert(0, "benchmarks")
+from throughput import QWEN3_06B
 from parity.rollout.models.factory import write_tiny_model
 write_tiny_model("/tmp/qwen3shape", replace(QWEN3_06B, initializer_range=0.05))
 PY

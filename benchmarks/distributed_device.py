@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from run_env import run_env
 from throughput import QWEN3_06B, SMOKE, random_prompts, weight_bytes
 
 from parity import Engine, SamplingParams
@@ -161,15 +161,7 @@ def main() -> None:
     dist.barrier()
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     prompts = random_prompts(args.num_prompts, vocab, *lens, seed=0)
-    results: dict = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "world_size": world,
-        "backend": dist.get_backend(),
-        "torch": torch.__version__,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": {},
-    }
+    results: dict = {**run_env(device, args), "world_size": world, "backend": dist.get_backend(), "rows": {}}
     rows = results["rows"]
     unit = "GPU" if device.type == "cuda" else "process"
 

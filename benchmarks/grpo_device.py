@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from run_env import run_env
 
 from parity import SamplingParams
 from parity.rollout.models.factory import write_tiny_model
@@ -214,10 +213,8 @@ def main() -> None:
     model_dir = write_tiny_model(args.out / "model", base.model.factory)
     write_s = time.perf_counter() - start
     runs = [run_precision(dtype, model_dir, args, extra) for dtype in dtypes]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else platform.processor() or "cpu"
     report = {
-        "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
-        "command": "python " + " ".join(sys.argv),
+        **run_env("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"),
         "model": "Qwen3-0.6B shapes, random init" if not args.smoke else "tiny Qwen3-shaped smoke model",
         "warmstart_steps": base.warmstart.steps, "model_write_s": write_s, "total_s": time.perf_counter() - start,
         "runs": runs,

@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_env import run_env  # noqa: E402
 from throughput import QWEN3_06B, SMOKE, Clock, decode_timing, random_prompts, run_parity  # noqa: E402
 
 from parity import Engine  # noqa: E402
@@ -83,7 +84,7 @@ def main() -> None:
               f"kernels {res['kernel_s']:.3f} s, {res['output_tok_s']:.0f} tok/s traced; decode step {res.get('decode_step')}")
         for row in res["top_kernels"]:
             print(f"  {row['ms']:9.2f} ms {row['calls']:7d}x  {row['name']}")
-    (args.out / "kernel_profile.json").write_text(json.dumps(results, indent=1))
+    (args.out / "kernel_profile.json").write_text(json.dumps({"env": run_env(args.device, args), **results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_env import run_env  # noqa: E402
 from throughput import QWEN3_06B, Clock, random_prompts, run_parity  # noqa: E402
 
 from parity import Engine, SamplingParams  # noqa: E402
@@ -194,16 +194,7 @@ def main() -> None:
         args.device = "cuda"
     device = torch.device(args.device)
     clock = Clock(device)
-    import transformers
-
-    results: dict = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "command": " ".join(sys.argv),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "mismatch": {}, "throughput": {},
-    }
+    results: dict = {**run_env(device, args), "mismatch": {}, "throughput": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is not None:
             path, results["model"] = args.model, str(args.model)

@@ -26,12 +26,12 @@ import copy
 import gc
 import hashlib
 import json
-import platform
 import re
 import time
 from pathlib import Path
 
 import torch
+from run_env import run_env
 
 START = time.perf_counter()  # the sweep's wall-clock budget counts from here
 
@@ -287,14 +287,11 @@ def pack_runs(runs: dict[str, dict], path: Path) -> None:
 
 def grpo_sweep(args: argparse.Namespace) -> dict:
     """Run each variant in turn within the wall-clock budget; after each, rewrite the JSON, PNG and .tgz."""
-    import transformers
 
     variants = [parse_variant(v) for v in args.variants] or [("run", [])]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name()
-                      if device == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
-                      "transformers": transformers.__version__, "config": str(args.config),
-                      "overrides": args.overrides, "budget_s": args.budget_s},
+    result = {"env": {**run_env(device), "config": str(args.config), "overrides": args.overrides,
+                      "budget_s": args.budget_s},
               "runs": {}, "skipped": []}
     setup_guess = 60.0  # seconds before the first GRPO step (export, engines, warm-start, evaluations)
     for name, overrides in variants:
@@ -385,12 +382,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def mismatch_main(args: argparse.Namespace) -> None:
-    import transformers
 
     rows = measure_mismatch(args.dtypes.split(","), args.device, args.max_tokens, args.seed, not args.no_deterministic)
-    env = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
-           else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-           "prompts": len(CHAT_PROMPTS), "max_tokens": args.max_tokens, "seed": args.seed}
+    env = {**run_env(args.device), "prompts": len(CHAT_PROMPTS), "max_tokens": args.max_tokens, "seed": args.seed}
     print(json.dumps(env))
     print(markdown(rows))
     if args.out:

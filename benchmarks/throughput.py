@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from run_env import run_env
 
 from parity import Engine, SamplingParams
 from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
@@ -410,15 +410,7 @@ def main() -> None:
         args.device = "cuda"
     device = torch.device(args.device)
     clock = Clock(device)
-    results: dict = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
-    import transformers
-
-    results["transformers"] = transformers.__version__
+    results: dict = run_env(device, args)
     if device.type == "cuda":
         import triton
 
