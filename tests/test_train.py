@@ -160,7 +160,7 @@ def test_holdout_split_is_disjoint_and_stable():
     function of the prompt (the same on every machine and every seed)."""
     task = Task(TaskConfig(name="addition", max_operand=20, holdout_fraction=0.2))
     train = task.sample(random.Random(0), 3000)
-    held = task.sample(random.Random(1), 500, split="eval")
+    held = task.heldout_problems()
     train_prompts, held_prompts = {p.prompt for p in train}, {p.prompt for p in held}
     assert not train_prompts & held_prompts
     assert len(train_prompts) + len(held_prompts) == 441  # every sum 0..20 + 0..20 lands in exactly one split

@@ -49,7 +49,7 @@ class TaskConfig:
     """name: "addition" (a+b= with operands 0..max_operand) or "sort" (sort `length` numbers 0..max_operand).
 
     holdout_fraction: the share of all problems reserved for evaluation, chosen by a fixed hash of the
-    prompt; training never draws them (0 = no split: evaluation draws from the training distribution).
+    prompt; training never draws them (0 = no split, and no held-out evaluation).
     chat: prompts are the question as a user message through the tokenizer's chat template.
     reward: "exact" (the bare answer, then EOS) or "last_numbers" (the answer's numbers end the text, then EOS).
     """
@@ -139,22 +139,19 @@ class Task:
                              f"(at most {MAX_ENUMERATED}); lower max_operand or length")
         return [p for p in self.all_problems() if self.is_held_out(p)]
 
-    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Problem]:
-        """`n` problems of the training split, or of the held-out evaluation split (`split="eval"`).
-        Without a holdout both splits are the whole task."""
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        """`n` random problems of the training split (never a held-out one; evaluation takes
+        `heldout_problems`). Without a holdout, the whole task."""
         if self.config.holdout_fraction == 0.0:
             return [self._draw(rng) for _ in range(n)]
-        want_held_out = split == "eval"
         problems: list[Problem] = []
         for _ in range(1000 * n):
             problem = self._draw(rng)
-            if self.is_held_out(problem) == want_held_out:
+            if not self.is_held_out(problem):
                 problems.append(problem)
                 if len(problems) == n:
                     return problems
-        raise ValueError(f"the {split} split of task {self.config.name!r} is (nearly) empty; change holdout_fraction")
+        raise ValueError(f"the training split of task {self.config.name!r} is (nearly) empty; change holdout_fraction")
 
     def prompt(self, problem: Problem) -> str | list[dict[str, str]]:
         """What the model is given (an engine prompt): the bare text, or with `chat` the question as a
