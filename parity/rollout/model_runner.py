@@ -161,7 +161,6 @@ class ModelRunner:
             return logits, sampled
         return logits[torch.tensor(sampled, device=logits.device)], sampled
 
-
     def _raise_nonfinite(self, batch: ScheduledBatch) -> None:
         """A replayed decode step produced inf/nan: re-run it eagerly, whose check names the layer (re-running
         writes the same K/V into the same slots)."""
