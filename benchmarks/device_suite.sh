@@ -25,7 +25,7 @@ stage1)
 from dataclasses import replace
 import sys; sys.path.insert(0, "benchmarks")
 from throughput import QWEN3_06B
-from parity.rollout.models.factory import write_tiny_model
+from parity.testing.factory import write_tiny_model
 write_tiny_model("/tmp/qwen3shape", replace(QWEN3_06B, initializer_range=0.05))
 PY
   timeout 120 python3 -m parity.cli.main diagnose run --model /tmp/qwen3shape --dtypes fp16,bf16 --device cuda \

@@ -36,7 +36,7 @@ from throughput import QWEN3_06B, SMOKE, random_prompts, weight_bytes
 from parity import Engine, SamplingParams
 from parity.distributed import DataParallelRollout, TPEngine, init_distributed
 from parity.kernels.metadata import AttentionMetadata
-from parity.rollout.models.factory import write_tiny_model
+from parity.testing.factory import write_tiny_model
 
 
 def barrier_clock(device: torch.device) -> float:

@@ -30,10 +30,10 @@ import torch
 from run_env import run_env
 
 from parity import SamplingParams
-from parity.rollout.models.factory import write_tiny_model
-from parity.trainer_bridge.grpo import GRPOTrainer
-from parity.trainer_bridge.sleep import MemorySnapshot
-from parity.trainer_bridge.train_config import load_train_config
+from parity.engine.sleep import MemorySnapshot
+from parity.testing.factory import write_tiny_model
+from parity.train.config import load_train_config
+from parity.train.grpo import GRPOTrainer
 
 CONFIG = Path(__file__).parent.parent / "configs" / "grpo_qwen3_shapes.yaml"
 SMOKE = [  # a tiny Qwen3-shaped model on the CPU, a few steps: exercises every code path of the script

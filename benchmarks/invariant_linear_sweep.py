@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import triton
 
-from parity.kernels import triton_invariant as ti
-from parity.kernels.ops import _mm_fp32_out
+from parity.kernels.dispatch import _mm_fp32_out
+from parity.kernels.triton import invariant as ti
 
 # (name, N, K) of Qwen3-0.6B: fused qkv, o_proj, fused gate_up, down, LM head (tied, float32 output).
 QWEN3_06B_SHAPES = [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072),

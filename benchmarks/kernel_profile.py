@@ -25,7 +25,7 @@ from run_env import run_env  # noqa: E402
 from throughput import QWEN3_06B, SMOKE, Clock, decode_timing, random_prompts, run_parity  # noqa: E402
 
 from parity import Engine  # noqa: E402
-from parity.rollout.models.factory import write_tiny_model  # noqa: E402
+from parity.testing.factory import write_tiny_model  # noqa: E402
 
 
 def kernel_table(prof, top: int) -> tuple[float, list[dict]]:

@@ -36,9 +36,9 @@ from throughput import QWEN3_06B, Clock, random_prompts, run_parity  # noqa: E40
 
 from parity import Engine, SamplingParams  # noqa: E402
 from parity.precision.metrics import mismatch_metrics  # noqa: E402
-from parity.rollout.models.factory import TinyModelSpec, write_tiny_model  # noqa: E402
-from parity.trainer_bridge.logprobs import trainer_logprobs  # noqa: E402
-from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs  # noqa: E402
+from parity.testing.factory import TinyModelSpec, write_tiny_model  # noqa: E402
+from parity.trainer.logprobs import trainer_logprobs  # noqa: E402
+from parity.trainer.parity_model import parity_model_from_engine, token_logprobs  # noqa: E402
 
 TINY = TinyModelSpec(architecture="qwen3", head_dim=16)
 SUMMARY_KEYS = ("logp_abs_diff_mean", "logp_abs_diff_max", "mismatch_k3_kl", "ratio_fraction_outside", "prob_pearson")

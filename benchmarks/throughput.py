@@ -31,7 +31,7 @@ import torch
 from run_env import run_env
 
 from parity import Engine, SamplingParams
-from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+from parity.testing.factory import TinyModelSpec, write_tiny_model
 
 QWEN3_06B = TinyModelSpec(
     architecture="qwen3", hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
@@ -326,10 +326,14 @@ def kernel_timings(device: torch.device) -> list[dict]:
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    from parity.kernels import reference, triton_attention, triton_elementwise, triton_norm, triton_sampling
+    from parity.engine.sampler import noise_keys, uniform_noise
+    from parity.kernels import reference
+    from parity.kernels.dispatch import _mm_fp32_out
     from parity.kernels.metadata import AttentionMetadata
-    from parity.kernels.ops import _mm_fp32_out
-    from parity.rollout.sampler import noise_keys, uniform_noise
+    from parity.kernels.triton import attention as triton_attention
+    from parity.kernels.triton import elementwise as triton_elementwise
+    from parity.kernels.triton import norm as triton_norm
+    from parity.kernels.triton import sampling as triton_sampling
 
     def bench(fn, *args):
         return do_bench(lambda: fn(*args), warmup=25, rep=100, return_mode="median") * 1e3  # microseconds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parity.rollout.models.factory import ARCHITECTURES, TinyModelSpec, write_tiny_model
+from parity.testing.factory import ARCHITECTURES, TinyModelSpec, write_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from parity.engine.engine import Engine
+from parity.engine.sampling_params import SamplingParams
 from parity.kernels import invariant, reference
 from parity.kernels.metadata import AttentionMetadata
 from parity.precision.metrics import mismatch_metrics
 from parity.precision.policy import PrecisionPolicy
-from parity.rollout.engine import Engine
-from parity.rollout.sampling_params import SamplingParams
-from parity.trainer_bridge.parity_forward import load_parity_model, parity_model_from_engine, token_logprobs
+from parity.trainer.parity_model import load_parity_model, parity_model_from_engine, token_logprobs
 
 PROMPT_LENS = (5, 23, 41, 9, 30, 3)
 SAMPLING = [

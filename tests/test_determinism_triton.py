@@ -21,8 +21,8 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from parity.kernels import reference  # noqa: E402
-from parity.kernels import triton_invariant as ti  # noqa: E402
 from parity.kernels.metadata import AttentionMetadata  # noqa: E402
+from parity.kernels.triton import invariant as ti  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -160,7 +160,7 @@ def test_rms_norm_wrapper_is_row_invariant_with_reference_gradients():
 # ------------------------------------------------------------------------------------ on the GPU
 def _gpu_deterministic_run(model_dir, dtype: str, params):
     """A batch of 8 mixed-length prompts (chunked prefill, CUDA-graph decode), then prompts 0, 4, 7 alone."""
-    from parity.rollout.engine import Engine
+    from parity.engine.engine import Engine
 
     engine = Engine.from_pretrained(model_dir, dtype=dtype, deterministic=True, max_model_len=512,
                                     max_num_batched_tokens=64, kv_cache_memory=64 << 20)
@@ -177,8 +177,8 @@ def _gpu_deterministic_run(model_dir, dtype: str, params):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype):
-    from parity.rollout.sampling_params import SamplingParams
-    from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
+    from parity.engine.sampling_params import SamplingParams
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
     params = SamplingParams(temperature=0.9, max_tokens=40, seed=3, ignore_eos=True)
     engine, prompts, batch = _gpu_deterministic_run(llama_dir, dtype, params)
@@ -192,7 +192,7 @@ def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype
 def test_gpu_filtered_sampling_is_batch_invariant(llama_dir):
     """top-k / top-p / min-p filters run in torch on the batch's logits: their tokens and processed
     logprobs must not depend on the batch either."""
-    from parity.rollout.sampling_params import SamplingParams
+    from parity.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, max_tokens=40, seed=5,
                             ignore_eos=True, raw_logprobs=True)
@@ -204,11 +204,11 @@ def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch):
     """The whole deterministic engine on the Triton kernels (interpreted, on CPU tensors): a request
     alone == in a batch with chunked prefill, and == the parity forward on the same kernels. A one-layer
     model with two heads keeps the interpreter (seconds per hundred programs) fast enough."""
+    from parity.engine.engine import Engine
+    from parity.engine.sampling_params import SamplingParams
     from parity.kernels import invariant
-    from parity.rollout.engine import Engine
-    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
-    from parity.rollout.sampling_params import SamplingParams
-    from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
+    from parity.testing.factory import TinyModelSpec, write_tiny_model
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
     spec = TinyModelSpec(architecture="qwen2", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                          num_kv_heads=1, vocab_size=300)

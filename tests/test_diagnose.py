@@ -12,7 +12,7 @@ import pytest
 from parity.cli.diagnose import read_prompts
 from parity.cli.main import main
 from parity.diagnostics.plots import PLOT_FILES
-from parity.rollout.rollout_io import read_rollouts, write_rollouts
+from parity.diagnostics.rollout_io import read_rollouts, write_rollouts
 
 # mismatch_metrics names (parity.precision.metrics) the tests read
 ABS_MEAN, ABS_MAX, KL = "logp_abs_diff_mean", "logp_abs_diff_max", "mismatch_kl"
@@ -207,7 +207,7 @@ def test_read_prompts(tmp_path):
 
 def test_wandb_offline_run_holds_the_metrics(run_out, tmp_path):
     pytest.importorskip("wandb")
-    from parity.trainer_bridge.tracking import read_offline_run
+    from parity.train.tracking import read_offline_run
 
     a, b = run_out / "rollouts" / "bf16" / "engine.jsonl", run_out / "rollouts" / "bf16" / "hf.jsonl"
     out = tmp_path / "cmp"

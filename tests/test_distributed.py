@@ -24,9 +24,9 @@ from parity.distributed.comm import init_distributed
 from parity.distributed.data_parallel import DataParallelRollout, shard_bounds
 from parity.distributed.ray_actor import EngineActor
 from parity.distributed.tensor_parallel import TensorParallelDecoder, TPEngine, local_config
-from parity.rollout.models.config import ModelConfig
-from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
-from parity.rollout.models.weights import WeightError
+from parity.models.config import ModelConfig
+from parity.models.weights import WeightError
+from parity.testing.factory import TinyModelSpec, write_tiny_model
 
 ENGINE_KW = dict(device="cpu", dtype="fp32", kv_cache_memory=1 << 21, max_model_len=128)
 PROMPTS = ["What is 12 + 34?", "Sort the list 5 3 9 1", "Hello", "The quick brown fox", "Once upon a time"]

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from parity import Engine, SamplingParams
-from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+from parity.testing.factory import TinyModelSpec, write_tiny_model
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog. Once upon a time there was a small model"]
 

@@ -9,8 +9,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from parity import Engine, PromptTooLongError, SamplingParams
-from parity.rollout.models.config import UnsupportedModelError
-from parity.rollout.models.weights import WeightError
+from parity.models.config import UnsupportedModelError
+from parity.models.weights import WeightError
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parity import Engine, SamplingParams
-from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+from parity.testing.factory import TinyModelSpec, write_tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -101,7 +101,7 @@ def test_cuda_graphs_match_eager(gpu_model_dirs, dtype, logprob_tol):
 
 
 def test_lm_head_fp32_output_without_weight_copy():
-    from parity.kernels.ops import Kernels
+    from parity.kernels.dispatch import Kernels
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 1024, generator=gen).to("cuda", torch.bfloat16)

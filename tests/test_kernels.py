@@ -21,11 +21,11 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from parity.kernels import reference  # noqa: E402
-from parity.kernels import triton_attention as ta  # noqa: E402
-from parity.kernels import triton_elementwise as te  # noqa: E402
-from parity.kernels import triton_norm as tn  # noqa: E402
-from parity.kernels import triton_sampling as ts  # noqa: E402
 from parity.kernels.metadata import AttentionMetadata  # noqa: E402
+from parity.kernels.triton import attention as ta  # noqa: E402
+from parity.kernels.triton import elementwise as te  # noqa: E402
+from parity.kernels.triton import norm as tn  # noqa: E402
+from parity.kernels.triton import sampling as ts  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs without a GPU")),
@@ -251,7 +251,7 @@ def test_store_kvcache_skips_padding(device, dtype):
 # ------------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_gumbel_argmax_equals_torch_definition(device):
-    from parity.rollout.sampler import uniform_noise
+    from parity.engine.sampler import uniform_noise
 
     gen = torch.Generator().manual_seed(10)
     batch, vocab = (3, 5000) if device == "cpu" else (64, 151936)
@@ -260,6 +260,6 @@ def test_fused_gumbel_argmax_equals_torch_definition(device):
     steps = torch.arange(batch, dtype=torch.int64, device=device) * 17
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, vocab)))
     expected = (logprobs.double() + gumbel).argmax(dim=-1)
-    from parity.rollout.sampler import noise_keys
+    from parity.engine.sampler import noise_keys
 
     assert torch.equal(ts.gumbel_argmax(logprobs, noise_keys(seeds, steps)), expected)

@@ -10,7 +10,7 @@ import torch
 
 from parity.precision.importance_sampling import ISConfig, importance_weights
 from parity.precision.metrics import mismatch_metrics
-from parity.trainer_bridge.losses import aggregate, group_advantages, policy_loss
+from parity.trainer.losses import aggregate, group_advantages, policy_loss
 
 LN2 = math.log(2.0)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from parity.engine.engine import Engine
+from parity.engine.sampling_params import SamplingParams
 from parity.kernels import invariant, reference
 from parity.kernels.metadata import AttentionMetadata
+from parity.models.rope import cos_sin_tables
 from parity.precision.policy import NonFiniteActivationError, PrecisionPolicy
-from parity.rollout.engine import Engine
-from parity.rollout.models.rope import cos_sin_tables
-from parity.rollout.sampling_params import SamplingParams
-from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
+from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from parity.cli.main import main
-from parity.rollout.rollout_io import (
+from parity.diagnostics.rollout_io import (
     RolloutFormatError,
     RolloutRecord,
     read_rollouts,
@@ -16,8 +16,8 @@ from parity.rollout.rollout_io import (
     records_from_vllm,
     write_rollouts,
 )
-from parity.rollout.sampling_params import SamplingParams
-from parity.rollout.sequence import Rollout
+from parity.engine.sampling_params import SamplingParams
+from parity.engine.sequence import Rollout
 
 
 def _record(**kw) -> RolloutRecord:

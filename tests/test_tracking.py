@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from parity.trainer_bridge.tracking import Tracker, TrackingConfig, read_offline_run
+from parity.train.tracking import Tracker, TrackingConfig, read_offline_run
 
 CONFIG = {"lr": 0.001, "model": {"hidden_size": 64}, "task": "addition"}
 STEPS = [{"reward/mean": 0.125, "response_length/mean": 3.0}, {"reward/mean": 0.5, "response_length/mean": 2.5},

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from parity.cli.main import main
-from parity.rollout.sequence import Rollout
-from parity.trainer_bridge.grpo import run_grpo
-from parity.trainer_bridge.tasks import Problem, Task, TaskConfig
-from parity.trainer_bridge.tracking import read_offline_run
-from parity.trainer_bridge.train_config import TrainConfig, load_train_config
+from parity.engine.sequence import Rollout
+from parity.train.config import TrainConfig, load_train_config
+from parity.train.grpo import run_grpo
+from parity.train.tasks import Problem, Task, TaskConfig
+from parity.train.tracking import read_offline_run
 
 DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "grpo_tiny_arith.yaml"
 STEP_KEYS = (
@@ -82,9 +82,9 @@ def test_warmstart_teaches_the_eos_the_engine_stops_on(tmp_path, one_thread):
     """The warm-start ends answers with the model config's EOS, not the tokenizer's: transformers 5.17 reads
     SmolLM2's GGUF tokenizer with eos_token <|im_start|> while the model (and so the engine and the reward)
     ends with <|im_end|>; warm-starting on the tokenizer's token left every rollout at max_tokens, reward 0."""
-    from parity.rollout.models.factory import TinyModelSpec, write_tiny_model
-    from parity.rollout.sampling_params import SamplingParams
-    from parity.trainer_bridge.grpo import GRPOTrainer
+    from parity.engine.sampling_params import SamplingParams
+    from parity.testing.factory import TinyModelSpec, write_tiny_model
+    from parity.train.grpo import GRPOTrainer
 
     model_dir = write_tiny_model(tmp_path / "model", TinyModelSpec(hidden_size=128, intermediate_size=256))
     tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -189,7 +189,7 @@ def test_time_limit_stops_grpo_early_and_still_evaluates(tmp_path, one_thread):
 def test_nonfinite_gradient_skips_the_update(tmp_path, one_thread):
     """A minibatch whose gradient holds nan (injected by a hook) leaves the weights untouched and is counted,
     instead of writing nan into the trainer and, at the next sync, the engine."""
-    from parity.trainer_bridge.grpo import GRPOTrainer
+    from parity.train.grpo import GRPOTrainer
 
     config = load_train_config(DEFAULT_CONFIG, [f"out_dir={tmp_path}", "warmstart.steps=0", "tracking.mode=disabled",
                                                 "rollout.prompts_per_step=4", "loss.num_minibatches=1"])

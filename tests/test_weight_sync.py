@@ -12,8 +12,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from parity import Engine, SamplingParams
-from parity.rollout.models.weights import WeightError
-from parity.trainer_bridge.logprobs import trainer_logprobs
+from parity.models.weights import WeightError
+from parity.trainer.logprobs import trainer_logprobs
 
 PROMPTS = ["What is 3 + 4?", "Sort the list 5 3 9 1", "Hello"]
 PARAMS = SamplingParams(n=2, temperature=0.9, top_k=50, max_tokens=12, seed=7, raw_logprobs=True)
@@ -182,7 +182,7 @@ def test_every_source_form_gives_the_same_weights(llama_dir, process_group):
 
 def test_sync_from_parity_trainer_model(llama_dir):
     """parity's own trainer model (DecoderModel, fused layout) as the source, and as the scorer."""
-    from parity.trainer_bridge.parity_forward import parity_model_from_engine
+    from parity.trainer.parity_model import parity_model_from_engine
 
     engine = make_engine(llama_dir, dtype="fp32")
     trainer = parity_model_from_engine(engine)

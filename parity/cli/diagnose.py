@@ -14,7 +14,7 @@ RUN_HELP = """\
 Sample with the parity engine under each precision in --dtypes, recompute the logprobs of the same
 tokens trainer-side, and report the mismatch of every pairing:
   engine → hf       engine vs HF transformers in the same dtype (the usual trainer: one full forward)
-  engine → parity   engine vs parity's trainer-side forward (when parity.trainer_bridge.parity_forward exists)
+  engine → parity   engine vs parity's trainer-side forward (when parity.trainer.parity_model exists)
   engine → fp32     engine vs HF transformers in fp32 (the reference)
   hf → fp32         the trainer's own precision error
 For the fp32 token set, hf is the reference itself. Every recomputation uses the sampling temperature
@@ -203,9 +203,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from parity.cli.generate import DEFAULT_PROMPTS
+    from parity.diagnostics.rollout_io import write_rollouts
     from parity.diagnostics.runner import RunConfig, run_diagnosis
-    from parity.rollout.models.factory import default_model_dir
-    from parity.rollout.rollout_io import write_rollouts
+    from parity.testing.factory import default_model_dir
 
     _check_packages(args)
     console = _console()
@@ -247,7 +247,7 @@ def compare(args: argparse.Namespace) -> int:
     import parity
     from parity.diagnostics.comparison import TokenSet, check_same_tokens, choose_logprob_kinds
     from parity.diagnostics.comparison import compare as compare_sources
-    from parity.rollout.rollout_io import read_rollouts
+    from parity.diagnostics.rollout_io import read_rollouts
 
     _check_packages(args)
     console = _console()
@@ -272,7 +272,7 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def convert_vllm(args: argparse.Namespace) -> int:
-    from parity.rollout.rollout_io import load_vllm_json, records_from_vllm, write_rollouts
+    from parity.diagnostics.rollout_io import load_vllm_json, records_from_vllm, write_rollouts
 
     params = {k: v for k, v in [("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k),
                                 ("min_p", args.min_p)] if v is not None}

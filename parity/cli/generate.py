@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from parity import Engine, SamplingParams
-    from parity.rollout.models.factory import default_model_dir
-    from parity.rollout.models.registry import DEFAULT_REAL_MODEL, MODEL_ALIASES, is_installed
+    from parity.models.aliases import DEFAULT_REAL_MODEL, MODEL_ALIASES, is_installed
+    from parity.testing.factory import default_model_dir
 
     console = Console()
     model = args.model
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
         console.print(f"text: {r.text!r}  finish={r.finish_reason}  sum logprob={r.cumulative_logprob:.3f}\n")
     if args.out:
-        from parity.rollout.rollout_io import write_engine_rollouts
+        from parity.diagnostics.rollout_io import write_engine_rollouts
 
         write_engine_rollouts(args.out, engine, rollouts, params, model=str(model))
         console.print(f"wrote {len(rollouts)} samples to {args.out}")

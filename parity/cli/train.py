@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from parity.trainer_bridge.tracking import WANDB_MODES
+from parity.train.tracking import WANDB_MODES
 
 # The last step's metrics worth a glance in the terminal; all of them are in metrics.jsonl / W&B.
 LAST_STEP_KEYS = (
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from parity.trainer_bridge.grpo import run_grpo
-    from parity.trainer_bridge.train_config import load_train_config
+    from parity.train.config import load_train_config
+    from parity.train.grpo import run_grpo
 
     flags = {"steps": args.steps, "out_dir": args.out, "seed": args.seed, "device": args.device, "model.path": args.model,
              "tracking.mode": args.wandb_mode, "tracking.project": args.wandb_project}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from parity.rollout.rollout_io import LOGPROB_KINDS, RolloutRecord
+from parity.diagnostics.rollout_io import LOGPROB_KINDS, RolloutRecord
 
 
 class TokenMismatchError(ValueError):

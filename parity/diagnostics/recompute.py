@@ -29,7 +29,7 @@ def load_hf_model(path: str, dtype: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
-    from parity.rollout.models.gguf import is_gguf
+    from parity.models.gguf import is_gguf
 
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     kwargs = {key: resolve_dtype(dtype)}
@@ -82,7 +82,7 @@ def parity_token_logprobs(
 ) -> list[list[float]]:
     """Per-token logprobs from parity's trainer-side forward on the engine's `DecoderModel`, packing
     `micro_batch` sequences per forward (the full-vocabulary logits of every row are materialised)."""
-    from parity.trainer_bridge.parity_forward import token_logprobs
+    from parity.trainer.parity_model import token_logprobs
 
     out: list[list[float]] = []
     for start in range(0, len(prompt_ids), micro_batch):

@@ -23,9 +23,9 @@ from parity.diagnostics.recompute import (
     load_hf_model,
     parity_token_logprobs,
 )
+from parity.diagnostics.rollout_io import RolloutRecord, records_from_rollouts
+from parity.engine.sampling_params import SamplingParams
 from parity.precision.dtypes import dtype_name, resolve_dtype
-from parity.rollout.rollout_io import RolloutRecord, records_from_rollouts
-from parity.rollout.sampling_params import SamplingParams
 
 REFERENCE_DTYPE = "fp32"
 # (rollout source, train source) pairs reported for each token set, most telling first.
@@ -115,9 +115,9 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
     import transformers
 
     from parity import Engine
-    from parity.rollout.models.config import ModelConfig
-    from parity.rollout.models.gguf import is_gguf, load_gguf_config, load_gguf_tokenizer
-    from parity.rollout.models.registry import resolve_model_path
+    from parity.models.aliases import resolve_model_path
+    from parity.models.config import ModelConfig
+    from parity.models.gguf import is_gguf, load_gguf_config, load_gguf_tokenizer
 
     model_dir = resolve_model_path(cfg.model)
     gguf = is_gguf(model_dir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from parity.diagnostics.comparison import Pairing
-from parity.trainer_bridge.tracking import Tracker, TrackingConfig
+from parity.train.tracking import Tracker, TrackingConfig
 
 
 def metric_key(p: Pairing, metric: str) -> str:

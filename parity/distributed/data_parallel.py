@@ -20,9 +20,9 @@ from dataclasses import replace
 import torch.distributed as dist
 
 from parity.distributed.comm import check_same_on_all_ranks, group_rank_and_size
-from parity.rollout.engine import Engine
-from parity.rollout.sampling_params import SamplingParams
-from parity.rollout.sequence import Rollout
+from parity.engine.engine import Engine
+from parity.engine.sampling_params import SamplingParams
+from parity.engine.sequence import Rollout
 
 _SEED_MASK = (1 << 62) - 1
 

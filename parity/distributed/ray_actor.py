@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
-from parity.rollout.engine import Engine
-from parity.rollout.sampling_params import SamplingParams
-from parity.rollout.sequence import Rollout
-from parity.trainer_bridge.weight_sync import WeightSource
+from parity.engine.engine import Engine
+from parity.engine.sampling_params import SamplingParams
+from parity.engine.sequence import Rollout
+from parity.engine.weight_sync import WeightSource
 
 
 class EngineActor:

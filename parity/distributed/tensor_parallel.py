@@ -32,14 +32,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parity.config import EngineConfig
 from parity.distributed.comm import check_same_on_all_ranks, rank_device
-from parity.rollout.engine import Engine, _pick_dtype
-from parity.rollout.models.config import ModelConfig
-from parity.rollout.models.decoder import DecoderModel, Linear
-from parity.rollout.models.weights import WeightMap, build_weight_map, load_checkpoint
-from parity.rollout.sampling_params import SamplingParams
-from parity.rollout.sequence import Rollout
+from parity.engine.config import EngineConfig
+from parity.engine.engine import Engine, _pick_dtype
+from parity.engine.sampling_params import SamplingParams
+from parity.engine.sequence import Rollout
+from parity.models.config import ModelConfig
+from parity.models.decoder import DecoderModel, Linear
+from parity.models.weights import WeightMap, build_weight_map, load_checkpoint
 
 
 def local_config(cfg: ModelConfig, tp_size: int) -> ModelConfig:

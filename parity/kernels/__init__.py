@@ -1,6 +1,6 @@
 """Kernels behind one interface: Triton on CUDA, the plain-torch reference elsewhere.
 
-`parity.kernels.ops` is what model code calls; `reference` holds the definitions.
+`parity.kernels.dispatch` is what model code calls; `reference` holds the definitions.
 """
 
 from parity.kernels.metadata import AttentionMetadata

@@ -40,7 +40,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 def _gpu():
     """The Triton implementations, imported on first CUDA use (CPU runs never import Triton)."""
-    from parity.kernels import triton_invariant
+    from parity.kernels.triton import invariant as triton_invariant
 
     return triton_invariant
 

@@ -2,7 +2,7 @@
 
 ρ_t = π_train(y_t) / π_rollout(y_t) = exp(logp_train − logp_rollout); log ρ is clamped to ±20 before
 any exp (verl's safety bound). The weights multiply the per-token policy loss after PPO clipping and
-before aggregation (`parity.trainer_bridge.losses.policy_loss`); the returned mask replaces the loss
+before aggregation (`parity.trainer.losses.policy_loss`); the returned mask replaces the loss
 mask, so rejected tokens also leave the loss denominator.
 
 Methods (`ISConfig.method`), with defaults for `upper` / `lower`:

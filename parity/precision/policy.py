@@ -8,7 +8,7 @@ Chosen by the user (fields of `PrecisionPolicy`, mirrored by `EngineConfig`):
   train/rollout probability gap this way); off, it runs in `dtype` and only the result is upcast.
 - `deterministic`: batch-invariant kernels (`parity.kernels.invariant`), so a token's logprob does not
   depend on batch size, position in the batch, prefill chunking or cache layout, and equals the
-  trainer-side parity forward's bit for bit (`parity.trainer_bridge.parity_forward`).
+  trainer-side parity forward's bit for bit (`parity.trainer.parity_model`).
 - `check_finite` (default on): after each forward, one `isfinite` over the final hidden states; if
   anything is inf/nan the forward is re-run with per-module hooks and `NonFiniteActivationError`
   names the first layer and sub-module that produced it. Skipped while a CUDA graph is captured.
@@ -17,7 +17,7 @@ Fixed, whatever the dtype (HF transformers' cast order, so a float32 forward mat
 and a bf16/fp16 forward rounds where HF rounds):
 - RoPE: angles `position * inv_freq` and their cos/sin in float32, times the rope scaling factor in
   float32, then cast to `dtype` (HF `LlamaRotaryEmbedding`); rotation in `dtype`
-  (`q * cos + rotate_half(q) * sin`). Tables: `parity.rollout.models.rope.cos_sin_tables`.
+  (`q * cos + rotate_half(q) * sin`). Tables: `parity.models.rope.cos_sin_tables`.
 - RMSNorm: residual add in `dtype`; variance and normalisation in float32; the normalised value cast
   to `dtype` *before* the weight multiplies it (HF `LlamaRMSNorm`). `parity.kernels.reference.rms_norm`.
 - Attention: scores, softmax and the probability-weighted sum in float32, output cast to `dtype`.

@@ -1,0 +1,1 @@
+"""The rollout engine: requests in, Rollouts (tokens + logprobs) out. Imports nothing of the trainer side."""

@@ -1,0 +1,77 @@
+"""A sequence (one sample of one request) as it moves through the scheduler, and its finished form."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from parity.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt_index: int  # position of its prompt in a generate() call, or the order of add_request
+    sample_index: int  # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int  # per-sample sampling seed (request seed + sample index, or drawn by the engine)
+    max_len: int  # prompt + output may not exceed this (min of max_model_len and prompt + max_tokens)
+    group_leader: Sequence | None = None  # sample 0 of the request, whose prefill the others reuse
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_raw_logprobs: list[float] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
+    num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed_tokens < len(self.prompt_ids)
+
+
+@dataclass
+class Rollout:
+    """One finished sample.
+
+    `output_logprobs[t]` is the log-probability of `output_ids[t]` under the distribution it was
+    actually sampled from (after temperature, top-k, top-p and min-p, renormalised; for greedy the
+    temperature is taken as 1): what an RL importance ratio needs. `output_raw_logprobs` (if asked
+    for) is the log-softmax of the model's unprocessed logits, vLLM's `raw_logprobs`.
+    """
+
+    request_id: str
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    output_logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop token, which is kept in output_ids) or "length"
+    output_raw_logprobs: list[float] | None = None
+    text: str | None = None
+    weight_version: int = 0
+    num_cached_prompt_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return float(sum(self.output_logprobs))

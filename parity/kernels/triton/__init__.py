@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA only); each has a plain-torch definition in `parity.kernels.reference`."""

@@ -1,0 +1,250 @@
+"""Batch-invariant Triton kernels for deterministic mode on CUDA (see `invariant.py` for why).
+
+Each kernel's reduction order is fixed by the shapes of one token's own work, never by the batch:
+- `linear`: tiled matmul with one tile configuration per weight shape (BLOCK_M, BLOCK_N, BLOCK_K chosen
+  from N and K only) and no split-K; a row's dot products run over K in the same BLOCK_K steps
+  whatever M is, whichever tile the row lands in. With `fp32=True` (the LM head under logits_fp32)
+  half-precision operands go through the tensor cores as they are (their products are exact in
+  float32) with float32 sums and a float32 output, like the fast path's cuBLAS call: no fp32 weight copy.
+- `attention`: `triton_attention.prefill` for prefill chunks, decode steps and the trainer's packed
+  batch alike, with tiles fixed by the head layout (`attention_tile`: 16 rows = the GQA group x
+  consecutive tokens; one token per tile at decode). Key tiles always start at position 0 in BLOCK_N
+  steps with an online softmax in float32; a row's numbers depend on its own query and keys only (rows
+  of an MMA are independent, and key tiles past a row's position are fully masked no-ops), so they do
+  not depend on which tokens share its program. K/V come from the paged cache (through the block
+  table) or from the packed tensors, the same values either way. No split-KV.
+- `log_softmax`: one program per row, fixed chunks of the vocabulary.
+- RMSNorm, RoPE and SiLU-and-mul reuse `triton_norm` / `triton_elementwise`, whose programs own
+  whole rows (RMSNorm) or single elements (RoPE, SiLU), so they are invariant already.
+Gradients (the trainer's parity forward): the matmul and log-softmax have their analytic backward;
+the other ops recompute the torch reference under autograd in backward. Only the forward values need
+to be bitwise equal to the engine's; gradients agree with the reference to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.kernels import reference
+from parity.kernels.metadata import AttentionMetadata
+from parity.kernels.triton import elementwise as triton_elementwise
+from parity.kernels.triton import norm as triton_norm
+from parity.kernels.triton.attention import _dot, prefill, store_kvcache
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# -------------------------------------------------------------------------------------------- matmul
+# Row counts are never specialised on (Triton compiles a separate variant for an argument equal to 1).
+@triton.jit(do_not_specialize=["M"])
+def _linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m[:, None] < M
+    n_mask = offs_n[None, :] < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_mask & (kk[None, :] < K), other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=n_mask & (kk[:, None] < K), other=0.0)
+        acc += _dot(a, b)  # fp16/bf16: tensor cores, exact products, float32 sums; fp32: IEEE (not tf32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask & n_mask)
+
+
+def linear_config(n: int, k: int) -> dict:
+    """Tile sizes from the weight's shape only (never from the number of rows).
+
+    From the sweep in benchmarks/invariant_linear_sweep.py (H100, Qwen3-0.6B shapes, bf16): 64 x 128 tiles,
+    4 stages, are within ~1.1-1.6x of cuBLAS at decode batch sizes for the layer weights; the wide LM head
+    prefers 64 x 64 tiles. A fixed split-K (invariant too) measured no better once its extra pass is counted."""
+    if INTERPRET:  # few, large programs: the CPU interpreter's cost is per program and per op
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
+    if n >= 64 * 1024:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+
+
+def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
+                    cfg: dict | None = None) -> torch.Tensor:
+    """`cfg` overrides `linear_config` (the tile sweep in benchmarks/ measures candidates)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    out_dtype = torch.float32 if fp32 else x2.dtype
+    y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
+    if m == 0:
+        return y
+    cfg = cfg or linear_config(n, k)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _linear_kernel[grid](
+        x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, **cfg,
+    )
+    return y
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias, fp32):
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias, ctx.fp32 = bias is not None, fp32
+        return _linear_forward(x2, weight, bias, fp32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        compute = torch.float32 if ctx.fp32 else x2.dtype
+        g = grad.to(compute)
+        grad_x = (g @ weight.to(compute)).to(x2.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ x2.to(compute)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32: bool = False) -> torch.Tensor:
+    """y = x W^T (+ b); `fp32`: float32 products, sums and output from half-precision operands."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if fp32 and x2.dtype != weight.dtype:
+        x2, weight = x2.float(), weight.float()
+    if _needs_grad(x2, weight, bias):
+        y = _Linear.apply(x2, weight, bias, fp32)
+    else:
+        y = _linear_forward(x2, weight, bias, fp32)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------------ attention
+def attention_tile(num_heads: int, num_kv_heads: int) -> dict:
+    """(tokens, heads) per program of `triton_attention.prefill`, from the head layout only: 16 rows, the
+    whole GQA group (padded to a power of two) x as many consecutive tokens as fit."""
+    heads = triton.next_power_of_2(num_heads // num_kv_heads)
+    return dict(tokens=max(1, 16 // heads), heads=heads)
+
+
+def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> torch.Tensor:
+    out = torch.zeros_like(q)
+    if q.shape[0]:
+        prefill(q, k, v, out, meta, scale, block_tables, page_size, **attention_tile(q.shape[1], k.shape[-2]))
+    return out
+
+
+class _RecomputeBackward(torch.autograd.Function):
+    """Forward by a Triton kernel; backward by autograd through the torch reference, recomputed."""
+
+    @staticmethod
+    def forward(ctx, kernel, ref, *tensors):
+        ctx.ref = ref
+        ctx.save_for_backward(*tensors)
+        return kernel(*tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = ctx.ref(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        wrt = [t for t in inputs if t is not None and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+        return (None, None, *[next(found) if t is not None and t.requires_grad else None for t in inputs])
+
+
+def _invariant_op(kernel, ref, *tensors):
+    """kernel(*tensors), differentiable through `ref` when any input needs a gradient."""
+    if _needs_grad(*tensors):
+        return _RecomputeBackward.apply(kernel, ref, *tensors)
+    return kernel(*tensors)
+
+
+def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Write k/v into the paged cache (if any), then attend; one kernel and key order for every layout."""
+    if kv_cache is None:
+        # Contiguous [T, KV, D] K/V have the cache's strides, so Triton lays out (and reduces) the key
+        # tiles of both paths the same way: its layouts follow the pointers' alignment and contiguity.
+        return _invariant_op(lambda q_, k_, v_: _attention_forward(q_, k_.contiguous(), v_.contiguous(), meta, scale, None, 1),
+                             lambda q_, k_, v_: reference.varlen_attention(q_, k_, v_, meta, scale), q, k, v)
+    k_cache, v_cache = kv_cache
+    store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    return _attention_forward(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta, scale, meta.block_tables,
+                              k_cache.shape[1])
+
+
+# ---------------------------------------------------------------------------------------- log-softmax
+@triton.jit
+def _log_softmax_kernel(x_ptr, out_ptr, V, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = float("-inf")
+    total = 0.0
+    for start in range(0, V, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # A chunk (or everything so far) may be all -inf (filtered tokens): keep exp(-inf - -inf) out.
+        scale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+        total = total * scale + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new)), axis=0)
+        m = m_new
+    lse = m + tl.log(total)
+    for start in range(0, V, BLOCK):
+        mask = start + offs < V
+        x = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + start + offs, x - lse, mask=mask)
+
+
+def _log_softmax_forward(logits: torch.Tensor) -> torch.Tensor:
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        block = 1024 if INTERPRET else 4096
+        _log_softmax_kernel[(x.shape[0],)](x, out, x.shape[-1], x.stride(0), out.stride(0), BLOCK=block, num_warps=8)
+    return out
+
+
+class _LogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits):
+        out = _log_softmax_forward(logits)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad - torch.exp(out) * grad.sum(dim=-1, keepdim=True)
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax over the last dim of [N, V], each row in the same fixed chunk order."""
+    return _LogSoftmax.apply(logits) if _needs_grad(logits) else _log_softmax_forward(logits)
+
+
+# ----------------------------------------------------------------- row- or element-local ops (reused)
+def rms_norm(x, weight, eps, residual=None):
+    if residual is None:
+        return _invariant_op(lambda x_, w_: triton_norm.rms_norm(x_, w_, eps),
+                             lambda x_, w_: reference.rms_norm(x_, w_, eps), x, weight)
+    return _invariant_op(lambda x_, w_, r_: triton_norm.rms_norm(x_, w_, eps, r_),
+                         lambda x_, w_, r_: reference.rms_norm(x_, w_, eps, r_), x, weight, residual)
+
+
+def apply_rotary(q, k, cos, sin):
+    return _invariant_op(triton_elementwise.apply_rotary, reference.apply_rotary, q, k, cos, sin)
+
+
+def silu_and_mul(x):
+    return _invariant_op(triton_elementwise.silu_and_mul, reference.silu_and_mul, x)

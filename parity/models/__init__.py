@@ -1,0 +1,1 @@
+"""Model code and checkpoints: config, the decoder, RoPE, HF-name weight mapping, loading (safetensors, GGUF), aliases."""

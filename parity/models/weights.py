@@ -1,0 +1,160 @@
+"""HF checkpoint names -> the engine's fused parameter layout, with validation before any copy.
+
+Both the checkpoint loader and in-process weight sync go through `WeightMap`: first every
+(name, shape) is checked, then tensors are copied in place into the engine's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from parity.models.config import ModelConfig
+
+
+class WeightError(ValueError):
+    """A checkpoint or weight update does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+# HF names that carry no weights of ours (buffers some checkpoints include).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    param: str  # engine parameter name
+    rows: tuple[int, int] | None  # row range inside a fused parameter, None = the whole tensor
+    shape: tuple[int, ...]  # the HF tensor's expected shape
+
+
+def build_weight_map(cfg: ModelConfig) -> dict[str, WeightTarget]:
+    """Every HF tensor name the model expects, with where it lands and its shape."""
+    h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.q_size, cfg.kv_size
+    m: dict[str, WeightTarget] = {"model.embed_tokens.weight": WeightTarget("embed_tokens", None, (cfg.vocab_size, h))}
+    m["model.norm.weight"] = WeightTarget("norm.weight", None, (h,))
+    if not cfg.tie_word_embeddings:
+        m["lm_head.weight"] = WeightTarget("lm_head", None, (cfg.vocab_size, h))
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}", f"layers.{i}"
+        m[f"{hf}.input_layernorm.weight"] = WeightTarget(f"{ours}.input_layernorm.weight", None, (h,))
+        m[f"{hf}.post_attention_layernorm.weight"] = WeightTarget(f"{ours}.post_attention_layernorm.weight", None, (h,))
+        qkv_rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+        for proj, (a, b) in qkv_rows.items():
+            m[f"{hf}.self_attn.{proj}.weight"] = WeightTarget(f"{ours}.self_attn.qkv_proj.weight", (a, b), (b - a, h))
+            if cfg.attention_bias:
+                m[f"{hf}.self_attn.{proj}.bias"] = WeightTarget(f"{ours}.self_attn.qkv_proj.bias", (a, b), (b - a,))
+        m[f"{hf}.self_attn.o_proj.weight"] = WeightTarget(f"{ours}.self_attn.o_proj.weight", None, (h, q))
+        if cfg.qk_norm:
+            m[f"{hf}.self_attn.q_norm.weight"] = WeightTarget(f"{ours}.self_attn.q_norm.weight", None, (d,))
+            m[f"{hf}.self_attn.k_norm.weight"] = WeightTarget(f"{ours}.self_attn.k_norm.weight", None, (d,))
+        for proj, (a, b) in {"gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}.items():
+            m[f"{hf}.mlp.{proj}.weight"] = WeightTarget(f"{ours}.mlp.gate_up_proj.weight", (a, b), (inter, h))
+            if cfg.mlp_bias:
+                m[f"{hf}.mlp.{proj}.bias"] = WeightTarget(f"{ours}.mlp.gate_up_proj.bias", (a, b), (inter,))
+        m[f"{hf}.mlp.down_proj.weight"] = WeightTarget(f"{ours}.mlp.down_proj.weight", None, (h, inter))
+        if cfg.mlp_bias:
+            m[f"{hf}.mlp.down_proj.bias"] = WeightTarget(f"{ours}.mlp.down_proj.bias", None, (h,))
+    return m
+
+
+class WeightMap:
+    """Validates and copies HF-named tensors into a DecoderModel's parameters, in place."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig):
+        self.model = model
+        self.targets = build_weight_map(cfg)
+        self.tied = cfg.tie_word_embeddings
+        self.params = dict(model.named_parameters())
+
+    def normalize(self, name: str) -> str | None:
+        """HF name, tolerating wrapper prefixes (`module.`, `_orig_mod.`); None for names we ignore."""
+        for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
+            name = name.replace(prefix, "")
+        if name.endswith(_IGNORED_SUFFIXES) or (self.tied and name == "lm_head.weight"):
+            return None
+        return name
+
+    def validate(self, shapes: Iterable[tuple[str, tuple[int, ...]]], require_all: bool = True) -> list[str]:
+        """Check names and shapes; return the normalized names that will be copied. Raises WeightError."""
+        seen: list[str] = []
+        problems: list[str] = []
+        for raw, shape in shapes:
+            name = self.normalize(raw)
+            if name is None:
+                continue
+            target = self.targets.get(name)
+            if target is None:
+                problems.append(f"unexpected tensor {raw!r}")
+            elif tuple(shape) != target.shape:
+                problems.append(f"tensor {raw!r} has shape {tuple(shape)}, expected {target.shape}")
+            else:
+                seen.append(name)
+        if require_all:
+            missing = sorted(set(self.targets) - set(seen))
+            if missing:
+                more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+                problems.append(f"missing tensor(s) {', '.join(missing[:5])}{more}")
+        if problems:
+            raise WeightError("; ".join(problems))
+        return seen
+
+    @torch.no_grad()
+    def copy(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one validated HF tensor into its (slice of the) engine parameter, casting to its dtype."""
+        name = self.normalize(name)
+        if name is None:
+            return
+        target = self.targets[name]
+        dest = self.params[target.param].data
+        if target.rows is not None:
+            dest = dest[target.rows[0] : target.rows[1]]
+        dest.copy_(tensor.to(device=dest.device, dtype=dest.dtype))
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """Shards named by `model.safetensors.index.json`, else every `*.safetensors` file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise WeightError(f"{index.name} names shard(s) that are absent: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_checkpoint(weights: WeightMap, model_dir: Path) -> None:
+    """Validate every tensor's name and shape from the file headers, then load them shard by shard."""
+    files = safetensors_files(model_dir)
+    shapes = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            shapes.extend((name, tuple(st.get_slice(name).get_shape())) for name in st.keys())
+    weights.validate(shapes)
+    for name, tensor in iter_safetensors(files):
+        weights.copy(name, tensor)
+
+
+def hf_named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor view) of every checkpoint tensor, for weight sync into an engine (no copies)."""
+    params = dict(model.named_parameters())
+    for name, target in build_weight_map(model.config).items():
+        p = params[target.param].detach()
+        yield name, p if target.rows is None else p[target.rows[0] : target.rows[1]]

@@ -1,1 +1,0 @@
-"""The generation engine: scheduler, block manager, model runner, sampler, models."""

@@ -1,1 +1,0 @@
-"""Model definitions, HF config parsing, weight loading and the test-model factory."""

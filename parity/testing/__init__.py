@@ -1,0 +1,1 @@
+"""Tiny random-init models written as HF checkpoints, with an in-process tokenizer (tests and the CLI fallback)."""

@@ -1,0 +1,156 @@
+"""Trainer-side logprobs of rollout tokens, aligned with what the engine returned.
+
+The trainer recomputes log π(y_t | prefix) for every response token with its own model and
+precision. For the importance ratio to mean anything the distribution must be the one the engine
+sampled from: the same temperature (and, when the rollout used them, the same top-k / top-p / min-p
+filters, renormalised; the engine's `output_logprobs`), or the plain full-vocabulary softmax of the
+raw logits (`mode="raw"`, the engine's `output_raw_logprobs`, vLLM's `raw_logprobs`).
+
+Layout for HF models: prompts left-padded to a common length and responses right-padded, so that
+every response starts at the same column and only its T+1 positions go through the LM head
+(`logits_to_keep`). The forward goes through the outermost module, so DDP / FSDP / accelerate
+wrappers see it. With `logits_fp32` the LM head runs in float32 even under autocast (the engine's
+`logits_fp32` default, MiniMax-M1's fix).
+
+For parity's own trainer model (a `DecoderModel`, see `parity_forward`), sequences are packed and scored
+by `parity_forward.token_logprobs`, the engine's own code; its LM-head precision is the model's policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parity.engine.sampler import process_logits
+from parity.engine.sampling_params import SamplingParams
+from parity.engine.sequence import Rollout
+from parity.engine.weight_sync import unwrap_module
+from parity.models.decoder import DecoderModel
+
+LOGPROB_MODES = ("processed", "raw")
+
+
+@dataclass
+class TrainerLogprobs:
+    """Per-token tensors [B, T], T = the longest response; padding has mask False and value 0."""
+
+    logprobs: torch.Tensor  # float32, the trainer's (with grad if asked)
+    rollout_logprobs: torch.Tensor  # float32, the engine's for the same tokens and the same mode
+    mask: torch.Tensor  # bool, True on response tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def _padded_batch(rollouts: Sequence[Rollout], pad_id: int, device: torch.device):
+    """Left-padded prompts + right-padded responses: ids, attention mask, position ids [B, P+T]."""
+    prompt_len = max(len(r.prompt_ids) for r in rollouts)
+    resp_len = max(len(r.output_ids) for r in rollouts)
+    rows, masks, positions = [], [], []
+    for r in rollouts:
+        left = prompt_len - len(r.prompt_ids)
+        right = resp_len - len(r.output_ids)
+        n = len(r.prompt_ids) + len(r.output_ids)
+        rows.append([pad_id] * left + list(r.prompt_ids) + list(r.output_ids) + [pad_id] * right)
+        masks.append([0] * left + [1] * n + [0] * right)
+        positions.append([0] * left + list(range(n)) + [max(n - 1, 0)] * right)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)
+    return as_tensor(rows), as_tensor(masks), as_tensor(positions), prompt_len, resp_len
+
+
+@contextlib.contextmanager
+def _fp32_lm_head(model: nn.Module):
+    """Run the model's output projection in float32 (autocast off) for the duration."""
+    head = unwrap_module(model).get_output_embeddings()
+    if head is None or not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(model).__name__} has no nn.Linear output embedding; pass logits_fp32=False")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return F.linear(x.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
+
+
+def _token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, params: SamplingParams | None, mode: str
+) -> torch.Tensor:
+    """log p(target) under the processed (temperature + filters) or raw distribution. logits [N, V]."""
+    logits = logits.float()
+    if mode == "processed" and params is not None:
+        logits = process_logits(logits, [params] * logits.shape[0])
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _hf_response_logits(model: nn.Module, rollouts: Sequence[Rollout], pad_id: int, device, logits_fp32: bool):
+    """Logits [B, T, V] that predict each response token, through the model's own forward."""
+    ids, attn, pos, prompt_len, resp_len = _padded_batch(rollouts, pad_id, device)
+    ctx = _fp32_lm_head(model) if logits_fp32 else contextlib.nullcontext()
+    with ctx:
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=resp_len + 1, use_cache=False)
+    return out.logits[:, :-1]  # column j predicts response token j
+
+
+def _parity_response_logprobs(model: DecoderModel, rollouts: Sequence[Rollout], params: SamplingParams | None,
+                              mode: str, mask: torch.Tensor) -> torch.Tensor:
+    from parity.trainer.parity_model import token_logprobs
+
+    filters = {}
+    if mode == "processed" and params is not None:
+        filters = dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
+    per_seq = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts], **filters)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, torch.cat(per_seq))
+
+
+def trainer_logprobs(
+    model: nn.Module,
+    rollouts: Sequence[Rollout],
+    params: SamplingParams | None = None,
+    mode: str = "processed",
+    with_grad: bool = False,
+    logits_fp32: bool = True,
+    pad_id: int = 0,
+) -> TrainerLogprobs:
+    """Recompute the response tokens' logprobs of `rollouts` with the trainer's `model`.
+
+    `params` are the rollouts' SamplingParams (temperature, top-k/p, min-p); None = temperature 1,
+    no filters. Greedy rollouts are scored at temperature 1 (filters still apply), as the engine scores them. `mode`:
+    "processed" (compare with Rollout.output_logprobs) or "raw" (output_raw_logprobs).
+    `logits_fp32` and `pad_id` apply to HF models only.
+    """
+    if mode not in LOGPROB_MODES:
+        raise ValueError(f"unknown logprob mode {mode!r}; expected one of {LOGPROB_MODES}")
+    if not rollouts:
+        raise ValueError("trainer_logprobs needs at least one rollout")
+    empty = next((i for i, r in enumerate(rollouts) if not r.output_ids), None)
+    if empty is not None:
+        raise ValueError(f"rollout {empty} has no response tokens")
+    if mode == "raw" and any(r.output_raw_logprobs is None for r in rollouts):
+        raise ValueError("mode='raw' needs rollouts generated with SamplingParams(raw_logprobs=True)")
+    device = next(model.parameters()).device
+    resp_len = max(len(r.output_ids) for r in rollouts)
+    pad = lambda values, fill: list(values) + [fill] * (resp_len - len(values))
+    mask = torch.tensor([pad([True] * len(r.output_ids), False) for r in rollouts]).to(device)
+    targets = torch.tensor([pad(r.output_ids, 0) for r in rollouts]).to(device)
+    engine_lp = [r.output_logprobs if mode == "processed" else r.output_raw_logprobs for r in rollouts]
+    rollout_lp = torch.tensor([pad(lp, 0.0) for lp in engine_lp], dtype=torch.float32).to(device)
+
+    with torch.set_grad_enabled(with_grad):
+        if isinstance(unwrap_module(model), DecoderModel):
+            logprobs = _parity_response_logprobs(unwrap_module(model), rollouts, params, mode, mask)
+        else:
+            logits = _hf_response_logits(model, rollouts, pad_id, device, logits_fp32)
+            flat = _token_logprobs(logits[mask], targets[mask], params, mode)
+            logprobs = torch.zeros(mask.shape, dtype=flat.dtype, device=device).masked_scatter(mask, flat)
+    return TrainerLogprobs(logprobs, rollout_lp, mask)
