@@ -62,11 +62,9 @@ def test_rope_tables_and_rotation_match_hf_bitwise(dtype):
         assert torch.equal(q_ours, q_hf[0].transpose(0, 1)) and torch.equal(k_ours, k_hf[0].transpose(0, 1))
 
 
-def test_policy_names_and_model_kwargs():
+def test_policy_names():
     policy = PrecisionPolicy(dtype="bfloat16", deterministic=True)
     assert policy.dtype == "bf16" and policy.torch_dtype == torch.bfloat16 and policy.logits_fp32
-    assert policy.model_kwargs() == {"dtype": torch.bfloat16, "logits_fp32": True, "deterministic": True,
-                                     "check_finite": True}
     with pytest.raises(ValueError, match="unknown dtype"):
         PrecisionPolicy(dtype="fp8")
 

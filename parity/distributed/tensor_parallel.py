@@ -23,6 +23,7 @@ are identical on all ranks), so every rank returns the same rollouts. The collec
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence as Seq
 from dataclasses import replace
 from pathlib import Path
@@ -34,12 +35,14 @@ from torch import nn
 
 from parity.distributed.comm import check_same_on_all_ranks, rank_device
 from parity.engine.config import EngineConfig
-from parity.engine.engine import Engine, _pick_dtype
+from parity.engine.engine import Engine
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Rollout
 from parity.models.config import ModelConfig
 from parity.models.decoder import DecoderModel, Linear
-from parity.models.weights import WeightMap, build_weight_map, load_checkpoint
+from parity.models.loader import Checkpoint, load
+from parity.models.weights import WeightMap, build_weight_map
+from parity.precision.policy import PrecisionPolicy
 
 
 def local_config(cfg: ModelConfig, tp_size: int) -> ModelConfig:
@@ -78,21 +81,13 @@ class TensorParallelDecoder(DecoderModel):
     """A DecoderModel holding this rank's shard; built at the local size, so no rank ever allocates the whole model."""
 
     def __init__(
-        self,
-        cfg: ModelConfig,
-        dtype: torch.dtype,
-        device,
-        max_positions: int,
-        group: dist.ProcessGroup | None = None,
-        logits_fp32: bool = True,
-        deterministic: bool = False,
-        check_finite: bool = True,
+        self, cfg: ModelConfig, policy: PrecisionPolicy, device, max_positions: int, group: dist.ProcessGroup | None = None
     ):
         if not dist.is_initialized():
             raise RuntimeError("tensor parallelism needs torch.distributed: call init_distributed() under torchrun")
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         shard = local_config(cfg, size)
-        super().__init__(shard, dtype, device, max_positions, logits_fp32, deterministic, check_finite)
+        super().__init__(shard, policy, device, max_positions)
         # What the model computes: local heads, KV heads and MLP width, but logits over the whole vocabulary.
         self.config = replace(shard, vocab_size=cfg.vocab_size)
         self.full_config = cfg
@@ -184,15 +179,10 @@ class TPEngine(Engine):
         Keyword arguments are EngineConfig fields; the device defaults to `cuda:LOCAL_RANK`. CUDA graphs
         are off unless `enforce_eager=False` is passed: capturing NCCL collectives is not verified yet."""
         config = EngineConfig(**{"enforce_eager": True, **kwargs})
-        path = Path(path)
-        model_config = ModelConfig.from_pretrained(path)
+        checkpoint = Checkpoint.resolve(path)
         device = torch.device(config.device) if config.device is not None else rank_device()
-        dtype = _pick_dtype(config.dtype, device, model_config)
-        max_model_len = config.max_model_len or model_config.max_position_embeddings
-        model = TensorParallelDecoder(
-            model_config, dtype, device, max_model_len, group, config.logits_fp32, config.deterministic, config.check_finite
+        loaded = load(
+            checkpoint, config.precision_policy(device, checkpoint.config), device, config.max_model_len,
+            build=functools.partial(TensorParallelDecoder, group=group), weight_map=ShardedWeightMap,
         )
-        load_checkpoint(ShardedWeightMap(model), path)
-        from transformers import AutoTokenizer
-
-        return cls(model, AutoTokenizer.from_pretrained(path), config, max_model_len)
+        return cls(loaded.model, loaded.tokenizer, config, loaded.max_positions)

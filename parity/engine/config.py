@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from parity.models.config import ModelConfig
+from parity.precision.policy import PrecisionPolicy
+
 
 @dataclass
 class EngineConfig:
@@ -42,3 +47,10 @@ class EngineConfig:
             raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+    def precision_policy(self, device: torch.device, model: ModelConfig) -> PrecisionPolicy:
+        """The policy the engine's model runs in, with dtype "auto" resolved for `device` and the checkpoint."""
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "fp32" if device.type == "cpu" else "fp16" if model.torch_dtype == torch.float16 else "bf16"
+        return PrecisionPolicy(dtype, self.logits_fp32, self.deterministic, self.check_finite)

@@ -23,12 +23,9 @@ from parity.engine.sampler import sample
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler, SchedulerConfig
 from parity.engine.sequence import Rollout, Sequence
-from parity.models.aliases import resolve_model_path
-from parity.models.config import ModelConfig
 from parity.models.decoder import DecoderModel
-from parity.models.gguf import is_gguf, load_gguf_checkpoint, load_gguf_config, load_gguf_tokenizer
-from parity.models.weights import WeightMap, load_checkpoint
-from parity.precision.dtypes import resolve_dtype
+from parity.models.loader import Checkpoint, load
+from parity.models.weights import WeightMap
 
 # Text, token ids, or a chat: a list of {"role": ..., "content": ...} messages (the tokenizer's template is applied).
 Prompt = str | Seq[int] | Seq[Mapping[str, str]]
@@ -42,14 +39,6 @@ def _pick_device(name: str | None) -> torch.device:
     if name is not None:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _pick_dtype(name: str, device: torch.device, cfg: ModelConfig) -> torch.dtype:
-    if name != "auto":
-        return resolve_dtype(name)
-    if device.type == "cpu":
-        return torch.float32
-    return torch.float16 if cfg.torch_dtype == torch.float16 else torch.bfloat16
 
 
 def _available_host_memory() -> int:
@@ -86,23 +75,11 @@ class Engine:
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
         config = EngineConfig(**kwargs)
-        path = resolve_model_path(path, gguf_file)
-        model_config = load_gguf_config(path) if is_gguf(path) else ModelConfig.from_pretrained(path)
+        checkpoint = Checkpoint.resolve(path, gguf_file)
         device = _pick_device(config.device)
-        dtype = _pick_dtype(config.dtype, device, model_config)
-        max_model_len = config.max_model_len or model_config.max_position_embeddings
-        model = DecoderModel(
-            model_config, dtype, device, max_model_len, logits_fp32=config.logits_fp32, deterministic=config.deterministic,
-            check_finite=config.check_finite,
-        )
-        if is_gguf(path):
-            load_gguf_checkpoint(WeightMap(model, model_config), path, model_config)
-            return cls(model, load_gguf_tokenizer(path), config, max_model_len)
-        load_checkpoint(WeightMap(model, model_config), path)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(model, tokenizer, config, max_model_len)
+        policy = config.precision_policy(device, checkpoint.config)
+        loaded = load(checkpoint, policy, device, config.max_model_len)
+        return cls(loaded.model, loaded.tokenizer, config, loaded.max_positions)
 
     def _num_kv_blocks(self) -> int:
         per_block = kv_cache_bytes_per_block(self.model, self.config.block_size)

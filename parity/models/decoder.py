@@ -20,7 +20,7 @@ from parity.kernels.dispatch import Kernels
 from parity.kernels.metadata import AttentionMetadata
 from parity.models.config import ModelConfig
 from parity.models.rope import cos_sin_tables
-from parity.precision.policy import check_activations
+from parity.precision.policy import PrecisionPolicy, check_activations
 
 
 def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
@@ -110,24 +110,16 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        dtype: torch.dtype,
-        device,
-        max_positions: int,
-        logits_fp32: bool = True,
-        deterministic: bool = False,
-        check_finite: bool = True,
-    ):
-        """Numeric switches (dtype, logits_fp32, deterministic, check_finite): parity.precision.policy."""
+    def __init__(self, cfg: ModelConfig, policy: PrecisionPolicy, device, max_positions: int):
+        """`policy` holds every numeric switch (dtype, logits_fp32, deterministic, check_finite)."""
         super().__init__()
         self.config = cfg
-        self.check_finite = check_finite
-        self.kernels = Kernels(deterministic=deterministic)
+        self.policy = policy
+        self.check_finite = policy.check_finite  # switched off while a non-finite forward is re-run
+        self.kernels = Kernels(deterministic=policy.deterministic)
         kernels = self.kernels
-        self.dtype = dtype
-        self.logits_fp32 = logits_fp32
+        self.dtype = dtype = policy.torch_dtype
+        self.logits_fp32 = policy.logits_fp32
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, dtype, device) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)

@@ -184,9 +184,10 @@ def export_hf_dir(path: Path, out_dir: Path, dtype: torch.dtype = torch.float32)
     from transformers import GenerationConfig
 
     from parity.models.decoder import DecoderModel
+    from parity.precision.policy import PrecisionPolicy
 
     cfg = load_gguf_config(path)
-    shapes_only = DecoderModel(cfg, dtype, "meta", max_positions=1)  # names and shapes for validation
+    shapes_only = DecoderModel(cfg, PrecisionPolicy("fp32"), "meta", 1)  # names and shapes for validation
     tensors = {name: t.to(dtype) for name, t in iter_gguf_tensors(path, cfg, WeightMap(shapes_only, cfg))}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -53,15 +53,6 @@ class PrecisionPolicy:
     def torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype)
 
-    def model_kwargs(self) -> dict:
-        """Keyword arguments of `DecoderModel` (besides config, device and max_positions)."""
-        return {
-            "dtype": self.torch_dtype,
-            "logits_fp32": self.logits_fp32,
-            "deterministic": self.deterministic,
-            "check_finite": self.check_finite,
-        }
-
     @classmethod
     def of_model(cls, model) -> PrecisionPolicy:
         """The policy a `DecoderModel` runs with."""

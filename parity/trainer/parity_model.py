@@ -22,6 +22,7 @@ yields the weights under HF names, for `Engine.update_weights`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,32 +30,26 @@ import torch
 from parity.engine.sampler import process_logits
 from parity.engine.sampling_params import SamplingParams
 from parity.kernels.metadata import AttentionMetadata
-from parity.models.config import ModelConfig
 from parity.models.decoder import DecoderModel
-from parity.models.weights import WeightMap, load_checkpoint
+from parity.models.loader import load
 from parity.precision.policy import PrecisionPolicy
 
 
 def load_parity_model(
-    model_dir: str | Path,
+    path: str | Path,
     policy: PrecisionPolicy | None = None,
     device: str | torch.device | None = None,
     max_positions: int | None = None,
     trainable: bool = True,
 ) -> DecoderModel:
-    """A DecoderModel with trainable parameters, loaded from an HF-format directory.
+    """A DecoderModel with trainable parameters, loaded from an HF directory, a .gguf file or a model alias.
 
     `policy` defaults to PrecisionPolicy(dtype="fp32", deterministic=True). For bitwise parity with an
     engine use the engine's policy and `max_positions` equal to its `max_model_len` (both default to
     the checkpoint's max_position_embeddings), or build it with `parity_model_from_engine`.
     """
     policy = policy or PrecisionPolicy(dtype="fp32", deterministic=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = ModelConfig.from_pretrained(model_dir)
-    model = DecoderModel(cfg, device=device, max_positions=max_positions or cfg.max_position_embeddings,
-                         **policy.model_kwargs())
-    load_checkpoint(WeightMap(model, cfg), Path(model_dir))
-    return model.requires_grad_(trainable)
+    return load(path, policy, device, max_positions).model.requires_grad_(trainable)
 
 
 def parity_model_from_engine(
@@ -65,9 +60,9 @@ def parity_model_from_engine(
     src: DecoderModel = engine.model
     policy = PrecisionPolicy.of_model(src)
     if deterministic is not None:
-        policy = PrecisionPolicy(policy.dtype, policy.logits_fp32, deterministic, policy.check_finite)
+        policy = replace(policy, deterministic=deterministic)
     device = torch.device(device) if device is not None else src.embed_tokens.device
-    model = DecoderModel(src.config, device=device, max_positions=src.cos_table.shape[0], **policy.model_kwargs())
+    model = DecoderModel(src.config, policy, device, src.cos_table.shape[0])
     with torch.no_grad():
         model.load_state_dict(src.state_dict())
         model.cos_table.copy_(src.cos_table)
