@@ -16,8 +16,73 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+# RoPE types whose tables are static and computed by transformers' own init functions (rope.py). "dynamic"
+# and "longrope" rescale with the sequence length while running, which a precomputed table cannot follow.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
+
+
 class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one parity implements."""
+    """The checkpoint's architecture, or a value in its config, is not one parity implements."""
+
+
+def _sliding_layers(hf_config: Any) -> list[int]:
+    """Layers that HF runs with sliding-window attention: `layer_types` (transformers >= 4.53), else
+    Qwen2's older rule (use_sliding_window and layer index >= max_window_layers)."""
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    if getattr(hf_config, "use_sliding_window", False) and getattr(hf_config, "sliding_window", None) is not None:
+        return list(range(getattr(hf_config, "max_window_layers", 0), hf_config.num_hidden_layers))
+    return []
+
+
+def refuse_unimplemented(hf_config: Any, architecture: str) -> None:
+    """Raise UnsupportedModelError for a config value the decoder does not implement, so an unsupported
+    checkpoint fails at load instead of giving silently wrong logprobs. The message names the field."""
+    from parity.models.rope import rope_parameters
+
+    family = SUPPORTED_ARCHITECTURES[architecture]
+
+    def refuse(field: str, value: Any, why: str) -> None:
+        raise UnsupportedModelError(f"{architecture} config {field}={value!r}: {why}")
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            refuse(name, value, "must be a positive int")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in SILU_NAMES:
+        refuse("hidden_act", act, "parity's MLP implements silu (SwiGLU) only")
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        refuse("num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
+    if family != "qwen2" and getattr(hf_config, "attention_bias", False):
+        # Llama and Qwen3 bias o_proj as well as q/k/v; Qwen2 biases q/k/v only, which is what parity has.
+        refuse("attention_bias", True, "this architecture then biases o_proj too, which parity does not implement")
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if other:
+        refuse("layer_types", other, "parity implements full causal attention only")
+    window = getattr(hf_config, "sliding_window", None)
+    sliding = _sliding_layers(hf_config)
+    if sliding and window is not None and window < hf_config.max_position_embeddings:
+        refuse("sliding_window", window, f"layers {sliding} use sliding-window attention (use_sliding_window="
+               f"{getattr(hf_config, 'use_sliding_window', None)}); parity implements full causal attention only")
+    rope = rope_parameters(hf_config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        refuse("rope_type", rope_type, f"parity implements RoPE types {', '.join(SUPPORTED_ROPE_TYPES)}")
+    partial = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        refuse("partial_rotary_factor", partial, "parity rotates the whole head dimension")
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        refuse("quantization_config", f"quant_method={method}", "parity loads unquantized fp16/bf16/fp32 "
+               "safetensors (or a GGUF file, which it dequantizes)")
 
 
 @dataclass
@@ -52,6 +117,7 @@ class ModelConfig:
                 f"parity supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        refuse_unimplemented(hf_config, arch)
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         eos = getattr(hf_config, "eos_token_id", None)
@@ -73,7 +139,7 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             # Qwen2 always has q/k/v bias; Llama and Qwen3 read it from the config.
             attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            mlp_bias=family == "llama" and bool(getattr(hf_config, "mlp_bias", False)),  # Qwen MLPs have none
             qk_norm=family == "qwen3",
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             bos_token_id=getattr(hf_config, "bos_token_id", None),
