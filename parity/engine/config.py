@@ -7,13 +7,38 @@ from dataclasses import dataclass
 import torch
 
 from parity.models.config import ModelConfig
+from parity.precision.checks import check_bool, check_float, check_int
+from parity.precision.dtypes import resolve_dtype
 from parity.precision.policy import PrecisionPolicy
+
+
+def check_device(name: str | torch.device | None) -> str | None:
+    """A device name parity runs on ("cpu", "cuda", "cuda:N"), refused here if it cannot be used,
+    rather than as a bare assertion deep inside torch; None (pick CUDA when present) passes."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}: parity runs on 'cpu' or 'cuda'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda}); use device='cpu' or leave device unset")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return str(device)
 
 
 @dataclass
 class EngineConfig:
     """
+    Every field is checked for type, range and NaN on construction (ValueError naming the field).
     dtype: "auto" (bf16 on CUDA unless the checkpoint says fp16; fp32 on CPU), "fp16", "bf16" or "fp32".
+    device: "cpu", "cuda" or "cuda:N"; None picks CUDA when present.
+    max_model_len: the context length; None = the model's max_position_embeddings (no more is accepted).
     kv_cache_memory: KV-cache budget in bytes; if None, `memory_utilization` of the device's memory
         (on CUDA, what is left after weights and a warm-up forward; on CPU, of available RAM).
     The number of KV blocks is derived from the budget, capped at what max_num_seqs sequences of
@@ -41,12 +66,32 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if not 0 < self.memory_utilization <= 1:
-            raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        """Refuse a bad option before anything is loaded: the message names the field and the value."""
+        if self.dtype != "auto":
+            try:
+                resolve_dtype(self.dtype)
+            except ValueError as e:
+                raise ValueError(f"dtype: {e}") from None
+        self.device = check_device(self.device)
+        self.block_size = check_int("block_size", self.block_size, 1)
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = check_int("kv_cache_memory", self.kv_cache_memory, 1)
+        self.memory_utilization = check_float("memory_utilization", self.memory_utilization, 0.0, 1.0, low_open=True)
+        self.max_num_seqs = check_int("max_num_seqs", self.max_num_seqs, 1)
+        self.max_num_batched_tokens = check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if self.max_model_len is not None:
+            self.max_model_len = check_int("max_model_len", self.max_model_len, 1)
+        for name in ("enable_prefix_caching", "logits_fp32", "deterministic", "check_finite", "enforce_eager"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
+        self.seed = check_int("seed", self.seed, 0, 2**63, high_open=True)
+
+    def context_length(self, model: ModelConfig) -> int:
+        """max_model_len, defaulting to the model's max_position_embeddings; a longer one is refused: the
+        model was not trained on those positions and HF's RoPE tables stop there."""
+        limit = model.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={limit}")
+        return self.max_model_len or limit
 
     def precision_policy(self, device: torch.device, model: ModelConfig) -> PrecisionPolicy:
         """The policy the engine's model runs in, with dtype "auto" resolved for `device` and the checkpoint."""
