@@ -99,3 +99,24 @@ def test_refused_at_engine_load_before_weights(llama_dir, tmp_path):
     (path / "model.safetensors").unlink()  # refused from the config alone, before any weight is read
     with pytest.raises(UnsupportedModelError, match="hidden_act='relu'"):
         Engine.from_pretrained(path, device="cpu")
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda t: t.to(torch.int32), r"non-float checkpoint tensor\(s\) model\.layers\.0\.mlp\.up_proj\.weight \(I32\)"),
+    (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), r"'model\.layers\.0\.mlp\.up_proj\.weight' holds NaN"),
+    (lambda t: t.index_fill(1, torch.tensor([0]), float("inf")), r"'model\.layers\.0\.mlp\.up_proj\.weight' holds NaN or inf"),
+])
+def test_checkpoint_tensor_refused(llama_dir, tmp_path, corrupt, message):
+    """An integer tensor is not cast silently, and a non-finite one fails at load, not at the first step."""
+    from safetensors.torch import load_file, save_file
+
+    from parity.models.weights import WeightError
+
+    path = tmp_path / "m"
+    shutil.copytree(llama_dir, path)
+    weights = load_file(path / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    weights[name] = corrupt(weights[name])
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(WeightError, match=message):
+        Engine.from_pretrained(path, device="cpu")

@@ -140,15 +140,29 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, st.get_tensor(name)
 
 
+# safetensors dtype names of float tensors; an int or fp8 tensor is quantized data, never to be cast silently.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
 def load_checkpoint(weights: WeightMap, model_dir: Path) -> None:
-    """Validate every tensor's name and shape from the file headers, then load them shard by shard."""
+    """Validate every tensor's name, shape and dtype from the file headers, then load them shard by
+    shard, refusing a tensor with NaN/inf before it is copied."""
     files = safetensors_files(model_dir)
-    shapes = []
+    shapes, not_float = [], []
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            shapes.extend((name, tuple(st.get_slice(name).get_shape())) for name in st.keys())
+            for name in st.keys():
+                header = st.get_slice(name)
+                shapes.append((name, tuple(header.get_shape())))
+                if header.get_dtype() not in _FLOAT_DTYPES and weights.normalize(name) is not None:
+                    not_float.append(f"{name} ({header.get_dtype()})")
+    if not_float:
+        raise WeightError(f"non-float checkpoint tensor(s) {', '.join(not_float[:5])}: parity loads fp16/bf16/fp32 "
+                          "weights, not quantized or integer data")
     weights.validate(shapes)
     for name, tensor in iter_safetensors(files):
+        if weights.normalize(name) is not None and not bool(torch.isfinite(tensor).all()):
+            raise WeightError(f"checkpoint tensor {name!r} holds NaN or inf")
         weights.copy(name, tensor)
 
 
