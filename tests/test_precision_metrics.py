@@ -274,3 +274,16 @@ def test_api_conveniences():
     assert torch.equal(by_name.weights, importance_weights(rollout, train, mask, ISConfig("mis")).weights)
     with pytest.raises(TypeError):  # everything after the mask is keyword-only
         policy_loss(train, train, torch.ones(2), mask, by_name.weights)
+
+
+@pytest.mark.parametrize("method", ["tis", "mis", "seq-tis", "geo-mis", "icepop"])
+def test_importance_weights_reject_nan_like_mismatch_metrics(method):
+    lr, lt, mask = torch.full((2, 3), -1.0), torch.full((2, 3), -1.2), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    lt[1, 2] = float("nan")
+    message = r"nan in logp_train under the mask \(1 token\(s\), first at \[1, 2\]\)"
+    with pytest.raises(ValueError, match=message):
+        importance_weights(lr, lt, mask, method)
+    with pytest.raises(ValueError, match=message):
+        mismatch_metrics(lr, lt, mask)
+    lt[1, 2], lr[0, 2] = -1.2, float("nan")  # NaN in padding is ignored
+    assert importance_weights(lr, lt, mask, method).stats == importance_weights(lr.nan_to_num(), lt, mask, method).stats

@@ -13,6 +13,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 
 def _shown(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
@@ -82,3 +84,12 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_no_nan(mask: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """ValueError naming the first tensor with NaN where `mask` is set (NaN would turn every statistic into NaN)."""
+    for name, tensor in tensors.items():
+        bad = torch.isnan(tensor) & mask
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"nan in {name} under the mask ({int(bad.sum())} token(s), first at {list(where)})")

@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import torch
 
+from parity.precision.checks import check_no_nan
+
 IS_METHODS = ("none", "tis", "mis", "icepop", "seq-tis", "seq-mis", "geo-tis", "geo-mis")
 _DEFAULT_UPPER = {"tis": 2.0, "mis": 2.0, "icepop": 5.0, "seq-tis": 2.0, "seq-mis": 2.0, "geo-tis": 1.001,
                   "geo-mis": 1.001, "none": 2.0}
@@ -109,6 +111,7 @@ def importance_weights(
     m = mask.bool()
     if not bool(m.any()):
         raise ValueError("importance_weights needs at least one token under the mask")
+    check_no_nan(m, logp_rollout=logp_rollout, logp_train=logp_train)
     lo, hi = config.bounds
     clamp = config.log_ratio_clamp
     log_ratio = torch.where(m, logp_train.detach().float() - logp_rollout.detach().float(), 0.0)

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from parity.precision.checks import check_no_nan
+
 LOG_RATIO_CLAMP = 20.0
 RATIO_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
 
@@ -93,8 +95,7 @@ def mismatch_metrics(
     lr, lt, m = as_padded(logp_rollout, logp_train, mask)
     if not bool(m.any()):
         raise ValueError("mismatch_metrics needs at least one token under the mask")
-    if bool(torch.isnan(lr[m]).any() | torch.isnan(lt[m]).any()):
-        raise ValueError("nan in the logprobs under the mask")
+    check_no_nan(m, logp_rollout=lr, logp_train=lt)
     log_ratio = torch.where(m, lt - lr, torch.zeros_like(lr))
     flat = log_ratio[m]
     ratio = torch.exp(flat.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
