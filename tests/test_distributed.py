@@ -26,6 +26,7 @@ from parity.distributed.ray_actor import EngineActor
 from parity.distributed.tensor_parallel import TensorParallelDecoder, TPEngine, local_config
 from parity.models.config import ModelConfig
 from parity.models.weights import WeightError
+from parity.precision.policy import PrecisionPolicy
 from parity.testing.factory import TinyModelSpec, write_tiny_model
 
 ENGINE_KW = dict(device="cpu", dtype="fp32", kv_cache_memory=1 << 21, max_model_len=128)
@@ -246,7 +247,7 @@ def test_tp_size_must_divide_kv_heads(llama_dir):
 
 def test_tp_model_needs_a_process_group(llama_dir):
     with pytest.raises(RuntimeError, match="torch.distributed"):
-        TensorParallelDecoder(ModelConfig.from_pretrained(llama_dir), torch.float32, "cpu", 64)
+        TensorParallelDecoder(ModelConfig.from_pretrained(llama_dir), PrecisionPolicy("fp32"), "cpu", 64)
 
 
 # --------------------------------------------------------------------------------------------- ray
