@@ -181,8 +181,23 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = Non
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                         f"{prefix or 'top level'} accepts {', '.join(sorted(names))}")
-    return dataclasses.replace(base, **{k: _coerce(v, hints[k], prefix + k, getattr(base, k)) for k, v in data.items()})
+                         f"{prefix.rstrip('.') or 'the top level'} accepts {', '.join(sorted(names))}")
+    values = {k: _coerce(v, hints[k], prefix + k, getattr(base, k)) for k, v in data.items()}
+    try:
+        return dataclasses.replace(base, **values)
+    except ValueError as e:  # the section's own check (__post_init__): say which section
+        raise ValueError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, with a syntax error as one ValueError line naming the source, line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{source}: invalid YAML{where}: {problem}") from None
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -196,7 +211,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {p} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = _parse_yaml(raw, f"override {assignment!r}")
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -206,7 +221,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
     for assignment in overrides or []:
