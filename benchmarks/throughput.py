@@ -108,7 +108,7 @@ def weight_bytes(engine: Engine) -> int:
 
 def run_parity(engine: Engine, prompts, max_tokens: list[int], clock: Clock) -> dict:
     """Drive the engine through add_request/step, sampling KV-cache occupancy every 4 steps."""
-    bm, sched = engine.block_manager, engine.scheduler
+    bm, sched = engine.scheduler.block_manager, engine.scheduler
     allocated = used = peak_blocks = steps = 0
     start = clock.now()
     for p, m in zip(prompts, max_tokens):
@@ -177,7 +177,7 @@ def decode_timing(engine: Engine, batch: int, context: int, steps: int, copy_bw:
             row["pct_of_roofline_engine_step"] = 100 * roof_s / step_s
             row["roofline_tok_s"] = batch / roof_s
         row["decode_tok_s"] = batch / step_s
-    sched.abort_all()
+    engine.abort_all()
     return row
 
 
@@ -205,7 +205,7 @@ def profile_steps(engine: Engine, out: Path, batch: int, context: int) -> None:
     text = io.StringIO()
     pstats.Stats(prof_host, stream=text).sort_stats("tottime").print_stats(25)
     report.append(f"=== host, 10 decode steps, batch {batch}\n{text.getvalue()}")
-    engine.scheduler.abort_all()
+    engine.abort_all()
     for p in random_prompts(128, engine.model_config.vocab_size, 100, min(1024, engine.max_model_len // 2), seed=77):
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     for _ in range(4):  # let some sequences start decoding next to the prefill chunks
@@ -215,7 +215,7 @@ def profile_steps(engine: Engine, out: Path, batch: int, context: int) -> None:
             engine.step()
     report.append("=== GPU, 4 mixed prefill+decode steps (8192-token budget)\n"
                   + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-    engine.scheduler.abort_all()
+    engine.abort_all()
     (out / "profile.txt").write_text("\n\n".join(report))
 
 

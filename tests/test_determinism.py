@@ -47,7 +47,7 @@ def test_request_alone_equals_every_batch(llama_dir):
     # (K and V, 2 layers, 2 KV heads of 16 floats), too small for the six requests: the scheduler
     # must preempt sequences and recompute them later.
     busy = _engine(llama_dir, max_num_batched_tokens=16, kv_cache_memory=8 * 2 * 2 * 16 * 2 * 16 * 4)
-    assert busy.block_manager.num_blocks == 8
+    assert busy.scheduler.block_manager.num_blocks == 8
     preemptions = 0
     for n in range(1, len(prompts) + 1):
         order = list(range(n))[::-1] if n % 2 else list(range(n))  # vary positions in the batch too

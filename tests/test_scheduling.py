@@ -46,13 +46,13 @@ def test_preemption_under_tiny_kv_budget_gives_identical_outputs(llama_dir):
     # 13 blocks of 4 tokens: one request (<= 50 tokens) fits, eight at once cannot.
     per_block = 2 * 2 * 4 * 2 * 16 * 4  # K+V, layers, block, kv heads, head dim, fp32
     tight = Engine.from_pretrained(llama_dir, dtype="fp32", device="cpu", block_size=4, kv_cache_memory=13 * per_block)
-    assert tight.block_manager.num_blocks == 13
+    assert tight.scheduler.block_manager.num_blocks == 13
     squeezed = tight.generate(prompts, params)
     assert tight.scheduler.num_preemptions > 0
     assert [r.output_ids for r in squeezed] == [r.output_ids for r in reference]
     for a, b in zip(squeezed, reference):
         torch.testing.assert_close(a.output_logprobs, b.output_logprobs, atol=1e-4, rtol=0)
-    assert tight.block_manager.num_used_blocks == 0
+    assert tight.scheduler.block_manager.num_used_blocks == 0
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -75,7 +75,7 @@ def test_block_accounting_returns_to_all_free(llama_dir, lengths, max_tokens, nu
     rollouts = engine.generate(prompts, params)
     assert len(rollouts) == n * len(prompts)
     assert all(len(r.output_ids) == max_tokens for r in rollouts)
-    bm = engine.block_manager
+    bm = engine.scheduler.block_manager
     assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks
     assert all(c == 0 for c in bm.ref_counts)
 
@@ -89,15 +89,15 @@ def test_n_samples_share_prompt_blocks(llama_dir):
     while engine.has_unfinished():
         engine.step()
         running = engine.scheduler.running
-        peak_used = max(peak_used, engine.block_manager.num_used_blocks)
+        peak_used = max(peak_used, engine.scheduler.block_manager.num_used_blocks)
         if len(running) == 4:
             tables = [s.block_table for s in running]
             first_blocks = {t[0] for t in tables}
-            shared_seen |= len(first_blocks) == 1 and engine.block_manager.ref_counts[tables[0][0]] == 4
+            shared_seen |= len(first_blocks) == 1 and engine.scheduler.block_manager.ref_counts[tables[0][0]] == 4
     assert shared_seen
     # Unshared, 4 samples x ceil(26/4)=7 blocks = 28; shared: 4 prompt blocks + 4 x 3 own blocks = 16.
     assert peak_used <= 16
-    assert engine.block_manager.num_used_blocks == 0
+    assert engine.scheduler.block_manager.num_used_blocks == 0
 
 
 def test_prefix_cache_reused_across_requests(engine):

@@ -28,7 +28,7 @@ def weight_bytes(engine: Engine) -> int:
 def test_level1_round_trip_is_identical(llama_dir):
     engine = make_engine(llama_dir)
     reference = outputs(engine)
-    assert engine.block_manager.cached  # the prompts left cached prefixes behind
+    assert engine.scheduler.block_manager.cached  # the prompts left cached prefixes behind
     params = list(engine.model.parameters())
     kv_bytes = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
 
@@ -38,7 +38,7 @@ def test_level1_round_trip_is_identical(llama_dir):
     assert stats.freed_bytes == kv_bytes  # on CPU the offloaded weights stay in host memory
     assert engine.runner.kv_cache is None
     assert all(p.untyped_storage().nbytes() == 0 for p in params)  # really released
-    assert engine.block_manager.cached == {}
+    assert engine.scheduler.block_manager.cached == {}
     with pytest.raises(EngineAsleepError, match="wake_up"):
         engine.generate(PROMPTS, PARAMS)
     with pytest.raises(EngineAsleepError, match="already asleep"):

@@ -58,7 +58,7 @@ def test_update_after_optimizer_step_matches_trainer(model_dirs):
     assert stats.weight_version == engine.weight_version == 1
     assert stats.num_tensors == len(engine.weights.targets)
     assert stats.bytes_copied == sum(p.numel() * 4 for p in engine.model.parameters())
-    assert engine.block_manager.cached == {}  # prefixes computed with old weights are gone
+    assert engine.scheduler.block_manager.cached == {}  # prefixes computed with old weights are gone
 
     after = engine.generate(PROMPTS, PARAMS)
     max_shift = 0.0

@@ -36,6 +36,7 @@ from torch import nn
 from parity.distributed.comm import check_same_on_all_ranks, rank_device
 from parity.engine.config import EngineConfig
 from parity.engine.engine import Engine
+from parity.engine.model_runner import ModelRunner
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Rollout
 from parity.models.config import ModelConfig
@@ -147,22 +148,25 @@ class ShardedWeightMap(WeightMap):
         dest.copy_(tensor.to(device=dest.device, dtype=dest.dtype))
 
 
+class TPModelRunner(ModelRunner):
+    def num_kv_blocks(self) -> int:
+        """The smallest count any rank can afford: the ranks' block managers must stay identical."""
+        blocks = torch.tensor([super().num_kv_blocks()], device=self.device)
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=self.model.group)
+        return int(blocks.item())
+
+
 class TPEngine(Engine):
     """An Engine over a TensorParallelDecoder. Every rank of the group runs it in lockstep (SPMD) and
     returns the same rollouts; `update_weights` takes the trainer's full tensors on every rank."""
 
     model: TensorParallelDecoder
+    runner_class = TPModelRunner
 
     def __init__(self, model: TensorParallelDecoder, tokenizer, config: EngineConfig, max_model_len: int):
         super().__init__(model, tokenizer, config, max_model_len)
         self.model_config = model.full_config
         self.weights = ShardedWeightMap(model)
-
-    def _num_kv_blocks(self) -> int:
-        """The smallest count any rank can afford: the ranks' block managers must stay identical."""
-        blocks = torch.tensor([super()._num_kv_blocks()], device=self.device)
-        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=self.model.group)
-        return int(blocks.item())
 
     def generate(
         self,

@@ -75,9 +75,6 @@ class BlockManager:
         seq.num_hashed_blocks = len(seq.block_table)
         return len(seq.block_table) * self.block_size
 
-    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) - len(seq.block_table) <= len(self.free)
-
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow `seq`'s block table to hold `num_tokens` tokens; all or nothing."""
         extra = self.blocks_needed(num_tokens) - len(seq.block_table)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import itertools
-import os
+import time
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import fields
@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from parity.engine import sleep as sleep_mode
 from parity.engine import weight_sync
-from parity.engine.block_manager import BlockManager
 from parity.engine.config import EngineConfig
-from parity.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from parity.engine.model_runner import ModelRunner
 from parity.engine.sampler import sample
 from parity.engine.sampling_params import SamplingParams
-from parity.engine.scheduler import Scheduler, SchedulerConfig
+from parity.engine.scheduler import Scheduler, SchedulerConfig, StepOutput
 from parity.engine.sequence import Rollout, Sequence
+from parity.engine.sleep import SleepState, SleepStats, WakeStats
 from parity.models.decoder import DecoderModel
 from parity.models.loader import Checkpoint, load
 from parity.models.weights import WeightMap
@@ -41,11 +40,9 @@ def _pick_device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _available_host_memory() -> int:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 class Engine:
+    runner_class: type[ModelRunner] = ModelRunner  # tensor parallelism brings its own (KV budget agreed by all ranks)
+
     def __init__(self, model: DecoderModel, tokenizer, config: EngineConfig, max_model_len: int):
         self.model = model
         self.model_config = model.config
@@ -55,13 +52,15 @@ class Engine:
         self.max_model_len = max_model_len
         self.weights = WeightMap(model, model.config)
         self.weight_version = 0
-        self.sleep_state: sleep_mode.SleepState | None = None
-        num_blocks = self._num_kv_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device)
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
+        self.runner = self.runner_class(model, config, max_model_len)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=self.runner.num_blocks,
+            block_size=config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            eos_token_ids=tuple(model.config.eos_token_ids),
+        ))
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
 
@@ -80,41 +79,6 @@ class Engine:
         policy = config.precision_policy(device, checkpoint.config)
         loaded = load(checkpoint, policy, device, config.max_model_len)
         return cls(loaded.model, loaded.tokenizer, config, loaded.max_positions)
-
-    def _num_kv_blocks(self) -> int:
-        per_block = kv_cache_bytes_per_block(self.model, self.config.block_size)
-        if self.config.kv_cache_memory is not None:
-            budget = self.config.kv_cache_memory
-        elif self.device.type == "cuda":
-            budget = self._cuda_kv_budget()
-        else:
-            budget = int(_available_host_memory() * self.config.memory_utilization)
-        blocks_per_seq = -(-self.max_model_len // self.config.block_size)
-        num_blocks = min(budget // per_block, self.config.max_num_seqs * blocks_per_seq)
-        if num_blocks < 1:
-            raise MemoryError(
-                f"KV-cache budget of {budget} bytes is below one block ({per_block} bytes); "
-                "raise kv_cache_memory or memory_utilization"
-            )
-        return int(num_blocks)
-
-    def _cuda_kv_budget(self) -> int:
-        """What is left under memory_utilization after weights and the activations of a full-size step."""
-        from parity.kernels.metadata import AttentionMetadata
-
-        torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
-        lens = [min(self.max_model_len, num_tokens - i) for i in range(0, num_tokens, self.max_model_len)]
-        with torch.inference_mode():
-            ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-            hidden = self.model(ids, torch.cat([torch.arange(n, device=self.device) for n in lens]),
-                                AttentionMetadata.for_packed_sequences(lens, self.device))
-            self.model.compute_logits(hidden[-self.config.max_num_seqs:])
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        activations = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
-        torch.cuda.empty_cache()
-        return int(free - (1 - self.config.memory_utilization) * total - activations)
 
     # ------------------------------------------------------------------------------------ requests
     def encode(self, prompt: Prompt) -> list[int]:
@@ -144,7 +108,7 @@ class Engine:
     ) -> str:
         """Queue one prompt (text or token ids) for `params.n` samples. Raises for a prompt that
         can never run, leaving the engine and other requests untouched."""
-        sleep_mode.check_awake(self)
+        self.runner.check_awake()
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt)
         index = next(self._request_ids)
@@ -181,11 +145,11 @@ class Engine:
                 f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves no room to generate "
                 f"within max_model_len={self.max_model_len}"
             )
-        need = self.block_manager.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
-        if need > self.block_manager.num_blocks:
+        need = self.scheduler.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        if need > self.scheduler.num_kv_blocks:
             raise PromptTooLongError(
                 f"request {request_id}: prompt + max_tokens needs {need} KV blocks but the cache has "
-                f"{self.block_manager.num_blocks}; lower max_tokens or give the KV cache more memory"
+                f"{self.scheduler.num_kv_blocks}; lower max_tokens or give the KV cache more memory"
             )
 
     def has_unfinished(self) -> bool:
@@ -198,32 +162,13 @@ class Engine:
         if not batch.seqs:
             return []
         logits, sampled_idx = self.runner.execute(batch)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
-        if logits is None:
-            return []
-        seqs = [batch.seqs[i] for i in sampled_idx]
-        out = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
-                     log_softmax=self.model.kernels.log_softmax)
-        finished = []
-        for seq, token, logprob, raw in zip(seqs, out.token_ids, out.logprobs, out.raw_logprobs):
-            seq.output_ids.append(token)
-            seq.output_logprobs.append(logprob)
-            seq.output_raw_logprobs.append(raw)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                finished.append(self._to_rollout(seq))
-        return finished
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
-            return "stop"
-        if seq.num_tokens >= seq.max_len:
-            return "length"
-        return None
+        sampled = None
+        if logits is not None:
+            seqs = [batch.seqs[i] for i in sampled_idx]
+            sampled = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
+                             log_softmax=self.model.kernels.log_softmax)
+        finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled))
+        return [self._to_rollout(seq) for seq in finished]
 
     def _to_rollout(self, seq: Sequence) -> Rollout:
         return Rollout(
@@ -281,17 +226,46 @@ class Engine:
         return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
 
     # ------------------------------------------------------------------------------ trainer bridge
+    @property
+    def sleep_state(self) -> SleepState | None:
+        """What sleep() released and is not back yet; None when awake."""
+        return self.runner.sleep_state
+
     def update_weights(self, source: weight_sync.WeightSource, partial: bool = False) -> weight_sync.WeightSyncStats:
-        """Copy a trainer's weights (module, state dict, or (name, tensor) pairs) in place; see weight_sync."""
-        return weight_sync.update_weights(self, source, partial=partial)
+        """Copy a trainer's weights (module, state dict, or (name, tensor) pairs) in place, after validating
+        all of them (see weight_sync); bump the weight version and drop the prefix cache. Raises `WeightError`
+        (names, shapes, dtypes) or `RuntimeError` (engine busy or asleep) with the engine untouched.
 
-    def sleep(self, level: int = 1) -> sleep_mode.SleepStats:
-        """Free the KV cache and offload (level 1) or discard (level 2) the weights; see trainer_bridge.sleep."""
-        return sleep_mode.sleep(self, level)
+        `partial=True` accepts a subset of the tensors (e.g. only the layers that changed).
+        """
+        if self.has_unfinished():
+            raise RuntimeError(
+                "update_weights() with requests in flight would mix two weight versions inside one sample; "
+                "finish or abort them first"
+            )
+        self.runner.check_weights_resident()
+        start = time.perf_counter()
+        pairs = weight_sync.named_tensors(source)
+        weight_sync.validate_update(self.weights, pairs, partial)
+        loaded = self.runner.load_weights(self.weights, pairs, complete=not partial)
+        self.weight_version += 1
+        self.scheduler.reset_prefix_cache()  # cached prefixes hold K/V of the old weights
+        return weight_sync.WeightSyncStats(
+            self.weight_version, loaded.num_tensors, loaded.bytes_copied, loaded.num_gathered,
+            time.perf_counter() - start,
+        )
 
-    def wake_up(self, tags: Seq[str] | None = None) -> sleep_mode.WakeStats:
+    def sleep(self, level: int = 1) -> SleepStats:
+        """Free the KV cache and offload (level 1) or discard (level 2) the weights; see parity.engine.sleep."""
+        if self.has_unfinished():
+            raise RuntimeError("cannot sleep with requests in flight; finish or abort them first")
+        stats = self.runner.sleep(level)
+        self.scheduler.reset_prefix_cache()  # cached blocks lost their contents
+        return stats
+
+    def wake_up(self, tags: Seq[str] | None = None) -> WakeStats:
         """Restore what sleep() released: tags "weights", "kv_cache" (default both)."""
-        return sleep_mode.wake_up(self, tags)
+        return self.runner.wake_up(tags)
 
     def chat(
         self,
@@ -305,6 +279,15 @@ class Engine:
             conversations = [conversations]
         return self.generate([self.apply_chat_template(c) for c in conversations], params, use_tqdm)
 
+    def abort(self, request_id: str) -> list[Rollout]:
+        """Stop `request_id`'s samples now, wherever they are, and return them with what they generated so far
+        (finish_reason "abort"). An unknown or already finished id returns [] (races are normal)."""
+        return [self._to_rollout(seq) for seq in self.scheduler.abort(request_id)]
+
+    def abort_all(self) -> list[Rollout]:
+        """abort() every request in flight."""
+        return [self._to_rollout(seq) for seq in self.scheduler.abort()]
+
     def kv_cache_usage(self) -> dict[str, int]:
         """Blocks in use and free, for tests and metrics."""
-        return {"num_blocks": self.block_manager.num_blocks, "used_blocks": self.block_manager.num_used_blocks}
+        return self.scheduler.kv_cache_usage()

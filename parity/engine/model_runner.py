@@ -1,15 +1,33 @@
-"""Owns the model and its paged KV cache; turns a ScheduledBatch into a forward pass and logits."""
+"""Owns the model and its device memory: turns a ScheduledBatch into a forward pass and logits, sizes and
+allocates the paged KV cache, releases and restores weights and KV cache for sleep mode, and copies new
+weights into the existing parameters.
+
+Sleep (vLLM's sleep mode): level 1 copies the weights to host memory (pinned on CUDA) and releases their
+device storage; level 2 releases it without a copy (wake the weights, then load new ones). Weights return
+into the *same* Parameter tensors: their untyped storage is resized to 0 and back, so every module keeps
+its references. The caching allocator usually hands back the same addresses but does not promise it;
+`WakeStats.addresses_preserved` says whether it did, and captured CUDA graphs are dropped when an address
+moved or the KV cache was re-allocated. RoPE tables (buffers, absent from checkpoints) stay resident.
+Freed memory is measured, not assumed: on CUDA `memory_allocated` / `memory_reserved` before and after
+(after `empty_cache()`, so another process can use it); on CPU, the bytes released minus the host copies held.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from parity.engine.config import EngineConfig
 from parity.engine.scheduler import ScheduledBatch
+from parity.engine.sleep import WAKE_TAGS, EngineAsleepError, MemorySnapshot, SleepState, SleepStats, WakeStats
 from parity.kernels.metadata import AttentionMetadata
 from parity.models.decoder import DecoderModel
+from parity.models.weights import WeightMap
 from parity.precision.policy import NonFiniteActivationError
 
 
@@ -28,16 +46,71 @@ def kv_cache_bytes_per_block(model: DecoderModel, block_size: int) -> int:
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+@dataclass
+class LoadStats:
+    num_tensors: int  # source tensors copied (ignored buffers and tied aliases not counted)
+    bytes_copied: int  # bytes written into the parameters (engine dtype)
+    num_gathered: int  # DTensors gathered with full_tensor()
+
+
+def _available_host_memory() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
 class ModelRunner:
-    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, model: DecoderModel, config: EngineConfig, max_model_len: int):
         self.model = model
-        self.device = device
-        self.block_size = block_size
-        self.num_blocks = num_blocks
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
         self.kv_cache: torch.Tensor | None = None
         self.graphs = None  # DecodeGraphs, when enable_cuda_graphs() was called
         self._graph_config: tuple[int, int] | None = None
+        self.sleep_state: SleepState | None = None
+        self.num_blocks = self.num_kv_blocks()
         self.allocate_kv_cache()
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.enable_cuda_graphs(config.max_num_seqs, max_model_len)
+
+    # ------------------------------------------------------------------------------- KV cache
+    def num_kv_blocks(self) -> int:
+        """Blocks the KV budget affords, capped at what max_num_seqs sequences of max_model_len could use."""
+        per_block = kv_cache_bytes_per_block(self.model, self.block_size)
+        if self.config.kv_cache_memory is not None:
+            budget = self.config.kv_cache_memory
+        elif self.device.type == "cuda":
+            budget = self._cuda_kv_budget()
+        else:
+            budget = int(_available_host_memory() * self.config.memory_utilization)
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        num_blocks = min(budget // per_block, self.config.max_num_seqs * blocks_per_seq)
+        if num_blocks < 1:
+            raise MemoryError(
+                f"KV-cache budget of {budget} bytes is below one block ({per_block} bytes); "
+                "raise kv_cache_memory or memory_utilization"
+            )
+        return int(num_blocks)
+
+    def _cuda_kv_budget(self) -> int:
+        """What is left under memory_utilization after weights and the activations of a full-size step."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        lens = [min(self.max_model_len, num_tokens - i) for i in range(0, num_tokens, self.max_model_len)]
+        with torch.inference_mode():
+            ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+            hidden = self.model(ids, torch.cat([torch.arange(n, device=self.device) for n in lens]),
+                                AttentionMetadata.for_packed_sequences(lens, self.device))
+            self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        activations = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        return int(free - (1 - self.config.memory_utilization) * total - activations)
 
     def allocate_kv_cache(self) -> None:
         """One tensor [2, layers, blocks, block_size, kv_heads, head_dim]; layer i's K/V are views of it."""
@@ -48,9 +121,143 @@ class ModelRunner:
         )
         self.invalidate_cuda_graphs()
 
-    def free_kv_cache(self) -> None:
+    def free_kv_cache(self) -> int:
+        """Release the KV cache; return its size in bytes."""
+        nbytes = self.kv_cache.numel() * self.kv_cache.element_size()
         self.kv_cache = None
         self.invalidate_cuda_graphs()
+        return nbytes
+
+    # ---------------------------------------------------------------------------- sleep / wake
+    def check_awake(self) -> None:
+        """Raise EngineAsleepError unless a step can run."""
+        state = self.sleep_state
+        if state is None:
+            return
+        if state.weights == "unloaded":
+            raise EngineAsleepError(
+                "the weights were discarded by sleep(level=2); call update_weights() before generating"
+            )
+        raise EngineAsleepError(f"the engine is asleep (level {state.level}); call wake_up() before generating")
+
+    def check_weights_resident(self) -> None:
+        """Raise unless the weight storage is on the device (a weight update needs it)."""
+        state = self.sleep_state
+        if state is not None and state.weights in ("offloaded", "discarded"):
+            raise EngineAsleepError(
+                f"the weights are {state.weights} (sleep level {state.level}); call wake_up(tags=['weights']) first"
+            )
+
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        """Every parameter with its own storage (tied weights appear once)."""
+        seen: set[int] = set()
+        out = []
+        for p in self.model.parameters():
+            ptr = p.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                out.append(p)
+        return out
+
+    def sleep(self, level: int, empty_cache: bool = True) -> SleepStats:
+        """Free the KV cache and offload (level 1) or discard (level 2) the weights."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (offload weights) or 2 (discard weights), got {level}")
+        if self.sleep_state is not None:
+            raise EngineAsleepError(f"the engine is already asleep (level {self.sleep_state.level}); wake_up() first")
+        start = time.perf_counter()
+        before = MemorySnapshot.take(self.device)
+        state = SleepState(level=level, kv_cache_released=True, weights="offloaded" if level == 1 else "discarded")
+        kv_bytes = self.free_kv_cache()
+        weight_bytes = host_bytes = 0
+        pin = self.device.type == "cuda"
+        state.params = self._weight_tensors()
+        for p in state.params:
+            storage = p.untyped_storage()
+            state.addresses.append(storage.data_ptr())
+            state.storage_bytes.append(storage.nbytes())
+            if level == 1:
+                host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+                host.copy_(p.detach(), non_blocking=pin)
+                state.host_copies.append(host)
+                host_bytes += host.numel() * host.element_size()
+            weight_bytes += storage.nbytes()
+        if pin:
+            torch.cuda.synchronize(self.device)  # the host copies must be complete before the storage goes
+        for p in state.params:
+            p.untyped_storage().resize_(0)
+        self.sleep_state = state
+        if self.device.type == "cuda":
+            if empty_cache:
+                torch.cuda.empty_cache()
+            after = MemorySnapshot.take(self.device)
+            freed = before.allocated - after.allocated
+        else:
+            after = MemorySnapshot(None, None)
+            freed = kv_bytes + weight_bytes - host_bytes  # host copies live in the same memory
+        return SleepStats(level, kv_bytes, weight_bytes, host_bytes, freed, before, after, time.perf_counter() - start)
+
+    def wake_up(self, tags: Iterable[str] | None = None) -> WakeStats:
+        """Re-allocate what sleep released: `tags` is any of "weights", "kv_cache" (default both)."""
+        tags = tuple(WAKE_TAGS if tags is None else tags)
+        unknown = set(tags) - set(WAKE_TAGS)
+        if unknown:
+            raise ValueError(f"unknown wake_up tag(s) {sorted(unknown)}; expected any of {list(WAKE_TAGS)}")
+        state = self.sleep_state
+        if state is None:
+            raise EngineAsleepError("wake_up() on an engine that is not asleep")
+        start = time.perf_counter()
+        restored = 0
+        preserved = None
+        if "weights" in tags and state.weights in ("offloaded", "discarded"):
+            for p, nbytes in zip(state.params, state.storage_bytes):
+                p.untyped_storage().resize_(nbytes)
+                restored += nbytes
+            for p, host in zip(state.params, state.host_copies):
+                p.detach().copy_(host, non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # before the host copies are dropped
+            preserved = [p.untyped_storage().data_ptr() for p in state.params] == state.addresses
+            state.weights = "resident" if state.weights == "offloaded" else "unloaded"
+            state.host_copies = []
+            if not preserved:
+                self.invalidate_cuda_graphs()
+        if "kv_cache" in tags and state.kv_cache_released:
+            self.allocate_kv_cache()
+            restored += self.kv_cache.numel() * self.kv_cache.element_size()
+            state.kv_cache_released = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if state.weights == "resident" and not state.kv_cache_released:
+            self.sleep_state = None
+        return WakeStats(tags, restored, preserved, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------------- weight loading
+    def load_weights(self, weights: WeightMap, pairs: list[tuple[str, torch.Tensor]], complete: bool) -> LoadStats:
+        """Copy validated HF-named tensors into the existing parameter storage (CUDA-graph pointers stay
+        valid). `complete`: every weight was written, so weights discarded by sleep(level=2) are valid again."""
+        num_tensors = num_gathered = bytes_copied = 0
+        elem = torch.empty((), dtype=self.model.dtype).element_size()
+        for name, tensor in pairs:
+            if weights.normalize(name) is None:
+                continue
+            if _is_dtensor(tensor):
+                tensor = tensor.full_tensor()  # a collective: every rank iterates in the same order
+                num_gathered += 1
+            weights.copy(name, tensor.detach())
+            num_tensors += 1
+            bytes_copied += tensor.numel() * elem
+            del tensor
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        state = self.sleep_state
+        if complete and state is not None and state.weights == "unloaded":
+            state.weights = "resident"
+            if not state.kv_cache_released:
+                self.sleep_state = None
+        return LoadStats(num_tensors, bytes_copied, num_gathered)
+
+    # ------------------------------------------------------------------------------ execution
 
     @property
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,10 +1,14 @@
-"""Continuous batching: which sequences run this step, and how many tokens each.
+"""Continuous batching: which sequences run this step, how many tokens each, and what a step's output
+does to them.
 
 Every step mixes running sequences (a decode token each, or the next chunk of a long prompt)
 with newly admitted ones, under a token budget (`max_num_batched_tokens`) and a sequence cap
 (`max_num_seqs`). When the KV cache runs out, the most recently admitted running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
 (prompt + tokens generated so far) later. Its sampled tokens are kept, so results are unchanged.
+
+The scheduler owns the BlockManager: admission, preemption, finishing and the prefix cache all go
+through it, so block accounting has one home.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ from collections import deque
 from dataclasses import dataclass
 
 from parity.engine.block_manager import BlockManager
+from parity.engine.sampler import SamplerOutput
 from parity.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
 class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -35,10 +44,18 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
+@dataclass
+class StepOutput:
+    """What a step produced for its ScheduledBatch (vLLM's ModelRunnerOutput)."""
+
+    sampled_seqs: list[int]  # indices into batch.seqs of the sequences that sampled a token
+    sampled: SamplerOutput | None  # their tokens and logprobs, in that order (None when nobody sampled)
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.blocks = block_manager
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -51,7 +68,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free_sequence(seq)
+        self.block_manager.free_sequence(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -62,7 +79,7 @@ class Scheduler:
         """Samples 1..n-1 of a request wait until sample 0 has computed the prompt, then share its blocks."""
         leader = seq.group_leader
         return (
-            self.blocks.enable_prefix_caching
+            self.block_manager.enable_prefix_caching
             and leader is not None
             and leader.status != SequenceStatus.FINISHED
             and leader.in_prefill
@@ -80,7 +97,7 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.blocks.allocate(seq, seq.num_computed_tokens + num_new):
+            while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -99,13 +116,13 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             if not seq.block_table:
-                seq.num_computed_tokens = self.blocks.match_prefix(seq)
+                seq.num_computed_tokens = self.block_manager.match_prefix(seq)
                 seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, len(seq.prompt_ids))
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.allocate(seq, seq.num_computed_tokens + num_new):
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 # Hold no blocks while waiting (the prefix match is redone next time). A request alone
                 # always fits: add_request refused any whose full length exceeds the whole cache.
-                self.blocks.free_sequence(seq)
+                self.block_manager.free_sequence(seq)
                 seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
@@ -117,16 +134,59 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return ScheduledBatch(scheduled, counts)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def update_from_output(self, batch: ScheduledBatch, output: StepOutput) -> list[Sequence]:
+        """Book a step's results: computed tokens, newly full blocks into the prefix cache, sampled tokens
+        and logprobs; finish the sequences that stopped and return them."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        if output.sampled is None:
+            return []
+        finished = []
+        out = output.sampled
+        for i, token, logprob, raw in zip(output.sampled_seqs, out.token_ids, out.logprobs, out.raw_logprobs):
+            seq = batch.seqs[i]
+            seq.output_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            seq.output_raw_logprobs.append(raw)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.config.eos_token_ids):
+            return "stop"
+        if seq.num_tokens >= seq.max_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
+        self.block_manager.free_sequence(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.running.remove(seq)
-        self.blocks.free_sequence(seq)
 
-    def abort_all(self) -> None:
-        for seq in list(self.running):
-            self.blocks.free_sequence(seq)
-        for seq in self.waiting:
-            self.blocks.free_sequence(seq)
-        self.running.clear()
-        self.waiting.clear()
+    def abort(self, request_id: str | None = None) -> list[Sequence]:
+        """Stop the samples of `request_id` (every request if None), waiting or running, free their blocks
+        and return them, finished with reason "abort"."""
+        aborted = [s for s in [*self.running, *self.waiting] if request_id is None or s.request_id == request_id]
+        for seq in aborted:
+            self._finish(seq, "abort")
+        return sorted(aborted, key=lambda s: s.seq_id)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return self.block_manager.blocks_needed(num_tokens)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (after a weight update or sleep their K/V are stale or gone)."""
+        self.block_manager.reset_prefix_cache()
+
+    def kv_cache_usage(self) -> dict[str, int]:
+        return {"num_blocks": self.block_manager.num_blocks, "used_blocks": self.block_manager.num_used_blocks}

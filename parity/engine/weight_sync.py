@@ -1,41 +1,30 @@
-"""In-process weight sync: the trainer's current weights -> the engine's parameters, in place.
+"""What a trainer can hand to `Engine.update_weights`, turned into validated (HF name, tensor) pairs.
 
-`update_weights(engine, source)` accepts what a trainer has at hand:
+Accepted sources:
   - an `nn.Module` (HF `AutoModelForCausalLM`, possibly wrapped by DDP / accelerate / torch.compile /
     FSDP2, whose sharded parameters are DTensors gathered one at a time with `full_tensor()`; or
     parity's own trainer `DecoderModel`, read through HF-named views of its fused parameters),
   - a state dict (`Mapping[str, Tensor]`, HF names),
   - an iterable of `(name, tensor)` pairs (what verl hands to `load_weights`).
 
-Every name and shape is checked by `WeightMap.validate` before the first copy, so a bad update is
-refused whole and the old weights stay. A module or a mapping is validated from its metadata and then
-streamed tensor by tensor: peak extra memory is one tensor (plus its cast copy, plus the gathered
-full tensor of a DTensor). A one-shot iterator cannot be inspected without consuming it, so it is
-materialised first: that holds every tensor it yields until the copy ends. That is free when they
-are views of live parameters, and a full extra model copy when the iterator builds new tensors; pass
-the module or a state dict to avoid it.
-
-Copies go into the existing parameter storage (`copy_`), so pointers captured by CUDA graphs remain
-valid. Afterwards the weight version is bumped (stamped on every Rollout), cached prefixes are
-dropped (their K/V came from the old weights), and derived weights are refreshed if the model keeps any.
+Every name and shape is checked before the first copy, so a bad update is refused whole and the old
+weights stay. A module or a mapping is validated from its metadata and then streamed tensor by tensor:
+peak extra memory is one tensor (plus its cast copy, plus the gathered full tensor of a DTensor). A
+one-shot iterator cannot be inspected without consuming it, so it is materialised first: that holds
+every tensor it yields until the copy ends. That is free when they are views of live parameters, and a
+full extra model copy when the iterator builds new tensors; pass the module or a state dict to avoid it.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from parity.engine.sleep import check_weights_resident, clear_discarded_weights
 from parity.models.decoder import DecoderModel
-from parity.models.weights import WeightError, hf_named_weights
-
-if TYPE_CHECKING:
-    from parity.engine.engine import Engine
+from parity.models.weights import WeightError, WeightMap, hf_named_weights
 
 WeightSource = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -67,11 +56,7 @@ def unwrap_module(module: nn.Module) -> nn.Module:
         return module
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "full_tensor") and hasattr(t, "placements")
-
-
-def _named_tensors(source: WeightSource) -> list[tuple[str, torch.Tensor]]:
+def named_tensors(source: WeightSource) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs without copying data: module state dicts and mappings hold references."""
     if isinstance(source, nn.Module):
         module = unwrap_module(source)
@@ -93,44 +78,9 @@ def _named_tensors(source: WeightSource) -> list[tuple[str, torch.Tensor]]:
     return pairs
 
 
-def update_weights(engine: Engine, source: WeightSource, partial: bool = False) -> WeightSyncStats:
-    """Copy `source` into `engine`'s parameters after validating all of it. Raises `WeightError`
-    (names/shapes) or `RuntimeError` (engine busy or asleep) with the engine untouched.
-
-    `partial=True` accepts a subset of the tensors (e.g. only the layers that changed).
-    """
-    if engine.has_unfinished():
-        raise RuntimeError(
-            "update_weights() with requests in flight would mix two weight versions inside one sample; "
-            "finish or abort them first"
-        )
-    check_weights_resident(engine)
-    start = time.perf_counter()
-    pairs = _named_tensors(source)
+def validate_update(weights: WeightMap, pairs: list[tuple[str, torch.Tensor]], partial: bool) -> None:
+    """Refuse the whole update, naming the tensor, unless every tensor fits. Raises WeightError."""
     not_float = next(((n, t.dtype) for n, t in pairs if not t.is_floating_point()), None)
     if not_float is not None:
         raise WeightError(f"tensor {not_float[0]!r} has dtype {not_float[1]}, expected a floating-point weight")
-    engine.weights.validate([(name, tuple(t.shape)) for name, t in pairs], require_all=not partial)
-
-    num_tensors = num_gathered = bytes_copied = 0
-    elem = torch.empty((), dtype=engine.model.dtype).element_size()
-    for name, tensor in pairs:
-        if engine.weights.normalize(name) is None:
-            continue
-        if _is_dtensor(tensor):
-            tensor = tensor.full_tensor()  # a collective: every rank iterates in the same order
-            num_gathered += 1
-        engine.weights.copy(name, tensor.detach())
-        num_tensors += 1
-        bytes_copied += tensor.numel() * elem
-        del tensor
-    refresh = getattr(engine.model, "refresh_derived_weights", None)
-    if callable(refresh):
-        refresh()
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
-    engine.weight_version += 1
-    engine.block_manager.reset_prefix_cache()
-    clear_discarded_weights(engine)
-    return WeightSyncStats(engine.weight_version, num_tensors, bytes_copied, num_gathered, time.perf_counter() - start)
-
+    weights.validate([(name, tuple(t.shape)) for name, t in pairs], require_all=not partial)
