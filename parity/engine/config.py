@@ -85,14 +85,6 @@ class EngineConfig:
             setattr(self, name, check_bool(name, getattr(self, name)))
         self.seed = check_int("seed", self.seed, 0, 2**63, high_open=True)
 
-    def context_length(self, model: ModelConfig) -> int:
-        """max_model_len, defaulting to the model's max_position_embeddings; a longer one is refused: the
-        model was not trained on those positions and HF's RoPE tables stop there."""
-        limit = model.max_position_embeddings
-        if self.max_model_len is not None and self.max_model_len > limit:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={limit}")
-        return self.max_model_len or limit
-
     def precision_policy(self, device: torch.device, model: ModelConfig) -> PrecisionPolicy:
         """The policy the engine's model runs in, with dtype "auto" resolved for `device` and the checkpoint."""
         dtype = self.dtype

@@ -33,7 +33,10 @@ class Checkpoint:
         """A model alias, an HF directory, a .gguf file, or a directory plus `gguf_file`."""
         if isinstance(name, Checkpoint):
             return name
-        return cls(resolve_model_path(name, gguf_file))
+        checkpoint = cls(resolve_model_path(name, gguf_file))
+        if not checkpoint.is_gguf and not (checkpoint.path / "config.json").is_file():
+            raise FileNotFoundError(f"{checkpoint.path} is not an HF model directory (no config.json) or a .gguf file")
+        return checkpoint
 
     @property
     def is_gguf(self) -> bool:
@@ -106,6 +109,9 @@ def load(
     cfg = checkpoint.config
     if max_positions is not None and max_positions < 1:
         raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+    if max_positions is not None and max_positions > cfg.max_position_embeddings:  # the engine's max_model_len
+        raise ValueError(f"max_model_len/max_positions={max_positions} exceeds the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
     max_positions = max_positions or cfg.max_position_embeddings
     device = torch.device(device) if device is not None else default_device()
     model = build(cfg, policy, device, max_positions)
