@@ -1,0 +1,161 @@
+"""ParityForCausalLM, parity's decoder behind an HF causal-LM interface, against HF transformers itself:
+forward (with padding) and loss, one AdamW step, save_pretrained read back by transformers and by the
+engine, gradient checkpointing, and FSDP2 over 2 gloo processes (bit for bit in deterministic mode)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_distributed import run_ranks
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from parity import Engine, SamplingParams
+from parity.precision.policy import PrecisionPolicy
+from parity.trainer.causal_lm import ParityForCausalLM
+from parity.trainer.parity_model import token_logprobs
+
+FAST_FP32 = PrecisionPolicy("fp32", deterministic=False)
+EXACT_FP32 = PrecisionPolicy("fp32", deterministic=True)
+
+
+def padded_batch(vocab_size: int, seed: int = 0):
+    """Token ids [3, 10]: one full row, one left-padded by 3, one right-padded by 4; mask and HF labels
+    (labels count where the token and the one before it are real, as ParityForCausalLM counts them)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, -4:] = 0
+    real = mask.bool()
+    counted = real & torch.cat([torch.zeros(3, 1, dtype=torch.bool), real[:, :-1]], dim=1)
+    return ids, mask, torch.where(counted, ids, -100)
+
+
+def hf_model(model_dir: str):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_forward_and_loss_match_hf_with_padding(model_dirs, arch):
+    ours = ParityForCausalLM.from_pretrained(model_dirs[arch], FAST_FP32, device="cpu")
+    hf = hf_model(model_dirs[arch])
+    ids, mask, labels = padded_batch(ours.config.vocab_size)
+    got = ours(ids, attention_mask=mask, labels=ids)
+    want = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    torch.testing.assert_close(got.logits[real], want.logits[real], rtol=1e-5, atol=1e-5)
+    assert bool((got.logits[~real] == 0).all())  # padding is never computed on
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    # logits_to_keep: the last columns only, as HF returns them.
+    tail = ours(ids, attention_mask=mask, logits_to_keep=3).logits
+    torch.testing.assert_close(tail, got.logits[:, -3:], rtol=0, atol=0)
+
+
+def test_one_adamw_step_matches_hf(model_dirs):
+    """Llama: Adam's first step is g / (|g| + eps) per weight, which turns float32 rounding of a near-zero
+    gradient into a visible step difference; Qwen3's q/k norms make many q_proj gradients near zero."""
+    ours = ParityForCausalLM.from_pretrained(model_dirs["llama"], FAST_FP32, device="cpu")
+    hf = hf_model(model_dirs["llama"])
+    before = ours.hf_state_dict()
+    ids, mask, labels = padded_batch(ours.config.vocab_size, seed=1)
+    for model, lab in ((ours, ids), (hf, labels)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        model(input_ids=ids, attention_mask=mask, labels=lab).loss.backward()
+        opt.step()
+    after, after_hf = ours.hf_state_dict(), hf.state_dict()
+    assert after.keys() <= after_hf.keys()
+    for name, tensor in after.items():
+        # Each weight moved by ~lr = 1e-3; the two steps agree to float32 rounding of that.
+        torch.testing.assert_close(tensor, after_hf[name], rtol=1e-5, atol=2e-6, msg=name)
+    assert max(float((after[n] - before[n]).abs().max()) for n in after) > 5e-4  # the step moved the weights
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dirs):
+    model = ParityForCausalLM.from_pretrained(model_dirs["llama"], FAST_FP32, device="cpu")
+    ids, mask, _ = padded_batch(model.config.vocab_size, seed=2)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ckpt_loss, ckpt_grads = loss_and_grads()
+    model.gradient_checkpointing_disable()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(-t.numel()) or t, lambda t: t):
+        loss_and_grads()
+    assert not model.is_gradient_checkpointing
+    assert torch.equal(ckpt_loss, plain_loss)
+    for name, grad in plain_grads.items():
+        assert torch.equal(ckpt_grads[name], grad), name
+    kept_with = sum(n for n in saved if n > 0)
+    kept_without = -sum(n for n in saved if n < 0)
+    assert kept_with < kept_without  # checkpointing keeps fewer activations for backward
+
+
+def test_save_pretrained_loads_in_hf_and_in_the_engine(model_dirs, tmp_path):
+    src = model_dirs["qwen2"]
+    model = ParityForCausalLM.from_pretrained(src, EXACT_FP32, device="cpu", max_positions=64)
+    with torch.no_grad():  # a trained model: every weight moved
+        gen = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    out = model.save_pretrained(tmp_path / "saved", max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    assert (out / "model.safetensors.index.json").is_file()  # sharded as asked
+
+    hf = hf_model(str(out))
+    hf_state = hf.state_dict()
+    assert all(torch.equal(hf_state[name], t) for name, t in model.hf_state_dict().items())  # every weight, exactly
+    ids, mask, _ = padded_batch(model.config.vocab_size, seed=4)
+    real = mask.bool()
+    torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits[real],
+                               model(ids, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-4)
+
+    params = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
+    kw = dict(device="cpu", dtype="fp32", deterministic=True, max_model_len=64, kv_cache_memory=1 << 20)
+    loaded = Engine.from_pretrained(out, **kw).generate(["Hello", "What is 12 + 34?"], params)
+    synced_engine = Engine.from_pretrained(src, **kw)
+    synced_engine.update_weights(model.model)  # by reference: HF-named views of the fused parameters
+    synced = synced_engine.generate(["Hello", "What is 12 + 34?"], params)
+    assert [r.output_ids for r in loaded] == [r.output_ids for r in synced]
+    assert [r.output_logprobs for r in loaded] == [r.output_logprobs for r in synced]
+    scored = token_logprobs(model.model, [r.prompt_ids for r in loaded], [r.output_ids for r in loaded])
+    for r, lp in zip(loaded, scored):
+        assert lp.tolist() == r.output_logprobs  # deterministic mode: the trainer's logprob is the engine's
+
+
+# -------------------------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank: int, model_dir: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2,))
+    ids, mask, _ = padded_batch(384, seed=6)
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        model = ParityForCausalLM.from_pretrained(model_dir, PrecisionPolicy(dtype, deterministic=True), device="cpu")
+        model.fully_shard(mesh=mesh)
+        with torch.no_grad():
+            out[dtype] = model(ids[:, :6] % model.config.vocab_size, attention_mask=mask[:, :6]).logits
+        out[f"{dtype}_saved"] = model.hf_state_dict()  # gathered from both shards
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_bit_for_bit(llama_dir, tmp_path):
+    ranks = run_ranks(_fsdp_worker, 2, tmp_path, llama_dir)
+    ids, mask, _ = padded_batch(384, seed=6)
+    for dtype in ("fp32", "bf16"):
+        single = ParityForCausalLM.from_pretrained(llama_dir, PrecisionPolicy(dtype, deterministic=True), device="cpu")
+        with torch.no_grad():
+            want = single(ids[:, :6] % single.config.vocab_size, attention_mask=mask[:, :6]).logits
+        state = single.hf_state_dict()
+        for r in ranks:
+            assert torch.equal(r[dtype], want), dtype
+            assert r[f"{dtype}_saved"].keys() == state.keys()
+            assert all(torch.equal(r[f"{dtype}_saved"][k], v) for k, v in state.items())
