@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import triton
 
-from parity.kernels.dispatch import _mm_fp32_out
 from parity.kernels.triton import invariant as ti
+from parity.kernels.triton.fast import mm_fp32_out
 
 # (name, N, K) of Qwen3-0.6B: fused qkv, o_proj, fused gate_up, down, LM head (tied, float32 output).
 QWEN3_06B_SHAPES = [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072),
@@ -55,7 +55,7 @@ def main() -> None:
         fp32 = name == "lm_head"
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         xs = {m: torch.randn(m, k, device="cuda", dtype=dtype) for m in args.rows}
-        peer = partial(_mm_fp32_out, weight=w) if fp32 else partial(torch.nn.functional.linear, weight=w)  # fast mode's
+        peer = partial(mm_fp32_out, weight=w) if fp32 else partial(torch.nn.functional.linear, weight=w)  # fast mode's
         cublas = {m: bench(partial(peer, x)) for m, x in xs.items()}
         chosen = ti.linear_config(n, k)
         for cfg in candidates():

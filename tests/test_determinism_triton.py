@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 from parity.kernels import reference  # noqa: E402
 from parity.kernels.metadata import AttentionMetadata  # noqa: E402
 from parity.kernels.triton import invariant as ti  # noqa: E402
+from parity.kernels.triton import invariant_autograd as tia  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -53,7 +54,7 @@ def test_linear_gradients():
     x = _randn(9, 40).requires_grad_()
     w = _randn(24, 40, seed=1).requires_grad_()
     b = _randn(24, seed=2).requires_grad_()
-    (ti.linear(x, w, b) ** 2).sum().backward()
+    (tia.linear(x, w, b) ** 2).sum().backward()
     grads = [t.grad.clone() for t in (x, w, b)]
     for t in (x, w, b):
         t.grad = None
@@ -118,7 +119,9 @@ def test_attention_gradients_come_from_the_reference():
     k = _randn(9, 2, 16, seed=1).requires_grad_()
     v = _randn(9, 2, 16, seed=2).requires_grad_()
     meta = AttentionMetadata.for_packed_sequences(lens, DEVICE)
-    ti.attention(q, k, v, None, meta, 0.25).square().sum().backward()
+    out = tia.attention(q, k, v, None, meta, 0.25)
+    assert torch.equal(out.detach(), ti.attention(q.detach(), k.detach(), v.detach(), None, meta, 0.25))
+    out.square().sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
@@ -134,7 +137,8 @@ def test_log_softmax_rows_invariant_close_and_differentiable():
     torch.testing.assert_close(out, torch.log_softmax(logits, -1), rtol=1e-6, atol=1e-5)
     assert torch.equal(ti.log_softmax(logits[1:2]), out[1:2]) and torch.equal(ti.log_softmax(logits[4:]), out[4:])
     x = logits[2:4].clone().requires_grad_()
-    (ti.log_softmax(x) * torch.linspace(0, 1, 2500, device=DEVICE)).sum().backward()
+    assert torch.equal(tia.log_softmax(x).detach(), out[2:4])
+    (tia.log_softmax(x) * torch.linspace(0, 1, 2500, device=DEVICE)).sum().backward()
     g = x.grad.clone()
     x.grad = None
     (torch.log_softmax(x, -1) * torch.linspace(0, 1, 2500, device=DEVICE)).sum().backward()
@@ -145,7 +149,7 @@ def test_rms_norm_wrapper_is_row_invariant_with_reference_gradients():
     x = _randn(11, 64).requires_grad_()
     r = _randn(11, 64, seed=1)
     w = (1 + 0.1 * _randn(64, seed=2)).requires_grad_()
-    out, summed = ti.rms_norm(x, w, 1e-6, r)
+    out, summed = tia.rms_norm(x, w, 1e-6, r)
     ref_out, ref_sum = reference.rms_norm(x, w, 1e-6, r)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert torch.equal(ti.rms_norm(x[4:5].detach(), w.detach(), 1e-6, r[4:5])[0], out[4:5].detach())
@@ -206,13 +210,13 @@ def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch):
     model with two heads keeps the interpreter (seconds per hundred programs) fast enough."""
     from parity.engine.engine import Engine
     from parity.engine.sampling_params import SamplingParams
-    from parity.kernels import invariant
+    from parity.kernels import dispatch
     from parity.testing.factory import TinyModelSpec, write_tiny_model
     from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
     spec = TinyModelSpec(architecture="qwen2", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                          num_kv_heads=1, vocab_size=300)
-    monkeypatch.setattr(invariant, "_use_triton", lambda x: True)
+    monkeypatch.setattr(dispatch, "device_kind", lambda x: "cuda")
     engine = Engine.from_pretrained(write_tiny_model(tmp_path / "m", spec), dtype="fp32", deterministic=True,
                                     max_model_len=128, max_num_batched_tokens=8, kv_cache_memory=1 << 20)
     g = torch.Generator().manual_seed(0)

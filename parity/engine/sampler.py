@@ -3,7 +3,8 @@
 Processing order (vLLM's): temperature -> min-p -> top-k -> top-p; the kept set is renormalised.
 Random draws are counter-based: the noise for (seed, output position, vocab id) is a fixed hash,
 so a sample depends only on its own seed and history, never on the batch it ran in, the device,
-or preemption. Sampling is the Gumbel-max trick: argmax(logp + g) with g = -log(-log u).
+or preemption. Sampling is the Gumbel-max trick: argmax(logp + g) with g = -log(-log u)
+(`parity.kernels.reference.gumbel_argmax`, through the kernel dispatch).
 """
 
 from __future__ import annotations
@@ -14,35 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from parity.engine.sampling_params import SamplingParams
-
-_MASK62 = (1 << 62) - 1
-
-
-def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser; int64 multiplication wraps like uint64."""
-    x = x ^ _shift_right(x, 30)
-    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9
-    x = x ^ _shift_right(x, 27)
-    x = x * -7723592293110705685  # 0x94d049bb133111eb
-    return x ^ _shift_right(x, 31)
-
-
-def noise_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """The per-row hash key of (seed, step) that `uniform_noise` mixes with each vocab id. [B] int64."""
-    return _mix64((seeds & _MASK62) * 0x9E3779B9 + steps)
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """u in (0, 1), float64 [B, V], a pure function of (seed, step, vocab id)."""
-    key = noise_keys(seeds, steps)  # [B]
-    vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix64(key[:, None] ^ (vocab[None, :] * -7046029254386353131))  # 0x9e3779b97f4a7c15
-    return (_shift_right(bits, 11).double() + 0.5) / float(1 << 53)
+from parity.kernels.dispatch import gumbel_argmax
 
 
 def process_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -115,16 +88,3 @@ def sample(
 def _leaves_logits_unchanged(params: list[SamplingParams]) -> bool:
     """True when process_logits would return the logits as they are (temperature 1 or greedy, no filters)."""
     return all(p.temperature in (0, 1) and p.min_p <= 0 and p.top_k <= 0 and p.top_p >= 1.0 for p in params)
-
-
-def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """argmax(logprobs + g) per row with the counter-based Gumbel noise g. On CUDA one fused kernel makes
-    the noise in registers (the float64 [B, V] tensors cost ~1 GB of traffic at B=256, V=152k)."""
-    from parity.kernels.dispatch import use_triton
-
-    if use_triton(logprobs):
-        from parity.kernels.triton.sampling import gumbel_argmax as fused
-
-        return fused(logprobs, noise_keys(seeds, steps))
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logprobs.shape[-1])))
-    return (logprobs.double() + gumbel).argmax(dim=-1)

@@ -1,6 +1,7 @@
-"""Kernels behind one interface: Triton on CUDA, the plain-torch reference elsewhere.
+"""Kernels behind one interface: Triton on CUDA, plain torch elsewhere, fast or batch-invariant.
 
-`parity.kernels.dispatch` is what model code calls; `reference` holds the definitions.
+`parity.kernels.dispatch` is what model code calls (its table picks the implementation); `reference`
+holds the definitions.
 """
 
 from parity.kernels.metadata import AttentionMetadata

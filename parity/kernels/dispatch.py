@@ -1,88 +1,95 @@
-"""The kernel set a model calls, dispatched per call.
+"""The kernel set a model calls, and the one table that picks each call's implementation.
 
-`Kernels` picks each op's implementation from the tensor's device (Triton on CUDA, the plain-torch
-reference in `reference.py` elsewhere) and from `deterministic` (batch-invariant implementations,
-whose results for a token do not depend on what else is in the batch). Every module of a model
-holds the same `Kernels` instance, so flipping the mode on the model flips it everywhere.
+A call's implementation follows from three things: the mode (`fast`, or `deterministic`: batch-invariant,
+a token's result does not depend on what else is in the batch), the device of its tensors (Triton runs
+CUDA tensors; CPU tensors, or CUDA without Triton, take plain torch) and whether autograd must see the
+call (a trainer-side forward: fast mode then runs the torch reference; deterministic mode wraps the same
+forward kernels with a backward). Every implementation is a module with the same functions, signatures
+as in `reference.py`. Every module of a model holds the same `Kernels` instance, so flipping the mode on
+the model flips it everywhere.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from parity.kernels import invariant, reference
 from parity.kernels.metadata import AttentionMetadata
 
-HAVE_TRITON = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-if HAVE_TRITON:
-    from parity.kernels.triton import attention as triton_attention
-    from parity.kernels.triton import elementwise as triton_elementwise
-    from parity.kernels.triton import norm as triton_norm
+Mode = Literal["fast", "deterministic"]
+Device = Literal["cpu", "cuda"]
+
+# (mode, device, autograd) -> the module that implements every op there.
+IMPLEMENTATIONS: dict[tuple[Mode, Device, bool], str] = {
+    ("fast", "cpu", False): "parity.kernels.reference",
+    ("fast", "cpu", True): "parity.kernels.reference",
+    ("fast", "cuda", False): "parity.kernels.triton.fast",
+    ("fast", "cuda", True): "parity.kernels.reference",
+    ("deterministic", "cpu", False): "parity.kernels.invariant",
+    ("deterministic", "cpu", True): "parity.kernels.invariant",
+    ("deterministic", "cuda", False): "parity.kernels.triton.invariant",
+    ("deterministic", "cuda", True): "parity.kernels.triton.invariant_autograd",
+}
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors in inference; the autograd path (trainer forward) stays on torch."""
-    x = tensors[0]
-    if not (HAVE_TRITON and x.is_cuda):
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+def device_kind(x: torch.Tensor) -> Device:
+    """"cuda" where the Triton kernels can run (tests patch this to run them in Triton's CPU interpreter)."""
+    return "cuda" if x.is_cuda and HAVE_TRITON else "cpu"
 
 
-_MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=) on CUDA exists from torch 2.8; older builds upcast instead
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _mm_fp32_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T from fp16/bf16 operands with float32 accumulation and output (cuBLAS, no fp32 weight copy)."""
-    if _MM_OUT_DTYPE[0]:
-        try:
-            return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).reshape(*x.shape[:-1], -1)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE[0] = False
-    return F.linear(x.float(), weight.float())
+@functools.cache
+def _module(name: str) -> ModuleType:
+    """Imported on first use, so CPU runs never import Triton."""
+    return importlib.import_module(name)
+
+
+def implementation(mode: Mode, *tensors: torch.Tensor | None) -> ModuleType:
+    """The module that runs an op on `tensors` (the first one's device decides) in `mode`."""
+    return _module(IMPLEMENTATIONS[(mode, device_kind(tensors[0]), needs_grad(*tensors))])
+
+
+def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The sampler's Gumbel-max (`reference.gumbel_argmax`). Integer hashing and float64 maths give the
+    same bits in every implementation, so the mode does not enter; on CUDA one fused kernel makes the
+    noise in registers (the float64 [B, V] tensors cost ~1 GB of traffic at B=256, V=152k)."""
+    return implementation("fast", logprobs).gumbel_argmax(logprobs, seeds, steps)
 
 
 @dataclass
 class Kernels:
     deterministic: bool = False
 
+    @property
+    def mode(self) -> Mode:
+        return "deterministic" if self.deterministic else "fast"
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.deterministic:
-            return invariant.linear(x, weight, bias)
-        return F.linear(x, weight, bias)
+        return implementation(self.mode, x, weight, bias).linear(x, weight, bias)
 
     def linear_fp32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x @ weight.T with float32 products, sums and output: the same maths as upcasting both first,
-        without materialising a float32 copy of the weight (600 MB for a 151936 x 1024 LM head)."""
-        if self.deterministic:
-            return invariant.linear_fp32(x, weight)
-        if use_triton(x, weight) and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16):
-            return _mm_fp32_out(x, weight)
-        return self.linear(x.float(), weight.float())
+        """x @ weight.T with float32 products, sums and output (the LM head under logits_fp32)."""
+        return implementation(self.mode, x, weight).linear_fp32(x, weight)
 
     def rms_norm(self, x, weight, eps, residual=None):
-        if self.deterministic:
-            return invariant.rms_norm(x, weight, eps, residual)
-        if use_triton(x, weight, residual):
-            return triton_norm.rms_norm(x, weight, eps, residual)
-        return reference.rms_norm(x, weight, eps, residual)
+        return implementation(self.mode, x, weight, residual).rms_norm(x, weight, eps, residual)
 
     def apply_rotary(self, q, k, cos, sin):
-        if self.deterministic:
-            return invariant.apply_rotary(q, k, cos, sin)
-        if use_triton(q, k):
-            return triton_elementwise.apply_rotary(q, k, cos, sin)
-        return reference.apply_rotary(q, k, cos, sin)
+        return implementation(self.mode, q, k, cos, sin).apply_rotary(q, k, cos, sin)
 
     def silu_and_mul(self, x):
-        if self.deterministic:
-            return invariant.silu_and_mul(x)
-        if use_triton(x):
-            return triton_elementwise.silu_and_mul(x)
-        return reference.silu_and_mul(x)
+        return implementation(self.mode, x).silu_and_mul(x)
 
     def attention(
         self,
@@ -94,17 +101,8 @@ class Kernels:
         scale: float,
     ) -> torch.Tensor:
         """Write k/v into the cache (if any), then attend. Without a cache: causal within each sequence."""
-        if self.deterministic:
-            return invariant.attention(q, k, v, kv_cache, meta, scale)
-        impl = triton_attention if use_triton(q, k, v) else reference
-        if kv_cache is None:
-            return impl.varlen_attention(q, k, v, meta, scale)
-        k_cache, v_cache = kv_cache
-        impl.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return impl.paged_attention(q, k_cache, v_cache, meta, scale)
+        return implementation(self.mode, q, k, v).attention(q, k, v, kv_cache, meta, scale)
 
     def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         """log-softmax over the vocabulary of float32 logits [N, V] (the sampler's and the trainer's)."""
-        if self.deterministic:
-            return invariant.log_softmax(logits)
-        return torch.log_softmax(logits, dim=-1)
+        return implementation(self.mode, logits).log_softmax(logits)

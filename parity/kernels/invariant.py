@@ -1,4 +1,4 @@
-"""Batch-invariant kernels (deterministic mode): a token's result depends on that token alone.
+"""Batch-invariant kernels for deterministic mode on CPU: a token's result depends on that token alone.
 
 Why ordinary kernels are not invariant: a matmul library picks its blocking (on GPUs also split-K)
 from the number of rows; CPU elementwise kernels switch between a vectorised body and a scalar tail
@@ -14,7 +14,7 @@ The fix: every reduction runs in an order fixed by the token's own shapes.
   Attention runs per query row over exactly the keys at positions <= its own, gathered into a fresh
   tensor whether they come from the paged KV cache (engine, any chunking) or from the packed batch
   (trainer). Autograd works as usual. Slow (a Python loop per row): the CPU reference.
-- CUDA: Triton kernels with fixed tiles (`triton_invariant.py`): matmul with tiles chosen from the
+- CUDA: Triton kernels with fixed tiles (`triton/invariant.py`): matmul with tiles chosen from the
   weight's shape only and no split-K, one-pass RMSNorm per row, attention with one fixed key order
   for prefill, decode and the trainer path, and a fixed-chunk log-softmax; gradients come from torch
   (recomputed reference) in backward. Cost vs fast mode: benchmarks/RESULTS.md.
@@ -31,18 +31,6 @@ import torch.nn.functional as F
 
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    """CUDA tensors take the Triton kernels (tests patch this to run them in Triton's CPU interpreter)."""
-    return x.is_cuda
-
-
-def _gpu():
-    """The Triton implementations, imported on first CUDA use (CPU runs never import Triton)."""
-    from parity.kernels.triton import invariant as triton_invariant
-
-    return triton_invariant
 
 
 def _row(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -62,9 +50,7 @@ def _per_row(fn: Callable, *tensors: torch.Tensor):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b), each row computed alone (CPU) or with fixed tiles and no split-K (CUDA)."""
-    if _use_triton(x):
-        return _gpu().linear(x, weight, bias)
+    """y = x W^T (+ b), each row computed alone."""
     x2 = x.reshape(-1, x.shape[-1])
     if x.dtype != torch.float32:
         # fp16/bf16: products are exact in float32, so upcasting keeps the maths of a half-precision GEMM
@@ -78,8 +64,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T with float32 products, sums and output (the LM head under logits_fp32)."""
-    if _use_triton(x):
-        return _gpu().linear(x, weight, None, fp32=True)
     return linear(x.float(), weight.float())
 
 
@@ -87,24 +71,19 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`reference.rms_norm` (HF's cast order), one row at a time."""
-    if _use_triton(x):
-        return _gpu().rms_norm(x, weight, eps, residual)
     if residual is None:
         return _per_row(lambda r: reference.rms_norm(r, weight, eps), x)
     return _per_row(lambda r, res: reference.rms_norm(r, weight, eps, res), x, residual)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Elementwise multiply-adds: exactly rounded, so invariant with any kernel."""
-    if _use_triton(q):
-        return _gpu().apply_rotary(q, k, cos, sin)
-    return reference.apply_rotary(q, k, cos, sin)
+# RoPE's multiply-adds are exactly rounded, so invariant with any kernel; the sampler's Gumbel-max is
+# integer hashing and float64 maths per row.
+apply_rotary = reference.apply_rotary
+gumbel_argmax = reference.gumbel_argmax
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SiLU uses exp, whose CPU vector body and scalar tail can differ in the last bit: per row."""
-    if _use_triton(x):
-        return _gpu().silu_and_mul(x)
     return _per_row(reference.silu_and_mul, x)
 
 
@@ -122,8 +101,6 @@ def _log_softmax_row(x: torch.Tensor) -> torch.Tensor:
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax over the last dim of [N, V], each row alone."""
-    if _use_triton(logits):
-        return _gpu().log_softmax(logits)
     return _per_row(_log_softmax_row, logits)
 
 
@@ -149,27 +126,9 @@ def _attend_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return [_attend_one(q[j], k[: first + j + 1], v[: first + j + 1], scale) for j in range(q.shape[0])]
 
 
-def _store_kvcache(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """`reference.store_kvcache` with index_copy_ (CPU advanced indexing opens a thread pool per call)."""
-    keep = (slot_mapping >= 0).nonzero().squeeze(1)
-    slots = slot_mapping.index_select(0, keep)
-    num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.index_select(0, keep).to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.index_select(0, keep).to(v_cache.dtype))
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
+def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write k/v into the cache (if any), then attend, with the same per-query key order for the
     paged cache (prefill chunks, decode) and the packed trainer batch (no cache)."""
-    if _use_triton(q):
-        return _gpu().attention(q, k, v, kv_cache, meta, scale)
     starts = meta.query_start_loc_cpu
     rows: list[torch.Tensor] = []
     if kv_cache is None:
@@ -178,14 +137,11 @@ def attention(
             rows += _attend_sequence(q[s:e], k[s:e], v[s:e], scale)
     else:
         k_cache, v_cache = kv_cache
-        _store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        block_size = k_cache.shape[1]
-        for i, seq_len in enumerate(meta.seq_lens_cpu):
+        reference.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        for i in range(meta.num_seqs):
             if starts[i + 1] == starts[i]:
                 continue
-            blocks = meta.block_tables[i, : -(-seq_len // block_size)].long()
-            k_seq = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
-            v_seq = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+            k_seq, v_seq = reference.gather_kv(k_cache, v_cache, meta, i)
             rows += _attend_sequence(q[starts[i] : starts[i + 1]], k_seq, v_seq, scale)
     out = torch.stack(rows) if rows else torch.zeros_like(q)
     if out.shape[0] != q.shape[0]:  # rows past the last sequence (padding) attend to nothing

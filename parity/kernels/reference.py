@@ -1,6 +1,6 @@
-"""Plain-torch definitions of every kernel. CPU code paths run these; Triton kernels are tested
-against them. Cast orders follow HF transformers' Llama/Qwen implementations so that a float32
-forward matches HF to rounding."""
+"""Plain-torch definitions of every kernel: fast mode on CPU and under autograd runs these, and every
+other implementation is tested against them. Cast orders follow HF transformers' Llama/Qwen
+implementations so that a float32 forward matches HF to rounding."""
 
 from __future__ import annotations
 
@@ -8,6 +8,20 @@ import torch
 import torch.nn.functional as F
 
 from parity.kernels.metadata import AttentionMetadata
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T with float32 products, sums and output (the LM head under logits_fp32)."""
+    return F.linear(x.float(), weight.float())
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the vocabulary of float32 logits [N, V] (the sampler's and the trainer's)."""
+    return torch.log_softmax(logits, dim=-1)
 
 
 def rms_norm(
@@ -50,12 +64,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def store_kvcache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write token t's K/V into flat slot `slot_mapping[t]` of the paged cache; -1 means skip."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
+    """Write token t's K/V into flat slot `slot_mapping[t]` of the paged cache; -1 means skip.
+
+    index_copy_ rather than advanced indexing: CPU advanced indexing opens a thread pool per call."""
+    keep = (slot_mapping >= 0).nonzero().squeeze(1)
+    slots = slot_mapping.index_select(0, keep)
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[keep].to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.index_select(0, keep).to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.index_select(0, keep).to(v_cache.dtype))
+
+
+def gather_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, seq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `seq_lens[seq]` K/V rows [L, KV, D] of sequence `seq`, gathered from its cache blocks."""
+    seq_len = meta.seq_lens_cpu[seq]
+    blocks = meta.block_tables[seq, : -(-seq_len // k_cache.shape[1])].long()
+    return (k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len],
+            v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len])
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -82,17 +108,12 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the ragged batch q: [T, H, D] over the paged cache [blocks, block_size, KV, D]."""
     out = torch.zeros_like(q)
-    block_size = k_cache.shape[1]
     starts = meta.query_start_loc_cpu
-    for i, seq_len in enumerate(meta.seq_lens_cpu):
-        q_i = q[starts[i] : starts[i + 1]]
-        if q_i.shape[0] == 0:
+    for i in range(meta.num_seqs):
+        if starts[i + 1] == starts[i]:
             continue
-        num_blocks = -(-seq_len // block_size)
-        blocks = meta.block_tables[i, :num_blocks].long()
-        k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
-        v = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
-        out[starts[i] : starts[i + 1]] = _causal_attention(q_i, k, v, scale)
+        k, v = gather_kv(k_cache, v_cache, meta, i)
+        out[starts[i] : starts[i + 1]] = _causal_attention(q[starts[i] : starts[i + 1]], k, v, scale)
     return out
 
 
@@ -106,3 +127,59 @@ def varlen_attention(
         s, e = starts[i], starts[i + 1]
         out[s:e] = _causal_attention(q[s:e], k[s:e], v[s:e], scale)
     return out
+
+
+def attention_from(store_kvcache, paged_attention, varlen_attention):
+    """An implementation's `attention` from its cache write, paged attention and packed attention."""
+
+    def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Write k/v into the cache (if any), then attend. Without a cache: causal within each sequence."""
+        if kv_cache is None:
+            return varlen_attention(q, k, v, meta, scale)
+        k_cache, v_cache = kv_cache
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, meta, scale)
+
+    return attention
+
+
+attention = attention_from(store_kvcache, paged_attention, varlen_attention)
+
+
+# ------------------------------------------------------------------------------ Gumbel-max sampling
+# Counter-based noise: the draw for (seed, output position, vocab id) is a fixed hash, so a sample
+# depends only on its own seed and history, never on the batch it ran in, the device, or preemption.
+_MASK62 = (1 << 62) - 1
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser; int64 multiplication wraps like uint64."""
+    x = x ^ _shift_right(x, 30)
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    x = x ^ _shift_right(x, 27)
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ _shift_right(x, 31)
+
+
+def noise_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The per-row hash key of (seed, step) that `uniform_noise` mixes with each vocab id. [B] int64."""
+    return _mix64((seeds & _MASK62) * 0x9E3779B9 + steps)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """u in (0, 1), float64 [B, V], a pure function of (seed, step, vocab id)."""
+    key = noise_keys(seeds, steps)  # [B]
+    vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _mix64(key[:, None] ^ (vocab[None, :] * -7046029254386353131))  # 0x9e3779b97f4a7c15
+    return (_shift_right(bits, 11).double() + 0.5) / float(1 << 53)
+
+
+def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """argmax(logprobs + g) per row, g = -log(-log u) with the counter-based u; int64 [B]."""
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logprobs.shape[-1])))
+    return (logprobs.double() + gumbel).argmax(dim=-1)

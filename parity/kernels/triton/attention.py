@@ -5,7 +5,7 @@ sequence `s` lives in flat slot `block_tables[s, n // block_size] * block_size +
 
 - `prefill`: flash attention (online softmax, fp32 accumulation) for any ragged batch. One program
   owns a tile of query rows: TOKENS consecutive tokens of one sequence x HEADS query heads of one GQA
-  group (fast mode: 16 or 64 tokens x 1 head; deterministic mode, `triton_invariant`: 16 rows of
+  group (fast mode: 16 or 64 tokens x 1 head; deterministic mode, `triton/invariant.py`: 16 rows of
   tokens x the whole group, so K/V tiles are read once per group). The (sequence, tile) pairs are laid
   out flat and each program finds its sequence by binary search over `query_start_loc`, so no host work
   is needed. Query row i of a sequence sits at position `seq_len - q_len + i` and attends to keys at
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw integers; in that mode the dots
@@ -43,6 +44,16 @@ def _dot(a, b):
     if a.dtype == tl.float32:  # an fp32 model keeps full fp32 products (Triton's default would be tf32)
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):
+    """Fold one key tile (log2-scaled scores s [rows, keys], values v [keys, D]) into the running max,
+    sum and float32 accumulator of flash attention."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot(p.to(v.dtype), v)
 
 
 # ------------------------------------------------------------------------------------------ cache write
@@ -145,12 +156,7 @@ def _prefill_kernel(
         v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
         s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no keys (CUDA-graph padding) gives zeros
     tl.store(out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask & d_mask)
@@ -218,12 +224,7 @@ def _decode_kernel(
         v = tl.load(v_cache_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty range (padding row, or split past the end) gives 0
     if NUM_SPLITS == 1:
@@ -300,27 +301,23 @@ def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float) -> 
 
 
 # ------------------------------------------------------------------------------------------ public API
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention of the ragged batch q: [T, H, D] over the paged cache [blocks, block_size, KV, D]."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q.shape[0] == 0:
-        return out
-    if meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
+    if q.shape[0] and meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
         _decode(q, k_cache, v_cache, out, meta, scale)
-    else:
+    elif q.shape[0]:
         _fast_prefill(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), out, meta, scale, meta.block_tables,
                       k_cache.shape[1])
     return out
 
 
-def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
+def varlen_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention within each packed sequence, with no cache (trainer-side forward)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q.shape[0] == 0:
-        return out
-    _fast_prefill(q, k, v, out, meta, scale, None, 1)
+    if q.shape[0]:
+        _fast_prefill(q, k, v, out, meta, scale, None, 1)
     return out
+
+
+attention = reference.attention_from(store_kvcache, paged_attention, varlen_attention)

@@ -16,9 +16,7 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
 - `log_softmax`: one program per row, fixed chunks of the vocabulary.
 - RMSNorm, RoPE and SiLU-and-mul reuse `triton_norm` / `triton_elementwise`, whose programs own
   whole rows (RMSNorm) or single elements (RoPE, SiLU), so they are invariant already.
-Gradients (the trainer's parity forward): the matmul and log-softmax have their analytic backward;
-the other ops recompute the torch reference under autograd in backward. Only the forward values need
-to be bitwise equal to the engine's; gradients agree with the reference to rounding.
+These are forward-only; `triton/invariant_autograd.py` wraps them for the trainer's parity forward.
 """
 
 from __future__ import annotations
@@ -29,17 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
-from parity.kernels.triton import elementwise as triton_elementwise
-from parity.kernels.triton import norm as triton_norm
 from parity.kernels.triton.attention import _dot, prefill, store_kvcache
+from parity.kernels.triton.elementwise import apply_rotary, silu_and_mul
+from parity.kernels.triton.norm import rms_norm
+from parity.kernels.triton.sampling import gumbel_argmax
+
+__all__ = ["apply_rotary", "attention", "gumbel_argmax", "linear", "linear_fp32", "log_softmax", "rms_norm",
+           "silu_and_mul"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # -------------------------------------------------------------------------------------------- matmul
@@ -99,34 +96,17 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y
 
 
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, weight, bias, fp32):
-        ctx.save_for_backward(x2, weight)
-        ctx.has_bias, ctx.fp32 = bias is not None, fp32
-        return _linear_forward(x2, weight, bias, fp32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, weight = ctx.saved_tensors
-        compute = torch.float32 if ctx.fp32 else x2.dtype
-        g = grad.to(compute)
-        grad_x = (g @ weight.to(compute)).to(x2.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (g.t() @ x2.to(compute)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32: bool = False) -> torch.Tensor:
     """y = x W^T (+ b); `fp32`: float32 products, sums and output from half-precision operands."""
     x2 = x.reshape(-1, x.shape[-1])
     if fp32 and x2.dtype != weight.dtype:
         x2, weight = x2.float(), weight.float()
-    if _needs_grad(x2, weight, bias):
-        y = _Linear.apply(x2, weight, bias, fp32)
-    else:
-        y = _linear_forward(x2, weight, bias, fp32)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _linear_forward(x2, weight, bias, fp32).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T with float32 products, sums and output (the LM head under logits_fp32)."""
+    return linear(x, weight, None, fp32=True)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -144,41 +124,12 @@ def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tab
     return out
 
 
-class _RecomputeBackward(torch.autograd.Function):
-    """Forward by a Triton kernel; backward by autograd through the torch reference, recomputed."""
-
-    @staticmethod
-    def forward(ctx, kernel, ref, *tensors):
-        ctx.ref = ref
-        ctx.save_for_backward(*tensors)
-        return kernel(*tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            outs = ctx.ref(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        wrt = [t for t in inputs if t is not None and t.requires_grad]
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
-        return (None, None, *[next(found) if t is not None and t.requires_grad else None for t in inputs])
-
-
-def _invariant_op(kernel, ref, *tensors):
-    """kernel(*tensors), differentiable through `ref` when any input needs a gradient."""
-    if _needs_grad(*tensors):
-        return _RecomputeBackward.apply(kernel, ref, *tensors)
-    return kernel(*tensors)
-
-
 def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write k/v into the paged cache (if any), then attend; one kernel and key order for every layout."""
     if kv_cache is None:
         # Contiguous [T, KV, D] K/V have the cache's strides, so Triton lays out (and reduces) the key
         # tiles of both paths the same way: its layouts follow the pointers' alignment and contiguity.
-        return _invariant_op(lambda q_, k_, v_: _attention_forward(q_, k_.contiguous(), v_.contiguous(), meta, scale, None, 1),
-                             lambda q_, k_, v_: reference.varlen_attention(q_, k_, v_, meta, scale), q, k, v)
+        return _attention_forward(q, k.contiguous(), v.contiguous(), meta, scale, None, 1)
     k_cache, v_cache = kv_cache
     store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     return _attention_forward(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta, scale, meta.block_tables,
@@ -206,45 +157,11 @@ def _log_softmax_kernel(x_ptr, out_ptr, V, stride_x, stride_o, BLOCK: tl.constex
         tl.store(out_ptr + row * stride_o + start + offs, x - lse, mask=mask)
 
 
-def _log_softmax_forward(logits: torch.Tensor) -> torch.Tensor:
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax over the last dim of [N, V], each row in the same fixed chunk order."""
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0]:
         block = 1024 if INTERPRET else 4096
         _log_softmax_kernel[(x.shape[0],)](x, out, x.shape[-1], x.stride(0), out.stride(0), BLOCK=block, num_warps=8)
     return out
-
-
-class _LogSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits):
-        out = _log_softmax_forward(logits)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return grad - torch.exp(out) * grad.sum(dim=-1, keepdim=True)
-
-
-def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """float32 log-softmax over the last dim of [N, V], each row in the same fixed chunk order."""
-    return _LogSoftmax.apply(logits) if _needs_grad(logits) else _log_softmax_forward(logits)
-
-
-# ----------------------------------------------------------------- row- or element-local ops (reused)
-def rms_norm(x, weight, eps, residual=None):
-    if residual is None:
-        return _invariant_op(lambda x_, w_: triton_norm.rms_norm(x_, w_, eps),
-                             lambda x_, w_: reference.rms_norm(x_, w_, eps), x, weight)
-    return _invariant_op(lambda x_, w_, r_: triton_norm.rms_norm(x_, w_, eps, r_),
-                         lambda x_, w_, r_: reference.rms_norm(x_, w_, eps, r_), x, weight, residual)
-
-
-def apply_rotary(q, k, cos, sin):
-    return _invariant_op(triton_elementwise.apply_rotary, reference.apply_rotary, q, k, cos, sin)
-
-
-def silu_and_mul(x):
-    return _invariant_op(triton_elementwise.silu_and_mul, reference.silu_and_mul, x)

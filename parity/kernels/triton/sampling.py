@@ -1,6 +1,6 @@
 """Fused Gumbel-max sampling: argmax(logprobs + g) with the sampler's counter-based noise computed in
 registers, so the [B, V] float64 noise never touches device memory. Bit-identical to the torch
-definition in `parity.engine.sampler` (same integer hash, same float64 maths, first index on ties)."""
+definition `reference.gumbel_argmax` (same integer hash, same float64 maths, first index on ties)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.kernels.reference import noise_keys
+
 
 @triton.jit
 def _mix64(x):
-    """SplitMix64's finaliser on uint64 (the sampler's `_mix64`)."""
+    """SplitMix64's finaliser on uint64 (`reference._mix64`)."""
     x = x ^ (x >> 30)
     x = x * 0xBF58476D1CE4E5B9
     x = x ^ (x >> 27)
@@ -38,8 +40,9 @@ def _gumbel_argmax_kernel(logprobs_ptr, keys_ptr, best_val_ptr, best_idx_ptr, vo
     tl.store(best_idx_ptr + row * num_chunks + chunk, idx)
 
 
-def gumbel_argmax(logprobs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocab of logprobs[b].double() + gumbel(keys[b], vocab id); int64 [B]."""
+def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocab of logprobs[b].double() + gumbel(seeds[b], steps[b], vocab id); int64 [B]."""
+    keys = noise_keys(seeds, steps)
     batch, vocab = logprobs.shape
     block = 4096
     num_chunks = triton.cdiv(vocab, block)
