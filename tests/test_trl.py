@@ -1,0 +1,206 @@
+"""TRL's GRPOTrainer with parity as its rollout engine, on the real TRL (CPU, tiny model, 3 optimizer steps).
+
+Checked against independent references: after every weight sync the engine's logprobs of a fixed completion
+equal the trainer model's (HF transformers' forward, fp32); TRL's logged `sampling/...` metrics equal the ones
+recomputed here from the completions and logprobs parity handed TRL and the HF model's own logprobs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
+
+from parity.integrations.trl import (  # noqa: E402
+    ParityGRPOTrainer,
+    ParityRolloutConfig,
+    TRLIntegrationError,
+    check_trl_version,
+)
+from parity.trainer.parity_model import token_logprobs  # noqa: E402
+
+STEPS = 3
+TEMPERATURE = 0.9
+FIXED_PROMPT = "What is 12 + 34?"
+FIXED_COMPLETION = " The answer is 46."
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    """Needs no network: longer answers score higher, so advantages are non-zero and weights move."""
+    return [len(c[0]["content"]) / 10 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    prompts = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(16)]
+    return datasets.Dataset.from_dict({"prompt": prompts})
+
+
+def grpo_args(tmp_path, **overrides) -> GRPOConfig:
+    base = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+        max_steps=STEPS, logging_steps=1, report_to=[], use_cpu=True, learning_rate=5e-3, save_strategy="no",
+        temperature=TEMPERATURE, vllm_importance_sampling_mode="token_truncate", seed=3, bf16=False,
+    )
+    return GRPOConfig(**{**base, **overrides})
+
+
+def hf_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> torch.Tensor:
+    """Reference: teacher-forced log-softmax(logits / T) of the completion under an HF model, fp32."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+class Recorder:
+    """Observes the real trainer: right after each TRL-driven sync, the engine vs the trainer model on a fixed
+    completion; at each generation, what parity handed TRL next to the HF model's logprobs of it."""
+
+    def __init__(self, trainer, tokenizer):
+        self.trainer, self.gen = trainer, trainer.vllm_generation
+        self.prompt = tokenizer(FIXED_PROMPT)["input_ids"]
+        self.completion = tokenizer(FIXED_COMPLETION)["input_ids"]
+        self.syncs: list[dict] = []
+        self.generations: list[dict] = []
+        real_sync, real_generate = self.gen.sync_weights, self.gen.generate
+
+        def sync_weights():
+            stats = real_sync()
+            engine_lp = token_logprobs(self.gen.engine.model, [self.prompt], [self.completion], TEMPERATURE)[0]
+            trainer_lp = hf_logprobs(trainer.model, self.prompt, self.completion, TEMPERATURE)
+            self.syncs.append({"step": trainer.state.global_step, "version": stats.weight_version,
+                               "engine": engine_lp, "trainer": trainer_lp})
+            return stats
+
+        def generate(prompts, images, num_generations, profiler=None):
+            out = real_generate(prompts, images, num_generations, profiler)
+            prompt_ids, completion_ids, logprobs, _ = out
+            parity_lp = torch.tensor([lp[0] for row in logprobs for lp in row])
+            trainer_lp = torch.cat([hf_logprobs(trainer.model, p, c, TEMPERATURE)
+                                    for p, c in zip(prompt_ids, completion_ids)])
+            self.generations.append({"parity": parity_lp, "trainer": trainer_lp, "prompts": prompts,
+                                     "prompt_ids": prompt_ids, "completion_ids": completion_ids})
+            return out
+
+        self.gen.sync_weights, self.gen.generate = sync_weights, generate
+
+
+def train(model_dir, tmp_path, dataset, parity=None, **overrides):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    trainer = ParityGRPOTrainer(model=model, reward_funcs=length_reward, args=grpo_args(tmp_path, **overrides),
+                                train_dataset=dataset, processing_class=tokenizer, parity=parity)
+    recorder = Recorder(trainer, tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "sampling/sampling_logp_difference/mean" in h]
+    return trainer, recorder, logs
+
+
+@pytest.fixture(scope="module")
+def fp32_run(llama_dir, tmp_path_factory, dataset):
+    return train(llama_dir, tmp_path_factory.mktemp("fp32"), dataset)
+
+
+def test_weights_synced_once_per_optimizer_step(fp32_run):
+    trainer, rec, logs = fp32_run
+    assert len(logs) == STEPS and trainer.state.global_step == STEPS
+    assert [s["step"] for s in rec.syncs] == list(range(STEPS))  # one sync per optimizer step, before its rollout
+    assert [s["version"] for s in rec.syncs] == list(range(1, STEPS + 1))
+    for s in rec.syncs:  # the engine holds exactly the trainer's weights (fp32 rounding apart)
+        torch.testing.assert_close(s["engine"], s["trainer"], rtol=0, atol=2e-5)
+    moved = (rec.syncs[-1]["trainer"] - rec.syncs[0]["trainer"]).abs().max()
+    assert moved > 1e-3, "the optimizer steps did not change the model, so the sync check proves nothing"
+
+
+def test_completions_follow_trl_order_and_stop_on_trl_eos(fp32_run):
+    trainer, rec, _ = fp32_run
+    eos = set(trainer.eos_token_ids)
+    for g in rec.generations:
+        assert [list(p) for p in g["prompts"]] == g["prompt_ids"]  # one completion per prompt row, in order
+        for ids in g["completion_ids"]:
+            assert 1 <= len(ids) <= 8
+            assert all(t not in eos for t in ids[:-1])  # generation stops at TRL's EOS set, EOS kept
+
+
+def expected_sampling_metrics(parity_lp: torch.Tensor, trainer_lp: torch.Tensor, clip_max: float) -> dict:
+    """TRL's token_truncate definitions, from the logprobs parity returned and the HF model's."""
+    diff = trainer_lp - parity_lp
+    ratio = diff.exp().clamp(max=clip_max)
+    return {
+        "sampling/sampling_logp_difference/mean": diff.abs().mean().item(),
+        "sampling/sampling_logp_difference/max": diff.abs().max().item(),
+        "sampling/importance_sampling_ratio/min": ratio.min().item(),
+        "sampling/importance_sampling_ratio/mean": ratio.mean().item(),
+        "sampling/importance_sampling_ratio/max": ratio.max().item(),
+    }
+
+
+@pytest.mark.slow
+def test_trl_sampling_metrics_come_from_parity_logprobs(llama_dir, tmp_path, dataset):
+    """A bf16 engine under an fp32 trainer: a visible mismatch (~1e-2), which TRL's metrics must reproduce."""
+    trainer, rec, logs = train(llama_dir, tmp_path, dataset, parity=ParityRolloutConfig(dtype="bf16"))
+    assert trainer.engine.model.dtype == torch.bfloat16
+    assert len(rec.generations) == len(logs) == STEPS
+    for g, logged in zip(rec.generations, logs):
+        expected = expected_sampling_metrics(g["parity"], g["trainer"], trainer.args.vllm_importance_sampling_clip_max)
+        assert expected["sampling/sampling_logp_difference/mean"] > 1e-3  # bf16 rounding is visible
+        for name, value in expected.items():
+            assert math.isclose(logged[name], value, rel_tol=1e-3, abs_tol=2e-5), (name, logged[name], value)
+
+
+def test_version_range():
+    check_trl_version(trl.__version__)
+    for version in ("0.23.0", "1.15.2", "2.0.0"):
+        with pytest.raises(TRLIntegrationError, match=r"trl>=1\.16,<2.*pip install 'parity\[trl\]'"):
+            check_trl_version(version)
+
+
+def make_trainer(model_dir, tmp_path, dataset, tokenizer=None, **overrides):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
+    return ParityGRPOTrainer(model=model, reward_funcs=length_reward, args=grpo_args(tmp_path, **overrides),
+                             train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_use_vllm_refused(llama_dir, tmp_path, dataset):
+    with pytest.raises(TRLIntegrationError, match="leave use_vllm=False"):
+        make_trainer(llama_dir, tmp_path, dataset, use_vllm=True)
+
+
+def test_tokenizer_that_does_not_match_the_model_refused(llama_dir, tmp_path, dataset):
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(1000)])
+    with pytest.raises(TRLIntegrationError, match="does not match the model.*AutoTokenizer.from_pretrained"):
+        make_trainer(llama_dir, tmp_path, dataset, tokenizer=tokenizer)
+
+
+def test_generation_options_parity_lacks_refused(llama_dir, tmp_path, dataset):
+    with pytest.raises(TRLIntegrationError, match="no use_beam_search"):
+        make_trainer(llama_dir, tmp_path, dataset, generation_kwargs={"use_beam_search": True})
+    with pytest.raises(TRLIntegrationError, match=r"\['n'\].*parity sets these itself"):
+        make_trainer(llama_dir, tmp_path, dataset, generation_kwargs={"n": 2})
+
+
+def test_sampling_settings_come_from_trl_args(llama_dir, tmp_path, dataset):
+    trainer = make_trainer(llama_dir, tmp_path, dataset, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05,
+                           max_completion_length=5, generation_kwargs={"seed": 11, "min_tokens": 2})
+    p = trainer.vllm_generation.params
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens, p.seed, p.min_tokens) == (0.7, 0.9, 20, 0.05, 5, 11, 2)
+    assert trainer.engine.model_config.eos_token_ids == trainer.eos_token_ids
+    assert trainer.engine.device == trainer.accelerator.device
+
+
+def test_vision_inputs_refused(llama_dir, tmp_path, dataset):
+    trainer = make_trainer(llama_dir, tmp_path, dataset)
+    with pytest.raises(TRLIntegrationError, match="text only"):
+        trainer.vllm_generation.generate([[1, 2, 3]], images=[["an image"]], num_generations=1)
