@@ -1,0 +1,349 @@
+"""AsyncEngine: many asyncio callers share one Engine, driven by a background thread.
+
+The loop is a dedicated thread, not an asyncio task with the step in an executor, because:
+  - every Engine call (add_request, step, abort, update_weights, sleep, wake_up) must happen on one
+    thread; with an executor that holds only by convention, here it holds by construction: the
+    thread owns the engine and callers only hand it commands;
+  - the thread steps back to back while requests run, with no event-loop round trip per step, so a
+    busy event loop (HTTP parsing, SSE writes) never delays the GPU and a long step never blocks
+    the event loop;
+  - callers may come from any event loop (or several), since results travel back through
+    `loop.call_soon_threadsafe` / `asyncio.wrap_future`.
+
+Commands run between two steps, in arrival order, so `update_weights` is applied at a step boundary.
+A request's bad input raises to its own caller from `Engine.add_request`, which validates before
+queueing anything; an exception inside a step fails the requests then in flight (their callers get
+`RequestFailedError`), they are aborted so their KV blocks are freed, and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from parity.engine.engine import Engine, Prompt
+from parity.engine.sampling_params import SamplingParams
+from parity.engine.sequence import Rollout, Sequence
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+class EngineShutdownError(RuntimeError):
+    """The AsyncEngine was shut down; it takes no more requests."""
+
+
+class RequestFailedError(RuntimeError):
+    """A step failed while this request was in flight; the request was aborted and the engine keeps serving."""
+
+
+@dataclass
+class RolloutDelta:
+    """What one sample produced since its last delta. The sample's last delta has `finish_reason`
+    ("stop", "length" or "abort") and the whole `rollout`."""
+
+    request_id: str
+    sample_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+    rollout: Rollout | None = None
+
+
+_END = object()  # a stream's closing item
+
+
+@dataclass
+class _Request:
+    """Engine-thread bookkeeping of one request."""
+
+    request_id: str
+    num_samples: int
+    result: concurrent.futures.Future  # -> list[Rollout], sorted by sample index
+    sink: Callable[[object], None] | None  # streams: delivers deltas / an exception / _END on the caller's loop
+    samples: list[Sequence] = field(default_factory=list)  # streams only: the live sequences
+    sent: list[int] = field(default_factory=list)  # streams only: tokens already delivered per sample
+    closed: set[int] = field(default_factory=set)  # streams only: samples whose last delta is out
+    finished: dict[int, Rollout] = field(default_factory=dict)
+
+
+def _resolve(fut: concurrent.futures.Future, value: object = None, error: BaseException | None = None) -> None:
+    """Set a result unless the caller already gave up on it (cancelled)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _thread_safe_sink(loop: asyncio.AbstractEventLoop, deltas: asyncio.Queue) -> Callable[[object], None]:
+    def put(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(deltas.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+    return put
+
+
+class AsyncEngine:
+    """`await generate(...)`, `async for delta in stream(...)`, `await abort(...)`, `await update_weights(...)`,
+    `await sleep(...)`, `await wake_up(...)` from any number of coroutines; `shutdown()` when done.
+
+    The wrapped engine belongs to the background thread from construction on: do not call it directly.
+    Its immutable attributes (tokenizer, model_config, max_model_len) may be read.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}  # touched by the engine thread only
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="parity-engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> AsyncEngine:
+        """`Engine.from_pretrained(path, **kwargs)` wrapped in an AsyncEngine."""
+        return cls(Engine.from_pretrained(path, **kwargs))
+
+    # ------------------------------------------------------------------------------- caller side
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> list[Rollout]:
+        """The request's `params.n` samples, sorted by sample index. Aborted samples come back partial,
+        with finish_reason "abort". Cancelling the awaiting task aborts the request."""
+        request_id, result = self._submit(prompt, params, request_id, sink=None)
+        try:
+            return await asyncio.wrap_future(result)
+        except asyncio.CancelledError:
+            self._abort_soon(request_id)
+            raise
+
+    async def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RolloutDelta]:
+        """Deltas of every sample of the request as steps produce them; ends when all samples have
+        finished (or were aborted). Leaving the loop early aborts the request."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        request_id, result = self._submit(prompt, params, request_id, sink=_thread_safe_sink(loop, deltas))
+        try:
+            while True:
+                item = await deltas.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not result.done():
+                self._abort_soon(request_id)
+
+    async def abort(self, request_id: str) -> list[Rollout]:
+        """Stop the request's unfinished samples now and return them (tokens so far, finish_reason
+        "abort"); its `generate` returns and its stream ends. An unknown or finished id returns []."""
+        return await self.call(lambda engine: self._abort(request_id))
+
+    async def abort_all(self) -> list[Rollout]:
+        """Abort every request in flight; return the partial samples."""
+        return await self.call(lambda engine: self._abort_all())
+
+    async def update_weights(self, source, **options):
+        """`Engine.update_weights(source, **options)` at the next step boundary; returns its stats."""
+        return await self.call(lambda engine: engine.update_weights(source, **options))
+
+    async def sleep(self, level: int = 1):
+        return await self.call(lambda engine: engine.sleep(level))
+
+    async def wake_up(self, tags: list[str] | None = None):
+        return await self.call(lambda engine: engine.wake_up(tags))
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn(engine)` on the engine thread at the next step boundary and return its result
+        (or raise its exception here). For anything else a caller needs from the engine."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def command() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    _resolve(fut, fn(self.engine))
+                except Exception as e:
+                    _resolve(fut, error=e)
+
+        self._post(command)
+        return await asyncio.wrap_future(fut)
+
+    def shutdown(self, timeout: float | None = 60.0) -> None:
+        """Abort what is in flight (callers get their partial samples), stop the thread and let go of
+        the engine, so its memory can be freed. Idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._commands.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the engine thread did not stop within {timeout} s (a step still running?)")
+        self.engine = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, sink):
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id is not None and not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        params = params or SamplingParams()
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        self._post(lambda: self._add(prompt, params, request_id, result, sink))
+        return request_id, result
+
+    def _post(self, command: Callable[[], None]) -> None:
+        with self._lock:  # nothing is queued behind the shutdown marker
+            if self._closed:
+                raise EngineShutdownError("the AsyncEngine is shut down")
+            self._commands.put(command)
+
+    def _abort_soon(self, request_id: str) -> None:
+        """A caller left (cancelled, or stopped reading its stream): abort its request, if still serving."""
+        with self._lock:
+            if not self._closed:
+                self._commands.put(lambda: self._abort(request_id))
+
+    # ------------------------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        while True:
+            commands = [] if self.engine.has_unfinished() else [self._commands.get()]
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for command in commands:
+                if command is None:
+                    self._guarded(self._abort_all)
+                    return
+                self._guarded(command)
+            if self.engine.has_unfinished():
+                self._guarded(self._step)
+
+    @staticmethod
+    def _guarded(fn: Callable[[], object]) -> None:
+        """Commands report their own errors to their callers; anything else is logged, never fatal to the loop."""
+        try:
+            fn()
+        except Exception:
+            logger.exception("AsyncEngine: unexpected error on the engine thread")
+
+    def _add(self, prompt: Prompt, params: SamplingParams, request_id: str, result, sink) -> None:
+        if request_id in self._requests:
+            error: Exception = ValueError(f"request_id {request_id!r} is already in flight; ids must be unique")
+        else:
+            try:
+                self.engine.add_request(prompt, params, request_id=request_id)
+                error = None
+            except Exception as e:  # bad input: this caller alone hears of it
+                error = e
+        if error is not None:
+            _resolve(result, error=error)
+            if sink is not None:
+                sink(error)
+            return
+        req = _Request(request_id, params.n, result, sink)
+        if sink is not None:
+            req.samples = sorted(_queued_samples(self.engine, request_id), key=lambda s: s.sample_index)
+            req.sent = [0] * len(req.samples)
+        self._requests[request_id] = req
+
+    def _step(self) -> None:
+        try:
+            finished = self.engine.step()
+        except Exception as e:
+            self._fail_all(e)
+            return
+        for rollout in finished:
+            self._record(rollout)
+        for req in list(self._requests.values()):
+            if req.sink is not None:
+                self._send_deltas(req)
+
+    def _record(self, rollout: Rollout) -> None:
+        req = self._requests.get(rollout.request_id)
+        if req is None:
+            return
+        if rollout.finish_reason == "error":  # its step failed: the whole request fails, its other samples stop
+            del self._requests[req.request_id]
+            self.engine.abort(req.request_id)
+            self._fail(req, RequestFailedError(f"request {req.request_id}: {rollout.error}"))
+            return
+        req.finished[rollout.sample_index] = rollout
+        if req.sink is not None:
+            self._send_deltas(req)
+        if len(req.finished) == req.num_samples:
+            del self._requests[req.request_id]
+            _resolve(req.result, [req.finished[k] for k in sorted(req.finished)])
+            if req.sink is not None:
+                req.sink(_END)
+
+    def _send_deltas(self, req: _Request) -> None:
+        for k, seq in enumerate(req.samples):
+            done = req.finished.get(seq.sample_index)
+            source = done if done is not None else seq
+            start = req.sent[k]
+            if seq.sample_index in req.closed or (done is None and start == len(source.output_ids)):
+                continue
+            req.sent[k] = len(source.output_ids)
+            if done is not None:
+                req.closed.add(seq.sample_index)
+            req.sink(RolloutDelta(req.request_id, seq.sample_index, source.output_ids[start:],
+                                  source.output_logprobs[start:], done.finish_reason if done else None, done))
+
+    def _abort(self, request_id: str) -> list[Rollout]:
+        if request_id not in self._requests:
+            return []
+        partial = self.engine.abort(request_id)
+        for rollout in partial:
+            self._record(rollout)
+        return partial
+
+    def _abort_all(self) -> list[Rollout]:
+        partial = []
+        for request_id in list(self._requests):
+            partial += self._abort(request_id)
+        return partial
+
+    def _fail_all(self, cause: Exception) -> None:
+        """step() itself raised (it reports model failures as "error" rollouts, so this is a bug): fail and
+        abort everything in flight rather than leave callers waiting."""
+        logger.exception("AsyncEngine: engine step raised")
+        requests = list(self._requests.values())
+        self._requests.clear()
+        self.engine.abort_all()
+        for req in requests:
+            error = RequestFailedError(f"request {req.request_id}: engine step raised {type(cause).__name__}: {cause}")
+            error.__cause__ = cause
+            self._fail(req, error)
+
+    @staticmethod
+    def _fail(req: _Request, error: Exception) -> None:
+        _resolve(req.result, error=error)
+        if req.sink is not None:
+            req.sink(error)
+
+
+def _queued_samples(engine: Engine, request_id: str) -> list[Sequence]:
+    """The sequences `add_request` just queued for `request_id`; a stream reads their new tokens after each step."""
+    return [s for s in engine.scheduler.waiting if s.request_id == request_id]
