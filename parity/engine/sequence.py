@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from parity.engine.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One entry of a top-N logprobs dict (vLLM's `Logprob`): the log-probability and its 1-based rank."""
+
+    logprob: float
+    rank: int
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -28,12 +36,16 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_raw_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # when params.logprobs is set
+    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)  # when params.prompt_logprobs is set
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
     num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    error: str | None = None  # why a step failed it (finish_reason "error")
+    stop_reason: int | str | None = None
     num_preemptions: int = 0
 
     @property
@@ -57,6 +69,13 @@ class Rollout:
     actually sampled from (after temperature, top-k, top-p and min-p, renormalised; for greedy the
     temperature is taken as 1): what an RL importance ratio needs. `output_raw_logprobs` (if asked
     for) is the log-softmax of the model's unprocessed logits, vLLM's `raw_logprobs`.
+
+    vLLM's extras: `stop_reason` is the stop string or stop token id that ended the sample (None for
+    EOS or length); `text` is cut at the stop string (kept with include_stop_str_in_output) while
+    `output_ids` keep every sampled token. `top_logprobs[t]` (SamplingParams.logprobs=N) maps the N
+    most likely tokens at step t, and the sampled one, to a Logprob under the same distribution as
+    `output_logprobs`; `prompt_logprobs[i]` (prompt_logprobs=N) does the same for prompt token i from
+    the raw logits, with None for the first token, which nothing predicts.
     """
 
     request_id: str
@@ -65,12 +84,16 @@ class Rollout:
     prompt_ids: list[int]
     output_ids: list[int]
     output_logprobs: list[float]
-    finish_reason: str  # "stop" (EOS or a stop token, which is kept in output_ids) or "length"
+    finish_reason: str  # "stop" (EOS or a stop token, kept in output_ids), "length", "abort" or "error"
     output_raw_logprobs: list[float] | None = None
     text: str | None = None
+    stop_reason: int | str | None = None
+    top_logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     weight_version: int = 0
     num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
+    error: str | None = None  # finish_reason "error": the exception that failed its step, with its notes
 
     @property
     def cumulative_logprob(self) -> float:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parity.engine.logits_processors import TokenHistory, shapes_logits
 from parity.engine.sampler import process_logits
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Rollout
@@ -84,13 +85,30 @@ def _fp32_lm_head(model: nn.Module):
 
 
 def _token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, params: SamplingParams | None, mode: str
+    logits: torch.Tensor, targets: torch.Tensor, params: SamplingParams | None, mode: str, rollouts: Sequence[Rollout],
+    eos_token_ids: Sequence[int],
 ) -> torch.Tensor:
-    """log p(target) under the processed (temperature + filters) or raw distribution. logits [N, V]."""
+    """log p(target) under the processed (history-dependent processors, temperature, filters) or raw
+    distribution. logits [N, V], one row per response token of `rollouts` in order."""
     logits = logits.float()
     if mode == "processed" and params is not None:
-        logits = process_logits(logits, [params] * logits.shape[0])
+        history = None
+        if shapes_logits([params]):
+            history = TokenHistory.of_positions([params] * len(rollouts), [r.prompt_ids for r in rollouts],
+                                                [r.output_ids for r in rollouts], logits.shape[-1], logits.device,
+                                                eos_token_ids)
+        logits = process_logits(logits, [params] * logits.shape[0], history)
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _hf_eos_token_ids(model: nn.Module) -> list[int]:
+    """The EOS ids an engine loading this HF model stops on (generation config first, as ModelConfig reads them)."""
+    inner = unwrap_module(model)
+    generation = getattr(inner, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(inner.config, "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def _hf_response_logits(model: nn.Module, rollouts: Sequence[Rollout], pad_id: int, device, logits_fp32: bool):
@@ -106,10 +124,8 @@ def _parity_response_logprobs(model: DecoderModel, rollouts: Sequence[Rollout], 
                               mode: str, mask: torch.Tensor) -> torch.Tensor:
     from parity.trainer.parity_model import token_logprobs
 
-    filters = {}
-    if mode == "processed" and params is not None:
-        filters = dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
-    per_seq = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts], **filters)
+    processed = params if mode == "processed" else None
+    per_seq = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts], params=processed)
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, torch.cat(per_seq))
 
 
@@ -121,13 +137,16 @@ def trainer_logprobs(
     with_grad: bool = False,
     logits_fp32: bool = True,
     pad_id: int = 0,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> TrainerLogprobs:
     """Recompute the response tokens' logprobs of `rollouts` with the trainer's `model`.
 
     `params` are the rollouts' SamplingParams (temperature, top-k/p, min-p); None = temperature 1,
     no filters. Greedy rollouts are scored at temperature 1 (filters still apply), as the engine scores them. `mode`:
     "processed" (compare with Rollout.output_logprobs) or "raw" (output_raw_logprobs).
-    `logits_fp32` and `pad_id` apply to HF models only.
+    Penalties, logit_bias, allowed_token_ids and min_tokens in `params` are applied from each position's
+    token history, as the engine applied them; min_tokens masks `eos_token_ids` (HF models; default: the
+    model's generation-config EOS, which the engine reads too; a DecoderModel uses its config's). `logits_fp32` and `pad_id` apply to HF models only.
     """
     if mode not in LOGPROB_MODES:
         raise ValueError(f"unknown logprob mode {mode!r}; expected one of {LOGPROB_MODES}")
@@ -151,6 +170,7 @@ def trainer_logprobs(
             logprobs = _parity_response_logprobs(unwrap_module(model), rollouts, params, mode, mask)
         else:
             logits = _hf_response_logits(model, rollouts, pad_id, device, logits_fp32)
-            flat = _token_logprobs(logits[mask], targets[mask], params, mode)
+            eos = _hf_eos_token_ids(model) if eos_token_ids is None else eos_token_ids
+            flat = _token_logprobs(logits[mask], targets[mask], params, mode, rollouts, eos)
             logprobs = torch.zeros(mask.shape, dtype=flat.dtype, device=device).masked_scatter(mask, flat)
     return TrainerLogprobs(logprobs, rollout_lp, mask)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from parity.engine.logits_processors import TokenHistory, shapes_logits
 from parity.engine.sampler import process_logits
 from parity.engine.sampling_params import SamplingParams
 from parity.kernels.metadata import AttentionMetadata
@@ -87,15 +88,26 @@ def token_logprobs(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
 ) -> list[torch.Tensor]:
     """log π(y_t | prompt, y_<t) of every output token, one float32 tensor [len(output)] per sequence.
 
     Runs with autograd when grad is enabled and the model is trainable. `temperature` may be one value
-    or one per sequence; 0 (greedy) scores at temperature 1, as the engine does.
+    or one per sequence; 0 (greedy) scores at temperature 1, as the engine does. `params` (the rollouts'
+    SamplingParams, one or one per sequence) replaces temperature and the filters with everything the
+    engine applied, including logit_bias, allowed_token_ids, min_tokens (masking the model's EOS) and the
+    penalties, each from the position's own token history.
     """
     if len(prompt_ids_list) != len(output_ids_list):
         raise ValueError(f"{len(prompt_ids_list)} prompts but {len(output_ids_list)} outputs")
-    temps = _per_sequence(temperature, len(prompt_ids_list), "temperature")
+    if params is not None and (temperature, top_k, top_p, min_p) != (1.0, 0, 1.0, 0.0):
+        raise ValueError("pass either params or temperature/top_k/top_p/min_p, not both")
+    if params is None:
+        temps = _per_sequence(temperature, len(prompt_ids_list), "temperature")
+        seq_params = [SamplingParams(temperature=t, top_k=top_k, top_p=top_p, min_p=min_p) for t in temps]
+    else:
+        single = isinstance(params, SamplingParams)
+        seq_params = [params] * len(prompt_ids_list) if single else _per_sequence(params, len(prompt_ids_list), "params")
     device = model.embed_tokens.device
     vocab, max_len = model.config.vocab_size, model.cos_table.shape[0]
     tokens: list[int] = []
@@ -104,7 +116,8 @@ def token_logprobs(
     targets: list[int] = []
     row_params: list[SamplingParams] = []
     counts: list[int] = []
-    for i, (prompt, output, temp) in enumerate(zip(prompt_ids_list, output_ids_list, temps)):
+    scored: list[tuple[SamplingParams, list[int], list[int]]] = []  # sequences with output tokens
+    for i, (prompt, output, sp) in enumerate(zip(prompt_ids_list, output_ids_list, seq_params)):
         prompt, output = [int(t) for t in prompt], [int(t) for t in output]
         counts.append(len(output))
         if not output:
@@ -122,14 +135,17 @@ def token_logprobs(
         lens.append(len(seq))
         rows += range(start + len(prompt) - 1, start + len(seq))
         targets += output
-        params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p)
-        row_params += [params] * len(output)
+        row_params += [sp] * len(output)
+        scored.append((sp, prompt, output))
     if not rows:
         return [torch.zeros(0, dtype=torch.float32, device=device) for _ in counts]
     ids = torch.tensor(tokens, dtype=torch.int64, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lens])
     hidden = model(ids, positions, AttentionMetadata.for_packed_sequences(lens, device))
     logits = model.compute_logits(hidden[torch.tensor(rows, device=device)])
-    logprobs = model.kernels.log_softmax(process_logits(logits, row_params))
+    history = None
+    if shapes_logits(row_params):
+        history = TokenHistory.of_positions(*zip(*scored), vocab, device, model.config.eos_token_ids)
+    logprobs = model.kernels.log_softmax(process_logits(logits, row_params, history))
     picked = logprobs.gather(-1, torch.tensor(targets, device=device)[:, None]).squeeze(-1)
     return list(picked.split(counts))

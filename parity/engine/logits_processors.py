@@ -1,0 +1,167 @@
+"""vLLM's logits processors that read a row's token history, applied to the raw logits before temperature.
+
+Order (vLLM v1's sampler): allowed_token_ids (every other token to -inf) -> min_tokens (EOS and the
+row's stop token ids to -inf while fewer than min_tokens tokens have been generated) -> logit_bias
+(added) -> repetition penalty (over prompt + output: positive logits divided by it, negative ones
+multiplied) -> frequency penalty (minus penalty x count in the output) -> presence penalty (minus
+penalty once per token present in the output). Temperature and the top-k/top-p/min-p filters come
+after (`parity.engine.sampler.process_logits`).
+
+The engine builds a `TokenHistory` for its batch each step (`of_sequences`: token counts by one
+scatter on the device); the trainer builds one for every output position of its rollouts
+(`of_positions`: a running count, so O(tokens x vocab), not O(tokens^2)). Both hold the same integer
+counts, and the float arithmetic here is elementwise, so engine and trainer shape a position's
+logits bit for bit alike. A row whose parameters use none of these is left exactly as it was
+(a penalty of 1 or 0 is an exact identity), and a batch in which no row uses any costs nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from parity.engine.sampling_params import SamplingParams
+
+
+def uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+@dataclass
+class TokenHistory:
+    """What the history-dependent processors read for each row of a [B, V] logits tensor."""
+
+    num_generated: list[int]  # tokens the row had generated before the one these logits predict
+    output_counts: torch.Tensor | None  # [B, V] int32 occurrences in those tokens (None: no row has a penalty)
+    prompt_mask: torch.Tensor | None  # [B, V] bool, token in the prompt (None: no row has a repetition penalty)
+    eos_token_ids: tuple[int, ...] = ()  # masked by min_tokens, with each row's stop_token_ids
+
+    @classmethod
+    def of_sequences(
+        cls,
+        params: Sequence[SamplingParams],
+        prompts: Sequence[Sequence[int]],
+        outputs: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device,
+        eos_token_ids: Sequence[int] = (),
+    ) -> TokenHistory:
+        """One row per sequence, predicting its next token (the engine's decode batch)."""
+        pen = [i for i, p in enumerate(params) if uses_penalties(p)]
+        rep = [i for i in pen if params[i].repetition_penalty != 1.0]
+        counts = mask = None
+        if pen:
+            counts = _scatter_ids(len(params), vocab_size, device, pen, outputs, accumulate=True)
+        if rep:
+            mask = _scatter_ids(len(params), vocab_size, device, rep, prompts, accumulate=False).bool()
+        return cls([len(o) for o in outputs], counts, mask, tuple(eos_token_ids))
+
+    @classmethod
+    def of_positions(
+        cls,
+        params: Sequence[SamplingParams],
+        prompts: Sequence[Sequence[int]],
+        outputs: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device,
+        eos_token_ids: Sequence[int] = (),
+    ) -> TokenHistory:
+        """One row per output position t of each sequence, in order (sequence 0's t = 0..T-1, then
+        sequence 1's...): row t sees the prompt and output[:t], as the engine did when it sampled output[t]."""
+        any_pen = any(uses_penalties(p) for p in params)
+        any_rep = any(p.repetition_penalty != 1.0 for p in params)
+        counts, masks = [], []
+        for p, prompt, output in zip(params, prompts, outputs):
+            n = len(output)
+            if any_pen:
+                step = torch.zeros(n, vocab_size, dtype=torch.int32, device=device)
+                if uses_penalties(p) and n > 1:
+                    prev = torch.tensor(list(output[:-1]), dtype=torch.int64, device=device)
+                    step[torch.arange(1, n, device=device), prev] = 1
+                counts.append(step.cumsum(0, dtype=torch.int32))
+            if any_rep:
+                row = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+                if p.repetition_penalty != 1.0:
+                    row[torch.tensor(list(prompt), dtype=torch.int64, device=device)] = True
+                masks.append(row.expand(n, vocab_size))
+        return cls(
+            [t for output in outputs for t in range(len(output))],
+            torch.cat(counts) if any_pen else None,
+            torch.cat(masks) if any_rep else None,
+            tuple(eos_token_ids),
+        )
+
+
+def _scatter_ids(
+    num_rows: int, vocab_size: int, device: torch.device, rows: list[int], ids: Sequence[Sequence[int]], accumulate: bool
+) -> torch.Tensor:
+    """[num_rows, V] int32: for each row r in `rows`, the count (or presence) of each token of ids[r]."""
+    flat = torch.tensor(list(itertools.chain.from_iterable(ids[r] for r in rows)), dtype=torch.int64)
+    lens = torch.tensor([len(ids[r]) for r in rows], dtype=torch.int64)
+    row_of = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), lens)
+    out = torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device)
+    index = (row_of.to(device, non_blocking=True), flat.to(device, non_blocking=True))
+    return out.index_put_(index, torch.ones((), dtype=torch.int32, device=device).expand(len(flat)), accumulate=accumulate)
+
+
+def shapes_logits(params: Sequence[SamplingParams]) -> bool:
+    """True when some row needs `apply_history_processors` (a bias, an allowed set, min_tokens or a penalty)."""
+    return any(p.shapes_logits_with_history for p in params)
+
+
+def apply_history_processors(
+    logits: torch.Tensor, params: Sequence[SamplingParams], history: TokenHistory | None
+) -> torch.Tensor:
+    """The processors above, in vLLM's order, on float32 logits [B, V]; returns a new tensor (the input,
+    which may be a CUDA graph's output buffer, is not written)."""
+    if not shapes_logits(params):
+        return logits
+    if history is None:
+        raise ValueError("logit_bias, allowed_token_ids, min_tokens and penalties need the rows' TokenHistory")
+    device = logits.device
+    logits = logits.clone()
+    allowed = [(i, p.allowed_token_ids) for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if allowed:
+        blocked = torch.zeros_like(logits, dtype=torch.bool)
+        blocked[[i for i, _ in allowed]] = True
+        blocked[_pairs([(i, ids) for i, ids in allowed], device)] = False
+        logits.masked_fill_(blocked, float("-inf"))
+    too_early = [
+        (i, [*p.stop_token_ids, *history.eos_token_ids])
+        for i, p in enumerate(params)
+        if history.num_generated[i] < p.min_tokens
+    ]
+    if too_early:
+        logits[_pairs(too_early, device)] = float("-inf")
+    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        index = _pairs([(i, list(bias)) for i, bias in biased], device)
+        values = torch.tensor([v for _, bias in biased for v in bias.values()], dtype=logits.dtype)
+        logits.index_put_(index, values.to(device), accumulate=True)
+    return _apply_penalties(logits, params, history)
+
+
+def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], history: TokenHistory) -> torch.Tensor:
+    if history.output_counts is None:
+        return logits
+    counts = history.output_counts
+    column = lambda values: torch.tensor(values, dtype=logits.dtype).to(logits.device)[:, None]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        penalty = column([p.repetition_penalty for p in params])
+        seen = (counts > 0) | history.prompt_mask
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if any(p.frequency_penalty != 0.0 for p in params):
+        logits = logits - column([p.frequency_penalty for p in params]) * counts
+    if any(p.presence_penalty != 0.0 for p in params):
+        logits = logits - column([p.presence_penalty for p in params]) * (counts > 0)
+    return logits
+
+
+def _pairs(rows_ids: list[tuple[int, Sequence[int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) tensors for advanced indexing of every (row, id) named."""
+    rows = [i for i, ids in rows_ids for _ in ids]
+    ids = [t for _, ids in rows_ids for t in ids]
+    return torch.tensor(rows, dtype=torch.int64).to(device), torch.tensor(ids, dtype=torch.int64).to(device)

@@ -1,0 +1,191 @@
+"""vLLM's sampling options (stop strings, min_tokens, penalties, logit_bias, allowed_token_ids, top-N and
+prompt logprobs), each against a plain-Python reference of its definition, in the engine, and in the
+trainer-side recomputation (bit for bit in deterministic mode)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from parity.engine.detokenizer import IncrementalDetokenizer
+from parity.engine.logits_processors import TokenHistory, apply_history_processors
+from parity.engine.sampler import process_logits, sample, top_logprobs
+from parity.engine.sampling_params import SamplingParams
+from parity.testing.factory import train_tokenizer
+
+INF = float("inf")
+VOCAB = 40
+EOS = (2,)
+
+
+def reference_shaped(x: list[float], p: SamplingParams, prompt: list[int], output: list[int]) -> list[float]:
+    """vLLM's definitions token by token in float64: allowed set, min_tokens, bias, repetition (prompt +
+    output), frequency and presence (output only)."""
+    x = list(x)
+    if p.allowed_token_ids is not None:
+        x = [v if i in p.allowed_token_ids else -INF for i, v in enumerate(x)]
+    if len(output) < p.min_tokens:
+        for t in {*p.stop_token_ids, *EOS}:
+            x[t] = -INF
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    count = Counter(output)
+    for i in range(len(x)):
+        if i in prompt or count[i]:
+            x[i] = x[i] / p.repetition_penalty if x[i] > 0 else x[i] * p.repetition_penalty
+        x[i] -= p.frequency_penalty * count[i] + p.presence_penalty * (count[i] > 0)
+    return x
+
+
+def reference_log_softmax(x: list[float]) -> list[float]:
+    m = max(x)
+    z = m + math.log(sum(math.exp(v - m) for v in x if v > -INF))
+    return [v - z for v in x]
+
+
+ROW_PARAMS = [
+    SamplingParams(repetition_penalty=1.7),
+    SamplingParams(presence_penalty=1.5, frequency_penalty=0.4, temperature=0.7),
+    SamplingParams(logit_bias={3: 4.0, 7: -2.5, 11: 0.5}, temperature=0.5),
+    SamplingParams(allowed_token_ids=[1, 2, 5, 9, 30], min_tokens=8, stop_token_ids=[9]),
+    SamplingParams(),  # untouched row in a shaped batch
+    SamplingParams(repetition_penalty=0.6, frequency_penalty=-1.0, logit_bias={2: 3.0}, min_tokens=2, temperature=0),
+]
+
+
+def _batch(seed: int = 0):
+    rng = random.Random(seed)
+    logits = torch.randn(len(ROW_PARAMS), VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randrange(1, 12))] for _ in ROW_PARAMS]
+    outputs = [[rng.randrange(VOCAB) for _ in range(rng.randrange(0, 15))] for _ in ROW_PARAMS]
+    history = TokenHistory.of_sequences(ROW_PARAMS, prompts, outputs, VOCAB, torch.device("cpu"), EOS)
+    return logits, prompts, outputs, history
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_history_processors_match_plain_reference(seed):
+    logits, prompts, outputs, history = _batch(seed)
+    shaped = apply_history_processors(logits, ROW_PARAMS, history)
+    assert torch.equal(shaped[4], logits[4])  # a row without options is left bit for bit
+    for row, p in enumerate(ROW_PARAMS):
+        expect = torch.tensor(reference_shaped(logits[row].tolist(), p, prompts[row], outputs[row]))
+        assert torch.equal(torch.isinf(shaped[row]), torch.isinf(expect))
+        finite = torch.isfinite(expect)
+        torch.testing.assert_close(shaped[row][finite], expect[finite].float(), rtol=1e-6, atol=1e-6)
+
+
+def test_bias_and_penalties_act_before_temperature():
+    logits, prompts, outputs, history = _batch(3)
+    processed = process_logits(logits, ROW_PARAMS, history)
+    out = sample(logits, ROW_PARAMS, seeds=list(range(6)), steps=[len(o) for o in outputs], history=history)
+    for row, p in enumerate(ROW_PARAMS):
+        t = p.temperature or 1.0
+        shaped = reference_shaped(logits[row].tolist(), p, prompts[row], outputs[row])
+        expect = reference_log_softmax([v / t for v in shaped])
+        got = torch.log_softmax(processed[row], dim=-1)
+        finite = [i for i, v in enumerate(expect) if v > -INF]
+        assert got[finite].tolist() == pytest.approx([expect[i] for i in finite], abs=1e-5)
+        assert out.logprobs[row] == pytest.approx(expect[out.token_ids[row]], abs=1e-5)
+        if p.greedy:  # greedy takes the argmax of the shaped logits, not of the raw ones
+            assert out.token_ids[row] == max(range(VOCAB), key=lambda i: shaped[i])
+    # (x + b) / T differs from x / T + b: the bias row's distribution is the former
+    p = ROW_PARAMS[2]
+    after = reference_log_softmax([v / p.temperature + p.logit_bias.get(i, 0.0) for i, v in enumerate(logits[2].tolist())])
+    assert torch.log_softmax(processed[2], -1)[3].item() != pytest.approx(after[3], abs=1e-3)
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    params = [SamplingParams(min_tokens=3, stop_token_ids=[5])] * 2
+    logits = torch.zeros(2, VOCAB)
+    history = TokenHistory.of_sequences(params, [[1], [1]], [[7, 8], [7, 8, 9]], VOCAB, torch.device("cpu"), EOS)
+    shaped = apply_history_processors(logits, params, history)
+    assert shaped[0, 5] == -INF and shaped[0, EOS[0]] == -INF and torch.isfinite(shaped[0]).sum() == VOCAB - 2
+    assert torch.isfinite(shaped[1]).all()  # three tokens generated: EOS and stop ids allowed again
+
+
+def test_positions_history_equals_the_engines_history_at_every_step():
+    """The trainer's running counts (one row per output position) equal the engine's per-step scatter."""
+    rng = random.Random(4)
+    params = ROW_PARAMS[:3]
+    prompts = [[rng.randrange(VOCAB) for _ in range(5)] for _ in params]
+    outputs = [[rng.randrange(8) for _ in range(9)] for _ in params]
+    trainer = TokenHistory.of_positions(params, prompts, outputs, VOCAB, torch.device("cpu"), EOS)
+    row = 0
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        for t in range(len(output)):
+            engine = TokenHistory.of_sequences([params[i]], [prompt], [output[:t]], VOCAB, torch.device("cpu"), EOS)
+            if engine.output_counts is None:  # no penalty: the engine builds no counts, the trainer's stay 0
+                assert not trainer.output_counts[row].any()
+            else:
+                assert torch.equal(trainer.output_counts[row], engine.output_counts[0])
+            if params[i].repetition_penalty != 1.0:
+                assert torch.equal(trainer.prompt_mask[row], engine.prompt_mask[0])
+            assert trainer.num_generated[row] == t
+            row += 1
+
+
+def test_top_logprobs_ranks_against_a_sort():
+    logprobs = torch.log_softmax(torch.randn(4, 30, generator=torch.Generator().manual_seed(5)), -1)
+    chosen = torch.tensor([0, 7, 29, 3])
+    out = top_logprobs(logprobs, chosen, [3, None, 0, -1])
+    assert out[1] is None
+    for row, n in [(0, 3), (2, 0), (3, 30)]:
+        values = logprobs[row].tolist()
+        order = sorted(range(30), key=lambda i: -values[i])
+        expect = {t: (values[t], j + 1) for j, t in enumerate(order[:n])}
+        c = int(chosen[row])
+        expect.setdefault(c, (values[c], sum(v >= values[c] for v in values)))
+        assert {t: (lp.logprob, lp.rank) for t, lp in out[row].items()} == pytest.approx(expect)
+
+
+# ---------------------------------------------------------------------------------- stop strings
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(384)
+
+
+def reference_stop(tokenizer, ids, stop, include, min_tokens=0):
+    """vLLM's rule on full decodes: the first prefix ids[:k] whose text holds a stop string ending after the
+    text of the first min_tokens tokens (the first of the list if several): (k, stop, cut text)."""
+    decode = lambda n: tokenizer.decode(ids[:n], skip_special_tokens=True)
+    boundary = len(decode(min_tokens).rstrip("\ufffd"))  # an unfinished character is not text yet
+    for k in range(min_tokens + 1, len(ids) + 1):
+        text = decode(k)
+        for s in stop:
+            at = text.find(s, max(0, boundary - len(s) + 1))
+            if at != -1:
+                return k, s, text[: at + (len(s) if include else 0)]
+    return None
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_spanning_tokens_match_full_decodes(tokenizer, include):
+    rng = random.Random(6)
+    corpus = "What is 12 + 34? The answer is 46. Sort the list 5 3 9 1 and answer 1 3 5 9."
+    ids = tokenizer.encode(corpus)
+    spanning = 0
+    for trial in range(60):
+        if trial % 2:
+            ids = [rng.randrange(len(tokenizer)) for _ in range(30)]
+        text = tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "")
+        start = rng.randrange(len(text) - 6)
+        stop = [text[start : start + rng.randrange(2, 6)], "never occurs"]
+        min_tokens = rng.choice([0, 0, 3])
+        expect = reference_stop(tokenizer, ids, stop, include, min_tokens)
+        detok = IncrementalDetokenizer(tokenizer, stop, include)
+        got = None
+        for k, t in enumerate(ids, start=1):
+            found = detok.step(t, check_stop=k > min_tokens)
+            if found is not None:
+                got = (k, found, detok.text)
+                break
+        assert got == expect, (ids, stop, min_tokens)
+        if expect is not None:
+            k, s, _ = expect
+            last = tokenizer.decode(ids[k - 1 : k], skip_special_tokens=True)
+            spanning += s not in last
+    assert spanning > 10  # most matched stop strings were completed across a token boundary
