@@ -1,6 +1,8 @@
 """Turn float32 logits into tokens and the logprobs RL needs.
 
-Processing order (vLLM's): temperature -> min-p -> top-k -> top-p; the kept set is renormalised.
+Processing order (vLLM's): the history-dependent processors (allowed_token_ids, min_tokens, logit_bias,
+penalties; `parity.engine.logits_processors`) on the raw logits, then temperature -> min-p -> top-k ->
+top-p; the kept set is renormalised. Greedy rows take the argmax after the history-dependent processors.
 Random draws are counter-based: the noise for (seed, output position, vocab id) is a fixed hash,
 so a sample depends only on its own seed and history, never on the batch it ran in, the device,
 or preemption. Sampling is the Gumbel-max trick: argmax(logp + g) with g = -log(-log u)
@@ -14,12 +16,21 @@ from dataclasses import dataclass
 
 import torch
 
+from parity.engine.logits_processors import TokenHistory, apply_history_processors, shapes_logits
 from parity.engine.sampling_params import SamplingParams
+from parity.engine.sequence import Logprob
 from parity.kernels.dispatch import gumbel_argmax
 
 
-def process_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Apply temperature (greedy rows: 1), min-p, top-k, top-p; removed tokens get -inf. [B, V] float32."""
+def process_logits(
+    logits: torch.Tensor, params: list[SamplingParams], history: TokenHistory | None = None
+) -> torch.Tensor:
+    """The distribution a row samples from: the history-dependent processors (which need `history` when a
+    row uses one), then temperature (greedy rows: 1), min-p, top-k, top-p; removed tokens get -inf. [B, V] float32."""
+    return _temperature_and_filters(apply_history_processors(logits, params, history), params)
+
+
+def _temperature_and_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     device = logits.device
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
     logits = logits / temps[:, None]
@@ -52,6 +63,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]  # under the processed (sampling) distribution
     raw_logprobs: list[float]  # log-softmax of the raw logits
+    top_logprobs: list[dict[int, Logprob] | None] | None = None  # rows with params.logprobs set (else None)
 
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -64,15 +76,19 @@ def sample(
     seeds: list[int],
     steps: list[int],
     log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
+    history: TokenHistory | None = None,
 ) -> SamplerOutput:
     """Sample one token per row of float32 `logits` [B, V]; `steps[i]` = tokens row i has generated.
 
     `log_softmax` is the model's (`Kernels.log_softmax`): batch-invariant in deterministic mode, and
-    the same function the trainer-side parity forward scores tokens with.
+    the same function the trainer-side parity forward scores tokens with. `history` is needed when a
+    row uses logit_bias, allowed_token_ids, min_tokens or a penalty.
     """
     raw_logprobs = log_softmax(logits)
-    logprobs = raw_logprobs if _leaves_logits_unchanged(params) else log_softmax(process_logits(logits, params))
-    tokens = logits.argmax(dim=-1)
+    shaped = apply_history_processors(logits, params, history)
+    unchanged = _leaves_logits_unchanged(params) and not shapes_logits(params)
+    logprobs = raw_logprobs if unchanged else log_softmax(_temperature_and_filters(shaped, params))
+    tokens = shaped.argmax(dim=-1)
     if not all(p.greedy for p in params):
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=logits.device)
@@ -82,7 +98,37 @@ def sample(
     # one device-to-host copy; float32 -> float64 is exact, so the values equal three .tolist() calls
     picked = torch.stack([tokens.double(), logprobs[rows, tokens].double(), raw_logprobs[rows, tokens].double()])
     token_ids, chosen, raw = picked.tolist()
-    return SamplerOutput(token_ids=[int(t) for t in token_ids], logprobs=chosen, raw_logprobs=raw)
+    top = None
+    if any(p.logprobs is not None for p in params):
+        top = top_logprobs(logprobs, tokens, [p.logprobs for p in params])
+    return SamplerOutput(token_ids=[int(t) for t in token_ids], logprobs=chosen, raw_logprobs=raw, top_logprobs=top)
+
+
+def top_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, num: list[int | None]
+) -> list[dict[int, Logprob] | None]:
+    """Per row, vLLM's logprobs dict: the num[i] most likely tokens of logprobs[i] (-1: all) with ranks 1..N,
+    plus token_ids[i] ranked by how many tokens are at least as likely. None where num[i] is None.
+    One device-to-host copy."""
+    vocab = logprobs.shape[-1]
+    wanted = [vocab if n == -1 else n for n in num if n is not None]
+    k = min(max(wanted), vocab)
+    rows = torch.arange(logprobs.shape[0], device=logprobs.device)
+    chosen = logprobs[rows, token_ids]
+    ranks = (logprobs >= chosen[:, None]).sum(dim=-1)
+    values, ids = logprobs.topk(k, dim=-1)
+    host = torch.cat([torch.stack([token_ids.double(), chosen.double(), ranks.double()], dim=1),
+                      values.double(), ids.double()], dim=1).tolist()
+    out: list[dict[int, Logprob] | None] = []
+    for n, row in zip(num, host):
+        if n is None:
+            out.append(None)
+            continue
+        n = vocab if n == -1 else n
+        entry = {int(t): Logprob(v, j + 1) for j, (v, t) in enumerate(zip(row[3 : 3 + n], row[3 + k : 3 + k + n]))}
+        entry.setdefault(int(row[0]), Logprob(row[1], int(row[2])))
+        out.append(entry)
+    return out
 
 
 def _leaves_logits_unchanged(params: list[SamplingParams]) -> bool:
