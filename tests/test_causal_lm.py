@@ -1,8 +1,11 @@
 """ParityForCausalLM, parity's decoder behind an HF causal-LM interface, against HF transformers itself:
 forward (with padding) and loss, one AdamW step, save_pretrained read back by transformers and by the
-engine, gradient checkpointing, and FSDP2 over 2 gloo processes (bit for bit in deterministic mode)."""
+engine, gradient checkpointing, and FSDP2 over 2 gloo processes (bit for bit in deterministic mode);
+float32 master weights for a bf16 model; `parity train` with trainer.model=parity (mismatch exactly 0)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from parity import Engine, SamplingParams
 from parity.precision.policy import PrecisionPolicy
+from parity.train.config import load_train_config
+from parity.train.grpo import run_grpo
 from parity.trainer.causal_lm import ParityForCausalLM
+from parity.trainer.master_weights import MasterWeightAdamW
 from parity.trainer.parity_model import token_logprobs
 
 FAST_FP32 = PrecisionPolicy("fp32", deterministic=False)
@@ -159,3 +165,72 @@ def test_fsdp2_two_processes_equal_one_bit_for_bit(llama_dir, tmp_path):
             assert torch.equal(r[dtype], want), dtype
             assert r[f"{dtype}_saved"].keys() == state.keys()
             assert all(torch.equal(r[f"{dtype}_saved"][k], v) for k, v in state.items())
+
+
+# ------------------------------------------------------------------------------ master weights
+def test_master_weight_adamw_keeps_float32_updates_of_a_bf16_model():
+    """Small Adam steps on bf16 weights: the float32 masters follow float32 AdamW exactly, the model holds
+    them rounded; plain bf16 AdamW would lose every step below bf16's resolution."""
+    gen = torch.Generator().manual_seed(7)
+    start = torch.randn(64, 32, generator=gen)
+    model = torch.nn.Linear(32, 64, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.copy_(start)
+    reference = start.to(torch.bfloat16).float().requires_grad_(True)  # float32 AdamW on the same values
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-5)
+    ref_opt = torch.optim.AdamW([reference], lr=1e-5)
+    for _ in range(5):
+        x = torch.randn(8, 32, generator=gen).to(torch.bfloat16)
+        model(x).float().square().mean().backward()
+        assert model.weight.grad is None  # moved into the master at once
+        reference.grad = opt.master_params[0].grad.clone()
+        torch.nn.utils.clip_grad_norm_(opt.master_params, 1.0)
+        torch.nn.utils.clip_grad_norm_([reference], 1.0)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert torch.equal(opt.master_params[0], reference.detach())
+    assert torch.equal(model.weight.detach(), reference.detach().to(torch.bfloat16))
+    assert not torch.equal(reference.detach(), start.to(torch.bfloat16).float())  # the masters moved
+    # ~5e-5 in total: below half a bf16 ulp for most weights, so most bf16 weights did not change at all.
+    assert float((model.weight.detach().float() == start.to(torch.bfloat16).float()).float().mean()) > 0.5
+
+
+# -------------------------------------------------------------------------------- parity train
+EXACT_CONFIG = Path(__file__).parent.parent / "configs" / "grpo_tiny_arith_exact.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_exact_grpo_mismatch_is_zero_at_every_step(tmp_path, dtype):
+    """trainer.model=parity with the deterministic engine: the trainer's logprobs are the rollout's, bit for
+    bit, at every step and after every weight sync, while the weights really train."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = load_train_config(EXACT_CONFIG, [
+            f"out_dir={tmp_path}", "steps=2", "rollout.prompts_per_step=8", "warmstart.steps=10",
+            "warmstart.batch_size=8", "tracking.mode=disabled", f"engine.dtype={dtype}",
+            f"optim.mixed_precision={dtype}",
+        ])
+        result = run_grpo(config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(result.history) == 2
+    for row in result.history:
+        assert row["mismatch/logp_abs_diff_max"] == 0.0
+        assert row["mismatch/mismatch_k3_kl"] == 0.0
+        assert row["actor/grad_norm"] > 0  # rewards differ within groups: a real update every step
+    assert [row["weight_version"] for row in result.history] == [2, 3]  # warm-start sync, then one per step
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.model=torch"], "trainer.model must be one of hf, parity"),
+    (["engine.deterministic=false"], "set engine.deterministic=true"),
+    (["engine.dtype=fp16", "optim.mixed_precision=fp16"], "needs loss scaling"),
+    (["engine.dtype=bf16"], "set optim.mixed_precision=bf16"),
+])
+def test_parity_trainer_config_refusals(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_train_config(EXACT_CONFIG, overrides)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from parity.engine.config import EngineConfig
-from parity.precision.dtypes import resolve_dtype
+from parity.precision.dtypes import dtype_name, resolve_dtype
 from parity.precision.importance_sampling import ISConfig
 from parity.testing.factory import TinyModelSpec
 from parity.train.tasks import TaskConfig
@@ -105,6 +105,24 @@ class LossConfig:
             raise ValueError(f"loss.num_minibatches must be >= 1, got {self.num_minibatches}")
 
 
+TRAINER_MODELS = ("hf", "parity")
+
+
+@dataclass
+class TrainerConfig:
+    """model: what the trainer trains. `hf`: the HF transformers model (float32 weights, `optim.mixed_precision`
+    autocast), scored against the engine's logprobs with the mismatch metrics and IS correction. `parity`:
+    parity's own decoder (`ParityForCausalLM`) in the engine's dtype and policy, with float32 master weights in
+    the optimizer; with the engine in deterministic mode the trainer's logprobs are the rollout's bit for bit
+    (mismatch exactly 0), so `loss.importance_sampling.method: none` is exact on-policy RL."""
+
+    model: str = "hf"
+
+    def __post_init__(self) -> None:
+        if self.model not in TRAINER_MODELS:
+            raise ValueError(f"trainer.model must be one of {', '.join(TRAINER_MODELS)}, got {self.model!r}")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -122,6 +140,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:
         if self.sleep_level not in (0, 1, 2):
@@ -130,6 +149,24 @@ class TrainConfig:
             raise ValueError("eval.enabled needs a held-out split: set task.holdout_fraction > 0")
         if self.engine.dtype != "auto":
             resolve_dtype(self.engine.dtype)  # fail at load time, not after the model is written
+        if self.trainer.model == "parity":
+            self._check_parity_trainer()
+
+    def _check_parity_trainer(self) -> None:
+        """parity's model computes in the engine's dtype and kernels; say so rather than train something else."""
+        if not self.engine.deterministic:
+            raise ValueError("trainer.model=parity matches the rollout bit for bit only with batch-invariant "
+                             "kernels: set engine.deterministic=true")
+        if self.engine.dtype == "auto":
+            return  # resolved with the device; GRPOTrainer checks it then
+        dtype = dtype_name(resolve_dtype(self.engine.dtype))
+        if dtype == "fp16":
+            raise ValueError("trainer.model=parity with engine.dtype=fp16 needs loss scaling, which parity's trainer "
+                             "does not do: use engine.dtype=bf16 or fp32")
+        if self.optim.mixed_precision != dtype:
+            raise ValueError(f"trainer.model=parity computes in the engine's dtype ({dtype}): set "
+                             f"optim.mixed_precision={dtype} (got {self.optim.mixed_precision}); float32 master "
+                             "weights stay in the optimizer")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

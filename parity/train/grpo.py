@@ -43,8 +43,10 @@ from parity.train.config import TrainConfig
 from parity.train.evaluation import Evaluation, evaluate, paired_gain
 from parity.train.tasks import Task
 from parity.train.tracking import Tracker
+from parity.trainer.causal_lm import ParityForCausalLM
 from parity.trainer.logprobs import trainer_logprobs
 from parity.trainer.losses import group_advantages, policy_loss
+from parity.trainer.master_weights import MasterWeightAdamW
 
 
 @dataclass
@@ -88,6 +90,13 @@ def _stop_token(model_dir: Path) -> int:
     return eos_ids[0]
 
 
+def _adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW; on float32 master weights when the model computes in half precision (parity's model in bf16)."""
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return MasterWeightAdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
 def trainable_model_dir(path: str) -> Path:
     """An HF directory for `model.path`: itself, or for a .gguf file or a model alias the GGUF dequantized
     once into an HF directory in the cache (the trainer is an HF model; parity's engine could read the GGUF
@@ -113,7 +122,9 @@ class GRPOTrainer:
         # accelerate keeps one process-wide state; reset it so that one process can run several
         # experiments with different precisions (the device benchmark runs fp16, then bf16).
         AcceleratorState._reset_state(reset_partial_state=True)
-        mixed = "no" if cfg.optim.mixed_precision == "fp32" else cfg.optim.mixed_precision
+        # parity's model computes in its own (the engine's) dtype: no autocast around it.
+        exact = cfg.trainer.model == "parity"
+        mixed = "no" if cfg.optim.mixed_precision == "fp32" or exact else cfg.optim.mixed_precision
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=device == "cpu")
         self.device = self.accelerator.device
         model_dir = (trainable_model_dir(cfg.model.path) if cfg.model.path
@@ -123,26 +134,52 @@ class GRPOTrainer:
         self.task = Task(cfg.task)
         self.heldout = self.task.heldout_problems() if cfg.eval.enabled else []
         self.evals: list[Evaluation] = []
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
         engine_options = {**asdict(cfg.engine), "device": str(self.device)}
         self.engine = Engine.from_pretrained(model_dir, **engine_options)
+        if exact:
+            model = self._parity_model()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
         self.evaluate("base", 0)
         self.warmstart_loss = self._warm_start(model) if cfg.warmstart.steps > 0 else None
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(model, _adamw(model, cfg.optim.lr, cfg.optim.weight_decay))
         if self.warmstart_loss is not None:
-            self.engine.update_weights(self.accelerator.unwrap_model(self.model))
+            self.engine.update_weights(self._synced_model())
             self.evaluate("warmstart", 0)
         r = cfg.rollout
         self.sampling = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                        max_tokens=r.max_tokens)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    def _parity_model(self) -> ParityForCausalLM:
+        """parity's decoder with the engine's config, weights, RoPE tables and precision policy."""
+        model = ParityForCausalLM.from_engine(self.engine)
+        dtype = model.policy.dtype
+        if dtype == "fp16" or self.config.optim.mixed_precision != dtype:  # engine.dtype=auto, resolved now
+            raise ValueError(f"trainer.model=parity computes in the engine's dtype ({dtype}): set engine.dtype and "
+                             f"optim.mixed_precision to bf16 or fp32 (got optim.mixed_precision="
+                             f"{self.config.optim.mixed_precision})")
+        return model
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _synced_model(self):
+        """What the engine reads weights from: the HF model, or parity's decoder (HF-named views, no renaming)."""
+        model = self._unwrapped()
+        return model.model if isinstance(model, ParityForCausalLM) else model
+
+    def _grad_params(self) -> list[torch.Tensor]:
+        """The tensors holding the gradients to clip: the float32 masters of a half-precision parity model."""
+        if isinstance(self.optimizer.optimizer, MasterWeightAdamW):
+            return self.optimizer.optimizer.master_params
+        return list(self.model.parameters())
+
     # ------------------------------------------------------------------------------ warm start
     def _warm_start(self, model) -> float:
-        """A few supervised steps (plain fp32 AdamW) on a noisy teacher's answers, so RL starts with some reward."""
+        """A few supervised steps (AdamW, float32 weights) on a noisy teacher's answers, so RL starts with some reward."""
         ws = self.config.warmstart
-        optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr)
+        optimizer = _adamw(model, ws.lr)
         model.train()
         loss = torch.tensor(float("nan"))
         for _ in range(ws.steps):
@@ -154,6 +191,8 @@ class GRPOTrainer:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if isinstance(optimizer, MasterWeightAdamW):
+            optimizer.release()
         return loss.item()
 
     def evaluate(self, stage: str, step: int) -> Evaluation | None:
@@ -167,7 +206,9 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------- step
     def _logprobs(self, rollouts: list[Rollout], with_grad: bool):
-        return trainer_logprobs(self.model, rollouts, self.sampling, with_grad=with_grad,
+        # parity's decoder is scored by the engine's own code (packing, temperature/filters, log-softmax kernel).
+        scored = self._synced_model() if isinstance(self._unwrapped(), ParityForCausalLM) else self.model
+        return trainer_logprobs(scored, rollouts, self.sampling, with_grad=with_grad,
                                 logits_fp32=self.config.engine.logits_fp32, pad_id=self.pad_id)
 
     def _clock(self) -> float:
@@ -192,7 +233,7 @@ class GRPOTrainer:
                 clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip, agg=cfg.loss.agg,
             )
             self.accelerator.backward(loss)  # fp16: scaled, and unscaled before clipping
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+            grad_norm = float(self.accelerator.clip_grad_norm_(self._grad_params(), cfg.optim.grad_clip))
             # A non-finite gradient would write inf/nan into every weight (and the engine's at the next sync):
             # skip that update, as verl does. Under fp16 the loss scaler already skips it and must see the step.
             finite = math.isfinite(grad_norm)
@@ -230,7 +271,7 @@ class GRPOTrainer:
         start = self._clock()
         if sleep_stats is not None:
             engine.wake_up(["weights"])
-        sync = engine.update_weights(self.accelerator.unwrap_model(self.model))
+        sync = engine.update_weights(self._synced_model())
         if sleep_stats is not None:
             engine.wake_up(["kv_cache"])
         timings["sync"] = self._clock() - start
