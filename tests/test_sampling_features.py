@@ -189,3 +189,125 @@ def test_stop_strings_spanning_tokens_match_full_decodes(tokenizer, include):
             last = tokenizer.decode(ids[k - 1 : k], skip_special_tokens=True)
             spanning += s not in last
     assert spanning > 10  # most matched stop strings were completed across a token boundary
+
+
+# ------------------------------------------------------------------------------------ in the engine
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    from parity import Engine
+
+    # chunks of <= 16 tokens, so long prompts reach prompt_logprobs over several steps
+    return Engine.from_pretrained(llama_dir, dtype="fp32", device="cpu", deterministic=True, max_model_len=256,
+                                  kv_cache_memory=1 << 22, max_num_batched_tokens=16)
+
+
+PROMPT = "Paged attention keeps the key value cache in fixed size blocks."
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_engine_stops_on_a_string_spanning_tokens(engine, include):
+    greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    (free,) = engine.generate([PROMPT], SamplingParams(**greedy))
+    tok = engine.tokenizer
+    pieces = [tok.decode([t]) for t in free.output_ids]
+    # a stop string made of the end of token 4 and the start of token 5 (both non-empty)
+    k = next(i for i in range(4, len(pieces) - 1) if len(pieces[i]) > 1 and len(pieces[i + 1]) > 1)
+    stop = pieces[k][-1] + pieces[k + 1][:1]
+    expect = reference_stop(tok, free.output_ids, [stop], include)
+    (r,) = engine.generate([PROMPT], SamplingParams(**greedy, stop=[stop], include_stop_str_in_output=include))
+    assert expect is not None and r.output_ids == free.output_ids[: expect[0]]
+    assert (r.finish_reason, r.stop_reason, r.text) == ("stop", stop, expect[2])
+    assert r.output_logprobs == free.output_logprobs[: expect[0]]
+
+
+def test_engine_min_tokens_holds_back_eos_and_stop_ids(engine):
+    eos = engine.model_config.eos_token_ids[0]
+    other = 17
+    for stop_ids, bias, reason in [([], {eos: 60.0}, None), ([other], {other: 60.0}, other)]:
+        base = dict(temperature=1.0, seed=3, max_tokens=10, stop_token_ids=stop_ids, logit_bias=bias)
+        (early,) = engine.generate([PROMPT], SamplingParams(**base))
+        (held,) = engine.generate([PROMPT], SamplingParams(**base, min_tokens=4))
+        stopper = stop_ids[0] if stop_ids else eos
+        assert early.output_ids == [stopper]
+        assert len(held.output_ids) == 5 and held.output_ids[-1] == stopper and stopper not in held.output_ids[:4]
+        assert (held.finish_reason, held.stop_reason) == ("stop", reason)
+
+
+def test_top_and_prompt_logprobs_match_hf_log_softmax(engine, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    prompts = [engine.encode(PROMPT), engine.encode("What is 12 + 34? The answer is 46.")]
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True, logprobs=4, prompt_logprobs=3)
+    rollouts = engine.generate(prompts + prompts[:1], params)  # the repeat would hit the prefix cache
+    assert rollouts[2].num_cached_prompt_tokens == 0 and rollouts[2].prompt_logprobs == rollouts[0].prompt_logprobs
+    for r in rollouts:
+        ids = r.prompt_ids + r.output_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)  # row i predicts ids[i + 1]
+        entries = r.prompt_logprobs + r.top_logprobs
+        assert len(r.prompt_logprobs) == len(r.prompt_ids) and r.prompt_logprobs[0] is None
+        for pos in range(1, len(ids)):
+            n = 3 if pos < len(r.prompt_ids) else 4
+            row = ref[pos - 1]
+            top = row.topk(n)
+            expect = {int(t): v.item() for v, t in zip(top.values, top.indices)}
+            expect.setdefault(ids[pos], row[ids[pos]].item())
+            got = entries[pos]
+            assert got.keys() == expect.keys()
+            assert [got[t].logprob for t in expect] == pytest.approx(list(expect.values()), abs=1e-4)
+            assert got[ids[pos]].rank == int((row >= row[ids[pos]]).sum()) or got[ids[pos]].rank <= n
+            assert [got[t].rank for t in list(expect)[:n]] == list(range(1, n + 1))
+        assert [e[t].logprob for e, t in zip(r.top_logprobs, r.output_ids)] == r.output_logprobs
+
+
+PENALISED = [
+    SamplingParams(n=2, temperature=0.8, top_k=40, seed=11, max_tokens=14, repetition_penalty=1.4,
+                   presence_penalty=0.6, frequency_penalty=0.3, logit_bias={5: 2.0, 9: -3.0}, min_tokens=6),
+    SamplingParams(temperature=0, max_tokens=10, repetition_penalty=0.7, frequency_penalty=-0.5,
+                   allowed_token_ids=list(range(3, 200)), ignore_eos=True),
+]
+
+
+def test_penalised_rollouts_are_recomputed_bit_for_bit_by_the_trainer(engine):
+    from parity.trainer.logprobs import trainer_logprobs
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
+
+    prompts = [engine.encode(PROMPT), engine.encode("Sort the list 5 3 9 1 and answer 1 3 5 9.")]
+    trainer = parity_model_from_engine(engine, trainable=False)
+    for params in PENALISED:
+        rollouts = engine.generate(prompts, params)
+        scored = token_logprobs(trainer, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts],
+                                params=params)
+        for r, lp in zip(rollouts, scored):
+            assert lp.tolist() == r.output_logprobs  # bitwise: same history, same processing, same kernels
+        plain = token_logprobs(trainer, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts],
+                               temperature=params.temperature)
+        assert any(p.tolist() != r.output_logprobs for p, r in zip(plain, rollouts))  # the processing matters
+        out = trainer_logprobs(trainer, rollouts, params)
+        assert torch.equal(out.logprobs[out.mask], out.rollout_logprobs[out.mask])
+
+
+def test_hf_trainer_applies_the_same_processing(engine, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from parity.trainer.logprobs import trainer_logprobs
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    rollouts = engine.generate([engine.encode(PROMPT)], PENALISED[0])
+    out = trainer_logprobs(hf, rollouts, PENALISED[0], pad_id=0)
+    torch.testing.assert_close(out.logprobs[out.mask], out.rollout_logprobs[out.mask], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
+        (SamplingParams(allowed_token_ids=[3, 10**6]), "allowed_token_ids"),
+        (SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_are_refused_before_work(engine, params, field):
+    with pytest.raises(ValueError, match=f"{field}: token id 1000000 is outside the vocabulary"):
+        engine.generate([PROMPT], params)
+    assert not engine.has_unfinished()

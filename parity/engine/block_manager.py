@@ -55,9 +55,10 @@ class BlockManager:
         """Attach cached full blocks that hold `seq`'s leading tokens; return how many tokens they cover.
 
         Only blocks strictly before the last token count, so at least one token is always computed
-        and produces logits.
+        and produces logits. A request asking for prompt_logprobs reads nothing from the cache (vLLM's
+        skip_reading_prefix_cache): every prompt position must produce logits.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return 0
         tokens = seq.token_ids
         parent = None

@@ -19,13 +19,7 @@ from tokenizers.decoders import DecodeStream
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: list[str], include_stop_str_in_output: bool):
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise ValueError(
-                f"stop strings need a tokenizer backed by the `tokenizers` library (a fast tokenizer); "
-                f"got {type(tokenizer).__name__}"
-            )
-        self._backend = backend
+        self._backend = self.backend_of(tokenizer)
         self._stream = DecodeStream(skip_special_tokens=True)
         self._stop = stop
         self._include = include_stop_str_in_output
@@ -33,6 +27,17 @@ class IncrementalDetokenizer:
         self._pieces: list[str] = []
         self._tail = ""
         self._num_chars = 0
+
+    @staticmethod
+    def backend_of(tokenizer):
+        """The tokenizer's `tokenizers` backend; ValueError if it has none (a request with stop strings is refused)."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(
+                "stop strings need a tokenizer backed by the `tokenizers` library (a fast tokenizer); "
+                f"got {type(tokenizer).__name__}"
+            )
+        return backend
 
     @property
     def text(self) -> str:

@@ -16,8 +16,9 @@ import torch
 
 from parity.engine import weight_sync
 from parity.engine.config import EngineConfig
+from parity.engine.detokenizer import IncrementalDetokenizer
 from parity.engine.model_runner import ModelRunner
-from parity.engine.sampler import sample
+from parity.engine.sampler import prompt_logprobs, sample_sequences
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler, SchedulerConfig, StepOutput
 from parity.engine.sequence import Rollout, Sequence
@@ -128,6 +129,8 @@ class Engine:
                 seed=seed,
                 max_len=max_len,
                 group_leader=leader,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
+                if params.stop else None,
             )
             leader = leader or seq
             self.scheduler.add(seq)
@@ -140,6 +143,12 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {request_id}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+        try:
+            params.check_vocab(vocab)
+            if params.stop:
+                IncrementalDetokenizer.backend_of(self.tokenizer)
+        except ValueError as exc:
+            raise ValueError(f"request {request_id}: {exc}") from None
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves no room to generate "
@@ -161,13 +170,17 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        logits, sampled_idx = self.runner.execute(batch)
+        logits, sampled_idx, prompt_logits = self.runner.execute(batch)
         sampled = None
+        log_softmax = self.model.kernels.log_softmax
         if logits is not None:
-            seqs = [batch.seqs[i] for i in sampled_idx]
-            sampled = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
-                             log_softmax=self.model.kernels.log_softmax)
-        finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled))
+            sampled = sample_sequences(logits, [batch.seqs[i] for i in sampled_idx],
+                                       tuple(self.model_config.eos_token_ids), log_softmax)
+        prompt = []
+        for c in prompt_logits:
+            num = batch.seqs[c.seq_index].params.prompt_logprobs
+            prompt.append((c.seq_index, c.start, prompt_logprobs(c.logits, c.targets, num, log_softmax)))
+        finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled, prompt))
         return [self._to_rollout(seq) for seq in finished]
 
     def _to_rollout(self, seq: Sequence) -> Rollout:
@@ -180,11 +193,20 @@ class Engine:
             output_logprobs=seq.output_logprobs,
             output_raw_logprobs=seq.output_raw_logprobs if seq.params.raw_logprobs else None,
             finish_reason=seq.finish_reason,
-            text=self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else None,
+            text=self._text(seq),
+            stop_reason=seq.stop_reason,
+            top_logprobs=seq.top_logprobs if seq.params.logprobs is not None else None,
+            prompt_logprobs=[None, *seq.prompt_logprobs] if seq.params.prompt_logprobs is not None else None,
             weight_version=self.weight_version,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
             num_preemptions=seq.num_preemptions,
         )
+
+    def _text(self, seq: Sequence) -> str | None:
+        """The output's text; cut as the stop string ruled when one ended the sample."""
+        if isinstance(seq.stop_reason, str):
+            return seq.detokenizer.text
+        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else None
 
     def generate(
         self,

@@ -38,6 +38,19 @@ class StepInputs:
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # [S] rows of the hidden states to sample from
     sampled_seqs: list[int]  # indices into batch.seqs of the S sequences that sample this step
+    # prompt_logprobs requests in prefill: (index into batch.seqs, first prompt token predicted, its hidden row, count)
+    prompt_chunks: list[tuple[int, int, int, int]]
+
+
+@dataclass
+class PromptLogits:
+    """Float32 logits [len(targets), V] of a prefill chunk that predict the prompt tokens `targets`, which
+    start at prompt position `start` of batch.seqs[seq_index] (for prompt_logprobs)."""
+
+    seq_index: int
+    start: int
+    targets: list[int]
+    logits: torch.Tensor
 
 
 def kv_cache_bytes_per_block(model: DecoderModel, block_size: int) -> int:
@@ -283,6 +296,8 @@ class ModelRunner:
             return None
         if any(n != 1 for n in batch.num_new_tokens):
             return None
+        if any(s.params.prompt_logprobs is not None and s.in_prefill for s in batch.seqs):
+            return None  # prompt logits need the eager path's hidden states
         if self.graphs is None or self.graphs.deterministic != self.model.kernels.deterministic:
             self._capture_graphs()
         return self.graphs
@@ -295,10 +310,14 @@ class ModelRunner:
         seq_lens: list[int] = []
         logits_rows: list[int] = []
         sampled: list[int] = []
+        prompt_chunks: list[tuple[int, int, int, int]] = []
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             begin = seq.num_computed_tokens
             end = begin + n
+            num_prompt_rows = min(end, len(seq.prompt_ids) - 1) - begin  # rows that predict a later prompt token
+            if seq.params.prompt_logprobs is not None and num_prompt_rows > 0:
+                prompt_chunks.append((i, begin + 1, starts[-1], num_prompt_rows))
             tokens.extend(_token_range(seq, begin, end))
             positions.extend(range(begin, end))
             slots.extend(_slots(seq.block_table, begin, end, bs))
@@ -332,22 +351,33 @@ class ModelRunner:
             meta=meta,
             logits_rows=i64[3 * t :],
             sampled_seqs=sampled,
+            prompt_chunks=prompt_chunks,
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
-        """Run one step; return float32 logits [S, V] for the sequences that sample, and their indices.
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int], list[PromptLogits]]:
+        """Run one step; return float32 logits [S, V] for the sequences that sample, their indices, and the
+        logits that predict prompt tokens of prompt_logprobs requests.
 
         Decode steps replay a CUDA graph when graphs are enabled; its logits are a view of a static
         buffer, valid until the next step."""
         graphs = self._graphs_for(batch)
         if graphs is not None:
-            return self._execute_graph(graphs, batch)
+            return *self._execute_graph(graphs, batch), []
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
+        prompt = self._prompt_logits(batch, inputs, hidden) if inputs.prompt_chunks else []
         if not inputs.sampled_seqs:
-            return None, []
-        return self.model.compute_logits(hidden[inputs.logits_rows]), inputs.sampled_seqs
+            return None, [], prompt
+        return self.model.compute_logits(hidden[inputs.logits_rows]), inputs.sampled_seqs, prompt
+
+    def _prompt_logits(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[PromptLogits]:
+        rows = torch.cat([torch.arange(row, row + n) for _, _, row, n in inputs.prompt_chunks]).to(self.device)
+        logits = self.model.compute_logits(hidden[rows]).split([n for *_, n in inputs.prompt_chunks])
+        return [
+            PromptLogits(i, start, batch.seqs[i].prompt_ids[start : start + n], chunk)
+            for (i, start, _, n), chunk in zip(inputs.prompt_chunks, logits)
+        ]
 
     def _execute_graph(self, graphs, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
         bs = self.block_size

@@ -18,7 +18,7 @@ import torch
 
 from parity.engine.logits_processors import TokenHistory, apply_history_processors, shapes_logits
 from parity.engine.sampling_params import SamplingParams
-from parity.engine.sequence import Logprob
+from parity.engine.sequence import Logprob, Sequence
 from parity.kernels.dispatch import gumbel_argmax
 
 
@@ -102,6 +102,31 @@ def sample(
     if any(p.logprobs is not None for p in params):
         top = top_logprobs(logprobs, tokens, [p.logprobs for p in params])
     return SamplerOutput(token_ids=[int(t) for t in token_ids], logprobs=chosen, raw_logprobs=raw, top_logprobs=top)
+
+
+def sample_sequences(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    eos_token_ids: tuple[int, ...],
+    log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
+) -> SamplerOutput:
+    """sample() for the engine's sequences (one row each): their params, seeds and steps, and their token
+    history when some row needs it (built on the logits' device)."""
+    params = [s.params for s in seqs]
+    history = None
+    if shapes_logits(params):
+        history = TokenHistory.of_sequences(params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
+                                            logits.shape[-1], logits.device, eos_token_ids)
+    return sample(logits, params, [s.seed for s in seqs], [len(s.output_ids) for s in seqs], log_softmax, history)
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, targets: list[int], num: int, log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax
+) -> list[dict[int, Logprob]]:
+    """prompt_logprobs=num entries for the prompt tokens `targets`, from the raw logits [len(targets), V]
+    that predict them (vLLM applies no sampling processing to the prompt)."""
+    ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+    return top_logprobs(log_softmax(logits), ids, [num] * len(targets))
 
 
 def top_logprobs(

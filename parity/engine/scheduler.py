@@ -14,11 +14,11 @@ through it, so block accounting has one home.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from parity.engine.block_manager import BlockManager
 from parity.engine.sampler import SamplerOutput
-from parity.engine.sequence import Sequence, SequenceStatus
+from parity.engine.sequence import Logprob, Sequence, SequenceStatus
 
 
 @dataclass
@@ -50,6 +50,8 @@ class StepOutput:
 
     sampled_seqs: list[int]  # indices into batch.seqs of the sequences that sampled a token
     sampled: SamplerOutput | None  # their tokens and logprobs, in that order (None when nobody sampled)
+    # (index into batch.seqs, first prompt position predicted, its prompt_logprobs entries) per prefill chunk
+    prompt_logprobs: list[tuple[int, int, list[dict[int, Logprob]]]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -140,15 +142,22 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
+        for i, start, entries in output.prompt_logprobs:
+            seq = batch.seqs[i]
+            seq.prompt_logprobs.extend(entries[len(seq.prompt_logprobs) - (start - 1) :])  # a recompute adds none
         if output.sampled is None:
             return []
         finished = []
         out = output.sampled
-        for i, token, logprob, raw in zip(output.sampled_seqs, out.token_ids, out.logprobs, out.raw_logprobs):
+        for j, (i, token, logprob, raw) in enumerate(
+            zip(output.sampled_seqs, out.token_ids, out.logprobs, out.raw_logprobs)
+        ):
             seq = batch.seqs[i]
             seq.output_ids.append(token)
             seq.output_logprobs.append(logprob)
             seq.output_raw_logprobs.append(raw)
+            if out.top_logprobs is not None and out.top_logprobs[j] is not None:
+                seq.top_logprobs.append(out.top_logprobs[j])
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self._finish(seq, reason)
@@ -156,9 +165,19 @@ class Scheduler:
         return finished
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        """"stop" for EOS, a stop token id or a stop string (the last two set seq.stop_reason, as vLLM does),
+        then "length". A stop string is looked for once more than min_tokens tokens exist (EOS and stop ids
+        cannot be sampled before: the sampler masks them)."""
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.config.eos_token_ids):
+        if not p.ignore_eos and token in self.config.eos_token_ids:
             return "stop"
+        if token in p.stop_token_ids:
+            seq.stop_reason = token
+            return "stop"
+        if seq.detokenizer is not None:
+            seq.stop_reason = seq.detokenizer.step(token, check_stop=len(seq.output_ids) > p.min_tokens)
+            if seq.stop_reason is not None:
+                return "stop"
         if seq.num_tokens >= seq.max_len:
             return "length"
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from parity.engine.detokenizer import IncrementalDetokenizer
 from parity.engine.sampling_params import SamplingParams
 
 
@@ -37,7 +38,8 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     output_raw_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # when params.logprobs is set
-    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)  # when params.prompt_logprobs is set
+    prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # entry k: prompt token k + 1's
+    detokenizer: IncrementalDetokenizer | None = None  # the output's text, when params.stop has strings
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
