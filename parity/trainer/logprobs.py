@@ -146,7 +146,8 @@ def trainer_logprobs(
     "processed" (compare with Rollout.output_logprobs) or "raw" (output_raw_logprobs).
     Penalties, logit_bias, allowed_token_ids and min_tokens in `params` are applied from each position's
     token history, as the engine applied them; min_tokens masks `eos_token_ids` (HF models; default: the
-    model's generation-config EOS, which the engine reads too; a DecoderModel uses its config's). `logits_fp32` and `pad_id` apply to HF models only.
+    model's generation-config EOS, which the engine reads too; a DecoderModel uses its config's).
+    `logits_fp32` and `pad_id` apply to HF models only.
     """
     if mode not in LOGPROB_MODES:
         raise ValueError(f"unknown logprob mode {mode!r}; expected one of {LOGPROB_MODES}")
