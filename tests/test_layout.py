@@ -20,7 +20,8 @@ ALLOWED = {
     "train": {"trainer", "engine", "models", "kernels", "precision", "testing"},
     "diagnostics": {"train", "trainer", "engine", "models", "kernels", "precision", "testing"},  # train: W&B tracking
     "integrations": {"trainer", "engine", "models", "kernels", "precision", "distributed"},
-    "cli": {"train", "trainer", "diagnostics", "engine", "models", "kernels", "precision", "testing", "distributed"},
+    "server": {"engine", "models", "kernels", "precision"},
+    "cli": {"server", "train", "trainer", "diagnostics", "engine", "models", "kernels", "precision", "testing", "distributed"},
 }
 
 

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Subcommand modules, each exposing register(subparsers) that sets `func` on its parser.
-COMMANDS = ["parity.cli.generate", "parity.cli.diagnose", "parity.cli.train"]
+COMMANDS = ["parity.cli.generate", "parity.cli.diagnose", "parity.cli.train", "parity.cli.serve"]
 
 
 class UsageError(Exception):

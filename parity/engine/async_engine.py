@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from parity.engine.engine import Engine, Prompt
 from parity.engine.sampling_params import SamplingParams
-from parity.engine.sequence import Rollout, Sequence
+from parity.engine.sequence import Logprob, Rollout, Sequence
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -47,12 +47,13 @@ class RequestFailedError(RuntimeError):
 @dataclass
 class RolloutDelta:
     """What one sample produced since its last delta. The sample's last delta has `finish_reason`
-    ("stop", "length" or "abort") and the whole `rollout`."""
+    ("stop", "length" or "abort") and the whole `rollout`. `top_logprobs` when SamplingParams.logprobs is set."""
 
     request_id: str
     sample_index: int
     token_ids: list[int]
     logprobs: list[float]
+    top_logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     rollout: Rollout | None = None
 
@@ -308,8 +309,9 @@ class AsyncEngine:
             req.sent[k] = len(source.output_ids)
             if done is not None:
                 req.closed.add(seq.sample_index)
+            top = source.top_logprobs[start:] if seq.params.logprobs is not None and source.top_logprobs else None
             req.sink(RolloutDelta(req.request_id, seq.sample_index, source.output_ids[start:],
-                                  source.output_logprobs[start:], done.finish_reason if done else None, done))
+                                  source.output_logprobs[start:], top, done.finish_reason if done else None, done))
 
     def _abort(self, request_id: str) -> list[Rollout]:
         if request_id not in self._requests:

@@ -1,0 +1,64 @@
+"""Running the app: `serve` blocks (the CLI); `ServerThread` runs uvicorn in a background thread (tests,
+examples, benchmarks) on an ephemeral port."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+
+from parity.engine.async_engine import AsyncEngine
+from parity.server.app import create_app
+
+DEFAULT_HOST = "127.0.0.1"  # local only unless asked: the control routes can replace the weights
+
+
+def build_app(model: str, served_model_name: str | None = None, api_key: str | None = None, **engine_options) -> FastAPI:
+    """Load `model` (directory, .gguf or alias) into an AsyncEngine and wrap it in the API."""
+    return create_app(AsyncEngine.from_pretrained(model, **engine_options), served_model_name or str(model), api_key)
+
+
+def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = 8000, log_level: str = "info") -> None:
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class ServerThread:
+    """uvicorn serving `app` from a daemon thread. `start()` returns once the socket listens; `stop()` shuts
+    the server down, which (the app's lifespan) shuts the engine down too."""
+
+    def __init__(self, app: FastAPI, host: str = DEFAULT_HOST, port: int = 0, log_level: str = "warning"):
+        self.app = app
+        self.host = host
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self._thread = threading.Thread(target=self._server.run, name="parity-http", daemon=True)
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {self.host} within {timeout} s")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the HTTP server did not stop within {timeout} s")
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

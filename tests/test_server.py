@@ -1,0 +1,250 @@
+"""`parity serve` under the real openai client: completions, chat, streaming, concurrency, errors, RL control."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.util
+import json
+import sys
+import weakref
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from parity import Engine, SamplingParams
+from parity.engine.async_engine import AsyncEngine
+from parity.server.app import create_app
+from parity.server.launch import ServerThread
+from parity.testing.factory import TinyModelSpec, write_tiny_model
+
+OPTIONS = dict(dtype="fp32", device="cpu", deterministic=True, block_size=4, max_model_len=512)
+KEY = "test-key"
+MODEL = "tiny"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Tiny models gain nothing from two OpenMP threads, and on a loaded 2-core machine their spinning costs 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def offline(llama_dir) -> Engine:
+    return Engine.from_pretrained(llama_dir, **OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    app = create_app(AsyncEngine(Engine.from_pretrained(llama_dir, **OPTIONS)), MODEL, api_key=KEY)
+    with ServerThread(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+def test_completion_equals_offline_generate(client, offline):
+    prompt = "The quick brown fox"
+    params = SamplingParams(n=2, max_tokens=8, seed=3, temperature=0.9, top_k=50)
+    want = offline.generate([prompt], params)
+    r = client.completions.create(model=MODEL, prompt=prompt, n=2, max_tokens=8, seed=3, temperature=0.9, logprobs=0,
+                                  extra_body={"top_k": 50, "return_token_ids": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    for choice, rollout in zip(r.choices, want):
+        assert choice.prompt_token_ids == offline.tokenizer.encode(prompt) == rollout.prompt_ids
+        assert choice.token_ids == rollout.output_ids
+        assert choice.logprobs.token_logprobs == rollout.output_logprobs
+        assert choice.text == rollout.text and choice.finish_reason == rollout.finish_reason
+        assert choice.logprobs.tokens == [offline.tokenizer.decode([t]) for t in rollout.output_ids]
+    assert r.usage.prompt_tokens == len(want[0].prompt_ids)
+    assert r.usage.completion_tokens == sum(len(x.output_ids) for x in want)
+
+
+def test_completion_of_several_token_id_prompts(client, offline):
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    want = offline.generate(prompts, SamplingParams(n=2, max_tokens=5, seed=8))
+    r = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, seed=8,
+                                  extra_body={"return_token_ids": True})
+    assert [(c.prompt_token_ids, c.token_ids) for c in r.choices] == [(x.prompt_ids, x.output_ids) for x in want]
+
+
+def test_chat_renders_messages_and_tools_with_the_template(client, offline, llama_dir):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 34?"}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    (want,) = offline.generate([prompt_ids], SamplingParams(max_tokens=6, seed=1))
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=6, seed=1, logprobs=True,
+                                       top_logprobs=3, extra_body={"return_token_ids": True})
+    (choice,) = r.choices
+    assert r.model_extra["prompt_token_ids"] == prompt_ids
+    assert choice.token_ids == want.output_ids and choice.message.content == want.text
+    assert [e.logprob for e in choice.logprobs.content] == want.output_logprobs
+    for entry, token in zip(choice.logprobs.content, want.output_ids):
+        ranked = [t.logprob for t in entry.top_logprobs]
+        assert len(ranked) >= 3 and ranked[:3] == sorted(ranked[:3], reverse=True)
+        assert entry.token == tokenizer.decode([token])
+    assert r.usage.prompt_tokens == len(prompt_ids)
+
+
+def test_streaming_adds_up_to_the_whole_response(client):
+    kwargs = dict(model=MODEL, prompt=[[11, 12, 13], [14, 15]], n=2, max_tokens=7, seed=4, logprobs=0,
+                  extra_body={"return_token_ids": True})
+    whole = client.completions.create(**kwargs)
+    text, ids, logprobs, finish = {}, {}, {}, {}
+    usage = None
+    for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+            ids.setdefault(c.index, []).extend(c.token_ids)
+            logprobs.setdefault(c.index, []).extend(c.logprobs.token_logprobs)
+            if c.finish_reason is not None:
+                finish[c.index] = c.finish_reason
+    for c in whole.choices:
+        assert (text[c.index], ids[c.index], logprobs[c.index], finish[c.index]) == (
+            c.text, c.token_ids, c.logprobs.token_logprobs, c.finish_reason)
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "Hello world!"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, seed=2)
+    pieces = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, seed=2, stream=True)]
+    assert "".join(pieces) == reply.choices[0].message.content
+
+
+def test_64_concurrent_requests_equal_offline_generate(server, offline):
+    prompts = [[3 + (7 * i + j) % 290 for j in range(1 + i % 19)] for i in range(64)]
+    params = [SamplingParams(max_tokens=1 + i % 9, seed=500 + i, temperature=1.0, ignore_eos=True) for i in range(64)]
+    want = offline.generate(prompts, params)
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120) as aclient:
+            calls = [aclient.completions.create(model=MODEL, prompt=p, max_tokens=sp.max_tokens, seed=sp.seed, logprobs=0,
+                                                extra_body={"return_token_ids": True, "ignore_eos": True})
+                     for p, sp in zip(prompts, params)]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(asyncio.wait_for(main(), 300))
+    for r, rollout in zip(responses, want):
+        (choice,) = r.choices
+        assert choice.token_ids == rollout.output_ids
+        assert choice.logprobs.token_logprobs == rollout.output_logprobs
+
+
+def test_malformed_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(client, server, http):
+    good = dict(model=MODEL, prompt="Hello", max_tokens=2)
+    cases = [
+        (dict(max_tokens=-1), 400, "max_tokens"),
+        (dict(max_tokens="5"), 400, "max_tokens"),
+        (dict(temperature="hot"), 400, "temperature"),
+        (dict(prompt=[5] * 600), 400, "max_model_len"),
+        (dict(prompt=[10**6]), 400, "outside the vocabulary"),
+        (dict(model="gpt-4"), 404, "gpt-4"),
+        (dict(extra_body={"max_token": 3}), 400, "max_token"),
+        (dict(extra_body={"min_tokens": 5}), 400, "min_tokens"),
+        (dict(extra_body={"logit_bias": {"abc": 1.0}}), 400, "logit_bias"),
+    ]
+    for change, status, named in cases:
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(**{**good, **change})
+        assert err.value.status_code == status, (change, err.value)
+        assert named in err.value.message, (change, err.value.message)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True,
+                                       extra_body={"max_tokens": 0})
+    assert err.value.status_code == 400
+    stream_too_long = http.post("/v1/completions", json={**good, "prompt": [5] * 600, "stream": True})
+    assert stream_too_long.status_code == 400 and "max_model_len" in stream_too_long.json()["error"]["message"]
+    bad_json = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    for key in ("wrong", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        for method, route in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
+                              ("POST", "/sleep"), ("GET", "/weight_version")]:
+            r = httpx.request(method, server.url + route, headers=headers, json=good, timeout=30)
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"], (route, r.text)
+    assert http.get("/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert len(client.completions.create(**good).choices[0].text) >= 0
+
+
+def test_control_routes_update_sleep_wake_abort(client, http, tmp_path, llama_dir):
+    before = http.get("/weight_version").json()["weight_version"]
+    other = write_tiny_model(tmp_path / "other", TinyModelSpec(seed=7))
+    (want,) = Engine.from_pretrained(str(other), **OPTIONS).generate([[5, 6, 7]], SamplingParams(max_tokens=6, seed=9))
+    assert http.post("/update_weights", json={"path": str(tmp_path / "missing")}).status_code == 400
+    r = http.post("/update_weights", json={"path": str(other)})
+    assert r.status_code == 200 and r.json()["weight_version"] == before + 1
+    got = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=6, seed=9, extra_body={"return_token_ids": True})
+    assert got.choices[0].token_ids == want.output_ids
+    assert http.post("/update_weights", json={"path": str(llama_dir)}).json()["weight_version"] == before + 2
+
+    assert http.post("/sleep", json={"level": 1}).status_code == 200
+    assert http.get("/is_sleeping").json() == {"is_sleeping": True}
+    asleep = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert asleep.status_code == 503 and "asleep" in asleep.json()["error"]["message"]
+    assert http.post("/wake_up", json={}).status_code == 200
+    assert http.get("/is_sleeping").json() == {"is_sleeping": False}
+
+    stream = client.completions.create(model=MODEL, prompt=[3, 4, 5], max_tokens=200, stream=True,
+                                       extra_body={"ignore_eos": True, "request_id": "long-one", "return_token_ids": True})
+    tokens, finish = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            tokens += c.token_ids
+            finish = c.finish_reason or finish
+        if len(tokens) >= 3 and finish is None and not http.post("/abort", json={"request_id": "long-one"}).json()[
+                "num_aborted"]:
+            pytest.fail("abort found nothing to abort")
+    assert finish == "abort" and 3 <= len(tokens) < 200
+    assert http.post("/abort", json={"request_id": "long-one"}).json()["num_aborted"] == 0
+
+
+def test_multi_turn_tool_conversation_reuses_the_prefix_cache(client, llama_dir):
+    spec = importlib.util.spec_from_file_location("multi_turn_tools", ROOT / "examples" / "multi_turn_tools.py")
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(example)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    traj = example.run_conversation(client, MODEL, tokenizer, turns=3, max_tokens=12)
+    assert traj.cached_tokens[0] == 0 and all(c > 0 for c in traj.cached_tokens[1:])
+    assert len(traj.token_ids) == len(traj.loss_mask) == len(traj.logprobs)
+    model_positions = [i for i, m in enumerate(traj.loss_mask) if m]
+    assert all(traj.logprobs[i] is not None for i in model_positions)
+    assert all(lp is None for lp, m in zip(traj.logprobs, traj.loss_mask) if not m)
+    # the tool results are in the conversation, outside the mask, exactly as the template renders them
+    tool_text = tokenizer.decode([t for t, m in zip(traj.token_ids, traj.loss_mask) if not m])
+    assert tool_text.count("<|im_start|>tool") == 2 and json.dumps(example.call_tool("")) in tool_text
+
+
+def test_shutdown_frees_the_engine(llama_dir):
+    engine = Engine.from_pretrained(llama_dir, **OPTIONS)
+    gone = weakref.ref(engine)
+    async_engine = AsyncEngine(engine)
+    del engine
+    with ServerThread(create_app(async_engine, MODEL)) as running:
+        r = httpx.post(running.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+    assert not async_engine.is_running
+    gc.collect()
+    assert gone() is None
