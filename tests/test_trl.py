@@ -145,7 +145,6 @@ def expected_sampling_metrics(parity_lp: torch.Tensor, trainer_lp: torch.Tensor,
     }
 
 
-@pytest.mark.slow
 def test_trl_sampling_metrics_come_from_parity_logprobs(llama_dir, tmp_path, dataset):
     """A bf16 engine under an fp32 trainer: a visible mismatch (~1e-2), which TRL's metrics must reproduce."""
     trainer, rec, logs = train(llama_dir, tmp_path, dataset, parity=ParityRolloutConfig(dtype="bf16"))
@@ -204,3 +203,49 @@ def test_vision_inputs_refused(llama_dir, tmp_path, dataset):
     trainer = make_trainer(llama_dir, tmp_path, dataset)
     with pytest.raises(TRLIntegrationError, match="text only"):
         trainer.vllm_generation.generate([[1, 2, 3]], images=[["an image"]], num_generations=1)
+
+
+def test_exact_mode_rollout_and_trainer_logprobs_bitwise_equal(llama_dir, tmp_path, dataset):
+    """parity's own model, deterministic: TRL's logged logp difference is exactly 0 at every step, and the
+    logprobs inside TRL's loss (with grad) equal the rollout logprobs bit for bit, with a repetition penalty on."""
+    from parity.precision.policy import PrecisionPolicy
+    from parity.trainer.causal_lm import ParityForCausalLM
+
+    model = ParityForCausalLM.from_pretrained(llama_dir, policy=PrecisionPolicy("fp32", deterministic=True),
+                                              device="cpu", max_positions=64)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    args = grpo_args(tmp_path, max_steps=2, per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+                     repetition_penalty=1.3, gradient_checkpointing=False)
+    trainer = ParityGRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset,
+                                processing_class=tokenizer)
+    recorder = Recorder(trainer, tokenizer)
+    loss_logps = []  # (completion ids, logprobs) of every row TRL scored with grad, for its loss
+    real = trainer._get_per_token_logps_and_entropies
+
+    def scored(model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        out = real(model, input_ids, attention_mask, logits_to_keep, **kwargs)
+        if torch.is_grad_enabled():
+            keep = attention_mask[:, -logits_to_keep:].bool()
+            for ids, lp, m in zip(input_ids[:, -logits_to_keep:], out[0].detach(), keep):
+                loss_logps.append((tuple(ids[m].tolist()), lp[m]))
+        return out
+
+    trainer._get_per_token_logps_and_entropies = scored
+    trainer.train()
+
+    assert trainer.engine.model.kernels.deterministic
+    logs = [h for h in trainer.state.log_history if "sampling/sampling_logp_difference/max" in h]
+    assert len(logs) == 2
+    for logged in logs:
+        assert logged["sampling/sampling_logp_difference/mean"] == 0.0
+        assert logged["sampling/sampling_logp_difference/max"] == 0.0
+        assert logged["sampling/importance_sampling_ratio/min"] == logged["sampling/importance_sampling_ratio/max"] == 1.0
+    rollout = {}
+    for g in recorder.generations[-1:]:  # the last step's rollouts are what its loss scored
+        lps = g["parity"].split([len(c) for c in g["completion_ids"]])
+        rollout.update({tuple(c): lp for c, lp in zip(g["completion_ids"], lps)})
+    last = loss_logps[-len(recorder.generations[-1]["completion_ids"]):]
+    assert last and all(torch.equal(lp, rollout[ids]) for ids, lp in last)
+    assert [s["version"] for s in recorder.syncs] == [1, 2]
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters()), "training changed nothing"

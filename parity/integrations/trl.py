@@ -65,6 +65,7 @@ from torch import nn
 
 from parity.engine.config import EngineConfig
 from parity.engine.engine import Engine
+from parity.engine.logits_processors import TokenHistory, shapes_logits
 from parity.engine.sampler import process_logits
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.weight_sync import WeightSyncStats, unwrap_module
@@ -286,19 +287,27 @@ class ParityGeneration:
 
 
 def _parity_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, params: SamplingParams, batch_size):
-    """Per-token logprobs and entropies [B, logits_to_keep] of a ParityForCausalLM, computed as the engine
-    samples: the wrapper's logits (engine LM head), the engine's temperature/filter code, its log-softmax."""
+    """Per-token logprobs and entropies [B, logits_to_keep] of a ParityForCausalLM on TRL's batch (prompts
+    left-padded, completions right-padded), computed as the engine sampled: the wrapper's logits (the engine's
+    LM head), the engine's processors from each position's own token history, its log-softmax kernel."""
     decoder = _parity_decoder(model)
+    vocab, eos = decoder.config.vocab_size, decoder.config.eos_token_ids
     logps, entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
-        ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits[:, :-1]
-        rows = logits.reshape(-1, logits.shape[-1])
-        logprobs = decoder.kernels.log_softmax(process_logits(rows, [params] * rows.shape[0]))
-        targets = ids[:, -logits_to_keep:].reshape(-1, 1)
-        logps.append(logprobs.gather(-1, targets).view(ids.shape[0], logits_to_keep))
+        ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size].bool()
+        keep = mask[:, -logits_to_keep:]
+        logits = model(input_ids=ids, attention_mask=mask.long(), logits_to_keep=logits_to_keep + 1).logits[:, :-1]
+        rows = logits[keep]  # real completion positions, sequence by sequence
+        history = None
+        if shapes_logits([params]):
+            prompts = [row[m].tolist() for row, m in zip(ids[:, :-logits_to_keep], mask[:, :-logits_to_keep])]
+            outputs = [row[m].tolist() for row, m in zip(ids[:, -logits_to_keep:], keep)]
+            history = TokenHistory.of_positions([params] * len(prompts), prompts, outputs, vocab, ids.device, eos)
+        logprobs = decoder.kernels.log_softmax(process_logits(rows, [params] * rows.shape[0], history))
+        picked = logprobs.gather(-1, ids[:, -logits_to_keep:][keep][:, None])[:, 0]
         plogp = torch.where(torch.isfinite(logprobs), logprobs.exp() * logprobs, torch.zeros_like(logprobs))
-        entropies.append(-plogp.sum(-1).view(ids.shape[0], logits_to_keep))
+        logps.append(picked.new_zeros(keep.shape).masked_scatter(keep, picked))
+        entropies.append(picked.new_zeros(keep.shape).masked_scatter(keep, -plogp.sum(-1)))
     return torch.cat(logps), torch.cat(entropies)
 
 
@@ -314,6 +323,13 @@ class ParityGRPOTrainer(GRPOTrainer):
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is not None and config.use_vllm:
             raise TRLIntegrationError("use_vllm=True starts vLLM; parity replaces it: leave use_vllm=False")
+        model = kwargs.get("model", args[0] if args else None)
+        decoder = _parity_decoder(model) if isinstance(model, nn.Module) else None
+        if decoder is not None and getattr(model, "generation_config", None) is None:
+            from transformers import GenerationConfig  # TRL reads the EOS ids and sets the pad id there
+
+            model.generation_config = GenerationConfig(eos_token_id=decoder.config.eos_token_ids or None,
+                                                       bos_token_id=decoder.config.bos_token_id)
         super().__init__(*args, **kwargs)
         from transformers import ProcessorMixin
 
