@@ -249,3 +249,27 @@ def test_exact_mode_rollout_and_trainer_logprobs_bitwise_equal(llama_dir, tmp_pa
     assert last and all(torch.equal(lp, rollout[ids]) for ids, lp in last)
     assert [s["version"] for s in recorder.syncs] == [1, 2]
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters()), "training changed nothing"
+
+
+def test_peft_adapters_merged_for_the_sync_and_engine_sleeps_between_rollouts(llama_dir, tmp_path, dataset):
+    """LoRA: the engine receives base + adapter (merged for the copy, unmerged after); with TRL's sleep flag the
+    engine releases its weights and KV cache after each rollout and is refilled by the next sync."""
+    peft = pytest.importorskip("peft")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    args = grpo_args(tmp_path, max_steps=2, per_device_train_batch_size=4, num_generations=2, learning_rate=5e-2,
+                     vllm_enable_sleep_mode=True)
+    trainer = ParityGRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset,
+                                processing_class=tokenizer, peft_config=lora)
+    assert trainer.engine.sleep_state is not None  # asleep from the start, like TRL's colocated vLLM
+    recorder = Recorder(trainer, tokenizer)
+    trainer.train()
+    assert [s["version"] for s in recorder.syncs] == [1, 2]
+    for s in recorder.syncs:  # vs the PEFT model's own forward: adapters active, so a sync left merged would double them
+        torch.testing.assert_close(s["engine"], s["trainer"], rtol=0, atol=2e-5)
+    state = trainer.engine.sleep_state
+    assert state is not None and state.level == 2 and state.kv_cache_released
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    base_lp = hf_logprobs(base, recorder.prompt, recorder.completion, TEMPERATURE)
+    assert (recorder.syncs[0]["engine"] - base_lp).abs().max() > 1e-3  # the adapter's contribution reached the engine
