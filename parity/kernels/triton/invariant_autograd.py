@@ -1,13 +1,13 @@
 """Deterministic mode on CUDA under autograd (the trainer's parity forward): the forward values are the
-batch-invariant kernels' of `triton/invariant.py`, bit for bit; the matmul and log-softmax have their
-analytic backward, the other ops recompute the torch reference under autograd in backward. Only the
-forward values need to be bitwise equal to the engine's; gradients agree with the reference to rounding."""
+batch-invariant kernels' of `triton/invariant.py`, bit for bit; every op has an analytic backward (the matmul
+and log-softmax here, RMSNorm, RoPE, SiLU-and-mul and packed attention in `parity/kernels/autograd.py`). Only
+the forward values need to be bitwise equal to the engine's; gradients agree with the reference to rounding."""
 
 from __future__ import annotations
 
 import torch
 
-from parity.kernels import reference
+from parity.kernels import autograd
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton import invariant
 from parity.kernels.triton.invariant import gumbel_argmax
@@ -49,49 +49,23 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _linear(x, weight, None, fp32=True)
 
 
-class _RecomputeBackward(torch.autograd.Function):
-    """Forward by a Triton kernel; backward by autograd through the torch reference, recomputed."""
-
-    @staticmethod
-    def forward(ctx, kernel, ref, *tensors):
-        ctx.ref = ref
-        ctx.save_for_backward(*tensors)
-        return kernel(*tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            outs = ctx.ref(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        wrt = [t for t in inputs if t is not None and t.requires_grad]
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
-        return (None, None, *[next(found) if t is not None and t.requires_grad else None for t in inputs])
-
-
 def rms_norm(x, weight, eps, residual=None):
-    if residual is None:
-        return _RecomputeBackward.apply(lambda x_, w_: invariant.rms_norm(x_, w_, eps),
-                                        lambda x_, w_: reference.rms_norm(x_, w_, eps), x, weight)
-    return _RecomputeBackward.apply(lambda x_, w_, r_: invariant.rms_norm(x_, w_, eps, r_),
-                                    lambda x_, w_, r_: reference.rms_norm(x_, w_, eps, r_), x, weight, residual)
+    return autograd.rms_norm(invariant.rms_norm, x, weight, eps, residual)
 
 
 def apply_rotary(q, k, cos, sin):
-    return _RecomputeBackward.apply(invariant.apply_rotary, reference.apply_rotary, q, k, cos, sin)
+    return autograd.apply_rotary(invariant.apply_rotary, q, k, cos, sin)
 
 
 def silu_and_mul(x):
-    return _RecomputeBackward.apply(invariant.silu_and_mul, reference.silu_and_mul, x)
+    return autograd.silu_and_mul(invariant.silu_and_mul, x)
 
 
 def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The packed trainer batch (no cache) is differentiable; the paged cache path is the engine's, forward only."""
     if kv_cache is not None:
         return invariant.attention(q, k, v, kv_cache, meta, scale)
-    return _RecomputeBackward.apply(lambda q_, k_, v_: invariant.attention(q_, k_, v_, None, meta, scale),
-                                    lambda q_, k_, v_: reference.varlen_attention(q_, k_, v_, meta, scale), q, k, v)
+    return autograd.packed_attention(invariant.attention, q, k, v, meta, scale)
 
 
 class _LogSoftmax(torch.autograd.Function):
