@@ -14,7 +14,7 @@ RUN_HELP = """\
 Sample with the parity engine under each precision in --dtypes, recompute the logprobs of the same
 tokens trainer-side, and report the mismatch of every pairing:
   engine → hf       engine vs HF transformers in the same dtype (the usual trainer: one full forward)
-  engine → parity   engine vs parity's trainer-side forward (when parity.trainer.parity_model exists)
+  engine → parity   engine vs parity's trainer-side forward (parity.trainer.parity_model)
   engine → fp32     engine vs HF transformers in fp32 (the reference)
   hf → fp32         the trainer's own precision error
 For the fp32 token set, hf is the reference itself. Every recomputation uses the sampling temperature
@@ -47,6 +47,8 @@ exit codes: 0 ok, 2 bad arguments or input, 1 internal failure."""
 
 CPU_DEFAULTS = {"n": 2, "max_tokens": 24}
 CUDA_DEFAULTS = {"n": 8, "max_tokens": 256}
+# Sampling options a vLLM output file does not record, given on the command line: name -> type.
+VLLM_SAMPLING_OPTIONS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float}
 
 
 def _add_output_args(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -100,10 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("output", metavar="OUT", help="rollout file to write (.jsonl)")
     v.add_argument("--logprobs-mode", default="raw_logprobs", choices=["raw_logprobs", "processed_logprobs"],
                    help="the vLLM engine's logprobs_mode (vLLM's default: raw_logprobs)")
-    v.add_argument("--temperature", type=float, help="sampling temperature the outputs were drawn with")
-    v.add_argument("--top-p", type=float, help="top_p the outputs were drawn with")
-    v.add_argument("--top-k", type=int, help="top_k the outputs were drawn with")
-    v.add_argument("--min-p", type=float, help="min_p the outputs were drawn with")
+    for name, kind in VLLM_SAMPLING_OPTIONS.items():
+        v.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"the {name} the outputs were drawn with")
     v.add_argument("--dtype", help="vLLM's compute dtype (recorded as is)")
     v.add_argument("--model", help="model name or path (recorded as is)")
     v.set_defaults(func=convert_vllm)
@@ -274,8 +274,7 @@ def compare(args: argparse.Namespace) -> int:
 def convert_vllm(args: argparse.Namespace) -> int:
     from parity.diagnostics.rollout_io import load_vllm_json, records_from_vllm, write_rollouts
 
-    params = {k: v for k, v in [("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k),
-                                ("min_p", args.min_p)] if v is not None}
+    params = {name: getattr(args, name) for name in VLLM_SAMPLING_OPTIONS if getattr(args, name) is not None}
     records = records_from_vllm(load_vllm_json(args.input), args.logprobs_mode, params, args.dtype, args.model)
     write_rollouts(args.output, records)
     print(f"wrote {len(records)} records to {args.output}")

@@ -4,7 +4,7 @@ trainer-side, and pair the sources up.
 Per dtype d the token set "d" holds the engine's samples and four sources of logprobs for them:
   engine  the engine's own logprobs (processed: under temperature T)
   hf      HF transformers in d, one full forward of prompt + response (the usual trainer)
-  parity  parity's trainer-side forward on the engine's model (when available)
+  parity  parity's trainer-side forward on the engine's model
   fp32    HF transformers in fp32: the reference (for d = fp32 this is "hf" itself, so not repeated)
 All recomputations use the same temperature T as the sampler, so like is compared with like; with
 the default T = 1 (and no top-k/top-p, which diagnose never sets) processed and raw logprobs agree.
@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from parity.diagnostics.comparison import Pairing, TokenSet, compare
-from parity.diagnostics.recompute import (
-    hf_token_logprobs,
-    load_hf_model,
-    parity_token_logprobs,
-)
+from parity.diagnostics.recompute import load_hf_model, recompute_logprobs
 from parity.diagnostics.rollout_io import RolloutRecord, records_from_rollouts
 from parity.engine.sampling_params import SamplingParams
+from parity.models.loader import Checkpoint
 from parity.precision.dtypes import dtype_name, resolve_dtype
 
 REFERENCE_DTYPE = "fp32"
@@ -115,25 +112,13 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
     import transformers
 
     from parity import Engine
-    from parity.models.aliases import resolve_model_path
-    from parity.models.config import ModelConfig
-    from parity.models.gguf import is_gguf, load_gguf_config, load_gguf_tokenizer
 
-    model_dir = resolve_model_path(cfg.model)
-    gguf = is_gguf(model_dir)
-    if not gguf and not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is not an HF model directory (no config.json) or a .gguf file; diagnose loads the "
-            "same checkpoint in HF transformers as the trainer reference"
-        )
+    checkpoint = Checkpoint.resolve(cfg.model)
     device = torch.device(cfg.device)
     params = SamplingParams(n=cfg.n, temperature=cfg.temperature, seed=cfg.seed, max_tokens=cfg.max_tokens,
                             raw_logprobs=True)
-    model_config = load_gguf_config(model_dir) if gguf else ModelConfig.from_pretrained(model_dir)
-    max_positions = model_config.max_position_embeddings
-    from transformers import AutoTokenizer
-
-    tokenizer = load_gguf_tokenizer(model_dir) if gguf else AutoTokenizer.from_pretrained(model_dir)
+    max_positions = checkpoint.config.max_position_embeddings
+    tokenizer = checkpoint.tokenizer()
     prompt_ids = [encode_prompt(tokenizer, p, cfg.chat) for p in cfg.prompts]
     max_model_len = min(max_positions, max(map(len, prompt_ids)) + cfg.max_tokens)
     token_sets: list[TokenSet] = []
@@ -141,24 +126,24 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
     for dtype in cfg.dtypes:
         log(f"[{dtype}] sampling {len(prompt_ids)} prompts x {cfg.n} with the engine")
         engine = Engine.from_pretrained(
-            model_dir, dtype=dtype, device=cfg.device, deterministic=cfg.deterministic, seed=cfg.seed,
+            checkpoint, dtype=dtype, device=cfg.device, deterministic=cfg.deterministic, seed=cfg.seed,
             max_model_len=max_model_len, max_num_seqs=min(256, len(prompt_ids) * cfg.n),
         )
-        recs = records_from_rollouts(engine.generate(prompt_ids, params), params, dtype, model=str(model_dir))
+        recs = records_from_rollouts(engine.generate(prompt_ids, params), params, dtype, model=str(checkpoint.path))
         tokens = TokenSet(dtype, [r.prompt_ids for r in recs], [r.output_ids for r in recs])
         tokens.add("engine", [r.logprobs for r in recs])
         records[f"{dtype}/engine"] = recs
         log(f"[{dtype}] recomputing with parity's trainer-side forward")
-        values = parity_token_logprobs(engine.model, tokens.prompt_ids, tokens.output_ids, cfg.temperature,
-                                       cfg.micro_batch)
+        values = recompute_logprobs(engine.model, tokens.prompt_ids, tokens.output_ids, cfg.temperature,
+                                    cfg.micro_batch)
         tokens.add("parity", values)
         records[f"{dtype}/parity"] = _recompute_records(recs, values, "parity-forward", recs[0].engine_version,
                                                         dtype, cfg.temperature)
         del engine
         _free_memory()
         log(f"[{dtype}] recomputing with HF transformers in {dtype}")
-        hf = load_hf_model(str(model_dir), dtype, device)
-        values = hf_token_logprobs(hf, tokens.prompt_ids, tokens.output_ids, cfg.temperature, cfg.micro_batch)
+        hf = load_hf_model(checkpoint, dtype, device)
+        values = recompute_logprobs(hf, tokens.prompt_ids, tokens.output_ids, cfg.temperature, cfg.micro_batch)
         del hf
         _free_memory()
         tokens.add("hf", values)
@@ -170,9 +155,9 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
     others = [t for t in token_sets if t.label != REFERENCE_DTYPE]
     if others:
         log(f"[reference] recomputing with HF transformers in {REFERENCE_DTYPE}")
-        hf = load_hf_model(str(model_dir), REFERENCE_DTYPE, device)
+        hf = load_hf_model(checkpoint, REFERENCE_DTYPE, device)
         for tokens in others:
-            values = hf_token_logprobs(hf, tokens.prompt_ids, tokens.output_ids, cfg.temperature, cfg.micro_batch)
+            values = recompute_logprobs(hf, tokens.prompt_ids, tokens.output_ids, cfg.temperature, cfg.micro_batch)
             tokens.add("fp32", values)
             records[f"{tokens.label}/fp32"] = _recompute_records(
                 records[f"{tokens.label}/engine"], values, "hf-transformers", transformers.__version__,

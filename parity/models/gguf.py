@@ -36,10 +36,6 @@ _PERMUTED_QK = {"llama"}
 _ROPE_FREQS = "rope_freqs.weight"
 
 
-def is_gguf(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == ".gguf"
-
-
 def _require_gguf():
     try:
         import gguf

@@ -33,9 +33,8 @@ import torch
 from parity.engine.engine import Engine
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Rollout
-from parity.models.aliases import resolve_model_path
 from parity.models.config import ModelConfig
-from parity.models.gguf import cached_hf_dir, is_gguf
+from parity.models.loader import Checkpoint
 from parity.precision.importance_sampling import importance_weights
 from parity.precision.metrics import mismatch_metrics
 from parity.testing.factory import write_tiny_model
@@ -101,8 +100,7 @@ def trainable_model_dir(path: str) -> Path:
     """An HF directory for `model.path`: itself, or for a .gguf file or a model alias the GGUF dequantized
     once into an HF directory in the cache (the trainer is an HF model; parity's engine could read the GGUF
     itself, but loads the same directory so both start from identical weights)."""
-    resolved = resolve_model_path(path)
-    return cached_hf_dir(resolved) if is_gguf(resolved) else resolved
+    return Checkpoint.resolve(path).hf_dir()
 
 
 class GRPOTrainer:
