@@ -248,3 +248,12 @@ def test_shutdown_frees_the_engine(llama_dir):
     assert not async_engine.is_running
     gc.collect()
     assert gone() is None
+
+
+def test_cli_refuses_bad_arguments_before_loading(llama_dir, capsys):
+    from parity.cli.main import main
+
+    assert main(["serve", llama_dir, "--port", "70000"]) == 2
+    assert "--port must be in 1..65535" in capsys.readouterr().err
+    assert main(["serve", "/no/such/model"]) == 2
+    assert "/no/such/model" in capsys.readouterr().err
