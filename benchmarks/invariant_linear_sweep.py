@@ -6,7 +6,7 @@ tokens). For each weight shape of a model (Qwen3-0.6B by default) and each candi
 times M in --rows, checks that a row's result is the same bits alone and inside the big batch, and prints
 each configuration's time relative to cuBLAS at the same M; `linear_config`'s choice is marked `*`.
 
-  python benchmarks/invariant_linear_sweep.py --out DIR       # on the GPU (about 2 minutes on an H100)
+  python -m benchmarks.invariant_linear_sweep --out DIR       # on the GPU (about 2 minutes on an H100)
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def main() -> None:
         chosen = ti.linear_config(n, k)
         for cfg in candidates():
             try:
-                times = {m: bench(partial(ti._linear_forward, x, w, None, fp32, cfg)) for m, x in xs.items()}
-                big = ti._linear_forward(xs[max(args.rows)], w, None, fp32, cfg)
-                invariant = bool(torch.equal(ti._linear_forward(xs[max(args.rows)][:1].clone(), w, None, fp32, cfg), big[:1]))
+                times = {m: bench(partial(ti.linear, x, w, None, fp32, tiles=cfg)) for m, x in xs.items()}
+                big = ti.linear(xs[max(args.rows)], w, None, fp32, tiles=cfg)
+                invariant = bool(torch.equal(ti.linear(xs[max(args.rows)][:1].clone(), w, None, fp32, tiles=cfg), big[:1]))
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.: report and go on
                 print(name, cfg, "failed:", type(e).__name__, str(e)[:80])
                 continue

@@ -78,7 +78,6 @@ def linear_config(n: int, k: int) -> dict:
 
 def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
                     cfg: dict | None = None) -> torch.Tensor:
-    """`cfg` overrides `linear_config` (the tile sweep in benchmarks/ measures candidates)."""
     m, k = x2.shape
     n = weight.shape[0]
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -96,12 +95,14 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32: bool = False) -> torch.Tensor:
-    """y = x W^T (+ b); `fp32`: float32 products, sums and output from half-precision operands."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32: bool = False,
+           tiles: dict | None = None) -> torch.Tensor:
+    """y = x W^T (+ b); `fp32`: float32 products, sums and output from half-precision operands.
+    `tiles` overrides `linear_config` (the tile sweep in benchmarks/ measures candidates)."""
     x2 = x.reshape(-1, x.shape[-1])
     if fp32 and x2.dtype != weight.dtype:
         x2, weight = x2.float(), weight.float()
-    return _linear_forward(x2, weight, bias, fp32).reshape(*x.shape[:-1], weight.shape[0])
+    return _linear_forward(x2, weight, bias, fp32, tiles).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
