@@ -106,16 +106,23 @@ def weight_bytes(engine: Engine) -> int:
     return total
 
 
-def run_parity(engine: Engine, prompts, max_tokens: list[int], clock: Clock) -> dict:
-    """Drive the engine through add_request/step, sampling KV-cache occupancy every 4 steps."""
+def run_parity(engine: Engine, prompts, max_tokens: list[int], clock: Clock, temperature: float = 0.0) -> dict:
+    """Drive the engine through add_request/step, sampling KV-cache occupancy every 4 steps. Wall time is split
+    between steps where every running sequence decodes (CUDA-graph steps) and steps that also prefill."""
     bm, sched = engine.scheduler.block_manager, engine.scheduler
-    allocated = used = peak_blocks = steps = 0
+    allocated = used = peak_blocks = steps = decode_steps = 0
+    decode_s = 0.0
     start = clock.now()
-    for p, m in zip(prompts, max_tokens):
-        engine.add_request(p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(p, SamplingParams(temperature=temperature, max_tokens=m, ignore_eos=True, seed=i))
     outs = []
     while engine.has_unfinished():
-        outs += engine.step()
+        decoding = not sched.waiting and not any(s.in_prefill for s in sched.running)
+        t0 = time.perf_counter()
+        outs += engine.step()  # the sampler's device-to-host copy ends each step
+        if decoding:
+            decode_steps += 1
+            decode_s += time.perf_counter() - t0
         steps += 1
         if steps % 4 == 0:
             allocated += sum(len(s.block_table) for s in sched.running) * bm.block_size
@@ -130,6 +137,8 @@ def run_parity(engine: Engine, prompts, max_tokens: list[int], clock: Clock) -> 
         "output_tok_s": produced / elapsed,
         "total_tok_s": (produced + sum(map(len, prompts))) / elapsed,
         "steps": steps,
+        "decode_steps": decode_steps,
+        "decode_s": decode_s,
         "kv_waste": 1 - used / allocated if allocated else None,  # allocated-but-unused slots / allocated
         "kv_peak_used_gib": peak_blocks * bm.block_size * kv_bytes_per_token(engine) / 2**30,
         "kv_pool_gib": bm.num_blocks * bm.block_size * kv_bytes_per_token(engine) / 2**30,
