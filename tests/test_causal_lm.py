@@ -76,6 +76,28 @@ def test_one_adamw_step_matches_hf(model_dirs):
     assert max(float((after[n] - before[n]).abs().max()) for n in after) > 5e-4  # the step moved the weights
 
 
+def test_accelerate_bf16_autocast_runs_it_like_an_hf_model(model_dirs):
+    """accelerate's mixed precision (bf16 autocast around forward, float32 weights and gradients)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    ours = accelerator.prepare(ParityForCausalLM.from_pretrained(model_dirs["llama"], FAST_FP32, device="cpu"))
+    hf = accelerator.prepare(hf_model(model_dirs["llama"]))
+    ids, mask, labels = padded_batch(ours.config.vocab_size, seed=8)
+    got = ours(input_ids=ids, attention_mask=mask, labels=ids)
+    want = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        full = ParityForCausalLM.from_pretrained(model_dirs["llama"], FAST_FP32, device="cpu")(ids, attention_mask=mask)
+    real = mask.bool()
+    assert float((got.logits[real] - full.logits[real]).abs().max()) > 1e-4  # the matmuls did run in bf16
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-2, atol=0)  # bf16 roundings in different places
+    accelerator.backward(got.loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dirs):
     model = ParityForCausalLM.from_pretrained(model_dirs["llama"], FAST_FP32, device="cpu")
     ids, mask, _ = padded_batch(model.config.vocab_size, seed=2)
