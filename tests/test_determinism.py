@@ -57,12 +57,14 @@ def test_request_alone_equals_every_batch(llama_dir):
             assert _key([r]) == alone[order[r.prompt_index]], f"prompt {order[r.prompt_index]} in a batch of {n}"
     assert preemptions > 0
 
-    # Two samples per prompt share the prompt's KV blocks (prefix cache) and still match each alone.
-    shared = busy.generate(prompts[1:3], SamplingParams(n=2, temperature=0.9, max_tokens=8, seed=11, ignore_eos=True))
+    # Two samples per prompt share the prompt's KV blocks (prefix cache) and still match each prompt alone
+    # on an engine where every sample computes its prompt itself.
+    two = SamplingParams(n=2, temperature=0.9, max_tokens=8, seed=11, ignore_eos=True)
+    shared = busy.generate(prompts[1:3], two)
     assert shared[1].num_cached_prompt_tokens > 0
-    for r in shared:
-        single = SamplingParams(temperature=0.9, max_tokens=8, seed=11 + r.sample_index, ignore_eos=True)
-        assert _key([r]) == _key(solo.generate([prompts[1 + r.prompt_index]], single))
+    unshared = _engine(llama_dir, max_num_batched_tokens=512, enable_prefix_caching=False)
+    for i, prompt in enumerate(prompts[1:3]):
+        assert _key(shared[2 * i : 2 * i + 2]) == _key(unshared.generate([prompt], two))
 
 
 def _assert_engine_equals_parity_forward(engine: Engine, trainer_model) -> None:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from parity import Engine, PromptTooLongError, SamplingParams
 from parity.models.config import UnsupportedModelError
-from parity.models.weights import WeightError
+from parity.models.weights import WeightError, hf_named_weights
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,101 @@ def test_token_id_outside_vocabulary(engine):
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+# ---------------------------------------------------------------------- failures inside a step, bad requests
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+PROBE = [[5, 6, 7, 8], [9, 10, 11]]
+
+
+def probe(engine) -> list[tuple[list[int], list[float]]]:
+    return [(r.output_ids, r.output_logprobs) for r in engine.generate(PROBE, GREEDY)]
+
+
+def test_failing_step_fails_its_requests_and_leaves_the_engine_usable(llama_dir):
+    from parity.precision.policy import NonFiniteActivationError
+
+    engine = Engine.from_pretrained(llama_dir, dtype="fp16", device="cpu", max_model_len=64)
+    reference = probe(engine)
+    good = {k: v.clone() for k, v in hf_named_weights(engine.model)}
+    engine.update_weights({k: v.float() * 3000 for k, v in good.items()})  # finite, but activations overflow fp16
+
+    with pytest.raises(NonFiniteActivationError, match="update_weights"):
+        engine.generate(PROBE, GREEDY)
+    assert not engine.has_unfinished() and engine.kv_cache_usage()["used_blocks"] == 0
+
+    engine.add_request([5, 6, 7], GREEDY, request_id="a")
+    engine.add_request([8, 9], SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1), request_id="b")
+    failed = engine.step()
+    assert sorted((r.request_id, r.sample_index) for r in failed) == [("a", 0), ("b", 0), ("b", 1)]
+    assert all(r.finish_reason == "error" and "NonFiniteActivationError" in r.error for r in failed)
+    assert not engine.has_unfinished() and engine.kv_cache_usage()["used_blocks"] == 0
+    engine.sleep()  # an idle engine: sleep and wake work
+    engine.wake_up()
+
+    engine.update_weights(good)
+    assert probe(engine) == reference
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([1.7, 2.2], r"prompt 0: token id 0 must be an int, got 1\.7"),
+        ([5, True], r"prompt 0: token id 1 must be an int, got True"),
+        ([5, "6"], r"prompt 0: token id 1 must be an int, got '6'"),
+        (None, "prompt 0: expected text, a list of token ids or a list of chat messages, got NoneType"),
+        ("tensor", r"prompt 0: .*got Tensor \(pass tensor.tolist\(\)\)"),
+        (["Hello", "there"], "prompt 0: a list of strings is not one prompt"),
+    ],
+)
+def test_bad_prompt_refused_before_anything_is_queued(engine, prompt, message):
+    import torch
+
+    prompt = torch.tensor([5, 6]) if prompt == "tensor" else prompt
+    reference = probe(engine)
+    with pytest.raises(ValueError, match=message):
+        engine.generate([prompt, [5, 6, 7]], GREEDY)
+    assert not engine.has_unfinished()
+    with pytest.raises(ValueError, match=message.replace("prompt 0", "request 'x'")):
+        engine.add_request(prompt, GREEDY, request_id="x")
+    assert not engine.has_unfinished()
+    assert probe(engine) == reference
+
+
+def test_bad_params_in_a_batch_refused_before_anything_is_queued(engine):
+    reference = probe(engine)
+    with pytest.raises(ValueError, match="prompt 1: params must be a SamplingParams, got dict"):
+        engine.generate(PROBE, [GREEDY, {"temperature": 0}])
+    assert not engine.has_unfinished()
+    assert probe(engine) == reference
+
+
+def test_duplicate_request_id_of_a_running_request(engine):
+    reference = probe(engine)
+    engine.add_request([5, 6, 7, 8], GREEDY, request_id="same")
+    with pytest.raises(ValueError, match="request_id 'same' is already in flight"):
+        engine.add_request([9, 10, 11], GREEDY, request_id="same")
+    done = []
+    while engine.has_unfinished():
+        done.extend(engine.step())
+    assert [(r.request_id, r.output_ids) for r in done] == [("same", reference[0][0])]
+    engine.add_request([9, 10], GREEDY, request_id="same")  # finished: the id is free again
+    while engine.has_unfinished():
+        engine.step()
+    assert probe(engine) == reference
+
+
+def test_per_sample_seeds_are_hashed_not_consecutive(engine):
+    import hashlib
+
+    from parity.engine.engine import sample_seed
+
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=100, ignore_eos=True)
+    three = engine.generate([[5, 6, 7]], params)
+    (one,) = engine.generate([[5, 6, 7]], SamplingParams(temperature=1.0, max_tokens=8, seed=101, ignore_eos=True))
+    assert three[1].output_ids != one.output_ids
+    digest = hashlib.blake2b(b"100,1", digest_size=8).digest()
+    assert sample_seed(100, 1) == int.from_bytes(digest, "little") & (2**63 - 1)
+    # still independent of the batch: the same request beside others samples the same tokens
+    mixed = engine.generate([[9, 9, 9], [5, 6, 7], [4]], [GREEDY, params, params])
+    assert [r.output_ids for r in mixed[1:4]] == [r.output_ids for r in three]

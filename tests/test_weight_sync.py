@@ -92,12 +92,14 @@ def test_bf16_engine_receives_rounded_fp32_weights(llama_dir):
     assert torch.equal(engine.model.embed_tokens, trainer.model.embed_tokens.weight.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("where", ["shape", "missing", "unexpected", "dtype"])
+@pytest.mark.parametrize("where", ["shape", "missing", "unexpected", "dtype", "bool", "meta", "nan", "inf"])
 def test_bad_update_is_refused_whole(llama_dir, where):
     engine = make_engine(llama_dir, dtype="fp32")
     params = SamplingParams(temperature=0, max_tokens=8, raw_logprobs=True)
     reference = engine.generate(PROMPTS, params)
     state_before = engine_state(engine)
+    cached_before = dict(engine.scheduler.block_manager.cached)
+    assert cached_before  # the prompts left cached prefixes, which a refused update must keep
     trainer = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     # Every good tensor is scaled, and the bad entry comes last: a copy-as-you-go loader would have
     # changed the engine before noticing.
@@ -111,13 +113,22 @@ def test_bad_update_is_refused_whole(llama_dir, where):
         source["model.layers.2.mlp.down_proj.weight"] = good
     elif where == "dtype":
         source[last] = good.to(torch.int32)
+    elif where == "bool":
+        source[last] = good > 0
+    elif where == "meta":
+        source[last] = torch.empty(good.shape, device="meta")
+    elif where in ("nan", "inf"):
+        source[last] = good.clone()
+        source[last][3, 5] = float(where)
     with pytest.raises(WeightError) as err:
         engine.update_weights(source)
-    expected = {"shape": "has shape", "missing": "missing tensor", "unexpected": "unexpected tensor", "dtype": "dtype"}
+    expected = {"shape": "has shape", "missing": "missing tensor", "unexpected": "unexpected tensor", "dtype": "dtype",
+                "bool": "torch.bool", "meta": "meta device", "nan": "inf or nan", "inf": "inf or nan"}
     assert expected[where] in str(err.value) and ("down_proj" in str(err.value))
     with pytest.raises(WeightError):  # the same through a one-shot iterator
         engine.update_weights(iter(source.items()))
     assert engine.weight_version == 0
+    assert engine.scheduler.block_manager.cached == cached_before
     for k, v in engine_state(engine).items():
         assert torch.equal(v, state_before[k]), k
     again = engine.generate(PROMPTS, params)

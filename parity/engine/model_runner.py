@@ -25,6 +25,7 @@ import torch
 from parity.engine.config import EngineConfig
 from parity.engine.scheduler import ScheduledBatch
 from parity.engine.sleep import WAKE_TAGS, EngineAsleepError, MemorySnapshot, SleepState, SleepStats, WakeStats
+from parity.engine.weight_sync import is_dtensor
 from parity.kernels.metadata import AttentionMetadata
 from parity.models.decoder import DecoderModel
 from parity.models.weights import WeightMap
@@ -68,10 +69,6 @@ class LoadStats:
 
 def _available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "full_tensor") and hasattr(t, "placements")
 
 
 class ModelRunner:
@@ -254,7 +251,7 @@ class ModelRunner:
         for name, tensor in pairs:
             if weights.normalize(name) is None:
                 continue
-            if _is_dtensor(tensor):
+            if is_dtensor(tensor):
                 tensor = tensor.full_tensor()  # a collective: every rank iterates in the same order
                 num_gathered += 1
             weights.copy(name, tensor.detach())

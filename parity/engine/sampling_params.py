@@ -14,9 +14,10 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 or -1 keeps the whole vocabulary; top_p 1 and min_p 0
     disable those filters. `seed` makes this request's samples reproducible whatever else is in
-    the batch. `ignore_eos` keeps generating past EOS (benchmarks). `raw_logprobs` also returns
-    the log-softmax of the unprocessed logits for every sampled token. Every field is checked for
-    type, range and NaN/inf on construction (ValueError naming the field); `seed` is an int in [0, 2**63).
+    the batch: sample k draws with a seed hashed from (seed, k) by blake2b (`parity.engine.engine.sample_seed`),
+    so requests with neighbouring seeds share no noise. `ignore_eos` keeps generating past EOS (benchmarks).
+    `raw_logprobs` also returns the log-softmax of the unprocessed logits for every sampled token. Every
+    field is checked for type, range and NaN/inf on construction (ValueError naming the field); `seed` is an int in [0, 2**63).
 
     vLLM's stopping and shaping options, with its meanings: `stop` strings end a sample when its text
     contains one (the text is cut before it unless `include_stop_str_in_output`; the token ids keep every

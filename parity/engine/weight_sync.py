@@ -7,9 +7,10 @@ Accepted sources:
   - a state dict (`Mapping[str, Tensor]`, HF names),
   - an iterable of `(name, tensor)` pairs (what verl hands to `load_weights`).
 
-Every name and shape is checked before the first copy, so a bad update is refused whole and the old
-weights stay. A module or a mapping is validated from its metadata and then streamed tensor by tensor:
-peak extra memory is one tensor (plus its cast copy, plus the gathered full tensor of a DTensor). A
+Every name, shape, dtype, device and value (inf/nan) is checked before the first copy, so a bad update
+is refused whole and the old weights, version and prefix cache stay. The values are read once for the
+inf/nan check, then streamed tensor by tensor into the parameters: peak extra memory is one tensor
+(plus its cast copy, plus the gathered full tensor of a DTensor). A
 one-shot iterator cannot be inspected without consuming it, so it is materialised first: that holds
 every tensor it yields until the copy ends. That is free when they are views of live parameters, and a
 full extra model copy when the iterator builds new tensors; pass the module or a state dict to avoid it.
@@ -40,6 +41,10 @@ class WeightSyncStats:
     @property
     def gb_per_s(self) -> float:
         return self.bytes_copied / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
@@ -79,8 +84,36 @@ def named_tensors(source: WeightSource) -> list[tuple[str, torch.Tensor]]:
 
 
 def validate_update(weights: WeightMap, pairs: list[tuple[str, torch.Tensor]], partial: bool) -> None:
-    """Refuse the whole update, naming the tensor, unless every tensor fits. Raises WeightError."""
-    not_float = next(((n, t.dtype) for n, t in pairs if not t.is_floating_point()), None)
-    if not_float is not None:
-        raise WeightError(f"tensor {not_float[0]!r} has dtype {not_float[1]}, expected a floating-point weight")
+    """Refuse the whole update unless every tensor fits: names, shapes, a floating dtype, real data (not
+    the meta device) and finite values. Raises WeightError naming the tensor, before anything is copied."""
+    for name, t in pairs:
+        if not t.is_floating_point():
+            raise WeightError(f"tensor {name!r} has dtype {t.dtype}, expected a floating-point weight")
+        if t.is_meta:
+            raise WeightError(f"tensor {name!r} is on the meta device (it has no data); materialise it first")
     weights.validate([(name, tuple(t.shape)) for name, t in pairs], require_all=not partial)
+    copied = [(name, t) for name, t in pairs if weights.normalize(name) is not None]
+    bad = next((name for name, finite in zip((n for n, _ in copied), _all_finite([t for _, t in copied])) if not finite),
+               None)
+    if bad is not None:
+        raise WeightError(f"tensor {bad!r} has inf or nan values; the update was refused and nothing was copied")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is finite, with one device-to-host copy per device (a DTensor reduces over its
+    mesh, so every rank gets the same answer)."""
+    flags: list[torch.Tensor] = []
+    for t in tensors:
+        t = t.detach()
+        if is_dtensor(t):
+            flags.append(torch.isfinite(t).logical_not().sum().full_tensor() == 0)
+        else:
+            flags.append(torch.isfinite(t).all())
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    result = [True] * len(flags)
+    for indices in by_device.values():
+        for i, ok in zip(indices, torch.stack([flags[i] for i in indices]).tolist()):
+            result[i] = bool(ok)
+    return result
