@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from parity.engine.detokenizer import IncrementalDetokenizer
-from parity.engine.logits_processors import TokenHistory, apply_history_processors
+from parity.engine.logits_processors import TokenCounts, TokenHistory, apply_history_processors
 from parity.engine.sampler import process_logits, sample, top_logprobs
 from parity.engine.sampling_params import SamplingParams
 from parity.testing.factory import train_tokenizer
@@ -126,6 +126,42 @@ def test_positions_history_equals_the_engines_history_at_every_step():
                 assert torch.equal(trainer.prompt_mask[row], engine.prompt_mask[0])
             assert trainer.num_generated[row] == t
             row += 1
+
+
+def test_device_counts_follow_the_token_lists_through_steps_and_reused_rows():
+    """The engine's TokenCounts (filled once, +1 per sampled token, rows reused after release, buffer grown)
+    give the same history as building it from the token lists every step."""
+    from types import SimpleNamespace
+
+    rng = random.Random(7)
+    counts = TokenCounts()
+    live = []
+    for step in range(30):
+        if step % 4 == 0:  # a new sequence joins, with or without penalties
+            p = ROW_PARAMS[step // 4 % len(ROW_PARAMS)]
+            live.append(SimpleNamespace(seq_id=step, params=p, prompt_ids=[rng.randrange(VOCAB) for _ in range(6)],
+                                        output_ids=[]))
+        if step % 7 == 6:  # the oldest finishes and gives its row back
+            counts.release(live.pop(0))
+        expect = TokenHistory.of_sequences([s.params for s in live], [s.prompt_ids for s in live],
+                                           [s.output_ids for s in live], VOCAB, torch.device("cpu"), EOS)
+        got = counts.history(live, VOCAB, torch.device("cpu"), EOS)
+        assert got.num_generated == expect.num_generated
+        for name in ("output_counts", "prompt_mask"):
+            want = getattr(expect, name)
+            assert (getattr(got, name) is None) == (want is None)
+            if want is not None:
+                logits = torch.randn(len(live), VOCAB)
+                torch.testing.assert_close(apply_history_processors(logits, [s.params for s in live], got),
+                                           apply_history_processors(logits, [s.params for s in live], expect),
+                                           rtol=0, atol=0)
+        tokens = [rng.randrange(VOCAB) for _ in live]
+        counts.add_sampled(live, tokens)
+        for s, t in zip(live, tokens):
+            s.output_ids.append(t)
+    for s in list(live):
+        counts.release(s)
+    assert counts.counts is None  # nothing held once every sequence finished
 
 
 def test_top_logprobs_ranks_against_a_sort():
@@ -286,6 +322,7 @@ def test_penalised_rollouts_are_recomputed_bit_for_bit_by_the_trainer(engine):
         assert any(p.tolist() != r.output_logprobs for p, r in zip(plain, rollouts))  # the processing matters
         out = trainer_logprobs(trainer, rollouts, params)
         assert torch.equal(out.logprobs[out.mask], out.rollout_logprobs[out.mask])
+        assert engine.scheduler.token_counts.counts is None  # the device counts went with the finished samples
 
 
 def test_hf_trainer_applies_the_same_processing(engine, llama_dir):

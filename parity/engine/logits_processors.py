@@ -7,12 +7,14 @@ multiplied) -> frequency penalty (minus penalty x count in the output) -> presen
 penalty once per token present in the output). Temperature and the top-k/top-p/min-p filters come
 after (`parity.engine.sampler.process_logits`).
 
-The engine builds a `TokenHistory` for its batch each step (`of_sequences`: token counts by one
-scatter on the device); the trainer builds one for every output position of its rollouts
-(`of_positions`: a running count, so O(tokens x vocab), not O(tokens^2)). Both hold the same integer
-counts, and the float arithmetic here is elementwise, so engine and trainer shape a position's
-logits bit for bit alike. A row whose parameters use none of these is left exactly as it was
-(a penalty of 1 or 0 is an exact identity), and a batch in which no row uses any costs nothing.
+The engine keeps each penalised sequence's counts on the device (`TokenCounts`: a row filled once
+from the prompt, then +1 per sampled token, so no token list crosses to the device after the first
+step, and a batch's rows are one gather); `TokenHistory.of_sequences` builds the same from token
+lists; the trainer builds one row for every output position of its rollouts (`of_positions`: a
+running count, so O(tokens x vocab), not O(tokens^2)). All hold the same integer counts, and the
+float arithmetic here is elementwise, so engine and trainer shape a position's logits bit for bit
+alike. A row whose parameters use none of these is left exactly as it was (a penalty of 1 or 0 is an
+exact identity), and a batch in which no row uses any costs nothing.
 """
 
 from __future__ import annotations
@@ -93,6 +95,69 @@ class TokenHistory:
             torch.cat(masks) if any_rep else None,
             tuple(eos_token_ids),
         )
+
+
+class TokenCounts:
+    """The engine's per-sequence penalty state on the device: row r of `counts` [capacity, V] int32 holds
+    sequence seq_id's output token counts and row r of `in_prompt` its prompt tokens; row 0 stays zero for
+    batch rows without a penalty. Rows are taken when a penalised sequence first samples and given back
+    when it finishes (`release`, from the scheduler); the buffers are dropped when no row is in use."""
+
+    def __init__(self):
+        self._rows: dict[int, int] = {}  # seq_id -> row
+        self._free: list[int] = []
+        self.counts: torch.Tensor | None = None
+        self.in_prompt: torch.Tensor | None = None
+
+    def history(self, seqs: Sequence, vocab_size: int, device: torch.device, eos_token_ids: Sequence[int]) -> TokenHistory:
+        """The TokenHistory of a batch of engine sequences (objects with seq_id, params, prompt_ids, output_ids)."""
+        pen = [s for s in seqs if uses_penalties(s.params)]
+        new = [s for s in pen if s.seq_id not in self._rows]
+        if new:
+            self._take_rows(new, vocab_size, device)
+        counts = mask = None
+        if pen:
+            index = torch.tensor([self._rows.get(s.seq_id, 0) for s in seqs], dtype=torch.int64).to(device)
+            counts = self.counts.index_select(0, index)
+            if any(s.params.repetition_penalty != 1.0 for s in seqs):
+                mask = self.in_prompt.index_select(0, index)
+        return TokenHistory([len(s.output_ids) for s in seqs], counts, mask, tuple(eos_token_ids))
+
+    def add_sampled(self, seqs: Sequence, token_ids: Sequence[int]) -> None:
+        """Count each penalised sequence's newly sampled token (one scatter)."""
+        pairs = [(self._rows[s.seq_id], t) for s, t in zip(seqs, token_ids) if s.seq_id in self._rows]
+        if pairs:
+            rows, ids = zip(*pairs)
+            index = (torch.tensor(rows).to(self.counts.device), torch.tensor(ids).to(self.counts.device))
+            self.counts.index_put_(index, torch.ones((), dtype=torch.int32, device=self.counts.device), accumulate=True)
+
+    def release(self, seq) -> None:
+        row = self._rows.pop(seq.seq_id, None)
+        if row is None:
+            return
+        self._free.append(row)
+        if not self._rows:
+            self._free, self.counts, self.in_prompt = [], None, None
+
+    def _take_rows(self, seqs: list, vocab_size: int, device: torch.device) -> None:
+        capacity = 0 if self.counts is None else self.counts.shape[0]
+        need = len(seqs) - len(self._free)
+        if need > 0:  # grow (at least double), keeping the rows in use
+            grown = max(capacity * 2, capacity + need, 1 + need)
+            counts = torch.zeros(grown, vocab_size, dtype=torch.int32, device=device)
+            in_prompt = torch.zeros(grown, vocab_size, dtype=torch.bool, device=device)
+            if self.counts is not None:
+                counts[:capacity], in_prompt[:capacity] = self.counts, self.in_prompt
+            self.counts, self.in_prompt = counts, in_prompt
+            self._free += range(max(capacity, 1), grown)
+        rows = [self._free.pop() for _ in seqs]
+        for s, r in zip(seqs, rows):
+            self._rows[s.seq_id] = r
+        rows_t = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.counts[rows_t] = _scatter_ids(len(seqs), vocab_size, device, list(range(len(seqs))),
+                                           [s.output_ids for s in seqs], accumulate=True)
+        self.in_prompt[rows_t] = _scatter_ids(len(seqs), vocab_size, device, list(range(len(seqs))),
+                                              [s.prompt_ids for s in seqs], accumulate=False).bool()
 
 
 def _scatter_ids(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parity.engine.logits_processors import TokenHistory, apply_history_processors, shapes_logits
+from parity.engine.logits_processors import TokenCounts, TokenHistory, apply_history_processors, shapes_logits
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Logprob, Sequence
 from parity.kernels.dispatch import gumbel_argmax
@@ -108,16 +108,19 @@ def sample_sequences(
     logits: torch.Tensor,
     seqs: list[Sequence],
     eos_token_ids: tuple[int, ...],
+    token_counts: TokenCounts,
     log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
 ) -> SamplerOutput:
     """sample() for the engine's sequences (one row each): their params, seeds and steps, and their token
-    history when some row needs it (built on the logits' device)."""
+    history when some row needs it, from the device-resident `token_counts`, which then count the sampled tokens."""
     params = [s.params for s in seqs]
     history = None
     if shapes_logits(params):
-        history = TokenHistory.of_sequences(params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
-                                            logits.shape[-1], logits.device, eos_token_ids)
-    return sample(logits, params, [s.seed for s in seqs], [len(s.output_ids) for s in seqs], log_softmax, history)
+        history = token_counts.history(seqs, logits.shape[-1], logits.device, eos_token_ids)
+    out = sample(logits, params, [s.seed for s in seqs], [len(s.output_ids) for s in seqs], log_softmax, history)
+    if history is not None and history.output_counts is not None:
+        token_counts.add_sampled(seqs, out.token_ids)
+    return out
 
 
 def prompt_logprobs(

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from parity.engine.block_manager import BlockManager
+from parity.engine.logits_processors import TokenCounts
 from parity.engine.sampler import SamplerOutput
 from parity.engine.sequence import Logprob, Sequence, SequenceStatus
 
@@ -58,6 +59,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.token_counts = TokenCounts()  # penalised sequences' token counts on the device, freed with them
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -67,9 +69,6 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def has_request(self, request_id: str) -> bool:
-        return any(s.request_id == request_id for s in [*self.running, *self.waiting])
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -167,15 +166,6 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
-    def fail(self, request_ids: set[str], error: str) -> list[Sequence]:
-        """Finish every sample of these requests, wherever it is, with reason "error" (a step they ran in
-        raised); return them."""
-        failed = sorted((s for s in [*self.running, *self.waiting] if s.request_id in request_ids), key=lambda s: s.seq_id)
-        for seq in failed:
-            self._finish(seq, "error")
-            seq.error = error
-        return failed
-
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         """"stop" for EOS, a stop token id or a stop string (the last two set seq.stop_reason, as vLLM does),
         then "length". A stop string is looked for once more than min_tokens tokens exist (EOS and stop ids
@@ -197,6 +187,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str) -> None:
         (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
         self.block_manager.free_sequence(seq)
+        self.token_counts.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
