@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import numbers
 import time
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
@@ -26,6 +28,7 @@ from parity.engine.sleep import SleepState, SleepStats, WakeStats
 from parity.models.decoder import DecoderModel
 from parity.models.loader import Checkpoint, load
 from parity.models.weights import WeightMap
+from parity.precision.policy import NonFiniteActivationError
 
 # Text, token ids, or a chat: a list of {"role": ..., "content": ...} messages (the tokenizer's template is applied).
 Prompt = str | Seq[int] | Seq[Mapping[str, str]]
@@ -33,6 +36,19 @@ Prompt = str | Seq[int] | Seq[Mapping[str, str]]
 
 class PromptTooLongError(ValueError):
     """A request that can never run: longer than the context, or than the whole KV cache."""
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers by blake2b (stable across processes, unlike Python's salted `hash`).
+
+    Sample k of a request with seed s draws with sample_seed(s, k), so the samples of (n=3, seed=100)
+    share no noise with those of (n=1, seed=101): seeding prompt i with i is safe."""
+    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _error_text(exc: BaseException) -> str:
+    return "\n".join([f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", [])])
 
 
 def _pick_device(name: str | None) -> torch.device:
@@ -82,12 +98,29 @@ class Engine:
         return cls(loaded.model, loaded.tokenizer, config, loaded.max_positions)
 
     # ------------------------------------------------------------------------------------ requests
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of text, of token ids, or of a chat (a list of {"role", "content"} messages)."""
+    def encode(self, prompt: Prompt, label: str = "prompt") -> list[int]:
+        """Token ids of text, of token ids, or of a chat (a list of {"role", "content"} messages).
+
+        Token ids must be ints (numpy ints too); floats, bools, digit strings, None and tensors are refused
+        with a ValueError naming `label`, so a prompt is never silently rounded or misread."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if isinstance(prompt, torch.Tensor) or not isinstance(prompt, Seq):
+            raise ValueError(
+                f"{label}: expected text, a list of token ids or a list of chat messages, got {type(prompt).__name__}"
+                + (" (pass tensor.tolist())" if isinstance(prompt, torch.Tensor) else "")
+            )
         if prompt and isinstance(prompt[0], Mapping):
             return self.apply_chat_template(prompt)
+        if prompt and isinstance(prompt[0], str):
+            raise ValueError(
+                f"{label}: a list of strings is not one prompt; pass one string, token ids, or a chat as "
+                "{'role': ..., 'content': ...} dicts"
+            )
+        bad = next(((i, t) for i, t in enumerate(prompt) if isinstance(t, bool) or not isinstance(t, numbers.Integral)),
+                   None)
+        if bad is not None:
+            raise ValueError(f"{label}: token id {bad[0]} must be an int, got {bad[1]!r} ({type(bad[1]).__name__})")
         return [int(t) for t in prompt]
 
     def apply_chat_template(self, messages: Seq[Mapping[str, str]]) -> list[int]:
@@ -107,18 +140,21 @@ class Engine:
         request_id: str | None = None,
         prompt_index: int | None = None,
     ) -> str:
-        """Queue one prompt (text or token ids) for `params.n` samples. Raises for a prompt that
-        can never run, leaving the engine and other requests untouched."""
+        """Queue one prompt (text or token ids) for `params.n` samples. Raises for a prompt that can never
+        run or a `request_id` already in flight, leaving the engine and other requests untouched."""
         self.runner.check_awake()
-        params = params or SamplingParams()
-        prompt_ids = self.encode(prompt)
+        label = "prompt" if request_id is None else f"request {request_id!r}"
+        params = self._check_params(label, params)
+        prompt_ids = self.encode(prompt, label)
+        if request_id is not None and self.scheduler.has_request(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in flight; use a new id or abort() it first")
+        self._validate_prompt(label, prompt_ids, params)
         index = next(self._request_ids)
         request_id = request_id if request_id is not None else str(index)
-        self._validate_prompt(request_id, prompt_ids, params)
         max_len = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
         leader = None
         for k in range(params.n):
-            seed = params.seed + k if params.seed is not None else hash((self.config.seed, index, k)) & (2**62 - 1)
+            seed = sample_seed(params.seed, k) if params.seed is not None else sample_seed(self.config.seed, index, k)
             seq = Sequence(
                 seq_id=next(self._seq_ids),
                 request_id=request_id,
@@ -136,28 +172,36 @@ class Engine:
             self.scheduler.add(seq)
         return request_id
 
-    def _validate_prompt(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    @staticmethod
+    def _check_params(label: str, params: SamplingParams | None) -> SamplingParams:
+        if params is None:
+            return SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"{label}: params must be a SamplingParams, got {type(params).__name__}")
+        return params
+
+    def _validate_prompt(self, label: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
-            raise ValueError(f"request {request_id}: empty prompt")
+            raise ValueError(f"{label}: empty prompt")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"request {request_id}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+            raise ValueError(f"{label}: token id {bad[0]} outside the vocabulary [0, {vocab})")
         try:
             params.check_vocab(vocab)
             if params.stop:
                 IncrementalDetokenizer.backend_of(self.tokenizer)
         except ValueError as exc:
-            raise ValueError(f"request {request_id}: {exc}") from None
+            raise ValueError(f"{label}: {exc}") from None
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(
-                f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves no room to generate "
+                f"{label}: prompt of {len(prompt_ids)} tokens leaves no room to generate "
                 f"within max_model_len={self.max_model_len}"
             )
         need = self.scheduler.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
         if need > self.scheduler.num_kv_blocks:
             raise PromptTooLongError(
-                f"request {request_id}: prompt + max_tokens needs {need} KV blocks but the cache has "
+                f"{label}: prompt + max_tokens needs {need} KV blocks but the cache has "
                 f"{self.scheduler.num_kv_blocks}; lower max_tokens or give the KV cache more memory"
             )
 
@@ -166,22 +210,39 @@ class Engine:
 
     # --------------------------------------------------------------------------------------- steps
     def step(self) -> list[Rollout]:
-        """Run one scheduler step; return the samples that finished in it."""
+        """Run one scheduler step; return the samples that finished in it.
+
+        An exception inside the step fails the requests that ran in it, and those alone: all their samples
+        come back with finish_reason "error" and `error` saying why, their blocks are freed, and the engine
+        stays usable."""
+        return self._step()[0]
+
+    def _step(self) -> tuple[list[Rollout], Exception | None]:
+        """step(), also returning the exception that failed the step's requests (None if none did)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
-        logits, sampled_idx, prompt_logits = self.runner.execute(batch)
-        sampled = None
-        log_softmax = self.model.kernels.log_softmax
-        if logits is not None:
-            sampled = sample_sequences(logits, [batch.seqs[i] for i in sampled_idx],
-                                       tuple(self.model_config.eos_token_ids), self.scheduler.token_counts, log_softmax)
-        prompt = []
-        for c in prompt_logits:
-            num = batch.seqs[c.seq_index].params.prompt_logprobs
-            prompt.append((c.seq_index, c.start, prompt_logprobs(c.logits, c.targets, num, log_softmax)))
-        finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled, prompt))
-        return [self._to_rollout(seq) for seq in finished]
+            return [], None
+        try:
+            logits, sampled_idx, prompt_logits = self.runner.execute(batch)
+            sampled = None
+            log_softmax = self.model.kernels.log_softmax
+            if logits is not None:
+                sampled = sample_sequences(logits, [batch.seqs[i] for i in sampled_idx],
+                                           tuple(self.model_config.eos_token_ids), self.scheduler.token_counts, log_softmax)
+            prompt = []
+            for c in prompt_logits:
+                num = batch.seqs[c.seq_index].params.prompt_logprobs
+                prompt.append((c.seq_index, c.start, prompt_logprobs(c.logits, c.targets, num, log_softmax)))
+            finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled, prompt))
+        except Exception as exc:
+            if isinstance(exc, NonFiniteActivationError):
+                exc.add_note(
+                    "The weights are the likely cause (fp16 overflow, or inf/nan from an update): the requests of "
+                    "this step failed, the engine is usable, and update_weights() with good weights restores it."
+                )
+            failed = self.scheduler.fail({seq.request_id for seq in batch.seqs}, _error_text(exc))
+            return [self._to_rollout(seq) for seq in failed], exc
+        return [self._to_rollout(seq) for seq in finished], None
 
     def _to_rollout(self, seq: Sequence) -> Rollout:
         return Rollout(
@@ -200,6 +261,7 @@ class Engine:
             weight_version=self.weight_version,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
             num_preemptions=seq.num_preemptions,
+            error=seq.error,
         )
 
     def _text(self, seq: Sequence) -> str | None:
@@ -217,18 +279,24 @@ class Engine:
         """Generate for every prompt (text, token ids, or chat messages); return a flat list ordered by
         prompt, then sample index.
 
-        All prompts are validated before any work starts, so a bad one raises without side effects.
+        All prompts and params are validated before any work starts, so a bad one raises without side
+        effects. If a step fails (see `step`), the other requests are aborted and its exception is raised.
         """
         if self.scheduler.has_unfinished():
             raise RuntimeError("generate() needs an idle engine; drain add_request()/step() first")
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, Mapping))):
+        one_prompt = isinstance(prompts, Seq) and prompts and isinstance(prompts[0], (numbers.Number, Mapping))
+        if isinstance(prompts, str) or one_prompt:
             prompts = [prompts]
-        params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * len(prompts)
+        if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Seq):
+            raise ValueError(f"generate() needs a prompt or a list of prompts, got {type(prompts).__name__}")
+        params_list = list(params) if isinstance(params, Seq) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
-        encoded = [self.encode(p) for p in prompts]
+        params_list = [self._check_params(f"prompt {i}", p) for i, p in enumerate(params_list)]
+        encoded = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
         for i, (ids, p) in enumerate(zip(encoded, params_list)):
             self._validate_prompt(f"prompt {i}", ids, p)
+        self.runner.check_awake()
         for i, (ids, p) in enumerate(zip(encoded, params_list)):
             self.add_request(ids, p, prompt_index=i)
         total = sum(p.n for p in params_list)
@@ -238,13 +306,18 @@ class Engine:
             from tqdm import tqdm
 
             bar = tqdm(total=total, desc="rollouts", unit="seq")
-        while self.scheduler.has_unfinished():
-            done = self.step()
-            results.extend(done)
+        try:
+            while self.scheduler.has_unfinished():
+                done, error = self._step()
+                if error is not None:
+                    self.scheduler.abort()  # the engine was idle: everything in flight is this call's
+                    raise error
+                results.extend(done)
+                if bar is not None:
+                    bar.update(len(done))
+        finally:
             if bar is not None:
-                bar.update(len(done))
-        if bar is not None:
-            bar.close()
+                bar.close()
         return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
 
     # ------------------------------------------------------------------------------ trainer bridge

@@ -70,6 +70,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_request(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in [*self.running, *self.waiting])
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_sequence(seq)
@@ -165,6 +168,15 @@ class Scheduler:
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def fail(self, request_ids: set[str], error: str) -> list[Sequence]:
+        """Finish every sample of these requests, wherever it is, with reason "error" (a step they ran in
+        raised); return them."""
+        failed = sorted((s for s in [*self.running, *self.waiting] if s.request_id in request_ids), key=lambda s: s.seq_id)
+        for seq in failed:
+            self._finish(seq, "error")
+            seq.error = error
+        return failed
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         """"stop" for EOS, a stop token id or a stop string (the last two set seq.stop_reason, as vLLM does),
