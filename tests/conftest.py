@@ -17,3 +17,16 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def llama_dir(model_dirs) -> str:
     return model_dirs["llama"]
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One torch CPU thread for a module's tests: tiny models gain nothing from two OpenMP threads, and on a
+    loaded 2-core machine their spinning makes small ops 10x slower. Opt in with
+    `pytestmark = pytest.mark.usefixtures("one_cpu_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,13 +30,7 @@ def prompts_and_params(count: int, seed: int = 0) -> tuple[list[list[int]], list
     return prompts, params
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny models gain nothing from two OpenMP threads, and on a loaded 2-core machine their spinning costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
