@@ -1,7 +1,7 @@
 """Distributed rollout on one host: DP and TP throughput against one GPU, and TP logprob equality.
 
-  torchrun --nproc-per-node 2 benchmarks/distributed_device.py --out results/    # 2 GPUs (H100 x2 / H200 x2)
-  torchrun --nproc-per-node 2 benchmarks/distributed_device.py --smoke           # CPU + gloo: checks the script
+  torchrun --nproc-per-node 2 -m benchmarks.distributed_device --out results/    # 2 GPUs (H100 x2 / H200 x2)
+  torchrun --nproc-per-node 2 -m benchmarks.distributed_device --smoke           # CPU + gloo: checks the script
 
 Workload: throughput.py's workload A — a random-init model with Qwen3-0.6B's shapes in bf16, 256
 prompts of random token ids with lengths U[100, 1024] (seeded), 512 output tokens each, EOS ignored,
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from run_env import run_env
-from throughput import QWEN3_06B, SMOKE, random_prompts, weight_bytes
 
+from benchmarks.common import run_env
+from benchmarks.throughput import QWEN3_06B, SMOKE, random_prompts, weight_bytes
 from parity import Engine, SamplingParams
+from parity.diagnostics.recompute import recompute_logprobs
 from parity.distributed import DataParallelRollout, TPEngine, init_distributed
-from parity.kernels.metadata import AttentionMetadata
 from parity.testing.factory import write_tiny_model
 
 
@@ -73,16 +73,11 @@ def timed_generate(run, prompts, output_len: int, device: torch.device) -> dict:
     return {"output_tokens": produced, "seconds": seconds, "output_tok_s": produced / seconds, "peak_gib_per_rank": peaks}
 
 
-@torch.inference_mode()
-def teacher_forced_logprobs(model, sequences: list[tuple[list[int], list[int]]], device) -> list[torch.Tensor]:
-    """Logprob of each output token given everything before it: one cache-free forward per sequence."""
-    out = []
-    for prompt, output in sequences:
-        ids = torch.tensor(prompt + output, device=device)
-        hidden = model(ids, torch.arange(len(ids), device=device), AttentionMetadata.for_packed_sequences([len(ids)], device))
-        logp = torch.log_softmax(model.compute_logits(hidden[len(prompt) - 1 : -1]), dim=-1)
-        out.append(logp.gather(1, torch.tensor(output, device=device)[:, None])[:, 0].cpu())
-    return out
+def teacher_forced_logprobs(model, sequences: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    """Logprob of each output token given everything before it, one cache-free forward per sequence
+    (`parity diagnose run`'s trainer-side recomputation)."""
+    values = recompute_logprobs(model, [p for p, _ in sequences], [o for _, o in sequences], micro_batch=1)
+    return [torch.tensor(v) for v in values]
 
 
 def equality(path: Path, dtype: str, prompts, output_len: int, engine_kw: dict, device: torch.device) -> dict:
@@ -94,13 +89,13 @@ def equality(path: Path, dtype: str, prompts, output_len: int, engine_kw: dict, 
         single = Engine.from_pretrained(path, dtype=dtype, device=str(device), **engine_kw)
         rollouts = single.generate(prompts, params)
         sequences = [(r.prompt_ids, r.output_ids) for r in rollouts]
-        ref = [rollouts, (sequences, teacher_forced_logprobs(single.model, sequences, device))]
+        ref = [rollouts, (sequences, teacher_forced_logprobs(single.model, sequences))]
         del single
         free(device)
     dist.broadcast_object_list(ref, src=0)
     single_rollouts, (sequences, single_logp) = ref
     tp = TPEngine.from_pretrained(path, dtype=dtype, **engine_kw)
-    tp_logp = teacher_forced_logprobs(tp.model, sequences, device)
+    tp_logp = teacher_forced_logprobs(tp.model, sequences)
     tp_rollouts = tp.generate(prompts, params)
     del tp
     free(device)

@@ -19,8 +19,8 @@ GPU (the lead's commands; SmolLM2 needs the GGUF joined first, see benchmarks/sm
       --plot $OUT/exact_onpolicy.png
   python3 benchmarks/exact_onpolicy.py throughput --out $OUT/exact_throughput.json
 CPU check of every code path (tiny factory model, a few steps):
-  python benchmarks/exact_onpolicy.py grpo --smoke --out /tmp/exact/grpo.json --plot /tmp/exact/grpo.png
-  python benchmarks/exact_onpolicy.py throughput --smoke --out /tmp/exact/throughput.json
+  python -m benchmarks.exact_onpolicy grpo --smoke --out /tmp/exact/grpo.json --plot /tmp/exact/grpo.png
+  python -m benchmarks.exact_onpolicy throughput --smoke --out /tmp/exact/throughput.json
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 
 import torch
-from run_env import run_env
 from smollm2_device import START, run_variant
+
+from benchmarks.common import run_env
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "grpo_smollm2_arith.yaml"
@@ -118,7 +119,7 @@ def plot_runs(runs: dict[str, dict], path: Path) -> None:
             right.plot(steps, values, style, color=f"C{i}", label=f"{name} {key.rsplit('_', 1)[-1]}")
     left.set(xlabel="GRPO step", ylabel="mean reward (T=1 samples)", ylim=(0, 1), title="reward")
     right.set(xlabel="GRPO step", ylabel="|logp_trainer - logp_rollout|", yscale="log", ylim=(floor / 2, 10),
-              title=f"rollout/trainer mismatch (max solid, mean dotted; {floor:g} = exactly 0)")
+              title=f"mismatch: max solid, mean dotted ({floor:g} = exactly 0)")
     left.legend(fontsize=8)
     right.legend(fontsize=7)
     fig.tight_layout()

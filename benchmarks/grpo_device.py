@@ -12,8 +12,8 @@ same trainer and engine:
   - mismatch metrics (engine vs trainer logprobs of the sampled tokens), per step and averaged.
 Writes OUT/grpo_device.json and OUT/grpo_device.md. Needs no wandb.
 
-  python benchmarks/grpo_device.py --out results/grpo            # GPU, about 2-3 minutes on an H100
-  python benchmarks/grpo_device.py --smoke --out /tmp/grpo_smoke # tiny model on CPU: checks the script
+  python -m benchmarks.grpo_device --out results/grpo            # GPU, about 2-3 minutes on an H100
+  python -m benchmarks.grpo_device --smoke --out /tmp/grpo_smoke # tiny model on CPU: checks the script
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from run_env import run_env
 
+from benchmarks.common import run_env
 from parity import SamplingParams
 from parity.engine.sleep import MemorySnapshot
 from parity.testing.factory import write_tiny_model

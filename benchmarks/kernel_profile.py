@@ -5,27 +5,24 @@ U[100, 1024], fixed output length, greedy, EOS ignored, CUDA graphs on), shorten
 For each mode it prints the wall time, the summed kernel time (wall minus kernel time is host overhead and
 gaps) and the kernels that take the most time, grouped by name.
 
-  python benchmarks/kernel_profile.py --out DIR                 # on the GPU
-  python benchmarks/kernel_profile.py --smoke --out /tmp/kp     # tiny model on CPU: checks the script only
+  python -m benchmarks.kernel_profile --out DIR                 # on the GPU
+  python -m benchmarks.kernel_profile --smoke --out /tmp/kp     # tiny model on CPU: checks the script only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_env import run_env  # noqa: E402
-from throughput import QWEN3_06B, SMOKE, Clock, decode_timing, random_prompts, run_parity  # noqa: E402
-
-from parity import Engine  # noqa: E402
-from parity.testing.factory import write_tiny_model  # noqa: E402
+from benchmarks.common import run_env
+from benchmarks.throughput import QWEN3_06B, SMOKE, Clock, decode_timing, random_prompts, run_parity
+from parity import Engine
+from parity.testing.factory import write_tiny_model
 
 
 def kernel_table(prof, top: int) -> tuple[float, list[dict]]:

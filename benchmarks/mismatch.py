@@ -1,28 +1,27 @@
 """Rollout/trainer logprob mismatch in fp16 and bf16, and what deterministic mode costs.
 
 For each dtype, on the same prompts (random token ids, seeded), sampling at temperature 1 with seeds:
-  (a) parity fast mode       vs HF transformers forward in the same dtype (LM head in fp32 on both sides)
+  (a) parity fast mode       vs HF transformers forward in the same dtype (the usual trainer)
   (b) parity fast mode       vs parity's trainer-side parity forward (deterministic kernels, no KV cache)
   (c) deterministic mode     vs parity forward: expected exactly 0 (max |Δlogp| == 0.0 on every token)
-Each pair scores the same tokens: the engine's own samples, re-scored by the other side with the same
-temperature. Metrics are `parity.precision.metrics.mismatch_metrics` (verl / TRL meanings). Then the
-throughput of fast vs deterministic mode on the throughput benchmark's workload A (prompts U[100, 1024],
-fixed output length, greedy, EOS ignored), same engine settings otherwise (CUDA graphs on).
+Each pair scores the engine's own samples, recomputed by the other side at the same temperature with
+`parity diagnose run`'s code (`parity.diagnostics.recompute`); metrics are
+`parity.precision.metrics.mismatch_metrics` (verl / TRL meanings). Then the throughput of fast vs
+deterministic mode on the throughput benchmark's workload A (prompts U[100, 1024], fixed output length,
+greedy, EOS ignored, CUDA graphs on).
 
-Model: random init with Qwen3-0.6B's shapes (benchmarks/throughput.py), `--init-range` sets how peaked
-its distributions are; or `--model DIR` for any HF-format checkpoint.
+Model: random init with Qwen3-0.6B's shapes, `--init-range` sets how peaked its distributions are; or
+`--model DIR` for any HF-format checkpoint.
 
-  python benchmarks/mismatch.py --out results/          # on the GPU
-  python benchmarks/mismatch.py --tiny --out /tmp/mm    # tiny model on CPU: checks the script
+  python -m benchmarks.mismatch --out results/          # on the GPU
+  python -m benchmarks.mismatch --tiny --out /tmp/mm    # tiny model on CPU: checks the script
 Writes mismatch.json and mismatch.md (tables) into --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -30,25 +29,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_env import run_env  # noqa: E402
-from throughput import QWEN3_06B, Clock, random_prompts, run_parity  # noqa: E402
-
-from parity import Engine, SamplingParams  # noqa: E402
-from parity.precision.metrics import mismatch_metrics  # noqa: E402
-from parity.testing.factory import TinyModelSpec, write_tiny_model  # noqa: E402
-from parity.trainer.logprobs import trainer_logprobs  # noqa: E402
-from parity.trainer.parity_model import parity_model_from_engine, token_logprobs  # noqa: E402
+from benchmarks.common import free_memory, run_env
+from benchmarks.throughput import QWEN3_06B, Clock, random_prompts, run_parity
+from parity import Engine, SamplingParams
+from parity.diagnostics.recompute import load_hf_model, recompute_logprobs
+from parity.models.loader import Checkpoint
+from parity.precision.metrics import mismatch_metrics
+from parity.testing.factory import TinyModelSpec, write_tiny_model
+from parity.trainer.parity_model import parity_model_from_engine
 
 TINY = TinyModelSpec(architecture="qwen3", head_dim=16)
 SUMMARY_KEYS = ("logp_abs_diff_mean", "logp_abs_diff_max", "mismatch_k3_kl", "ratio_fraction_outside", "prob_pearson")
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+DTYPES = ("fp16", "bf16", "fp32")
 
 
 def make_engine(path: Path, args, dtype: str, deterministic: bool) -> Engine:
@@ -56,27 +48,11 @@ def make_engine(path: Path, args, dtype: str, deterministic: bool) -> Engine:
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
 
 
-@torch.no_grad()
-def parity_scores(model, rollouts, temperature: float, micro_batch: int) -> list[torch.Tensor]:
-    out = []
-    for i in range(0, len(rollouts), micro_batch):
-        chunk = rollouts[i : i + micro_batch]
-        out += [t.cpu() for t in token_logprobs(model, [r.prompt_ids for r in chunk], [r.output_ids for r in chunk],
-                                                temperature=temperature)]
-    return out
-
-
-def hf_scores(path: Path, dtype: str, device: torch.device, rollouts, params: SamplingParams, micro_batch: int):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation="sdpa")
-    model = model.to(device).eval()
-    out = []
-    for i in range(0, len(rollouts), micro_batch):
-        res = trainer_logprobs(model, rollouts[i : i + micro_batch], params, mode="processed", logits_fp32=True)
-        out += [row[m].cpu() for row, m in zip(res.logprobs, res.mask)]
-    del model
-    return out
+def scores(model, rollouts, args) -> list[torch.Tensor]:
+    """The trainer side's logprobs of the rollouts' tokens (`parity diagnose run`'s recomputation)."""
+    values = recompute_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts],
+                                args.temperature, args.micro_batch)
+    return [torch.tensor(v) for v in values]
 
 
 def compare(rollouts, scored) -> dict:
@@ -96,7 +72,7 @@ def mismatch_suite(path: Path, args, dtype: str, prompts, clock: Clock) -> dict:
     fast = engine.generate(prompts, params)
     res["fast_generate_s"] = clock.now() - t0
     del engine
-    free(device)
+    free_memory(device)
 
     engine = make_engine(path, args, dtype, deterministic=True)
     t0 = clock.now()
@@ -104,18 +80,20 @@ def mismatch_suite(path: Path, args, dtype: str, prompts, clock: Clock) -> dict:
     res["deterministic_generate_s"] = clock.now() - t0
     trainer = parity_model_from_engine(engine, deterministic=True, trainable=False)
     del engine
-    free(device)
+    free_memory(device)
     t0 = clock.now()
-    res["b_fast_vs_parity_forward"] = compare(fast, parity_scores(trainer, fast, args.temperature, args.micro_batch))
-    res["c_deterministic_vs_parity_forward"] = compare(det, parity_scores(trainer, det, args.temperature, args.micro_batch))
+    res["b_fast_vs_parity_forward"] = compare(fast, scores(trainer, fast, args))
+    res["c_deterministic_vs_parity_forward"] = compare(det, scores(trainer, det, args))
     res["parity_forward_s"] = clock.now() - t0
     del trainer
-    free(device)
+    free_memory(device)
     if "hf" not in args.skip:
         t0 = clock.now()
-        res["a_fast_vs_hf"] = compare(fast, hf_scores(path, dtype, device, fast, params, args.micro_batch))
+        hf = load_hf_model(Checkpoint.resolve(path), dtype, device)
+        res["a_fast_vs_hf"] = compare(fast, scores(hf, fast, args))
         res["hf_forward_s"] = clock.now() - t0
-        free(device)
+        del hf
+        free_memory(device)
     res["bitwise_c"] = res["c_deterministic_vs_parity_forward"]["tokens_not_bitwise_equal"] == 0
     res["num_tokens"] = sum(len(r.output_ids) for r in det)
     return res
@@ -132,7 +110,7 @@ def throughput_suite(path: Path, args, dtype: str, prompts, max_tokens: list[int
             runs[mode].append(run_parity(engine, prompts, max_tokens, clock))
             print(dtype, mode, json.dumps(runs[mode][-1]), flush=True)
             del engine
-            free(torch.device(args.device))
+            free_memory(args.device)
     res = {mode: min(r, key=lambda x: x["seconds"]) for mode, r in runs.items()}
     res["seconds_all_runs"] = {mode: [x["seconds"] for x in r] for mode, r in runs.items()}
     res["deterministic_slowdown"] = res["deterministic"]["seconds"] / res["fast"]["seconds"]
@@ -170,14 +148,14 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU, to check the script")
     ap.add_argument("--model", type=Path, help="HF model directory (default: random init, Qwen3-0.6B shapes)")
     ap.add_argument("--init-range", type=float, default=0.05, help="std of the random init (larger = peakier)")
-    ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(TORCH_DTYPES))
+    ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=DTYPES)
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per trainer-side forward")
     ap.add_argument("--throughput-prompts", type=int, default=256)
     ap.add_argument("--throughput-output-len", type=int, default=512)
-    ap.add_argument("--throughput-dtypes", nargs="*", default=["bf16"], choices=list(TORCH_DTYPES))
+    ap.add_argument("--throughput-dtypes", nargs="*", default=["bf16"], choices=DTYPES)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "throughput"])

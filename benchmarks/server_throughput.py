@@ -10,8 +10,8 @@ token-id prompts with `return_token_ids`, non-streaming and streaming. Reported:
 ratio to offline (target >= 0.9), request latency p50/p90, and how many samples equal the offline
 tokens (fast mode may differ by batch composition; --deterministic makes them equal).
 
-  python benchmarks/server_throughput.py --out $OUT          # on the GPU (a few minutes on an H200)
-  python benchmarks/server_throughput.py --smoke --out /tmp/st  # tiny model on CPU: checks the script only
+  python -m benchmarks.server_throughput --out $OUT          # on the GPU (a few minutes on an H200)
+  python -m benchmarks.server_throughput --smoke --out /tmp/st  # tiny model on CPU: checks the script only
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import httpx
 import numpy as np
 import openai
 import torch
-from run_env import run_env
 
+from benchmarks.common import run_env
 from parity import Engine, SamplingParams
 from parity.testing.factory import TinyModelSpec, write_tiny_model
 

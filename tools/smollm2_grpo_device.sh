@@ -4,12 +4,12 @@
 # the repo's ~3 MiB included): the GGUF is 94 MiB in two halves of 47 MiB, the wandb wheelhouse 26 MiB.
 #
 # Here, once (all git-ignored):
-#   python benchmarks/smollm2_device.py prepare          # .gguf/part1, .gguf/part2 (+ sha256)
+#   python -m benchmarks.smollm2_device prepare          # .gguf/part1, .gguf/part2 (+ sha256)
 #   .whl/gguf-0.19.0-py3-none-any.whl and .whl/wandb/ (wandb 0.31.0 + deps, CPython 3.12 manylinux): docs/real_model.md
 #
-#   call 1  carry [".gguf/part1"]   bash benchmarks/smollm2_grpo_device.sh part1
-#   call 2  carry [".whl"]          bash benchmarks/smollm2_grpo_device.sh wheels
-#   call 3  carry [".gguf/part2"]   bash benchmarks/smollm2_grpo_device.sh run        (timeout_s 600)
+#   call 1  carry [".gguf/part1"]   bash tools/smollm2_grpo_device.sh part1
+#   call 2  carry [".whl"]          bash tools/smollm2_grpo_device.sh wheels
+#   call 3  carry [".gguf/part2"]   bash tools/smollm2_grpo_device.sh run        (timeout_s 600)
 #
 # `run` joins the GGUF (sha256 checked) and runs the GRPO sweep of configs/grpo_smollm2_arith.yaml within
 # BUDGET_S seconds (default 500; a run's GRPO stops early to fit, later runs are skipped): bf16 (engine and
@@ -39,8 +39,8 @@ run)
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
     git log -1 --format=%H 2>/dev/null; } > "$out/gpu.txt" 2>&1
-  python3 benchmarks/smollm2_device.py join --first $t/sm --second .gguf/part2 --site $t/site || exit 1
-  python3 benchmarks/smollm2_device.py grpo --budget-s "${BUDGET_S:-500}" \
+  python3 -m benchmarks.smollm2_device join --first $t/sm --second .gguf/part2 --site $t/site || exit 1
+  python3 -m benchmarks.smollm2_device grpo --budget-s "${BUDGET_S:-500}" \
     --variant "bf16: engine.dtype=bf16 optim.mixed_precision=bf16" \
     --variant "fp16: engine.dtype=fp16 optim.mixed_precision=fp16" \
     --variant "bf16-rl-only: engine.dtype=bf16 optim.mixed_precision=bf16 warmstart.steps=0 task.reward=last_numbers rollout.max_tokens=24" \
