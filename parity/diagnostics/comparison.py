@@ -2,8 +2,9 @@
 
 A `TokenSet` is one batch of sampled sequences with every source's per-token logprobs for them
 (the engine's, an HF trainer's, a reference's). A `Pairing` names two sources of one set: the
-first plays π_rollout, the second π_train, so the log-ratio is log ρ = logp_train − logp_rollout
-(REFERENCE.md). The aggregate metrics come from `parity.precision.metrics.mismatch_metrics`.
+first plays π_rollout, the second π_train, so the log-ratio is log ρ = logp_train − logp_rollout, as
+verl's rollout-correction metrics and TRL's `sampling/importance_sampling_ratio` define it. The aggregate
+metrics come from `parity.precision.metrics.mismatch_metrics`.
 """
 
 from __future__ import annotations
