@@ -109,7 +109,7 @@ def test_bad_input_fails_alone_with_a_clear_error(offline, async_engine):
     for err, (_, _, kind, text) in zip(results[len(prompts):], bad):
         assert isinstance(err, kind) and text in str(err), err
 
-    with pytest.raises(TypeError, match="SamplingParams"):
+    with pytest.raises(ValueError, match="SamplingParams"):
         run(async_engine.generate([5, 6], {"max_tokens": 3}))
 
     async def duplicate():

@@ -202,8 +202,6 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._closed
 
     def _submit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, sink):
-        if params is not None and not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         request_id = request_id if request_id is not None else uuid.uuid4().hex
@@ -250,18 +248,12 @@ class AsyncEngine:
             logger.exception("AsyncEngine: unexpected error on the engine thread")
 
     def _add(self, prompt: Prompt, params: SamplingParams, request_id: str, result, sink) -> None:
-        if request_id in self._requests:
-            error: Exception = ValueError(f"request_id {request_id!r} is already in flight; ids must be unique")
-        else:
-            try:
-                self.engine.add_request(prompt, params, request_id=request_id)
-                error = None
-            except Exception as e:  # bad input: this caller alone hears of it
-                error = e
-        if error is not None:
-            _resolve(result, error=error)
+        try:
+            self.engine.add_request(prompt, params, request_id=request_id)
+        except Exception as e:  # bad input, or an id in flight: this caller alone hears of it
+            _resolve(result, error=e)
             if sink is not None:
-                sink(error)
+                sink(e)
             return
         req = _Request(request_id, params.n, result, sink)
         if sink is not None:
