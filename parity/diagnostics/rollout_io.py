@@ -68,6 +68,8 @@ class RolloutRecord:
 
 
 _FIELDS = {f.name for f in fields(RolloutRecord)}
+# What a record takes from an engine's Rollout under the same name.
+_FROM_ROLLOUT = ("weight_version", "finish_reason", "text", "request_id", "prompt_index", "sample_index")
 _REQUIRED = ("prompt_ids", "output_ids")
 
 
@@ -196,22 +198,11 @@ def records_from_rollouts(
     out = []
     for r in rollouts:
         p = params[r.prompt_index] if per_prompt else params
+        raw = None if r.output_raw_logprobs is None else [float(x) for x in r.output_raw_logprobs]
         out.append(RolloutRecord(
-            prompt_ids=list(r.prompt_ids),
-            output_ids=list(r.output_ids),
-            logprobs=[float(x) for x in r.output_logprobs],
-            raw_logprobs=[float(x) for x in r.output_raw_logprobs] if r.output_raw_logprobs is not None else None,
-            sampling_params=sampling_params_dict(p),
-            dtype=dtype,
-            engine="parity",
-            engine_version=engine_version,
-            model=model,
-            weight_version=r.weight_version,
-            finish_reason=r.finish_reason,
-            text=r.text,
-            request_id=r.request_id,
-            prompt_index=r.prompt_index,
-            sample_index=r.sample_index,
+            prompt_ids=list(r.prompt_ids), output_ids=list(r.output_ids), logprobs=[float(x) for x in r.output_logprobs],
+            raw_logprobs=raw, sampling_params=sampling_params_dict(p), dtype=dtype, engine="parity",
+            engine_version=engine_version, model=model, **{name: getattr(r, name) for name in _FROM_ROLLOUT},
         ))
     return out
 

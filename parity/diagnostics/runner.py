@@ -13,7 +13,7 @@ the default T = 1 (and no top-k/top-p, which diagnose never sets) processed and 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -87,14 +87,8 @@ def _environment(device: torch.device) -> dict[str, str]:
 def _recompute_records(base: list[RolloutRecord], values: list[list[float]], engine: str, version: str,
                        dtype: str, temperature: float) -> list[RolloutRecord]:
     """Copies of `base` carrying a trainer's recomputed logprobs, as a rollout file would store them."""
-    return [
-        RolloutRecord(prompt_ids=r.prompt_ids, output_ids=r.output_ids, logprobs=v,
-                      sampling_params={"temperature": temperature}, dtype=dtype, engine=engine,
-                      engine_version=version, model=r.model, weight_version=r.weight_version,
-                      finish_reason=r.finish_reason, text=r.text, request_id=r.request_id,
-                      prompt_index=r.prompt_index, sample_index=r.sample_index)
-        for r, v in zip(base, values)
-    ]
+    return [replace(r, logprobs=v, raw_logprobs=None, sampling_params={"temperature": temperature}, dtype=dtype,
+                    engine=engine, engine_version=version) for r, v in zip(base, values)]
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

@@ -60,7 +60,7 @@ class PrecisionPolicy:
             dtype=dtype_name(model.dtype),
             logits_fp32=model.logits_fp32,
             deterministic=model.kernels.deterministic,
-            check_finite=getattr(model, "check_finite", True),
+            check_finite=model.check_finite,
         )
 
 

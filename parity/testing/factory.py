@@ -78,24 +78,20 @@ def train_tokenizer(vocab_size: int):
     )
 
 
+# TinyModelSpec field -> the HF config key it sets.
+_HF_CONFIG_NAMES = {
+    "hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+    "max_position_embeddings": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings",
+    "initializer_range": "initializer_range",
+}
+
+
 def _hf_config(spec: TinyModelSpec, vocab_size: int, eos_id: int):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=spec.tie_word_embeddings,
-        initializer_range=spec.initializer_range,
-        eos_token_id=eos_id,
-        bos_token_id=None,
-        pad_token_id=eos_id,
-        rms_norm_eps=1e-6,
-    )
+    common = {hf_name: getattr(spec, name) for name, hf_name in _HF_CONFIG_NAMES.items()}
+    common.update(vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=None, pad_token_id=eos_id, rms_norm_eps=1e-6)
     if spec.head_dim is not None:
         common["head_dim"] = spec.head_dim
     if spec.architecture == "llama":
