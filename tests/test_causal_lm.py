@@ -256,3 +256,28 @@ def test_exact_grpo_mismatch_is_zero_at_every_step(tmp_path, dtype):
 def test_parity_trainer_config_refusals(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_train_config(EXACT_CONFIG, overrides)
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, grad_rtol", [("fp32", 1e-4), ("bf16", 5e-2)])
+def test_cuda_deterministic_training_forward_is_the_engines(model_dirs, dtype, grad_rtol):
+    """On CUDA, deterministic mode under autograd (Triton forward, analytic backward): the logprobs that enter
+    the loss are the engine's bit for bit; the gradients match fast mode's (autograd through torch ops)."""
+    kw = dict(device="cuda", dtype=dtype, deterministic=True, max_model_len=64, kv_cache_memory=1 << 24)
+    engine = Engine.from_pretrained(model_dirs["qwen3"], **kw)
+    prompts = ["Hello", "What is 12 + 34?", "The quick brown fox"]
+    rollouts = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=12, ignore_eos=True))
+    grads = {}
+    for mode, deterministic in (("exact", True), ("fast", False)):
+        model = ParityForCausalLM.from_engine(engine, deterministic=deterministic)
+        scored = token_logprobs(model.model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts])
+        if deterministic:
+            for r, lp in zip(rollouts, scored):
+                assert lp.tolist() == r.output_logprobs
+        torch.cat(scored).sum().backward()
+        grads[mode] = {n: p.grad.float() for n, p in model.named_parameters()}
+    for name, g in grads["fast"].items():
+        err = float((grads["exact"][name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert err < grad_rtol, f"{name}: relative gradient difference {err:.2e}"
