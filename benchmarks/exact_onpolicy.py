@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("throughput", help="forward+backward tokens/s and peak memory: parity vs HF sdpa")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=512)
-    t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--out", type=Path)
     t.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     args = p.parse_args(argv)
