@@ -17,6 +17,7 @@ from parity.precision.policy import PrecisionPolicy
 from parity.train.config import load_train_config
 from parity.train.grpo import run_grpo
 from parity.trainer.causal_lm import ParityForCausalLM
+from parity.trainer.logprobs import trainer_logprobs
 from parity.trainer.master_weights import MasterWeightAdamW
 from parity.trainer.parity_model import token_logprobs
 
@@ -156,6 +157,8 @@ def test_save_pretrained_loads_in_hf_and_in_the_engine(model_dirs, tmp_path):
     scored = token_logprobs(model.model, [r.prompt_ids for r in loaded], [r.output_ids for r in loaded])
     for r, lp in zip(loaded, scored):
         assert lp.tolist() == r.output_logprobs  # deterministic mode: the trainer's logprob is the engine's
+    aligned = trainer_logprobs(model, loaded, params)  # the wrapper itself goes the same way
+    assert torch.equal(aligned.logprobs, aligned.rollout_logprobs)
 
 
 # -------------------------------------------------------------------------------------- FSDP2

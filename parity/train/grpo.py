@@ -204,9 +204,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------- step
     def _logprobs(self, rollouts: list[Rollout], with_grad: bool):
-        # parity's decoder is scored by the engine's own code (packing, temperature/filters, log-softmax kernel).
-        scored = self._synced_model() if isinstance(self._unwrapped(), ParityForCausalLM) else self.model
-        return trainer_logprobs(scored, rollouts, self.sampling, with_grad=with_grad,
+        return trainer_logprobs(self.model, rollouts, self.sampling, with_grad=with_grad,
                                 logits_fp32=self.config.engine.logits_fp32, pad_id=self.pad_id)
 
     def _clock(self) -> float:

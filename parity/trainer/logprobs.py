@@ -12,8 +12,8 @@ every response starts at the same column and only its T+1 positions go through t
 wrappers see it. With `logits_fp32` the LM head runs in float32 even under autocast (the engine's
 `logits_fp32` default, MiniMax-M1's fix).
 
-For parity's own trainer model (a `DecoderModel`, see `parity_forward`), sequences are packed and scored
-by `parity_forward.token_logprobs`, the engine's own code; its LM-head precision is the model's policy.
+For parity's own trainer model (a `DecoderModel`, or `ParityForCausalLM` around one), sequences are packed and
+scored by `parity_model.token_logprobs`, the engine's own code; its LM-head precision is the model's policy.
 """
 
 from __future__ import annotations
@@ -166,9 +166,11 @@ def trainer_logprobs(
     engine_lp = [r.output_logprobs if mode == "processed" else r.output_raw_logprobs for r in rollouts]
     rollout_lp = torch.tensor([pad(lp, 0.0) for lp in engine_lp], dtype=torch.float32).to(device)
 
+    inner = unwrap_module(model)
+    decoder = inner.model if isinstance(getattr(inner, "model", None), DecoderModel) else inner  # ParityForCausalLM
     with torch.set_grad_enabled(with_grad):
-        if isinstance(unwrap_module(model), DecoderModel):
-            logprobs = _parity_response_logprobs(unwrap_module(model), rollouts, params, mode, mask)
+        if isinstance(decoder, DecoderModel):
+            logprobs = _parity_response_logprobs(decoder, rollouts, params, mode, mask)
         else:
             logits = _hf_response_logits(model, rollouts, pad_id, device, logits_fp32)
             eos = _hf_eos_token_ids(model) if eos_token_ids is None else eos_token_ids
