@@ -45,3 +45,13 @@ def free_memory(device: torch.device | str) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+def workload_parser(doc: str, smoke_help: str, num_prompts: int = 256, output_len: int = 512) -> argparse.ArgumentParser:
+    """The options of a benchmark on the throughput workload: --out, --smoke, --num-prompts, --output-len."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--num-prompts", type=int, default=num_prompts)
+    ap.add_argument("--output-len", type=int, default=output_len)
+    return ap

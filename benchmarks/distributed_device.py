@@ -19,7 +19,6 @@ difference is rounding), and the engines' greedy tokens side by side (first dive
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import run_env
+from benchmarks.common import run_env, workload_parser
 from benchmarks.throughput import QWEN3_06B, SMOKE, random_prompts, weight_bytes
 from parity import Engine, SamplingParams
 from parity.diagnostics.recompute import recompute_logprobs
@@ -122,11 +121,7 @@ def equality(path: Path, dtype: str, prompts, output_len: int, engine_kw: dict, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU over gloo, to check the script")
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--output-len", type=int, default=512)
+    ap = workload_parser(__doc__, "tiny model on CPU over gloo, to check the script")
     ap.add_argument("--equality-prompts", type=int, default=16)
     ap.add_argument("--equality-output-len", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=256)

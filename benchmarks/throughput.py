@@ -17,7 +17,6 @@ Also: decode-only step time at batch 1/32/128/256 (context 1024) against the ban
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import run_env
+from benchmarks.common import run_env, workload_parser
 from parity import Engine, SamplingParams
 from parity.testing.factory import TinyModelSpec, write_tiny_model
 
@@ -387,11 +386,7 @@ def kernel_timings(device: torch.device) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, to check the script")
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--output-len", type=int, default=512)
+    ap = workload_parser(__doc__, "tiny model on CPU, to check the script")
     ap.add_argument("--hf-prompts", type=int, default=64, help="HF peers run on the first N prompts (they are slow)")
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=256)
