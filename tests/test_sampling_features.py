@@ -13,7 +13,7 @@ import torch
 
 from parity.engine.detokenizer import IncrementalDetokenizer
 from parity.engine.logits_processors import TokenCounts, TokenHistory, apply_history_processors
-from parity.engine.sampler import process_logits, sample, top_logprobs
+from parity.engine.sampler import process_logits, prompt_logprobs, sample, top_logprobs
 from parity.engine.sampling_params import SamplingParams
 from parity.testing.factory import train_tokenizer
 
@@ -176,6 +176,14 @@ def test_top_logprobs_ranks_against_a_sort():
         c = int(chosen[row])
         expect.setdefault(c, (values[c], sum(v >= values[c] for v in values)))
         assert {t: (lp.logprob, lp.rank) for t, lp in out[row].items()} == pytest.approx(expect)
+
+
+def test_prompt_logprobs_in_slices_equal_one_pass():
+    head = torch.nn.Linear(8, VOCAB)
+    hidden = torch.randn(11, 8, generator=torch.Generator().manual_seed(8))
+    targets = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(9)).tolist()
+    whole = top_logprobs(torch.log_softmax(head(hidden), -1), torch.tensor(targets), [3] * 11)
+    assert prompt_logprobs(hidden, targets, 3, head, rows_per_slice=4) == whole
 
 
 # ---------------------------------------------------------------------------------- stop strings

@@ -223,16 +223,17 @@ class Engine:
         if not batch.seqs:
             return [], None
         try:
-            logits, sampled_idx, prompt_logits = self.runner.execute(batch)
+            logits, sampled_idx, prompt_hidden = self.runner.execute(batch)
             sampled = None
             log_softmax = self.model.kernels.log_softmax
             if logits is not None:
                 sampled = sample_sequences(logits, [batch.seqs[i] for i in sampled_idx],
                                            tuple(self.model_config.eos_token_ids), self.scheduler.token_counts, log_softmax)
             prompt = []
-            for c in prompt_logits:
+            for c in prompt_hidden:
                 num = batch.seqs[c.seq_index].params.prompt_logprobs
-                prompt.append((c.seq_index, c.start, prompt_logprobs(c.logits, c.targets, num, log_softmax)))
+                entries = prompt_logprobs(c.hidden, c.targets, num, self.model.compute_logits, log_softmax)
+                prompt.append((c.seq_index, c.start, entries))
             finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled, prompt))
         except Exception as exc:
             if isinstance(exc, NonFiniteActivationError):

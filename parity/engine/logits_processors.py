@@ -188,24 +188,21 @@ def apply_history_processors(
         raise ValueError("logit_bias, allowed_token_ids, min_tokens and penalties need the rows' TokenHistory")
     device = logits.device
     logits = logits.clone()
-    allowed = [(i, p.allowed_token_ids) for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    groups = _groups(params)
+    allowed = [(p, rows) for p, rows in groups if p.allowed_token_ids is not None]
     if allowed:
         blocked = torch.zeros_like(logits, dtype=torch.bool)
-        blocked[[i for i, _ in allowed]] = True
-        blocked[_pairs([(i, ids) for i, ids in allowed], device)] = False
+        for p, rows in allowed:
+            blocked[rows] = True
+            blocked[_grid(rows, p.allowed_token_ids, device)] = False
         logits.masked_fill_(blocked, float("-inf"))
-    too_early = [
-        (i, [*p.stop_token_ids, *history.eos_token_ids])
-        for i, p in enumerate(params)
-        if history.num_generated[i] < p.min_tokens
-    ]
-    if too_early:
-        logits[_pairs(too_early, device)] = float("-inf")
-    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
-    if biased:
-        index = _pairs([(i, list(bias)) for i, bias in biased], device)
-        values = torch.tensor([v for _, bias in biased for v in bias.values()], dtype=logits.dtype)
-        logits.index_put_(index, values.to(device), accumulate=True)
+    for p, rows in groups:
+        early = [i for i in rows if history.num_generated[i] < p.min_tokens]
+        if early:
+            logits[_grid(early, [*p.stop_token_ids, *history.eos_token_ids], device)] = float("-inf")
+        if p.logit_bias:
+            values = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype).to(device).repeat(len(rows))
+            logits.index_put_(_grid(rows, list(p.logit_bias), device), values, accumulate=True)
     return _apply_penalties(logits, params, history)
 
 
@@ -225,8 +222,18 @@ def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], his
     return logits
 
 
-def _pairs(rows_ids: list[tuple[int, Sequence[int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) tensors for advanced indexing of every (row, id) named."""
-    rows = [i for i, ids in rows_ids for _ in ids]
-    ids = [t for _, ids in rows_ids for t in ids]
-    return torch.tensor(rows, dtype=torch.int64).to(device), torch.tensor(ids, dtype=torch.int64).to(device)
+def _groups(params: Sequence[SamplingParams]) -> list[tuple[SamplingParams, list[int]]]:
+    """The rows that share one SamplingParams object (a request's samples, a whole generate() call, every
+    position of a rollout), so the host builds each option's indices once per group, not once per row."""
+    by_object: dict[int, tuple[SamplingParams, list[int]]] = {}
+    for i, p in enumerate(params):
+        if p.shapes_logits_with_history:
+            by_object.setdefault(id(p), (p, []))[1].append(i)
+    return list(by_object.values())
+
+
+def _grid(rows: list[int], ids: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token id) index tensors of every pair in rows x ids, row-major."""
+    r = torch.tensor(rows, dtype=torch.int64).to(device)
+    t = torch.tensor(list(ids), dtype=torch.int64).to(device)
+    return r.repeat_interleave(len(t)), t.repeat(len(r))

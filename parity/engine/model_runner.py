@@ -44,14 +44,15 @@ class StepInputs:
 
 
 @dataclass
-class PromptLogits:
-    """Float32 logits [len(targets), V] of a prefill chunk that predict the prompt tokens `targets`, which
-    start at prompt position `start` of batch.seqs[seq_index] (for prompt_logprobs)."""
+class PromptHidden:
+    """Final hidden states [len(targets), H] of a prefill chunk that predict the prompt tokens `targets`, which
+    start at prompt position `start` of batch.seqs[seq_index] (for prompt_logprobs; the LM head runs on them
+    in slices, so a long chunk never holds [chunk, V] logits)."""
 
     seq_index: int
     start: int
     targets: list[int]
-    logits: torch.Tensor
+    hidden: torch.Tensor
 
 
 def kv_cache_bytes_per_block(model: DecoderModel, block_size: int) -> int:
@@ -352,9 +353,9 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int], list[PromptLogits]]:
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int], list[PromptHidden]]:
         """Run one step; return float32 logits [S, V] for the sequences that sample, their indices, and the
-        logits that predict prompt tokens of prompt_logprobs requests.
+        hidden states that predict prompt tokens of prompt_logprobs requests.
 
         Decode steps replay a CUDA graph when graphs are enabled; its logits are a view of a static
         buffer, valid until the next step."""
@@ -363,17 +364,16 @@ class ModelRunner:
             return *self._execute_graph(graphs, batch), []
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
-        prompt = self._prompt_logits(batch, inputs, hidden) if inputs.prompt_chunks else []
+        prompt = self._prompt_hidden(batch, inputs, hidden) if inputs.prompt_chunks else []
         if not inputs.sampled_seqs:
             return None, [], prompt
         return self.model.compute_logits(hidden[inputs.logits_rows]), inputs.sampled_seqs, prompt
 
-    def _prompt_logits(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[PromptLogits]:
-        rows = torch.cat([torch.arange(row, row + n) for _, _, row, n in inputs.prompt_chunks]).to(self.device)
-        logits = self.model.compute_logits(hidden[rows]).split([n for *_, n in inputs.prompt_chunks])
+    @staticmethod
+    def _prompt_hidden(batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[PromptHidden]:
         return [
-            PromptLogits(i, start, batch.seqs[i].prompt_ids[start : start + n], chunk)
-            for (i, start, _, n), chunk in zip(inputs.prompt_chunks, logits)
+            PromptHidden(i, start, batch.seqs[i].prompt_ids[start : start + n], hidden[row : row + n])
+            for i, start, row, n in inputs.prompt_chunks
         ]
 
     def _execute_graph(self, graphs, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:

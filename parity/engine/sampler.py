@@ -123,13 +123,24 @@ def sample_sequences(
     return out
 
 
+@torch.inference_mode()
 def prompt_logprobs(
-    logits: torch.Tensor, targets: list[int], num: int, log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax
+    hidden: torch.Tensor,
+    targets: list[int],
+    num: int,
+    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+    log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
+    rows_per_slice: int = 512,
 ) -> list[dict[int, Logprob]]:
-    """prompt_logprobs=num entries for the prompt tokens `targets`, from the raw logits [len(targets), V]
-    that predict them (vLLM applies no sampling processing to the prompt)."""
-    ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
-    return top_logprobs(log_softmax(logits), ids, [num] * len(targets))
+    """prompt_logprobs=num entries for the prompt tokens `targets`, from the raw logits of the hidden states
+    [len(targets), H] that predict them (vLLM applies no sampling processing to the prompt). The LM head runs
+    on `rows_per_slice` rows at a time: a 8192-token chunk would otherwise need 8192 x V float32 logits."""
+    out: list[dict[int, Logprob]] = []
+    for lo in range(0, len(targets), rows_per_slice):
+        ids = torch.tensor(targets[lo : lo + rows_per_slice], dtype=torch.int64, device=hidden.device)
+        logprobs = log_softmax(compute_logits(hidden[lo : lo + rows_per_slice]))
+        out += top_logprobs(logprobs, ids, [num] * len(ids))
+    return out
 
 
 def top_logprobs(
