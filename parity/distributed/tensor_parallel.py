@@ -1,24 +1,12 @@
 """Tensor parallelism (Megatron-style) for the shared decoder, for models larger than one GPU.
 
-Each of the `tp` ranks of a process group holds a slice of every layer:
-
-  - column-parallel (output features split): `qkv_proj` by heads (its share of query heads and KV
-    heads) and `gate_up_proj` by MLP rows. Their outputs stay split, so they need no communication:
-    they are ordinary `Linear`s of the local size, filled with the rank's rows by `ShardedWeightMap`;
-  - row-parallel (input features split): `o_proj` and `down_proj` multiply their slice of the input,
-    then an all-reduce sums the partial outputs (`RowParallelLinear`); a bias is added once, after it;
-  - vocab-parallel: the embedding and the LM head hold `ceil(V / tp)` vocabulary rows each (the last
-    rank padded with zero rows). A token is looked up by the rank that owns it, zeros elsewhere, then
-    all-reduced; logits are all-gathered and trimmed to V, so every rank samples from the same row.
-
-Attention runs on local heads only and the KV cache holds only the local KV heads: the model's
-`config` has the per-rank head counts and MLP width (and the full vocabulary, which its logits
-cover), so the model runner, CUDA graphs and sleep/wake size everything from it, while
-`full_config` keeps the checkpoint's shapes for loading and for the engine's prompt checks.
-
-Every rank runs the same scheduler decisions (the scheduler is deterministic and the gathered logits
-are identical on all ranks), so every rank returns the same rollouts. The collectives are plain
-`torch.distributed` calls: NCCL on GPU, gloo on CPU. Inference only: no autograd through them.
+Each rank of the group holds a slice of every layer: `qkv_proj` (by heads) and `gate_up_proj` are
+column-parallel and need no communication; `o_proj` and `down_proj` are row-parallel, summed by an
+all-reduce (`RowParallelLinear`); the embedding and LM head hold ceil(V / tp) vocabulary rows each,
+looked up by the owning rank and all-reduced, logits all-gathered. The model's `config` holds the
+per-rank sizes (the runner, CUDA graphs and sleep size the KV cache from it), `full_config` the
+checkpoint's. Every rank runs the same deterministic scheduler on identical gathered logits, so all
+return the same rollouts. Plain `torch.distributed` collectives (NCCL on GPU, gloo on CPU); inference only.
 """
 
 from __future__ import annotations

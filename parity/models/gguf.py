@@ -1,13 +1,9 @@
 """GGUF checkpoints (llama.cpp's single-file format): config, tokenizer and weights, dequantized once.
 
-Config and tokenizer (with its chat template) come from transformers' GGUF readers. Weights are read
-with the `gguf` package, dequantized to float32, mapped onto HF tensor names and then go through
-the same validate-then-copy `WeightMap` as a safetensors checkpoint, cast to the engine's dtype.
-Parsing a GGUF's metadata takes seconds (a tokenizer of 49k entries), so each process parses a file
-once and loading it again (say, in another dtype) reuses the result.
-
-llama.cpp's converter permutes the rows of Llama's q/k projections (interleaved rotary pairs);
-`_unpermute_rotary` undoes it, as transformers does, so the weights are in HF order.
+Config and tokenizer (with its chat template) come from transformers' GGUF readers, weights from the
+`gguf` package, dequantized to float32 under HF names, then through the same validate-then-copy
+`WeightMap` as safetensors. Parsed metadata is cached per file (a 49k-entry tokenizer takes seconds).
+llama.cpp permutes Llama's q/k rows for its rotary layout; `_unpermute_rotary` restores HF's order.
 """
 
 from __future__ import annotations
