@@ -51,7 +51,8 @@ class TokenHistory:
         device: torch.device,
         eos_token_ids: Sequence[int] = (),
     ) -> TokenHistory:
-        """One row per sequence, predicting its next token (the engine's decode batch)."""
+        """One row per sequence, predicting its next token, from token lists (what the engine's TokenCounts
+        keeps on the device instead)."""
         pen = [i for i, p in enumerate(params) if uses_penalties(p)]
         rep = [i for i in pen if params[i].repetition_penalty != 1.0]
         counts = mask = None

@@ -12,7 +12,9 @@ prefix caching or preemption the rollout went through. In fast mode they agree t
 
 Which logprob: `temperature=T` (and top_k/top_p/min_p if the rollout used them) gives the engine's
 processed logprobs `log_softmax(filter(logits / T))`; temperature 1 with no filters (or greedy,
-temperature 0) gives the raw log-softmax, i.e. `output_raw_logprobs`.
+temperature 0) gives the raw log-softmax, i.e. `output_raw_logprobs`. `params=` (the rollouts'
+SamplingParams) also applies logit_bias, allowed_token_ids, min_tokens and the penalties from each
+position's token history, so penalised rollouts stay bit for bit too.
 
 Parameters are trainable in the checkpoint's dtype (a mixed-precision trainer keeps its own fp32
 master copy and writes rounded weights back into this model). `parity.models.weights.hf_named_weights`
