@@ -89,11 +89,11 @@ def _stop_token(model_dir: Path) -> int:
     return eos_ids[0]
 
 
-def _adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def _adamw(model: torch.nn.Module, **adamw_kwargs) -> torch.optim.Optimizer:
     """AdamW; on float32 master weights when the model computes in half precision (parity's model in bf16)."""
     if any(p.dtype != torch.float32 for p in model.parameters()):
-        return MasterWeightAdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return MasterWeightAdamW(model.parameters(), **adamw_kwargs)
+    return torch.optim.AdamW(model.parameters(), **adamw_kwargs)
 
 
 def trainable_model_dir(path: str) -> Path:
@@ -140,7 +140,8 @@ class GRPOTrainer:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
         self.evaluate("base", 0)
         self.warmstart_loss = self._warm_start(model) if cfg.warmstart.steps > 0 else None
-        self.model, self.optimizer = self.accelerator.prepare(model, _adamw(model, cfg.optim.lr, cfg.optim.weight_decay))
+        self.model, self.optimizer = self.accelerator.prepare(
+            model, _adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay))
         if self.warmstart_loss is not None:
             self.engine.update_weights(self._synced_model())
             self.evaluate("warmstart", 0)
@@ -177,7 +178,7 @@ class GRPOTrainer:
     def _warm_start(self, model) -> float:
         """A few supervised steps (AdamW, float32 weights) on a noisy teacher's answers, so RL starts with some reward."""
         ws = self.config.warmstart
-        optimizer = _adamw(model, ws.lr)
+        optimizer = _adamw(model, lr=ws.lr)  # with torch's default weight decay (0.01)
         model.train()
         loss = torch.tensor(float("nan"))
         for _ in range(ws.steps):
