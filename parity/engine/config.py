@@ -39,8 +39,9 @@ class EngineConfig:
     dtype: "auto" (bf16 on CUDA unless the checkpoint says fp16; fp32 on CPU), "fp16", "bf16" or "fp32".
     device: "cpu", "cuda" or "cuda:N"; None picks CUDA when present.
     max_model_len: the context length; None = the model's max_position_embeddings (no more is accepted).
-    kv_cache_memory: KV-cache budget in bytes; if None, `memory_utilization` of the device's memory
-        (on CUDA, what is left after weights and a warm-up forward; on CPU, of available RAM).
+    kv_cache_memory: KV-cache budget in bytes; if None, from `memory_utilization`: on CUDA the share of the
+        GPU's total memory parity may use (as vLLM), the KV cache taking what weights and a warm-up forward
+        leave of it; on CPU that share of the available RAM.
     The number of KV blocks is derived from the budget, capped at what max_num_seqs sequences of
     max_model_len tokens could ever use.
     logits_fp32: run the LM head in float32 (MiniMax-M1's fix for train/rollout probability gaps).
