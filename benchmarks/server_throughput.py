@@ -12,14 +12,17 @@ tokens (fast mode may differ by batch composition; --deterministic makes them eq
 
   python -m benchmarks.server_throughput --out $OUT          # on the GPU (a few minutes on an H200)
   python -m benchmarks.server_throughput --smoke --out /tmp/st  # tiny model on CPU: checks the script only
+
+The GPU image lacks fastapi, uvicorn, pydantic and openai: their wheels travel in .whl/serve (docs/server.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -35,7 +38,7 @@ import numpy as np
 import openai
 import torch
 
-from benchmarks.common import run_env
+from benchmarks.common import free_memory, run_env
 from parity import Engine, SamplingParams
 from parity.testing.factory import TinyModelSpec, write_tiny_model
 
@@ -98,9 +101,7 @@ def run_offline(model: str, work: Workload, args) -> tuple[RunResult, list[list[
     seconds = time.perf_counter() - start
     tokens = sum(len(r.output_ids) for r in rollouts)
     del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory(device)
     return RunResult("offline generate", None, None, seconds, tokens, tokens / seconds, 1.0,
                      num_requests=len(rollouts)), [r.output_ids for r in rollouts]
 
@@ -150,21 +151,46 @@ async def one_request(client: openai.AsyncOpenAI, work: Workload, i: int, stream
     return ids
 
 
-async def run_clients(url: str, work: Workload, concurrency: int, stream: bool) -> tuple[float, list[float], list]:
-    """Keep `concurrency` requests in flight until every prompt is done; return wall time, latencies, outputs."""
-    outputs: list = [None] * len(work.prompts)
+async def run_clients(url: str, work: Workload, indices: list[int], concurrency: int, stream: bool
+                      ) -> tuple[float, float, list[float], dict[int, list[int]]]:
+    """Keep `concurrency` requests in flight until the prompts `indices` are done; return start and end times
+    (time.time, comparable across processes), latencies and outputs."""
+    outputs: dict[int, list[int]] = {}
     latencies: list[float] = []
-    next_index = iter(range(len(work.prompts)))
+    todo = iter(indices)
     async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600) as client:
         async def worker():
-            for i in next_index:
+            for i in todo:
                 t0 = time.perf_counter()
                 outputs[i] = await one_request(client, work, i, stream)
                 latencies.append(time.perf_counter() - t0)
 
-        start = time.perf_counter()
+        start = time.time()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
-        return time.perf_counter() - start, latencies, outputs
+        return start, time.time(), latencies, outputs
+
+
+def client_process(url: str, work: Workload, indices: list[int], concurrency: int, stream: bool, start_at: float):
+    time.sleep(max(0.0, start_at - time.time()))  # every client process starts together
+    return asyncio.run(run_clients(url, work, indices, concurrency, stream))
+
+
+def run_load(pool: concurrent.futures.ProcessPoolExecutor, procs: int, url: str, work: Workload, concurrency: int,
+             stream: bool) -> tuple[float, list[float], list]:
+    """`concurrency` clients spread over `procs` processes, so parsing responses (a chunk per token when
+    streaming) does not make one client process the bottleneck; return wall time, latencies, outputs."""
+    procs = max(1, min(procs, concurrency))
+    shares = [list(range(len(work.prompts)))[k::procs] for k in range(procs)]
+    per_proc = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
+    start_at = time.time() + 0.5
+    parts = list(pool.map(client_process, [url] * procs, [work] * procs, shares, per_proc, [stream] * procs,
+                          [start_at] * procs))
+    outputs: dict[int, list[int]] = {}
+    latencies: list[float] = []
+    for _, _, lat, outs in parts:
+        latencies += lat
+        outputs.update(outs)
+    return max(p[1] for p in parts) - start_at, latencies, [outputs[i] for i in range(len(work.prompts))]
 
 
 def main() -> None:
@@ -173,11 +199,12 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: Qwen3-0.6B shapes written by the factory)")
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--client-procs", type=int, default=4, help="client processes sharing the concurrency")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--kv-cache-gb", type=float, default=24.0, help="the same KV cache for offline and server")
+    parser.add_argument("--kv-cache-gb", type=float, default=40.0, help="the same KV cache for offline and server")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results"))
@@ -202,10 +229,12 @@ def main() -> None:
     server = start_server(model, port, args, args.out / "server_throughput_server.log")
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        asyncio.run(run_clients(url, Workload(work.prompts[:8], [8] * 8), 8, False))  # warm-up
+        pool = concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
+        warm = Workload(work.prompts[:args.client_procs * 2], [8] * args.client_procs * 2)
+        run_load(pool, args.client_procs, url, warm, args.client_procs * 2, False)  # imports, connections, graphs
         for stream in (False, True):
             for c in args.concurrency:
-                seconds, lat, outs = asyncio.run(run_clients(url, work, c, stream))
+                seconds, lat, outs = run_load(pool, args.client_procs, url, work, c, stream)
                 tokens = sum(len(o) for o in outs)
                 lat.sort()
                 r = RunResult("parity serve", c, stream, seconds, tokens, tokens / seconds,
@@ -214,6 +243,7 @@ def main() -> None:
                 results.append(r)
                 print(f"serve c={c:4d} stream={stream!s:5}: {r.tokens_per_s:,.0f} tok/s = {r.ratio_to_offline:.3f}x offline, "
                       f"p50 {r.latency_p50_s:.2f} s, equal to offline {r.equal_to_offline}/{r.num_requests}")
+        pool.shutdown()
     finally:
         server.terminate()
         server.wait(60)
