@@ -58,6 +58,18 @@ def test_forward_and_loss_match_hf_with_padding(model_dirs, arch):
     torch.testing.assert_close(tail, got.logits[:, -3:], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(attention_mask=torch.zeros(2, 3)), "no real token"),
+    (dict(position_ids=torch.full((2, 3), 5000)), "past the model's max_positions=1024"),
+    (dict(labels=torch.zeros(2, 2, dtype=torch.long)), r"labels has shape \(2, 2\)"),
+    (dict(use_cache=True), "no KV cache"),
+])
+def test_forward_refuses_bad_input_naming_it(model_dirs, kwargs, message):
+    model = ParityForCausalLM.from_pretrained(model_dirs["llama"], FAST_FP32, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(2, 3, dtype=torch.long), **kwargs)
+
+
 def test_one_adamw_step_matches_hf(model_dirs):
     """Llama: Adam's first step is g / (|g| + eps) per weight, which turns float32 rounding of a near-zero
     gradient into a visible step difference; Qwen3's q/k norms make many q_proj gradients near zero."""

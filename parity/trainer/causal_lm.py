@@ -130,6 +130,8 @@ class ParityForCausalLM(PreTrainedModel):
         if positions.numel() and int(positions.max()) >= max_positions:
             raise ValueError(f"position {int(positions.max())} is past the model's max_positions={max_positions}")
         lens = [n for n in mask.sum(-1).tolist() if n]
+        if not lens:
+            raise ValueError("attention_mask marks no real token in the batch")
         hidden = self.model(input_ids[mask], positions, AttentionMetadata.for_packed_sequences(lens, input_ids.device))
 
         keep = mask if not logits_to_keep else mask[:, -logits_to_keep:]
