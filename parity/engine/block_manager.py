@@ -87,7 +87,7 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step, publish `seq`'s newly computed full blocks to the prefix cache."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.cache_blocks:
             return
         num_full = seq.num_computed_tokens // self.block_size
         if num_full <= seq.num_hashed_blocks:

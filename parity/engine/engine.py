@@ -11,7 +11,7 @@ import numbers
 import time
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from parity.engine.sleep import SleepState, SleepStats, WakeStats
 from parity.models.decoder import DecoderModel
 from parity.models.loader import Checkpoint, load
 from parity.models.weights import WeightMap
+from parity.precision.checks import check_int
 from parity.precision.policy import NonFiniteActivationError
 
 # Text, token ids, or a chat: a list of {"role": ..., "content": ...} messages (the tokenizer's template is applied).
@@ -135,26 +136,47 @@ class Engine:
 
     def add_request(
         self,
-        prompt: Prompt,
+        prompt: Prompt | None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         prompt_index: int | None = None,
+        continue_from: Rollout | None = None,
     ) -> str:
         """Queue one prompt (text or token ids) for `params.n` samples. Raises for a prompt that can never
-        run or a `request_id` already in flight, leaving the engine and other requests untouched."""
+        run or a `request_id` already in flight, leaving the engine and other requests untouched.
+
+        `continue_from`: an aborted Rollout to carry on (prompt None: the rollout's). Its sample runs on from
+        where it stopped, with its seed and request id (unless given) and the same noise positions, so the
+        final Rollout's tokens, logprobs and weight versions run on from the rollout's; with no weight update
+        in between, it equals an uninterrupted run in deterministic mode. `params.n` must be 1, and
+        `max_tokens` counts the tokens the rollout already has."""
         self.runner.check_awake()
+        if continue_from is not None and not isinstance(continue_from, Rollout):
+            raise ValueError(f"continue_from must be a Rollout, got {type(continue_from).__name__}")
+        if continue_from is not None and request_id is None:
+            request_id = continue_from.request_id
         label = "prompt" if request_id is None else f"request {request_id!r}"
         params = self._check_params(label, params)
+        if continue_from is not None and prompt is None:
+            prompt = continue_from.prompt_ids
         prompt_ids = self.encode(prompt, label)
-        if request_id is not None and self.scheduler.has_request(request_id):
+        sample = None if continue_from is None else continue_from.sample_index
+        if request_id is not None and self.scheduler.has_request(request_id, sample):
             raise ValueError(f"request_id {request_id!r} is already in flight; use a new id or abort() it first")
         self._validate_prompt(label, prompt_ids, params)
+        if continue_from is not None:
+            self._check_continuation(label, continue_from, prompt_ids, params)
         index = next(self._request_ids)
         request_id = request_id if request_id is not None else str(index)
         max_len = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        if continue_from is not None and prompt_index is None:
+            prompt_index = continue_from.prompt_index
+        samples = [continue_from.sample_index] if continue_from is not None else range(params.n)
         leader = None
-        for k in range(params.n):
+        for k in samples:
             seed = sample_seed(params.seed, k) if params.seed is not None else sample_seed(self.config.seed, index, k)
+            if continue_from is not None and continue_from.seed is not None:
+                seed = continue_from.seed
             seq = Sequence(
                 seq_id=next(self._seq_ids),
                 request_id=request_id,
@@ -168,9 +190,40 @@ class Engine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
                 if params.stop else None,
             )
+            if continue_from is not None:
+                self._resume_outputs(seq, continue_from)
             leader = leader or seq
             self.scheduler.add(seq)
         return request_id
+
+    def _check_continuation(self, label: str, rollout: Rollout, prompt_ids: list[int], params: SamplingParams) -> None:
+        if rollout.finish_reason != "abort":
+            raise ValueError(f"{label}: only an aborted rollout can be continued; this one finished with "
+                             f"{rollout.finish_reason!r}")
+        if prompt_ids != list(rollout.prompt_ids):
+            raise ValueError(f"{label}: the prompt differs from the prompt of the rollout it continues")
+        if params.n != 1:
+            raise ValueError(f"{label}: a continuation carries one sample on; params.n must be 1, got {params.n}")
+        room = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        if len(rollout.output_ids) >= room:
+            raise ValueError(f"{label}: the rollout already has {len(rollout.output_ids)} tokens, max_tokens "
+                             f"(within max_model_len) allows {room}: nothing left to generate")
+        if params.raw_logprobs and rollout.output_raw_logprobs is None:
+            raise ValueError(f"{label}: raw_logprobs asked for, but the rollout it continues has none")
+        if params.logprobs is not None and rollout.top_logprobs is None:
+            raise ValueError(f"{label}: logprobs asked for, but the rollout it continues has no top_logprobs")
+
+    @staticmethod
+    def _resume_outputs(seq: Sequence, rollout: Rollout) -> None:
+        """Give a new sequence the tokens an aborted rollout generated; they are recomputed as prompt-like K/V."""
+        seq.output_ids = list(rollout.output_ids)
+        seq.output_logprobs = list(rollout.output_logprobs)
+        seq.output_raw_logprobs = list(rollout.output_raw_logprobs or [])
+        seq.output_weight_versions = list(rollout.output_weight_versions)
+        seq.top_logprobs = list(rollout.top_logprobs or [])
+        if seq.detokenizer is not None:
+            for token in seq.output_ids:
+                seq.detokenizer.step(token, check_stop=False)
 
     @staticmethod
     def _check_params(label: str, params: SamplingParams | None) -> SamplingParams:
@@ -234,7 +287,7 @@ class Engine:
                 num = batch.seqs[c.seq_index].params.prompt_logprobs
                 entries = prompt_logprobs(c.hidden, c.targets, num, self.model.compute_logits, log_softmax)
                 prompt.append((c.seq_index, c.start, entries))
-            finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled, prompt))
+            finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled, self.weight_version, prompt))
         except Exception as exc:
             if isinstance(exc, NonFiniteActivationError):
                 exc.add_note(
@@ -260,6 +313,8 @@ class Engine:
             top_logprobs=seq.top_logprobs if seq.params.logprobs is not None else None,
             prompt_logprobs=[None, *seq.prompt_logprobs] if seq.params.prompt_logprobs is not None else None,
             weight_version=self.weight_version,
+            output_weight_versions=seq.output_weight_versions,
+            seed=seq.seed,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
             num_preemptions=seq.num_preemptions,
             error=seq.error,
@@ -285,11 +340,91 @@ class Engine:
         """
         if self.scheduler.has_unfinished():
             raise RuntimeError("generate() needs an idle engine; drain add_request()/step() first")
+        params_list = self._add_batch("generate()", prompts, params)
+        total = sum(p.n for p in params_list)
+        results: list[Rollout] = []
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="rollouts", unit="seq")
+        try:
+            while self.scheduler.has_unfinished():
+                done = self._step_or_raise()
+                results.extend(done)
+                if bar is not None:
+                    bar.update(len(done))
+        finally:
+            if bar is not None:
+                bar.close()
+        return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
+
+    def generate_groups(
+        self,
+        prompts: Seq[Prompt],
+        params: SamplingParams,
+        num_groups_wanted: int,
+        carried: Seq[Rollout] = (),
+    ) -> tuple[list[list[Rollout]], list[Rollout]]:
+        """Over-sampling for the tail (verl's `over_sample_rate`, slime's `--over-sampling-batch-size`): run
+        every prompt as a group of `params.n` samples and stop as soon as `num_groups_wanted` groups are
+        complete. Returns (complete, partial): those groups, in the order they completed, each by sample
+        index; and every other sample, finished or aborted with what it generated so far, by prompt then sample.
+
+        `carried`: the partial rollouts of an earlier call (maybe under older weights). Their groups run
+        on first in line: aborted samples continue where they stopped (`continue_from`), finished ones
+        count as done. Nothing decoded is thrown away when partial rollouts are carried from call to call.
+        """
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"generate_groups() takes one SamplingParams for every group, got {type(params).__name__}")
+        num_carried_groups = len({r.request_id for r in carried})
+        wanted = check_int("num_groups_wanted", num_groups_wanted, 1, len(prompts) + num_carried_groups)
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("generate_groups() needs an idle engine; drain add_request()/step() first")
+        one = replace(params, n=1)
+        for r in carried:
+            if r.finish_reason == "abort":
+                self._check_continuation(f"carried rollout {r.request_id!r}/{r.sample_index}", r, list(r.prompt_ids), one)
+        done: dict[str, list[Rollout]] = {}
+        for r in carried:
+            if r.finish_reason == "abort":
+                self.add_request(None, one, continue_from=r)
+            else:
+                done.setdefault(r.request_id, []).append(r)
+        try:
+            self._add_batch("generate_groups()", list(prompts), params)
+        except Exception:
+            self.scheduler.abort()
+            raise
+        complete: list[list[Rollout]] = []
+        for request_id in [k for k, v in done.items() if len(v) == params.n]:
+            complete.append(sorted(done.pop(request_id), key=lambda r: r.sample_index))
+        while len(complete) < wanted and self.scheduler.has_unfinished():
+            for r in self._step_or_raise():
+                group = done.setdefault(r.request_id, [])
+                group.append(r)
+                if len(group) == params.n and len(complete) < wanted:
+                    complete.append(sorted(done.pop(r.request_id), key=lambda r: r.sample_index))
+        partial = [r for group in done.values() for r in group] + self.abort_all()
+        return complete, sorted(partial, key=lambda r: (r.prompt_index, r.request_id, r.sample_index))
+
+    def _step_or_raise(self) -> list[Rollout]:
+        """A step for a batch call: if it fails, abort everything in flight (all the call's) and raise."""
+        done, error = self._step()
+        if error is not None:
+            self.scheduler.abort()
+            raise error
+        return done
+
+    def _add_batch(
+        self, caller: str, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None
+    ) -> list[SamplingParams]:
+        """Validate every prompt and params, then queue them all (prompt_index = position); return the params."""
         one_prompt = isinstance(prompts, Seq) and prompts and isinstance(prompts[0], (numbers.Number, Mapping))
         if isinstance(prompts, str) or one_prompt:
             prompts = [prompts]
         if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Seq):
-            raise ValueError(f"generate() needs a prompt or a list of prompts, got {type(prompts).__name__}")
+            raise ValueError(f"{caller} needs a prompt or a list of prompts, got {type(prompts).__name__}")
         params_list = list(params) if isinstance(params, Seq) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
@@ -300,26 +435,7 @@ class Engine:
         self.runner.check_awake()
         for i, (ids, p) in enumerate(zip(encoded, params_list)):
             self.add_request(ids, p, prompt_index=i)
-        total = sum(p.n for p in params_list)
-        results: list[Rollout] = []
-        bar = None
-        if use_tqdm:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, desc="rollouts", unit="seq")
-        try:
-            while self.scheduler.has_unfinished():
-                done, error = self._step()
-                if error is not None:
-                    self.scheduler.abort()  # the engine was idle: everything in flight is this call's
-                    raise error
-                results.extend(done)
-                if bar is not None:
-                    bar.update(len(done))
-        finally:
-            if bar is not None:
-                bar.close()
-        return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
+        return params_list
 
     # ------------------------------------------------------------------------------ trainer bridge
     @property
@@ -327,17 +443,26 @@ class Engine:
         """What sleep() released and is not back yet; None when awake."""
         return self.runner.sleep_state
 
-    def update_weights(self, source: weight_sync.WeightSource, partial: bool = False) -> weight_sync.WeightSyncStats:
+    def update_weights(
+        self, source: weight_sync.WeightSource, partial: bool = False, in_flight: str | None = None
+    ) -> weight_sync.WeightSyncStats:
         """Copy a trainer's weights (module, state dict, or (name, tensor) pairs) in place, after validating
-        all of them (see weight_sync); bump the weight version and drop the prefix cache. Raises `WeightError`
-        (names, shapes, dtypes) or `RuntimeError` (engine busy or asleep) with the engine untouched.
+        all of them (see weight_sync); bump the weight version and empty the prefix cache, so no request is
+        ever served blocks computed under older weights. Raises `WeightError` (names, shapes, dtypes,
+        inf/nan) or `RuntimeError` (engine asleep) with the weights, the version and every request untouched.
 
-        `partial=True` accepts a subset of the tensors (e.g. only the layers that changed).
+        `partial=True` accepts a subset of the tensors (e.g. only the layers that changed). With requests in
+        flight, `in_flight` says what happens to them (None refuses the update):
+          "keep": they go on from their KV cache, computed under the old weights (PipelineRL's choice);
+          "recompute": their KV cache is dropped and recomputed under the new weights before they go on.
+        Either way each token records the version that sampled it (`Rollout.output_weight_versions`).
         """
-        if self.has_unfinished():
+        if in_flight not in (None, "keep", "recompute"):
+            raise ValueError(f"in_flight must be None, 'keep' or 'recompute', got {in_flight!r}")
+        if self.has_unfinished() and in_flight is None:
             raise RuntimeError(
-                "update_weights() with requests in flight would mix two weight versions inside one sample; "
-                "finish or abort them first"
+                "update_weights() with requests in flight: pass in_flight='keep' (they go on from their KV cache) "
+                "or 'recompute' (their KV cache is recomputed under the new weights), or abort_all() first"
             )
         self.runner.check_weights_resident()
         start = time.perf_counter()
@@ -345,7 +470,7 @@ class Engine:
         weight_sync.validate_update(self.weights, pairs, partial)
         loaded = self.runner.load_weights(self.weights, pairs, complete=not partial)
         self.weight_version += 1
-        self.scheduler.reset_prefix_cache()  # cached prefixes hold K/V of the old weights
+        self.scheduler.weights_updated(recompute=in_flight == "recompute")
         return weight_sync.WeightSyncStats(
             self.weight_version, loaded.num_tensors, loaded.bytes_copied, loaded.num_gathered,
             time.perf_counter() - start,
@@ -375,10 +500,11 @@ class Engine:
             conversations = [conversations]
         return self.generate([self.apply_chat_template(c) for c in conversations], params, use_tqdm)
 
-    def abort(self, request_id: str) -> list[Rollout]:
-        """Stop `request_id`'s samples now, wherever they are, and return them with what they generated so far
-        (finish_reason "abort"). An unknown or already finished id returns [] (races are normal)."""
-        return [self._to_rollout(seq) for seq in self.scheduler.abort(request_id)]
+    def abort(self, request_id: str, sample_index: int | None = None) -> list[Rollout]:
+        """Stop `request_id`'s samples (one, with `sample_index`) now, waiting, prefilling or decoding, free
+        their KV blocks and return them with what they generated so far (finish_reason "abort"), ready for
+        `add_request(continue_from=...)`. An unknown or already finished id returns [] (races are normal)."""
+        return [self._to_rollout(seq) for seq in self.scheduler.abort(request_id, sample_index)]
 
     def abort_all(self) -> list[Rollout]:
         """abort() every request in flight."""

@@ -51,6 +51,7 @@ class StepOutput:
 
     sampled_seqs: list[int]  # indices into batch.seqs of the sequences that sampled a token
     sampled: SamplerOutput | None  # their tokens and logprobs, in that order (None when nobody sampled)
+    weight_version: int  # the weights the step ran with
     # (index into batch.seqs, first prompt position predicted, its prompt_logprobs entries) per prefill chunk
     prompt_logprobs: list[tuple[int, int, list[dict[int, Logprob]]]] = field(default_factory=list)
 
@@ -70,17 +71,38 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def has_request(self, request_id: str) -> bool:
-        return any(s.request_id == request_id for s in [*self.running, *self.waiting])
+    def has_request(self, request_id: str, sample_index: int | None = None) -> bool:
+        """Whether a sample of `request_id` (that sample, if given) is in flight."""
+        return any(s.request_id == request_id and sample_index in (None, s.sample_index)
+                   for s in [*self.running, *self.waiting])
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _drop_kv(self, seq: Sequence) -> None:
+        """Take a running sequence out with its K/V freed: it is recomputed (prompt + output) when admitted again."""
         self.running.remove(seq)
         self.block_manager.free_sequence(seq)
         seq.num_computed_tokens = 0
+        seq.cache_blocks = True  # recomputed under the current weights
         seq.status = SequenceStatus.WAITING
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._drop_kv(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def weights_updated(self, recompute: bool) -> None:
+        """New weights are in: no cached prefix may serve a request again. Running sequences either keep their
+        K/V (computed under older weights; never registered in the prefix cache from now on) or, with
+        `recompute`, drop it and go back to the front of the queue to be recomputed under the new weights."""
+        self.block_manager.reset_prefix_cache()
+        running = list(self.running)
+        for seq in running:
+            if recompute:
+                self._drop_kv(seq)
+            else:
+                seq.cache_blocks = False
+        if recompute:
+            self.waiting.extendleft(reversed(running))
 
     def _waits_for_leader(self, seq: Sequence) -> bool:
         """Samples 1..n-1 of a request wait until sample 0 has computed the prompt, then share its blocks."""
@@ -161,6 +183,7 @@ class Scheduler:
             seq.output_ids.append(token)
             seq.output_logprobs.append(logprob)
             seq.output_raw_logprobs.append(raw)
+            seq.output_weight_versions.append(output.weight_version)
             if out.top_logprobs is not None and out.top_logprobs[j] is not None:
                 seq.top_logprobs.append(out.top_logprobs[j])
             reason = self._finish_reason(seq, token)
@@ -203,10 +226,11 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def abort(self, request_id: str | None = None) -> list[Sequence]:
-        """Stop the samples of `request_id` (every request if None), waiting or running, free their blocks
-        and return them, finished with reason "abort"."""
-        aborted = [s for s in [*self.running, *self.waiting] if request_id is None or s.request_id == request_id]
+    def abort(self, request_id: str | None = None, sample_index: int | None = None) -> list[Sequence]:
+        """Stop the samples of `request_id` (that sample only, if given; every request if None), waiting or
+        running, free their blocks and return them, finished with reason "abort"."""
+        aborted = [s for s in [*self.running, *self.waiting]
+                   if request_id in (None, s.request_id) and sample_index in (None, s.sample_index)]
         for seq in aborted:
             self._finish(seq, "abort")
         return sorted(aborted, key=lambda s: s.seq_id)

@@ -31,12 +31,13 @@ class Sequence:
     sample_index: int  # which of the request's n samples
     prompt_ids: list[int]
     params: SamplingParams
-    seed: int  # per-sample sampling seed (request seed + sample index, or drawn by the engine)
+    seed: int  # per-sample sampling seed (hashed from the request seed and the sample index, or drawn by the engine)
     max_len: int  # prompt + output may not exceed this (min of max_model_len and prompt + max_tokens)
     group_leader: Sequence | None = None  # sample 0 of the request, whose prefill the others reuse
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_raw_logprobs: list[float] = field(default_factory=list)
+    output_weight_versions: list[int] = field(default_factory=list)  # the weight version that produced each token
     top_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # when params.logprobs is set
     prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # entry k: prompt token k + 1's
     detokenizer: IncrementalDetokenizer | None = None  # the output's text, when params.stop has strings
@@ -44,6 +45,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
     num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
+    cache_blocks: bool = True  # False while its K/V mix weight versions (kept across an update): never registered
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None  # why a step failed it (finish_reason "error")
@@ -65,7 +67,7 @@ class Sequence:
 
 @dataclass
 class Rollout:
-    """One finished sample.
+    """One finished (or aborted) sample.
 
     `output_logprobs[t]` is the log-probability of `output_ids[t]` under the distribution it was
     actually sampled from (after temperature, top-k, top-p and min-p, renormalised; for greedy the
@@ -78,6 +80,11 @@ class Rollout:
     most likely tokens at step t, and the sampled one, to a Logprob under the same distribution as
     `output_logprobs`; `prompt_logprobs[i]` (prompt_logprobs=N) does the same for prompt token i from
     the raw logits, with None for the first token, which nothing predicts.
+
+    `output_weight_versions[t]` is the engine's weight version when `output_ids[t]` was sampled (updates
+    while requests run make it vary within a sample); `weight_version` is the version at the end. An
+    aborted sample (finish_reason "abort") can be carried on with `Engine.add_request(continue_from=...)`,
+    which uses its `seed` again.
     """
 
     request_id: str
@@ -93,6 +100,8 @@ class Rollout:
     top_logprobs: list[dict[int, Logprob]] | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     weight_version: int = 0
+    output_weight_versions: list[int] = field(default_factory=list)
+    seed: int | None = None  # the sample's own sampling seed
     num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
     error: str | None = None  # finish_reason "error": the exception that failed its step, with its notes
