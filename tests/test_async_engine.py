@@ -153,6 +153,27 @@ def test_abort_mid_stream_returns_partial_output(offline, async_engine):
     assert run(async_engine.call(lambda e: e.kv_cache_usage()))["used_blocks"] == 0
 
 
+def test_a_slow_reader_gets_the_missed_steps_joined(offline, async_engine):
+    prompt, params = [6, 7, 8], SamplingParams(n=2, max_tokens=30, ignore_eos=True, seed=21, logprobs=2)
+    want = offline.generate([prompt], params)
+
+    async def main():
+        deltas = []
+        async for delta in async_engine.stream(prompt, params):
+            deltas.append(delta)
+            await asyncio.sleep(0.2)  # the engine runs on meanwhile
+        return deltas
+
+    deltas = run(main())
+    assert len(deltas) < sum(len(r.output_ids) for r in want)
+    for r in want:
+        mine = [d for d in deltas if d.sample_index == r.sample_index]
+        assert [t for d in mine for t in d.token_ids] == r.output_ids
+        assert [lp for d in mine for lp in d.logprobs] == r.output_logprobs
+        assert len([top for d in mine for top in d.top_logprobs]) == len(r.output_ids)
+        assert mine[-1].finish_reason == "length" and [d.finish_reason for d in mine[:-1]] == [None] * (len(mine) - 1)
+
+
 def test_abort_ends_generate_and_cancel_aborts(async_engine):
     params = SamplingParams(max_tokens=200, ignore_eos=True, seed=1)
 

@@ -62,13 +62,21 @@ _END = object()  # a stream's closing item
 
 
 @dataclass
+class _Listener:
+    """A stream's caller: its event loop and the queue its items go to."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+@dataclass
 class _Request:
     """Engine-thread bookkeeping of one request."""
 
     request_id: str
     num_samples: int
     result: concurrent.futures.Future  # -> list[Rollout], sorted by sample index
-    sink: Callable[[object], None] | None  # streams: delivers deltas / an exception / _END on the caller's loop
+    listener: _Listener | None  # streams: where deltas, an exception, or _END go
     samples: list[Sequence] = field(default_factory=list)  # streams only: the live sequences
     sent: list[int] = field(default_factory=list)  # streams only: tokens already delivered per sample
     closed: set[int] = field(default_factory=set)  # streams only: samples whose last delta is out
@@ -86,14 +94,16 @@ def _resolve(fut: concurrent.futures.Future, value: object = None, error: BaseEx
         pass
 
 
-def _thread_safe_sink(loop: asyncio.AbstractEventLoop, deltas: asyncio.Queue) -> Callable[[object], None]:
-    def put(item: object) -> None:
-        try:
-            loop.call_soon_threadsafe(deltas.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-            pass
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
-    return put
+
+def _join(a: RolloutDelta, b: RolloutDelta) -> RolloutDelta:
+    """Two consecutive deltas of one sample as one."""
+    top = None if a.top_logprobs is None else a.top_logprobs + b.top_logprobs
+    return RolloutDelta(a.request_id, a.sample_index, a.token_ids + b.token_ids, a.logprobs + b.logprobs, top,
+                        b.finish_reason, b.rollout)
 
 
 class AsyncEngine:
@@ -108,6 +118,7 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}  # touched by the engine thread only
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}  # engine thread only
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="parity-engine-loop", daemon=True)
@@ -124,7 +135,7 @@ class AsyncEngine:
     ) -> list[Rollout]:
         """The request's `params.n` samples, sorted by sample index. Aborted samples come back partial,
         with finish_reason "abort". Cancelling the awaiting task aborts the request."""
-        request_id, result = self._submit(prompt, params, request_id, sink=None)
+        request_id, result = self._submit(prompt, params, request_id, listener=None)
         try:
             return await asyncio.wrap_future(result)
         except asyncio.CancelledError:
@@ -135,18 +146,30 @@ class AsyncEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RolloutDelta]:
         """Deltas of every sample of the request as steps produce them; ends when all samples have
-        finished (or were aborted). Leaving the loop early aborts the request."""
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
-        request_id, result = self._submit(prompt, params, request_id, sink=_thread_safe_sink(loop, deltas))
+        finished (or were aborted). A reader that falls behind gets the steps it missed joined into one
+        delta per sample, so a busy event loop handles fewer, larger deltas. Leaving the loop early aborts
+        the request."""
+        listener = _Listener(asyncio.get_running_loop(), asyncio.Queue())
+        request_id, result = self._submit(prompt, params, request_id, listener=listener)
         try:
             while True:
-                item = await deltas.get()
-                if item is _END:
+                items = [await listener.queue.get()]
+                while not listener.queue.empty():
+                    items.append(listener.queue.get_nowait())
+                pending: dict[int, RolloutDelta] = {}
+                end = None
+                for item in items:
+                    if item is _END or isinstance(item, BaseException):
+                        end = item
+                        break
+                    before = pending.get(item.sample_index)
+                    pending[item.sample_index] = item if before is None else _join(before, item)
+                for delta in pending.values():
+                    yield delta
+                if isinstance(end, BaseException):
+                    raise end
+                if end is _END:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
         finally:
             if not result.done():
                 self._abort_soon(request_id)
@@ -201,13 +224,14 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._closed
 
-    def _submit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, sink):
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None,
+                listener: _Listener | None):
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         params = params or SamplingParams()
         result: concurrent.futures.Future = concurrent.futures.Future()
-        self._post(lambda: self._add(prompt, params, request_id, result, sink))
+        self._post(lambda: self._add(prompt, params, request_id, result, listener))
         return request_id, result
 
     def _post(self, command: Callable[[], None]) -> None:
@@ -234,10 +258,13 @@ class AsyncEngine:
             for command in commands:
                 if command is None:
                     self._guarded(self._abort_all)
+                    self._flush()
                     return
                 self._guarded(command)
+            self._flush()
             if self.engine.has_unfinished():
                 self._guarded(self._step)
+                self._flush()
 
     @staticmethod
     def _guarded(fn: Callable[[], object]) -> None:
@@ -247,16 +274,15 @@ class AsyncEngine:
         except Exception:
             logger.exception("AsyncEngine: unexpected error on the engine thread")
 
-    def _add(self, prompt: Prompt, params: SamplingParams, request_id: str, result, sink) -> None:
+    def _add(self, prompt: Prompt, params: SamplingParams, request_id: str, result, listener) -> None:
         try:
             self.engine.add_request(prompt, params, request_id=request_id)
         except Exception as e:  # bad input, or an id in flight: this caller alone hears of it
             _resolve(result, error=e)
-            if sink is not None:
-                sink(e)
+            self._emit(listener, e)
             return
-        req = _Request(request_id, params.n, result, sink)
-        if sink is not None:
+        req = _Request(request_id, params.n, result, listener)
+        if listener is not None:
             req.samples = sorted(_queued_samples(self.engine, request_id), key=lambda s: s.sample_index)
             req.sent = [0] * len(req.samples)
         self._requests[request_id] = req
@@ -270,7 +296,7 @@ class AsyncEngine:
         for rollout in finished:
             self._record(rollout)
         for req in list(self._requests.values()):
-            if req.sink is not None:
+            if req.listener is not None:
                 self._send_deltas(req)
 
     def _record(self, rollout: Rollout) -> None:
@@ -283,27 +309,25 @@ class AsyncEngine:
             self._fail(req, RequestFailedError(f"request {req.request_id}: {rollout.error}"))
             return
         req.finished[rollout.sample_index] = rollout
-        if req.sink is not None:
+        if req.listener is not None:
             self._send_deltas(req)
         if len(req.finished) == req.num_samples:
             del self._requests[req.request_id]
             _resolve(req.result, [req.finished[k] for k in sorted(req.finished)])
-            if req.sink is not None:
-                req.sink(_END)
+            self._emit(req.listener, _END)
 
     def _send_deltas(self, req: _Request) -> None:
         for k, seq in enumerate(req.samples):
             done = req.finished.get(seq.sample_index)
-            source = done if done is not None else seq
             start = req.sent[k]
-            if seq.sample_index in req.closed or (done is None and start == len(source.output_ids)):
+            if seq.sample_index in req.closed or (done is None and start == len(seq.output_ids)):
                 continue
-            req.sent[k] = len(source.output_ids)
+            req.sent[k] = len(seq.output_ids)
             if done is not None:
                 req.closed.add(seq.sample_index)
-            top = source.top_logprobs[start:] if seq.params.logprobs is not None and source.top_logprobs else None
-            req.sink(RolloutDelta(req.request_id, seq.sample_index, source.output_ids[start:],
-                                  source.output_logprobs[start:], top, done.finish_reason if done else None, done))
+            top = seq.top_logprobs[start:] if seq.params.logprobs is not None else None
+            self._emit(req.listener, RolloutDelta(req.request_id, seq.sample_index, seq.output_ids[start:],
+                                                  seq.output_logprobs[start:], top, done and done.finish_reason, done))
 
     def _abort(self, request_id: str) -> list[Rollout]:
         if request_id not in self._requests:
@@ -331,11 +355,22 @@ class AsyncEngine:
             error.__cause__ = cause
             self._fail(req, error)
 
-    @staticmethod
-    def _fail(req: _Request, error: Exception) -> None:
+    def _fail(self, req: _Request, error: Exception) -> None:
         _resolve(req.result, error=error)
-        if req.sink is not None:
-            req.sink(error)
+        self._emit(req.listener, error)
+
+    def _emit(self, listener: _Listener | None, item: object) -> None:
+        """Queue an item for a stream; `_flush` hands each event loop its items in one call per step."""
+        if listener is not None:
+            self._outbox.setdefault(listener.loop, []).append((listener.queue, item))
+
+    def _flush(self) -> None:
+        for loop, items in self._outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that caller's loop is closed: nobody is listening any more
+                pass
+        self._outbox = {}
 
 
 def _queued_samples(engine: Engine, request_id: str) -> list[Sequence]:
