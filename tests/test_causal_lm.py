@@ -186,11 +186,30 @@ def _fsdp_worker(rank: int, model_dir: str) -> dict:
         with torch.no_grad():
             out[dtype] = model(ids[:, :6] % model.config.vocab_size, attention_mask=mask[:, :6]).logits
         out[f"{dtype}_saved"] = model.hf_state_dict()  # gathered from both shards
+    out["trained"] = _sgd_step(ParityForCausalLM.from_pretrained(model_dir, FAST_FP32, device="cpu"), [rank], mesh)
     return out
+
+
+def _sgd_step(model: ParityForCausalLM, seeds: list[int], mesh=None) -> dict[str, torch.Tensor]:
+    """One SGD step with gradient checkpointing on the mean loss of `seeds`' batches (FSDP: this rank's batch;
+    it averages the gradients over the ranks). The HF-named weights after it."""
+    model.gradient_checkpointing_enable()
+    if mesh is not None:
+        model.fully_shard(mesh=mesh)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for seed in seeds:
+        ids, mask, _ = padded_batch(model.config.vocab_size, seed=10 + seed)
+        losses.append(model(ids, attention_mask=mask, labels=ids).loss)
+    (sum(losses) / len(losses)).backward()
+    opt.step()
+    return model.hf_state_dict()
 
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_bit_for_bit(llama_dir, tmp_path):
+    """Forward (deterministic, fp32 and bf16 with float32 master weights): bit for bit. A training step: to rounding."""
     ranks = run_ranks(_fsdp_worker, 2, tmp_path, llama_dir)
     ids, mask, _ = padded_batch(384, seed=6)
     for dtype in ("fp32", "bf16"):
@@ -202,6 +221,13 @@ def test_fsdp2_two_processes_equal_one_bit_for_bit(llama_dir, tmp_path):
             assert torch.equal(r[dtype], want), dtype
             assert r[f"{dtype}_saved"].keys() == state.keys()
             assert all(torch.equal(r[f"{dtype}_saved"][k], v) for k, v in state.items())
+    # Training under FSDP2 (gradient checkpointing on): one step equals one process's on both ranks' batches.
+    initial = ParityForCausalLM.from_pretrained(llama_dir, FAST_FP32, device="cpu").hf_state_dict()
+    trained = _sgd_step(ParityForCausalLM.from_pretrained(llama_dir, FAST_FP32, device="cpu"), [0, 1])
+    for r in ranks:
+        for name, tensor in trained.items():
+            torch.testing.assert_close(r["trained"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert max(float((trained[n] - initial[n]).abs().max()) for n in trained) > 1e-3  # the step moved the weights
 
 
 # ------------------------------------------------------------------------------ master weights
