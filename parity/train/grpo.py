@@ -13,6 +13,11 @@ One step, with the phase each metric's time belongs to:
 With `sleep_level`, the engine sleeps from the end of the rollout until the sync (vLLM's order:
 wake weights, update, wake KV cache), and the freed memory is logged.
 
+The trainer (`trainer.model`): the HF transformers model in float32 under `optim.mixed_precision` autocast, or
+parity's own decoder (`ParityForCausalLM`, a copy of the engine's model: same dtype, policy, weights, RoPE tables;
+float32 master weights in `MasterWeightAdamW`) with the engine in deterministic mode, whose logprob phase gives
+the rollout's logprobs bit for bit (mismatch exactly 0) and whose sync hands over HF-named views of its weights.
+
 Prompts are the task's (`Task.prompt`: bare text, or with `task.chat` a user message through the chat
 template), encoded by the engine for rollouts, the warm-start and the evaluation alike. With `eval.enabled`,
 greedy accuracy on the whole held-out split is measured before the warm-start, after it, every
@@ -160,12 +165,9 @@ class GRPOTrainer:
                              f"{self.config.optim.mixed_precision})")
         return model
 
-    def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
-
     def _synced_model(self):
         """What the engine reads weights from: the HF model, or parity's decoder (HF-named views, no renaming)."""
-        model = self._unwrapped()
+        model = self.accelerator.unwrap_model(self.model)
         return model.model if isinstance(model, ParityForCausalLM) else model
 
     def _grad_params(self) -> list[torch.Tensor]:
@@ -176,7 +178,8 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------ warm start
     def _warm_start(self, model) -> float:
-        """A few supervised steps (AdamW, float32 weights) on a noisy teacher's answers, so RL starts with some reward."""
+        """A few supervised steps (AdamW on float32 weights or masters) on a noisy teacher's answers, so RL starts
+        with some reward."""
         ws = self.config.warmstart
         optimizer = _adamw(model, lr=ws.lr)  # with torch's default weight decay (0.01)
         model.train()
