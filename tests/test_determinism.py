@@ -180,6 +180,7 @@ def test_invariant_attention_same_bits_from_paged_cache_and_packed_batch():
             max_query_len=end - start, max_seq_len=end, query_start_loc_cpu=[0, end - start], seq_lens_cpu=[end],
             block_tables=table, slot_mapping=torch.tensor(slots),
         )
+        reference.store_kvcache(k[start:end], v[start:end], k_cache, v_cache, meta.slot_mapping)
         out.append(invariant.attention(q[start:end], k[start:end], v[start:end], (k_cache, v_cache), meta, 0.25))
     assert torch.equal(torch.cat(out), packed[:20])
 

@@ -24,6 +24,7 @@ from parity.kernels import reference  # noqa: E402
 from parity.kernels.metadata import AttentionMetadata  # noqa: E402
 from parity.kernels.triton import invariant as ti  # noqa: E402
 from parity.kernels.triton import invariant_autograd as tia  # noqa: E402
+from parity.kernels.triton.attention import store_kvcache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -93,6 +94,7 @@ def test_attention_same_bits_from_paged_cache_and_packed_batch(dtype):
             seq_lens_cpu=[end, other_end], block_tables=tables, slot_mapping=torch.tensor(slots, device=DEVICE),
         )
         rows = torch.cat([torch.arange(start, end), lens[0] + torch.arange(other_done, other_end)]).to(DEVICE)
+        store_kvcache(k[rows], v[rows], k_cache, v_cache, meta.slot_mapping)
         step = ti.attention(q[rows], k[rows], v[rows], (k_cache, v_cache), meta, head_dim**-0.5)
         out.append(step[: q_lens[0]])
         other_done = other_end
@@ -109,7 +111,9 @@ def test_attention_padding_rows_give_zeros():
         slot_mapping=torch.tensor([2, -1], device=DEVICE),
     )
     q, k = _randn(2, 4, 16), _randn(2, 2, 16, seed=1)
-    out = ti.attention(q, k, k, (k_cache, k_cache.clone()), meta, 0.25)
+    v_cache = k_cache.clone()
+    store_kvcache(k, k, k_cache, v_cache, meta.slot_mapping)
+    out = ti.attention(q, k, k, (k_cache, v_cache), meta, 0.25)
     assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros_like(out[1]))
 
 

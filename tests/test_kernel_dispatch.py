@@ -11,8 +11,8 @@ import torch
 
 from parity.kernels import dispatch
 
-OPS = ("linear", "linear_fp32", "rms_norm", "apply_rotary", "silu_and_mul", "attention", "log_softmax",
-       "gumbel_argmax")
+OPS = ("linear", "linear_fp32", "rms_norm", "apply_rotary", "rope_and_cache", "silu_and_mul", "attention",
+       "log_softmax", "gumbel_argmax")
 
 
 def test_table_covers_every_cell_with_the_whole_op_set():

@@ -106,6 +106,47 @@ def test_rotary_matches_reference(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_rope_and_cache_fused_matches_reference(device, dtype, qk_norm):
+    """One kernel for Qwen3's per-head q/k norm, RoPE and the cache write (strided q/k/v views of the fused
+    projection, a padding slot -1) against the reference doing the three steps in float64 and in the same dtype."""
+    gen = torch.Generator().manual_seed(12)
+    tokens, heads, kv_heads, head_dim, blocks, block_size = (6, 4, 2, 32, 4, 4) if device == "cpu" else \
+        (300, 16, 8, 128, 64, 16)
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device, gen=gen)
+    q, k, v = (t.reshape(tokens, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                                    kv_heads * head_dim], dim=-1))
+    angles = torch.rand(tokens, head_dim // 2, generator=gen) * 100
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+    weights = [(1 + 0.2 * randn(head_dim, dtype=torch.float32, device="cpu", gen=gen)).to(device, dtype)
+               for _ in range(2)] if qk_norm else [None, None]
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
+    slots[1] = -1
+    slots = slots.to(device)
+    poison = randn(blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device, gen=gen)
+    caches = {name: (poison.clone(), poison.clone()) for name in ("fused", "same", "f64")}
+    q_out, k_out = te.rope_and_cache(q, k, v, cos, sin, *weights, 1e-6, caches["fused"], slots)
+    q_same, k_same = reference.rope_and_cache(q, k, v, cos, sin, *weights, 1e-6, caches["same"], slots)
+    w64 = [None if w is None else w.double() for w in weights]
+    f64 = tuple(c.double() for c in caches["f64"])
+    q_ref, k_ref = reference.rope_and_cache(q.double(), k.double(), v.double(), cos.double(), sin.double(), *w64,
+                                            1e-6, f64, slots)
+    chained = 2 if qk_norm else 1  # two rounded ops (norm, then RoPE) against float64
+    assert max(rel_err(q_out, q_ref), rel_err(k_out, k_ref)) < chained * TOL[dtype]
+    assert max(rel_err(q_out, q_same), rel_err(k_out, k_same)) < chained * same_rounding_tol(dtype, device)
+    kept = slots >= 0
+    flat = [c.view(-1, kv_heads, head_dim) for c in (*caches["fused"], *caches["same"])]
+    assert torch.equal(flat[0][slots[kept]], k_out[kept]) and torch.equal(flat[1][slots[kept]], v[kept])
+    untouched = torch.ones(blocks * block_size, dtype=torch.bool, device=device)
+    untouched[slots[kept]] = False
+    assert torch.equal(flat[0][untouched], flat[2][untouched]) and torch.equal(flat[1][untouched], flat[3][untouched])
+    q_nc, k_nc = te.rope_and_cache(q, k, v, cos, sin, *weights, 1e-6, None, None)  # no cache: the same q, k
+    assert torch.equal(q_nc, q_out) and torch.equal(k_nc, k_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(device, dtype):
     gen = torch.Generator().manual_seed(4)
     tokens, inter = (5, 200) if device == "cpu" else (300, 3072)

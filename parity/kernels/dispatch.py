@@ -91,6 +91,12 @@ class Kernels:
     def silu_and_mul(self, x):
         return implementation(self.mode, x).silu_and_mul(x)
 
+    def rope_and_cache(self, q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping):
+        """Per-head RMSNorm of q and k (when the weights are given), RoPE, and k/v written into the paged cache
+        (if any); returns the rotated (q, k)."""
+        impl = implementation(self.mode, q, k, v, cos, sin, q_weight, k_weight)
+        return impl.rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping)
+
     def attention(
         self,
         q: torch.Tensor,
@@ -100,7 +106,8 @@ class Kernels:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        """Write k/v into the cache (if any), then attend. Without a cache: causal within each sequence."""
+        """Attend over the paged cache (`rope_and_cache` wrote this step's k/v) or, without a cache, causally
+        within each packed sequence."""
         return implementation(self.mode, q, k, v).attention(q, k, v, kv_cache, meta, scale)
 
     def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:

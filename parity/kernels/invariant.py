@@ -127,8 +127,8 @@ def _attend_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write k/v into the cache (if any), then attend, with the same per-query key order for the
-    paged cache (prefill chunks, decode) and the packed trainer batch (no cache)."""
+    """Attend over the paged cache (holding this step's k/v already) or within the packed sequences, with the
+    same per-query key order for the paged cache (prefill chunks, decode) and the packed trainer batch."""
     starts = meta.query_start_loc_cpu
     rows: list[torch.Tensor] = []
     if kv_cache is None:
@@ -137,7 +137,6 @@ def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch
             rows += _attend_sequence(q[s:e], k[s:e], v[s:e], scale)
     else:
         k_cache, v_cache = kv_cache
-        reference.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         for i in range(meta.num_seqs):
             if starts[i + 1] == starts[i]:
                 continue
@@ -147,3 +146,6 @@ def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch
     if out.shape[0] != q.shape[0]:  # rows past the last sequence (padding) attend to nothing
         out = torch.cat([out, torch.zeros_like(q[out.shape[0] :])])
     return out
+
+
+rope_and_cache = reference.rope_and_cache_from(rms_norm, apply_rotary, reference.store_kvcache)

@@ -129,21 +129,37 @@ def varlen_attention(
     return out
 
 
-def attention_from(store_kvcache, paged_attention, varlen_attention):
-    """An implementation's `attention` from its cache write, paged attention and packed attention."""
+def attention_from(paged_attention, varlen_attention):
+    """An implementation's `attention` from its paged attention and its packed attention."""
 
     def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """Write k/v into the cache (if any), then attend. Without a cache: causal within each sequence."""
+        """Attend over the paged cache, which already holds this step's k/v (`rope_and_cache` wrote them);
+        without a cache, causally within each packed sequence of k/v."""
         if kv_cache is None:
             return varlen_attention(q, k, v, meta, scale)
-        k_cache, v_cache = kv_cache
-        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, meta, scale)
+        return paged_attention(q, *kv_cache, meta, scale)
 
     return attention
 
 
-attention = attention_from(store_kvcache, paged_attention, varlen_attention)
+def rope_and_cache_from(rms_norm, apply_rotary, store_kvcache):
+    """An implementation's `rope_and_cache` from its RMSNorm, RoPE and cache write."""
+
+    def rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping):
+        """Per-head RMSNorm of q and k (Qwen3; skipped when the weights are None), RoPE, then k/v written into
+        the paged cache (if any) at `slot_mapping` (-1: skip). Returns the rotated (q, k)."""
+        if q_weight is not None:
+            q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+        q, k = apply_rotary(q, k, cos, sin)
+        if kv_cache is not None:
+            store_kvcache(k, v, *kv_cache, slot_mapping)
+        return q, k
+
+    return rope_and_cache
+
+
+attention = attention_from(paged_attention, varlen_attention)
+rope_and_cache = rope_and_cache_from(rms_norm, apply_rotary, store_kvcache)
 
 
 # ------------------------------------------------------------------------------ Gumbel-max sampling

@@ -72,9 +72,10 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.kernels.apply_rotary(q, k, cos, sin)
+        # Qwen3's per-head q/k norm, RoPE and the KV-cache write: one kernel in fast mode on CUDA.
+        q_norm, k_norm = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        eps = None if self.q_norm is None else self.q_norm.eps
+        q, k = self.kernels.rope_and_cache(q, k, v, cos, sin, q_norm, k_norm, eps, kv_cache, meta.slot_mapping)
         out = self.kernels.attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 

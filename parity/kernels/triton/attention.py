@@ -320,4 +320,4 @@ def varlen_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Te
     return out
 
 
-attention = reference.attention_from(store_kvcache, paged_attention, varlen_attention)
+attention = reference.attention_from(paged_attention, varlen_attention)

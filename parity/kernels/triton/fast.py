@@ -1,5 +1,6 @@
-"""Fast mode on CUDA without autograd: Triton kernels for the norm, RoPE, SiLU, attention and sampling;
-cuBLAS (torch) for the matmuls and the log-softmax. Same signatures as `reference.py`."""
+"""Fast mode on CUDA without autograd: Triton kernels for the norm, RoPE (fused with the per-head q/k norm
+and the KV-cache write), SiLU, attention and sampling; cuBLAS (torch) for the matmuls and the log-softmax.
+Same signatures as `reference.py`."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import torch
 from parity.kernels import reference
 from parity.kernels.reference import linear, log_softmax
 from parity.kernels.triton.attention import attention
-from parity.kernels.triton.elementwise import apply_rotary, silu_and_mul
+from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "attention", "gumbel_argmax", "linear", "linear_fp32", "log_softmax", "rms_norm",
-           "silu_and_mul"]
+           "rope_and_cache", "silu_and_mul"]
 
 _MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=) on CUDA exists from torch 2.8; older builds upcast instead
 

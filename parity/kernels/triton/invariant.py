@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton.attention import _dot, prefill, store_kvcache
 from parity.kernels.triton.elementwise import apply_rotary, silu_and_mul
@@ -34,7 +35,11 @@ from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "attention", "gumbel_argmax", "linear", "linear_fp32", "log_softmax", "rms_norm",
-           "silu_and_mul"]
+           "rope_and_cache", "silu_and_mul"]
+
+# The separate norm and RoPE kernels, not the fused one of fast mode: the trainer's forward under autograd runs
+# these same kernels, so engine and trainer get the same bits.
+rope_and_cache = reference.rope_and_cache_from(rms_norm, apply_rotary, store_kvcache)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -126,13 +131,13 @@ def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tab
 
 
 def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write k/v into the paged cache (if any), then attend; one kernel and key order for every layout."""
+    """Attend over the paged cache (holding this step's k/v already) or within the packed sequences; one kernel
+    and key order for every layout."""
     if kv_cache is None:
         # Contiguous [T, KV, D] K/V have the cache's strides, so Triton lays out (and reduces) the key
         # tiles of both paths the same way: its layouts follow the pointers' alignment and contiguity.
         return _attention_forward(q, k.contiguous(), v.contiguous(), meta, scale, None, 1)
     k_cache, v_cache = kv_cache
-    store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     return _attention_forward(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta, scale, meta.block_tables,
                               k_cache.shape[1])
 

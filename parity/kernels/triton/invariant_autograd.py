@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from parity.kernels import autograd
+from parity.kernels import autograd, reference
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton import invariant
+from parity.kernels.triton.attention import store_kvcache
 from parity.kernels.triton.invariant import gumbel_argmax
 
 __all__ = ["apply_rotary", "attention", "gumbel_argmax", "linear", "linear_fp32", "log_softmax", "rms_norm",
-           "silu_and_mul"]
+           "rope_and_cache", "silu_and_mul"]
 
 
 class _Linear(torch.autograd.Function):
@@ -66,6 +67,9 @@ def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch
     if kv_cache is not None:
         return invariant.attention(q, k, v, kv_cache, meta, scale)
     return autograd.packed_attention(invariant.attention, q, k, v, meta, scale)
+
+
+rope_and_cache = reference.rope_and_cache_from(rms_norm, apply_rotary, store_kvcache)
 
 
 class _LogSoftmax(torch.autograd.Function):
