@@ -174,6 +174,29 @@ def test_a_slow_reader_gets_the_missed_steps_joined(offline, async_engine):
         assert mine[-1].finish_reason == "length" and [d.finish_reason for d in mine[:-1]] == [None] * (len(mine) - 1)
 
 
+def test_abort_one_sample_then_continue_it(offline, async_engine):
+    prompt = [9, 10, 11, 12, 13]
+    params = SamplingParams(n=2, max_tokens=40, ignore_eos=True, seed=31)
+    full = offline.generate([prompt], params)
+
+    async def main():
+        seen = 0
+        async for delta in async_engine.stream(prompt, params, request_id="pair"):
+            seen += len(delta.token_ids) if delta.sample_index == 1 else 0
+            if seen >= 4 and delta.sample_index == 1 and delta.finish_reason is None:
+                (cut,) = await async_engine.abort("pair", sample_index=1)
+            if delta.rollout is not None and delta.sample_index == 0:
+                first = delta.rollout
+        (resumed,) = await async_engine.generate(None, SamplingParams(max_tokens=40, ignore_eos=True), continue_from=cut)
+        return first, cut, resumed
+
+    first, cut, resumed = run(main())
+    same(first, full[0])
+    assert cut.finish_reason == "abort" and cut.sample_index == 1 and 4 <= len(cut.output_ids) < 40
+    assert resumed.request_id == "pair" and resumed.output_ids[: len(cut.output_ids)] == cut.output_ids
+    same(resumed, full[1])
+
+
 def test_abort_ends_generate_and_cancel_aborts(async_engine):
     params = SamplingParams(max_tokens=200, ignore_eos=True, seed=1)
 
@@ -193,6 +216,38 @@ def test_abort_ends_generate_and_cancel_aborts(async_engine):
     partial, usage = run(main())
     assert partial.finish_reason == "abort" and len(partial.output_ids) < 200
     assert usage == (False, 0)
+
+
+@pytest.mark.parametrize("in_flight", ["keep", "recompute"])
+def test_weight_update_between_steps_while_a_request_streams(llama_dir, async_engine, in_flight):
+    """An update is applied at a step boundary while a request streams; its tokens record the version that
+    sampled them, and later requests see the new weights."""
+    donor = make_engine(llama_dir)
+    with torch.no_grad():
+        for p in donor.model.parameters():
+            p.mul_(0.5)
+    new_weights = {name: t.clone() for name, t in hf_named_weights(donor.model)}
+    prompt = [5, 9, 13, 17]
+    params = SamplingParams(max_tokens=40, ignore_eos=True, seed=11)
+    (want_new,) = donor.generate([prompt], params)
+
+    async def main():
+        versions, streamed = [], []
+        async for delta in async_engine.stream(prompt, params, request_id="running"):
+            streamed += delta.weight_versions
+            if not versions:
+                versions.append(await async_engine.update_weights(new_weights, in_flight=in_flight))
+            if delta.rollout is not None:
+                running = delta.rollout
+        (after,) = await async_engine.generate(prompt, params)
+        return versions[0], running, after, streamed
+
+    stats, running, after, streamed = run(main())
+    assert stats.weight_version == 1
+    assert running.output_weight_versions[0] == 0 and running.output_weight_versions[-1] == 1
+    assert streamed == running.output_weight_versions == sorted(running.output_weight_versions)
+    assert after.weight_version == 1 and set(after.output_weight_versions) == {1}
+    same(after, want_new)
 
 
 def test_weight_update_at_a_step_boundary(llama_dir, async_engine):

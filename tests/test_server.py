@@ -213,6 +213,24 @@ def test_control_routes_update_sleep_wake_abort(client, http, tmp_path, llama_di
     assert http.post("/abort", json={"request_id": "long-one"}).json()["num_aborted"] == 0
 
 
+def test_weights_update_while_a_request_streams(client, http, tmp_path, llama_dir):
+    other = write_tiny_model(tmp_path / "other", TinyModelSpec(seed=5))
+    before = http.get("/weight_version").json()["weight_version"]
+    stream = client.completions.create(model=MODEL, prompt=[3, 4, 5], max_tokens=60, stream=True,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    versions, updated = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            versions += c.weight_versions
+        if len(versions) >= 3 and updated is None:
+            updated = http.post("/update_weights", json={"path": str(other), "in_flight": "keep"})
+    assert updated.status_code == 200 and updated.json()["weight_version"] == before + 1
+    assert versions[0] == before and versions[-1] == before + 1 and versions == sorted(versions)
+    refused = http.post("/update_weights", json={"path": str(llama_dir), "in_flight": "sometimes"})
+    assert refused.status_code == 400 and "in_flight" in refused.json()["error"]["message"]
+    assert http.post("/update_weights", json={"path": str(llama_dir)}).json()["weight_version"] == before + 2
+
+
 def test_multi_turn_tool_conversation_reuses_the_prefix_cache(client, llama_dir):
     spec = importlib.util.spec_from_file_location("multi_turn_tools", ROOT / "examples" / "multi_turn_tools.py")
     example = importlib.util.module_from_spec(spec)

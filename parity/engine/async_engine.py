@@ -31,6 +31,8 @@ from typing import TypeVar
 from parity.engine.engine import Engine, Prompt
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Logprob, Rollout, Sequence
+from parity.engine.sleep import SleepStats, WakeStats
+from parity.engine.weight_sync import WeightSource, WeightSyncStats
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class RolloutDelta:
     sample_index: int
     token_ids: list[int]
     logprobs: list[float]
+    weight_versions: list[int]  # the weight version that sampled each token
     top_logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     rollout: Rollout | None = None
@@ -102,8 +105,8 @@ def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
 def _join(a: RolloutDelta, b: RolloutDelta) -> RolloutDelta:
     """Two consecutive deltas of one sample as one."""
     top = None if a.top_logprobs is None else a.top_logprobs + b.top_logprobs
-    return RolloutDelta(a.request_id, a.sample_index, a.token_ids + b.token_ids, a.logprobs + b.logprobs, top,
-                        b.finish_reason, b.rollout)
+    return RolloutDelta(a.request_id, a.sample_index, a.token_ids + b.token_ids, a.logprobs + b.logprobs,
+                        a.weight_versions + b.weight_versions, top, b.finish_reason, b.rollout)
 
 
 class AsyncEngine:
@@ -131,11 +134,13 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------- caller side
     async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt | None, params: SamplingParams | None = None, request_id: str | None = None,
+        continue_from: Rollout | None = None,
     ) -> list[Rollout]:
         """The request's `params.n` samples, sorted by sample index. Aborted samples come back partial,
-        with finish_reason "abort". Cancelling the awaiting task aborts the request."""
-        request_id, result = self._submit(prompt, params, request_id, listener=None)
+        with finish_reason "abort". Cancelling the awaiting task aborts the request. `continue_from` carries
+        an aborted sample on (see `Engine.add_request`; prompt None: the rollout's, request id: the rollout's)."""
+        request_id, result = self._submit(prompt, params, request_id, continue_from, listener=None)
         try:
             return await asyncio.wrap_future(result)
         except asyncio.CancelledError:
@@ -143,14 +148,15 @@ class AsyncEngine:
             raise
 
     async def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt | None, params: SamplingParams | None = None, request_id: str | None = None,
+        continue_from: Rollout | None = None,
     ) -> AsyncIterator[RolloutDelta]:
         """Deltas of every sample of the request as steps produce them; ends when all samples have
         finished (or were aborted). A reader that falls behind gets the steps it missed joined into one
         delta per sample, so a busy event loop handles fewer, larger deltas. Leaving the loop early aborts
-        the request."""
+        the request. A continuation's deltas start after the tokens it carries."""
         listener = _Listener(asyncio.get_running_loop(), asyncio.Queue())
-        request_id, result = self._submit(prompt, params, request_id, listener=listener)
+        request_id, result = self._submit(prompt, params, request_id, continue_from, listener=listener)
         try:
             while True:
                 items = [await listener.queue.get()]
@@ -174,23 +180,26 @@ class AsyncEngine:
             if not result.done():
                 self._abort_soon(request_id)
 
-    async def abort(self, request_id: str) -> list[Rollout]:
-        """Stop the request's unfinished samples now and return them (tokens so far, finish_reason
-        "abort"); its `generate` returns and its stream ends. An unknown or finished id returns []."""
-        return await self.call(lambda engine: self._abort(request_id))
+    async def abort(self, request_id: str, sample_index: int | None = None) -> list[Rollout]:
+        """Stop the request's unfinished samples (one, with `sample_index`) now and return them (tokens so
+        far, finish_reason "abort"); once all its samples are over, its `generate` returns and its stream
+        ends. An unknown or finished id returns []."""
+        return await self.call(lambda engine: self._abort(request_id, sample_index))
 
     async def abort_all(self) -> list[Rollout]:
         """Abort every request in flight; return the partial samples."""
         return await self.call(lambda engine: self._abort_all())
 
-    async def update_weights(self, source, **options):
-        """`Engine.update_weights(source, **options)` at the next step boundary; returns its stats."""
-        return await self.call(lambda engine: engine.update_weights(source, **options))
+    async def update_weights(self, source: WeightSource, partial: bool = False, in_flight: str | None = None
+                             ) -> WeightSyncStats:
+        """`Engine.update_weights` at the next step boundary. With requests running, `in_flight` "keep" or
+        "recompute" says what happens to them (None refuses the update while any run)."""
+        return await self.call(lambda engine: engine.update_weights(source, partial=partial, in_flight=in_flight))
 
-    async def sleep(self, level: int = 1):
+    async def sleep(self, level: int = 1) -> SleepStats:
         return await self.call(lambda engine: engine.sleep(level))
 
-    async def wake_up(self, tags: list[str] | None = None):
+    async def wake_up(self, tags: list[str] | None = None) -> WakeStats:
         return await self.call(lambda engine: engine.wake_up(tags))
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
@@ -224,14 +233,15 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._closed
 
-    def _submit(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None,
-                listener: _Listener | None):
+    def _submit(self, prompt: Prompt | None, params: SamplingParams | None, request_id: str | None,
+                continue_from: Rollout | None, listener: _Listener | None):
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
-        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        if request_id is None:
+            request_id = continue_from.request_id if continue_from is not None else uuid.uuid4().hex
         params = params or SamplingParams()
         result: concurrent.futures.Future = concurrent.futures.Future()
-        self._post(lambda: self._add(prompt, params, request_id, result, listener))
+        self._post(lambda: self._add(prompt, params, request_id, continue_from, result, listener))
         return request_id, result
 
     def _post(self, command: Callable[[], None]) -> None:
@@ -274,9 +284,10 @@ class AsyncEngine:
         except Exception:
             logger.exception("AsyncEngine: unexpected error on the engine thread")
 
-    def _add(self, prompt: Prompt, params: SamplingParams, request_id: str, result, listener) -> None:
+    def _add(self, prompt: Prompt | None, params: SamplingParams, request_id: str, continue_from: Rollout | None,
+             result: concurrent.futures.Future, listener: _Listener | None) -> None:
         try:
-            self.engine.add_request(prompt, params, request_id=request_id)
+            self.engine.add_request(prompt, params, request_id=request_id, continue_from=continue_from)
         except Exception as e:  # bad input, or an id in flight: this caller alone hears of it
             _resolve(result, error=e)
             self._emit(listener, e)
@@ -284,7 +295,7 @@ class AsyncEngine:
         req = _Request(request_id, params.n, result, listener)
         if listener is not None:
             req.samples = sorted(_queued_samples(self.engine, request_id), key=lambda s: s.sample_index)
-            req.sent = [0] * len(req.samples)
+            req.sent = [len(seq.output_ids) for seq in req.samples]
         self._requests[request_id] = req
 
     def _step(self) -> None:
@@ -326,13 +337,14 @@ class AsyncEngine:
             if done is not None:
                 req.closed.add(seq.sample_index)
             top = seq.top_logprobs[start:] if seq.params.logprobs is not None else None
-            self._emit(req.listener, RolloutDelta(req.request_id, seq.sample_index, seq.output_ids[start:],
-                                                  seq.output_logprobs[start:], top, done and done.finish_reason, done))
+            self._emit(req.listener, RolloutDelta(
+                req.request_id, seq.sample_index, seq.output_ids[start:], seq.output_logprobs[start:],
+                seq.output_weight_versions[start:], top, done and done.finish_reason, done))
 
-    def _abort(self, request_id: str) -> list[Rollout]:
+    def _abort(self, request_id: str, sample_index: int | None = None) -> list[Rollout]:
         if request_id not in self._requests:
             return []
-        partial = self.engine.abort(request_id)
+        partial = self.engine.abort(request_id, sample_index)
         for rollout in partial:
             self._record(rollout)
         return partial

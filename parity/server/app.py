@@ -243,6 +243,7 @@ class OpenAIServer:
         out = {}
         if req.return_token_ids:
             out["token_ids"] = rollout.output_ids
+            out["weight_versions"] = rollout.output_weight_versions
             if not chat:
                 out["prompt_token_ids"] = rollout.prompt_ids
         if req.prompt_logprobs is not None:
@@ -390,7 +391,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         if not files:
             raise APIError(400, f"path: {req.path!r} is not a directory with .safetensors files", "path")
         tensors = await asyncio.to_thread(lambda: dict(iter_safetensors(files)))  # disk reads off the engine thread
-        stats = await server.engine.update_weights(tensors, partial=req.partial)
+        stats = await server.engine.update_weights(tensors, partial=req.partial, in_flight=req.in_flight)
         return {"weight_version": stats.weight_version, "num_tensors": stats.num_tensors, "seconds": stats.seconds}
 
     @app.get("/weight_version")
@@ -488,6 +489,7 @@ async def _completion_chunks(server: OpenAIServer, req: CompletionRequest, base_
                 choice["stop_reason"] = delta.rollout.stop_reason
             if req.return_token_ids:
                 choice["token_ids"] = delta.token_ids
+                choice["weight_versions"] = delta.weight_versions
                 if first:
                     choice["prompt_token_ids"] = prompts[i].token_ids
             yield {"id": base_id, "object": "text_completion", "created": created, "model": server.model_name,
@@ -522,6 +524,7 @@ async def _chat_chunks(server: OpenAIServer, req: ChatCompletionRequest, base_id
                 choice["logprobs"] = server.chat_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
             if req.return_token_ids:
                 choice["token_ids"] = delta.token_ids
+                choice["weight_versions"] = delta.weight_versions
             if delta.rollout is not None:
                 choice["stop_reason"] = delta.rollout.stop_reason
             yield {**head, "choices": [choice]}

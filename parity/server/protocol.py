@@ -48,7 +48,7 @@ class _SamplingRequest(_Strict):
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=-1)
-    return_token_ids: bool = False  # prompt_token_ids and token_ids in the response (nothing re-tokenized)
+    return_token_ids: bool = False  # prompt_token_ids, token_ids and weight_versions in the response
     request_id: str | None = None  # the id /abort takes; default: a fresh one
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -133,6 +133,7 @@ class UpdateWeightsRequest(_Strict):
 
     path: str
     partial: bool = False  # a subset of the tensors (e.g. the layers that changed)
+    in_flight: Literal["keep", "recompute"] | None = None  # requests running: go on from their K/V, or recompute it
 
 
 class SleepRequest(_Strict):
