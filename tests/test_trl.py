@@ -273,3 +273,15 @@ def test_peft_adapters_merged_for_the_sync_and_engine_sleeps_between_rollouts(ll
     base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     base_lp = hf_logprobs(base, recorder.prompt, recorder.completion, TEMPERATURE)
     assert (recorder.syncs[0]["engine"] - base_lp).abs().max() > 1e-3  # the adapter's contribution reached the engine
+
+
+def test_engine_options_for_a_parity_model_belong_to_its_policy(llama_dir, tmp_path, dataset):
+    from parity.precision.policy import PrecisionPolicy
+    from parity.trainer.causal_lm import ParityForCausalLM
+
+    model = ParityForCausalLM.from_pretrained(llama_dir, policy=PrecisionPolicy("fp32", deterministic=True),
+                                              device="cpu", max_positions=64)
+    with pytest.raises(TRLIntegrationError, match="own precision policy"):
+        ParityGRPOTrainer(model=model, reward_funcs=length_reward, args=grpo_args(tmp_path, gradient_checkpointing=False),
+                          train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(llama_dir),
+                          parity=ParityRolloutConfig(dtype="bf16"))

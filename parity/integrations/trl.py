@@ -167,6 +167,11 @@ def peft_merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 def _engine_policy(trainer, model: nn.Module, options: ParityRolloutConfig) -> PrecisionPolicy:
     decoder = _parity_decoder(model)
     if decoder is not None:
+        if options.dtype is not None or options.deterministic or not options.logits_fp32:
+            raise TRLIntegrationError(
+                "with a ParityForCausalLM the engine runs the model's own precision policy; set dtype, deterministic "
+                "and logits_fp32 in ParityForCausalLM.from_pretrained(policy=...), not in ParityRolloutConfig"
+            )
         return PrecisionPolicy.of_model(decoder)
     dtype = options.dtype
     if dtype is None:
@@ -296,7 +301,8 @@ def _parity_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep
     for start in range(0, input_ids.size(0), batch_size):
         ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size].bool()
         keep = mask[:, -logits_to_keep:]
-        logits = model(input_ids=ids, attention_mask=mask.long(), logits_to_keep=logits_to_keep + 1).logits[:, :-1]
+        with torch.autocast(ids.device.type, enabled=False):  # the model's policy sets every dtype, as in the engine
+            logits = model(input_ids=ids, attention_mask=mask.long(), logits_to_keep=logits_to_keep + 1).logits[:, :-1]
         rows = logits[keep]  # real completion positions, sequence by sequence
         history = None
         if shapes_logits([params]):
