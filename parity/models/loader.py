@@ -95,7 +95,6 @@ def load(
     device: str | torch.device | None = None,
     max_positions: int | None = None,
     *,
-    gguf_file: str | None = None,
     build: ModelBuilder = DecoderModel,
     weight_map: Callable[[DecoderModel], WeightMap] | None = None,
 ) -> LoadedModel:
@@ -105,7 +104,7 @@ def load(
     `device` to CUDA when present. `weight_map(model)` says where each tensor lands (default: the whole
     tensor into `WeightMap(model, config)`; tensor parallelism passes one that copies only its shard).
     """
-    checkpoint = Checkpoint.resolve(path, gguf_file)
+    checkpoint = Checkpoint.resolve(path)
     cfg = checkpoint.config
     if max_positions is not None and max_positions < 1:
         raise ValueError(f"max_positions must be >= 1, got {max_positions}")
