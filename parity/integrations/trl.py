@@ -36,7 +36,8 @@ so they share the prompt's KV blocks; completions come back in TRL's order.
 Which logprob: the engine's `output_logprobs`, the log-probability under the distribution each token was
 sampled from (after penalties, temperature and top-k/top-p/min-p): vLLM's `processed_logprobs`, which is
 what TRL starts vLLM with. TRL scores tokens with a full-vocabulary softmax at the same temperature, so with
-top-k/top-p/min-p filters its ratio carries the bias TRL's vLLM path has too (see REFERENCE: vLLM 42259).
+top-k/top-p/min-p filters or penalties its ratio carries the bias TRL's vLLM path has too (vLLM's processed
+logprobs are renormalised over the kept set); exact mode below applies the same processing on both sides.
 
 Exact on-policy mode: train parity's own model (`parity.trainer.causal_lm.ParityForCausalLM`, deterministic
 policy). The engine then runs the model's precision policy, and the trainer's logprobs, both the no-grad
