@@ -115,13 +115,11 @@ class _TextStream:
 class OpenAIServer:
     """The routes' shared state: the engine, the served name, the tokenizer copy, and the ids in flight."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None = None):
+    def __init__(self, engine: AsyncEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
-        self.api_key = api_key
         self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
         self.max_model_len = engine.engine.max_model_len
-        self.vocab_size = engine.engine.model_config.vocab_size
         self.created = int(time.time())
         self.in_flight: dict[str, list[str]] = {}  # API request id -> engine request ids
 
@@ -272,7 +270,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. The app owns the engine: when it shuts down
     (uvicorn stops), the engine is shut down and released."""
-    server = OpenAIServer(engine, model_name, api_key)
+    server = OpenAIServer(engine, model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
