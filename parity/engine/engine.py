@@ -375,6 +375,8 @@ class Engine:
         on first in line: aborted samples continue where they stopped (`continue_from`), finished ones
         count as done. Nothing decoded is thrown away when partial rollouts are carried from call to call.
         """
+        if isinstance(prompts, str) or not isinstance(prompts, Seq):
+            raise ValueError(f"generate_groups() takes a list of prompts, got {type(prompts).__name__}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"generate_groups() takes one SamplingParams for every group, got {type(params).__name__}")
         num_carried_groups = len({r.request_id for r in carried})
@@ -396,15 +398,17 @@ class Engine:
         except Exception:
             self.scheduler.abort()
             raise
-        complete: list[list[Rollout]] = []
-        for request_id in [k for k, v in done.items() if len(v) == params.n]:
-            complete.append(sorted(done.pop(request_id), key=lambda r: r.sample_index))
+        def by_sample(request_id: str) -> list[Rollout]:
+            return sorted(done.pop(request_id), key=lambda r: r.sample_index)
+
+        ready = [k for k, v in done.items() if len(v) == params.n][:wanted]  # groups carried whole
+        complete = [by_sample(request_id) for request_id in ready]
         while len(complete) < wanted and self.scheduler.has_unfinished():
             for r in self._step_or_raise():
                 group = done.setdefault(r.request_id, [])
                 group.append(r)
                 if len(group) == params.n and len(complete) < wanted:
-                    complete.append(sorted(done.pop(r.request_id), key=lambda r: r.sample_index))
+                    complete.append(by_sample(r.request_id))
         partial = [r for group in done.values() for r in group] + self.abort_all()
         return complete, sorted(partial, key=lambda r: (r.prompt_index, r.request_id, r.sample_index))
 
