@@ -285,3 +285,34 @@ def test_engine_options_for_a_parity_model_belong_to_its_policy(llama_dir, tmp_p
         ParityGRPOTrainer(model=model, reward_funcs=length_reward, args=grpo_args(tmp_path, gradient_checkpointing=False),
                           train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(llama_dir),
                           parity=ParityRolloutConfig(dtype="bf16"))
+
+
+def _ddp_worker(rank: int, model_dir: str, out_dir: str) -> dict:
+    """One rank of a 2-process DDP run (gloo): TRL splits the batch, each rank samples with its own engine."""
+    prompts = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(16)]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = grpo_args(out_dir, max_steps=2, per_device_train_batch_size=4, num_generations=4, ddp_backend="gloo")
+    trainer = ParityGRPOTrainer(model=model, reward_funcs=length_reward, args=args, processing_class=tokenizer,
+                                train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+    recorder = Recorder(trainer, tokenizer)
+    trainer.train()
+    return {"wrapper": type(trainer.model_wrapped).__name__, "seed": trainer.engine.config.seed,
+            "syncs": [(s["version"], s["engine"], s["trainer"]) for s in recorder.syncs],
+            "prompts": [g["prompt_ids"] for g in recorder.generations]}
+
+
+@pytest.mark.slow
+def test_ddp_one_engine_per_process_synced_from_the_replica(llama_dir, tmp_path):
+    from test_distributed import run_ranks
+
+    ranks = run_ranks(_ddp_worker, 2, tmp_path, llama_dir, str(tmp_path))
+    assert [r["wrapper"] for r in ranks] == ["DistributedDataParallel"] * 2
+    assert ranks[0]["seed"] != ranks[1]["seed"]  # per-process sampling streams, as TRL seeds its colocated vLLM
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank's engine generates its own share
+    for r in ranks:
+        assert [v for v, _, _ in r["syncs"]] == [1, 2]
+        for _, engine_lp, trainer_lp in r["syncs"]:
+            torch.testing.assert_close(engine_lp, trainer_lp, rtol=0, atol=2e-5)
+    for (_, a, _), (_, b, _) in zip(ranks[0]["syncs"], ranks[1]["syncs"]):
+        assert torch.equal(a, b)  # the DDP replicas' weights, bit for bit in both engines
