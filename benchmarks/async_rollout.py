@@ -153,6 +153,7 @@ def main() -> None:
         args.steps = 2
         spec, device, prompt_lens = SMOKE, "cpu", (4, 12)
     args.out.mkdir(parents=True, exist_ok=True)
+    out_file = args.out / "async_rollout.json"
     clock = Clock(torch.device(device))
     results: dict = {**run_env(device, args), "spec": asdict(spec)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,6 +170,7 @@ def main() -> None:
             stream = iter(random_prompts(10_000, vocab, *prompt_lens, seed=1))  # every mode sees the same prompts
             results[mode] = run_mode(mode, engine, trainer, stream, params, args, clock)
             free_memory(device)
+            out_file.write_text(json.dumps(results, indent=1))  # what is done so far survives a timeout
         if "plain" in results:
             base = results["plain"]["seconds_per_step"]
             results["speedup_seconds_per_step"] = {m: base / results[m]["seconds_per_step"] for m in args.modes}
@@ -180,7 +182,7 @@ def main() -> None:
                                       for m in ("keep", "recompute")]
         print(json.dumps(results["inflight_update"], indent=1), flush=True)
         results["kv_blocks_used_at_end"] = engine.kv_cache_usage()["used_blocks"]
-    (args.out / "async_rollout.json").write_text(json.dumps(results, indent=1))
+    out_file.write_text(json.dumps(results, indent=1))
     print(json.dumps({k: results.get(k) for k in ("speedup_seconds_per_step", "speedup_trained_tokens_per_s")}))
 
 
