@@ -147,8 +147,6 @@ class TrainConfig:
             raise ValueError(f"sleep_level must be 0 (off), 1 or 2, got {self.sleep_level}")
         if self.eval.enabled and self.task.holdout_fraction == 0.0:
             raise ValueError("eval.enabled needs a held-out split: set task.holdout_fraction > 0")
-        if self.engine.dtype != "auto":
-            resolve_dtype(self.engine.dtype)  # fail at load time, not after the model is written
         if self.trainer.model == "parity":
             self._check_parity_trainer()
 
