@@ -83,8 +83,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 SUPPORTED_TRL = ("1.16", "2")  # [low, high)
 # vLLM SamplingParams keys that parity fills itself (one sample per call, the sampled token's logprob).
 _MANAGED_KEYS = ("n", "logprobs")
-# vLLM options whose neutral value changes nothing, so they pass even where SamplingParams lacks them.
-_NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
 
 
 class TRLIntegrationError(ValueError):
@@ -108,9 +106,9 @@ class ParityRolloutConfig:
     """Engine choices that TRL's arguments do not carry.
 
     dtype: the engine's compute dtype; None takes the trainer's (args.bf16 -> bf16, args.fp16 -> fp16, else
-        the model's parameter dtype). deterministic: batch-invariant kernels. For a `ParityForCausalLM`
-        both come from the model's precision policy. enforce_eager: no CUDA graphs. logits_fp32: the LM head
-        in float32 (parity's default).
+        the model's parameter dtype). deterministic: batch-invariant kernels. logits_fp32: the LM head in
+        float32 (parity's default). With a `ParityForCausalLM` these three stay unset: the engine runs the
+        model's own precision policy. enforce_eager: no CUDA graphs.
     """
 
     dtype: str | None = None
@@ -135,12 +133,12 @@ def sampling_params_from_trainer(trainer) -> SamplingParams:
         raise TRLIntegrationError(f"generation_kwargs {managed}: parity sets these itself; remove them")
     wanted.update(extra)
     known = {f.name for f in dataclasses.fields(SamplingParams)}
-    unsupported = sorted(k for k, v in wanted.items() if k not in known and _NEUTRAL.get(k, object()) != v)
+    unsupported = sorted(set(wanted) - known)
     if unsupported:
         raise TRLIntegrationError(
             f"parity's SamplingParams has no {', '.join(unsupported)} (asked for "
-            f"{', '.join(f'{k}={wanted[k]!r}' for k in unsupported)}); leave them at vLLM's defaults or drop them "
-            f"from generation_kwargs. Supported: {', '.join(sorted(known - set(_MANAGED_KEYS)))}"
+            f"{', '.join(f'{k}={wanted[k]!r}' for k in unsupported)}); drop them from generation_kwargs. "
+            f"Supported: {', '.join(sorted(known - set(_MANAGED_KEYS)))}"
         )
     return SamplingParams(**{k: v for k, v in wanted.items() if k in known})
 
