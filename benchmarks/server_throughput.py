@@ -3,11 +3,12 @@ same prompts, same model, same KV-cache size, same GPU.
 
 Model: random init with Qwen3-0.6B's shapes, bf16, written by parity's factory (or --model). Workload: N
 prompts of random token ids, input lengths U[100, 1024], output lengths U[100, 512], EOS ignored,
-temperature 1 with a seed per prompt. Offline: one `generate` call on all of them (after a warm-up).
-Server: `parity serve` in its own process (HTTP, JSON, the AsyncEngine thread: everything a client pays
-for); the clients (`openai.AsyncOpenAI`, one process) keep C requests in flight until all N are done, as
-token-id prompts with `return_token_ids`, non-streaming and streaming. Reported: output tokens/s, the
-ratio to offline (target >= 0.9), request latency p50/p90, and how many samples equal the offline
+temperature 1 with a seed per prompt. Offline: one `generate` call on all of them (after a warm-up) with
+at most C sequences running (max_num_seqs = C), the cap C clients put on the server. Server: `parity
+serve` in its own process (HTTP, JSON, the AsyncEngine thread: everything a client pays for); the clients
+(`openai.AsyncOpenAI`, spread over 4 processes) keep C requests in flight until all N are done, as token-id
+prompts with `return_token_ids`, non-streaming and streaming. Reported: output tokens/s, the ratio to
+offline at the same C (target >= 0.9), request latency p50/p90, and how many samples equal the offline
 tokens (fast mode may differ by batch composition; --deterministic makes them equal).
 
   python -m benchmarks.server_throughput --out $OUT          # on the GPU (a few minutes on an H200)
@@ -83,13 +84,15 @@ class RunResult:
     num_requests: int = 0
 
 
-def engine_options(args) -> dict:
-    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+def engine_options(args, max_num_seqs: int) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
                 kv_cache_memory=int(args.kv_cache_gb * 2**30), deterministic=args.deterministic)
 
 
-def run_offline(model: str, work: Workload, args) -> tuple[RunResult, list[list[int]]]:
-    engine = Engine.from_pretrained(model, **engine_options(args))
+def run_offline(model: str, work: Workload, args, max_num_seqs: int) -> tuple[RunResult, list[list[int]]]:
+    """One generate() over every prompt with at most `max_num_seqs` running: the same cap C clients put on
+    the server, so the two batch alike."""
+    engine = Engine.from_pretrained(model, **engine_options(args, max_num_seqs))
     engine.generate(work.prompts[:8], [SamplingParams(max_tokens=8, ignore_eos=True)] * 8)  # warm-up (graphs, kernels)
     device = engine.device
     if device.type == "cuda":
@@ -102,7 +105,7 @@ def run_offline(model: str, work: Workload, args) -> tuple[RunResult, list[list[
     tokens = sum(len(r.output_ids) for r in rollouts)
     del engine
     free_memory(device)
-    return RunResult("offline generate", None, None, seconds, tokens, tokens / seconds, 1.0,
+    return RunResult("offline generate", max_num_seqs, None, seconds, tokens, tokens / seconds, 1.0,
                      num_requests=len(rollouts)), [r.output_ids for r in rollouts]
 
 
@@ -113,7 +116,7 @@ def free_port() -> int:
 
 
 def start_server(model: str, port: int, args, log: Path) -> subprocess.Popen:
-    opts = engine_options(args)
+    opts = engine_options(args, max(args.concurrency))
     cmd = [sys.executable, "-m", "parity.cli.main", "serve", model, "--port", str(port), "--served-model-name", MODEL_NAME,
            "--dtype", opts["dtype"], "--max-num-seqs", str(opts["max_num_seqs"]), "--kv-cache-memory",
            str(opts["kv_cache_memory"]), "--log-level", "warning"]
@@ -203,7 +206,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-gb", type=float, default=40.0, help="the same KV cache for offline and server")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -222,9 +224,12 @@ def main() -> None:
     work = Workload.random(args.num_prompts, vocab, prompt_range, output_range, args.seed)
     env = run_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args)
 
-    offline, offline_ids = run_offline(model, work, args)
-    results = [offline]
-    print(f"offline generate: {offline.tokens_per_s:,.0f} tok/s ({offline.output_tokens} tokens, {offline.seconds:.2f} s)")
+    results, offline = [], {}
+    for c in args.concurrency:
+        offline[c] = run_offline(model, work, args, c)
+        r = offline[c][0]
+        results.append(r)
+        print(f"offline generate, max_num_seqs={c}: {r.tokens_per_s:,.0f} tok/s ({r.output_tokens} tokens, {r.seconds:.2f} s)")
     port = free_port()
     server = start_server(model, port, args, args.out / "server_throughput_server.log")
     try:
@@ -237,9 +242,10 @@ def main() -> None:
                 seconds, lat, outs = run_load(pool, args.client_procs, url, work, c, stream)
                 tokens = sum(len(o) for o in outs)
                 lat.sort()
+                reference, reference_ids = offline[c]
                 r = RunResult("parity serve", c, stream, seconds, tokens, tokens / seconds,
-                              (tokens / seconds) / offline.tokens_per_s, statistics.median(lat),
-                              lat[int(0.9 * (len(lat) - 1))], sum(o == w for o, w in zip(outs, offline_ids)), len(outs))
+                              (tokens / seconds) / reference.tokens_per_s, statistics.median(lat),
+                              lat[int(0.9 * (len(lat) - 1))], sum(o == w for o, w in zip(outs, reference_ids)), len(outs))
                 results.append(r)
                 print(f"serve c={c:4d} stream={stream!s:5}: {r.tokens_per_s:,.0f} tok/s = {r.ratio_to_offline:.3f}x offline, "
                       f"p50 {r.latency_p50_s:.2f} s, equal to offline {r.equal_to_offline}/{r.num_requests}")
