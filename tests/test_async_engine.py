@@ -38,6 +38,16 @@ def offline(llama_dir) -> Engine:
     return make_engine(llama_dir)
 
 
+@pytest.fixture(scope="module")
+def halved(llama_dir) -> tuple[Engine, dict[str, torch.Tensor]]:
+    """An engine whose weights are half the model's, and those weights by HF name: an update to apply."""
+    donor = make_engine(llama_dir)
+    with torch.no_grad():
+        for p in donor.model.parameters():
+            p.mul_(0.5)
+    return donor, {name: t.clone() for name, t in hf_named_weights(donor.model)}
+
+
 @pytest.fixture()
 def async_engine(llama_dir):
     engine = AsyncEngine(make_engine(llama_dir))
@@ -219,14 +229,10 @@ def test_abort_ends_generate_and_cancel_aborts(async_engine):
 
 
 @pytest.mark.parametrize("in_flight", ["keep", "recompute"])
-def test_weight_update_between_steps_while_a_request_streams(llama_dir, async_engine, in_flight):
+def test_weight_update_between_steps_while_a_request_streams(halved, async_engine, in_flight):
     """An update is applied at a step boundary while a request streams; its tokens record the version that
     sampled them, and later requests see the new weights."""
-    donor = make_engine(llama_dir)
-    with torch.no_grad():
-        for p in donor.model.parameters():
-            p.mul_(0.5)
-    new_weights = {name: t.clone() for name, t in hf_named_weights(donor.model)}
+    donor, new_weights = halved
     prompt = [5, 9, 13, 17]
     params = SamplingParams(max_tokens=40, ignore_eos=True, seed=11)
     (want_new,) = donor.generate([prompt], params)
@@ -250,13 +256,9 @@ def test_weight_update_between_steps_while_a_request_streams(llama_dir, async_en
     same(after, want_new)
 
 
-def test_weight_update_at_a_step_boundary(llama_dir, async_engine):
+def test_weight_update_at_a_step_boundary(halved, async_engine):
     """Updates queue behind the requests posted before them and apply between steps; later requests see them."""
-    donor = make_engine(llama_dir)
-    with torch.no_grad():
-        for p in donor.model.parameters():
-            p.mul_(0.5)
-    new_weights = {name: t.clone() for name, t in hf_named_weights(donor.model)}
+    donor, new_weights = halved
     prompt = [5, 9, 13, 17]
     params = SamplingParams(max_tokens=8, ignore_eos=True, seed=11)
     (want_new,) = donor.generate([prompt], params)
