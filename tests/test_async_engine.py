@@ -60,6 +60,12 @@ def run(coro, timeout: float = 120.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
+async def first_token(engine: AsyncEngine) -> None:
+    """Return once a short probe request has streamed a token: every request posted before it is running."""
+    async for _ in engine.stream([7], SamplingParams(max_tokens=1)):
+        return
+
+
 def same(a, b) -> None:
     assert (a.output_ids, a.output_logprobs, a.finish_reason) == (b.output_ids, b.output_logprobs, b.finish_reason)
 
@@ -213,7 +219,7 @@ def test_abort_ends_generate_and_cancel_aborts(async_engine):
     async def main():
         waiting = asyncio.ensure_future(async_engine.generate([3, 4, 5], params, request_id="a"))
         cancelled = asyncio.ensure_future(async_engine.generate([3, 4, 6], params, request_id="b"))
-        await asyncio.sleep(0.2)
+        await first_token(async_engine)  # both run now, far from their 200 tokens
         await async_engine.abort("a")
         cancelled.cancel()
         (partial,) = await waiting
@@ -312,7 +318,7 @@ def test_shutdown_aborts_in_flight_and_refuses_new_work(llama_dir):
 
     async def main():
         pending = asyncio.ensure_future(engine.generate([3, 4, 5], SamplingParams(max_tokens=200, ignore_eos=True)))
-        await asyncio.sleep(0.2)
+        await first_token(engine)
         await asyncio.to_thread(engine.shutdown)
         return await pending
 
