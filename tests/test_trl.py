@@ -216,7 +216,7 @@ def test_exact_mode_rollout_and_trainer_logprobs_bitwise_equal(llama_dir, tmp_pa
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     args = grpo_args(tmp_path, max_steps=2, per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
-                     repetition_penalty=1.3, gradient_checkpointing=False)
+                     repetition_penalty=1.3)  # TRL's default gradient checkpointing: recomputed forwards, same bits
     trainer = ParityGRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset,
                                 processing_class=tokenizer)
     recorder = Recorder(trainer, tokenizer)

@@ -175,7 +175,13 @@ class ParityForCausalLM(PreTrainedModel):
                 del layer.forward  # back to the class's forward
             layer.gradient_checkpointing = False
 
-    activation_checkpointing_enable = gradient_checkpointing_enable
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' newer name, called by its Trainer with these keywords (offload is not implemented)."""
+        if offload:
+            raise ValueError("offload=True: ParityForCausalLM keeps checkpointed activations on the device")
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers)
+
     activation_checkpointing_disable = gradient_checkpointing_disable
 
     @property
