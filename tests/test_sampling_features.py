@@ -356,3 +356,23 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_work(engine, params
     with pytest.raises(ValueError, match=f"{field}: token id 1000000 is outside the vocabulary"):
         engine.generate([PROMPT], params)
     assert not engine.has_unfinished()
+
+
+@pytest.mark.slow
+def test_options_survive_chunking_and_preemption(llama_dir, engine):
+    """prompt_logprobs booked once per prompt token, penalty counts and stop strings kept across
+    preemption: a cache of 8 blocks for six requests forces recomputation, results equal a roomy run."""
+    from parity import Engine
+
+    busy = Engine.from_pretrained(llama_dir, dtype="fp32", device="cpu", deterministic=True, max_model_len=256,
+                                  kv_cache_memory=8 * 2 * 2 * 16 * 2 * 16 * 4, max_num_batched_tokens=16)
+    assert busy.scheduler.num_kv_blocks == 8
+    rng = random.Random(10)
+    prompts = [[rng.randrange(3, 300) for _ in range(rng.randrange(15, 30))] for _ in range(6)]
+    params = SamplingParams(temperature=0.9, seed=2, max_tokens=12, ignore_eos=True, repetition_penalty=1.3,
+                            frequency_penalty=0.5, logprobs=2, prompt_logprobs=2, stop=["\x00never"])
+    key = lambda r: (r.output_ids, r.output_logprobs, r.top_logprobs, r.prompt_logprobs, r.text)
+    roomy = [key(r) for r in engine.generate(prompts, params)]
+    crowded = busy.generate(prompts, params)
+    assert sum(r.num_preemptions for r in crowded) > 0
+    assert [key(r) for r in crowded] == roomy
