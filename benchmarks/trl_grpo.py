@@ -232,10 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(result, indent=2))  # rewritten after each mode: a cut run keeps its modes
     by_mode = {r["mode"]: r["median"] for r in result["runs"]}
     if "transformers" in by_mode:
-        for mode in ("parity-fast", "parity-exact"):
-            if mode in by_mode and by_mode[mode]["gen_s"] > 0:
-                speedup = by_mode["transformers"]["gen_s"] / by_mode[mode]["gen_s"]
-                print(f"generation speedup {mode} vs transformers: {speedup:.1f}x")
+        result["generation_speedup"] = {
+            mode: by_mode["transformers"]["gen_s"] / by_mode[mode]["gen_s"]
+            for mode in ("parity-fast", "parity-exact") if mode in by_mode and by_mode[mode]["gen_s"] > 0
+        }
+        for mode, speedup in result["generation_speedup"].items():
+            print(f"generation speedup {mode} vs transformers (median step): {speedup:.1f}x")
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
     return 0
 
 
