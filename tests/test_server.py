@@ -70,6 +70,31 @@ def test_completion_equals_offline_generate(client, offline):
     assert r.usage.completion_tokens == sum(len(x.output_ids) for x in want)
 
 
+def test_vllm_sampling_extras_map_onto_sampling_params(client, offline):
+    prompt = "What is 12 + 34?"
+    extras = dict(stop=[" answ", "zzz"], min_tokens=2, repetition_penalty=1.3, logit_bias={7: 2.5, 9: -1.0},
+                  prompt_logprobs=2, presence_penalty=0.5, top_k=40, min_p=0.01)
+    params = SamplingParams(max_tokens=20, seed=17, logprobs=2, **extras)
+    (want,) = offline.generate([prompt], params)
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=20, seed=17, logprobs=2, stop=extras["stop"],
+        presence_penalty=0.5, logit_bias={"7": 2.5, "9": -1.0},
+        extra_body={"min_tokens": 2, "repetition_penalty": 1.3, "prompt_logprobs": 2, "top_k": 40, "min_p": 0.01,
+                    "return_token_ids": True})
+    (choice,) = r.choices
+    assert (choice.token_ids, choice.text, choice.finish_reason) == (want.output_ids, want.text, want.finish_reason)
+    assert choice.stop_reason == want.stop_reason == " answ" and choice.finish_reason == "stop"
+    assert choice.logprobs.token_logprobs == want.output_logprobs
+    assert len(choice.logprobs.top_logprobs) == len(want.top_logprobs)
+    for got, top in zip(choice.logprobs.top_logprobs, want.top_logprobs):  # keyed by token text, most likely first
+        ranked = sorted(top.items(), key=lambda kv: kv[1].rank)
+        assert got == {offline.tokenizer.decode([t]): lp.logprob for t, lp in ranked}
+        assert list(got.values()) == sorted(got.values(), reverse=True) or len(set(got)) < len(ranked)
+    assert choice.prompt_logprobs[0] is None
+    for got, ref in zip(choice.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert {int(t): v["logprob"] for t, v in got.items()} == {t: lp.logprob for t, lp in ref.items()}
+
+
 def test_completion_of_several_token_id_prompts(client, offline):
     prompts = [[5, 6, 7, 8], [9, 10]]
     want = offline.generate(prompts, SamplingParams(n=2, max_tokens=5, seed=8))
