@@ -328,3 +328,26 @@ def test_shutdown_aborts_in_flight_and_refuses_new_work(llama_dir):
     with pytest.raises(EngineShutdownError):
         run(engine.generate([3, 4], SamplingParams()))
     engine.shutdown()  # idempotent
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_concurrent_callers_on_the_gpu_equal_offline_generate(llama_dir):
+    """CUDA graphs and Triton kernels driven from the engine thread: 64 callers, bitwise offline in deterministic mode."""
+    options = dict(dtype="bf16", device="cuda", deterministic=True, max_model_len=256, kv_cache_memory=2**28)
+    prompts, params = prompts_and_params(64, seed=5)
+    offline = Engine.from_pretrained(llama_dir, **options)
+    reference = offline.generate(prompts, params)
+    del offline
+    torch.cuda.empty_cache()
+    engine = AsyncEngine(Engine.from_pretrained(llama_dir, **options))
+    try:
+        async def main():
+            return await asyncio.gather(*[engine.generate(p, sp) for p, sp in zip(prompts, params)])
+
+        results = run(main())
+    finally:
+        engine.shutdown()
+    for i, got in enumerate(results):
+        for a, b in zip(got, [r for r in reference if r.prompt_index == i]):
+            same(a, b)

@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
+
 from parity.engine.engine import Engine, Prompt
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Logprob, Rollout, Sequence
@@ -258,6 +260,8 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
+        if self.engine.device.type == "cuda":  # the current device is per thread; kernels launch on it
+            torch.cuda.set_device(self.engine.device)
         while True:
             commands = [] if self.engine.has_unfinished() else [self._commands.get()]
             while True:
