@@ -9,6 +9,16 @@ from parity import Engine, SamplingParams
 from parity.cli.main import main
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The CLI sets torch's thread count for the process; give the other tests theirs back."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def test_says_what_it_loads_and_answers_greedily(llama_dir, capsys):
     assert main(["generate", "--model", llama_dir, "--prompt", "Hello there", "--max-tokens", "5", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
