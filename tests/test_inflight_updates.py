@@ -16,14 +16,16 @@ PROMPTS = [list(range(10, 31)), [5, 6, 7, 8, 9, 10, 11], [40, 41, 42]]
 PARAMS = SamplingParams(n=2, temperature=0.9, max_tokens=12, seed=4, ignore_eos=True)
 
 
-def make_engine(model_dir: str) -> Engine:
-    return Engine.from_pretrained(model_dir, dtype="fp32", device="cpu", block_size=4, deterministic=True,
-                                  max_num_batched_tokens=16)
+def make_engine(model_dir: str, device: str = "cpu") -> Engine:
+    """Deterministic; on CUDA in bf16 with decode CUDA graphs (the weights are updated under them)."""
+    return Engine.from_pretrained(model_dir, dtype="fp32" if device == "cpu" else "bf16", device=device,
+                                  block_size=4, deterministic=True, max_num_batched_tokens=16)
 
 
 def perturbed(engine: Engine, scale: float = 0.05) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {k: v + scale * torch.randn(v.shape, generator=g) * v.std() for k, v in hf_named_weights(engine.model)}
+    return {k: v + (scale * torch.randn(v.shape, generator=g)).to(v) * v.float().std().to(v)
+            for k, v in hf_named_weights(engine.model)}
 
 
 def start(engine: Engine, min_tokens: int = 4) -> None:
@@ -60,9 +62,10 @@ def test_update_refused_while_requests_run_leaves_them_intact(llama_dir):
     assert all(r.output_weight_versions == [0] * 12 for r in done)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", ["keep", "recompute"])
-def test_update_with_requests_running(llama_dir, mode):
-    engine = make_engine(llama_dir)
+def test_update_with_requests_running(llama_dir, mode, device):
+    engine = make_engine(llama_dir, device)
     trainer_v0 = parity_model_from_engine(engine, trainable=False)
     new_weights = perturbed(engine)
     start(engine)
