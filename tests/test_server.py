@@ -7,6 +7,7 @@ import gc
 import importlib.util
 import json
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -254,6 +255,27 @@ def test_weights_update_while_a_request_streams(client, http, tmp_path, llama_di
     refused = http.post("/update_weights", json={"path": str(llama_dir), "in_flight": "sometimes"})
     assert refused.status_code == 400 and "in_flight" in refused.json()["error"]["message"]
     assert http.post("/update_weights", json={"path": str(llama_dir)}).json()["weight_version"] == before + 2
+
+
+def test_a_client_that_leaves_a_stream_aborts_its_request(server, http):
+    engine = server.app.state.server.engine
+
+    def busy() -> bool:
+        return asyncio.run(engine.call(lambda e: e.has_unfinished()))
+
+    body = {"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 500, "ignore_eos": True}
+    start = time.monotonic()
+    assert len(http.post("/v1/completions", json=body).json()["choices"][0]["text"]) > 0
+    whole = time.monotonic() - start  # the time all 500 tokens take
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        lines = response.iter_lines()  # held: a dropped line iterator closes the connection
+        assert next(lines).startswith("data: ")
+        assert busy()
+    left = time.monotonic()
+    while busy() and time.monotonic() - left < 30:
+        time.sleep(0.01)
+    assert time.monotonic() - left < whole / 2  # aborted, not run to its end
+    assert http.get("/health").json() == {"status": "ok"}
 
 
 def test_multi_turn_tool_conversation_reuses_the_prefix_cache(client, llama_dir):
