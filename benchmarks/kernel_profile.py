@@ -38,7 +38,7 @@ def kernel_table(prof, top: int) -> tuple[float, list[dict]]:
 
 def profile_mode(path: Path, args, deterministic: bool, prompts) -> dict:
     engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, deterministic=deterministic,
-                                    max_num_seqs=args.max_num_seqs, max_model_len=2048)
+                                    max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     clock = Clock(torch.device(args.device))
     warm = prompts[:8]
     run_parity(engine, warm, [8] * len(warm), clock)  # compile + capture graphs outside the trace
@@ -68,8 +68,9 @@ def main() -> None:
     args = ap.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
     spec = SMOKE if args.smoke else QWEN3_06B
+    args.max_model_len = 2048
     if args.smoke:
-        args.num_prompts, args.output_len = 4, 4
+        args.num_prompts, args.output_len, args.max_model_len = 4, 4, 256
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_model(Path(tmp) / "model", spec)
