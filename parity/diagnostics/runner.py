@@ -120,7 +120,7 @@ def run_diagnosis(cfg: RunConfig, log=print) -> RunResult:
     for dtype in cfg.dtypes:
         log(f"[{dtype}] sampling {len(prompt_ids)} prompts x {cfg.n} with the engine")
         engine = Engine.from_pretrained(
-            checkpoint, dtype=dtype, device=cfg.device, deterministic=cfg.deterministic, seed=cfg.seed,
+            checkpoint.path, dtype=dtype, device=cfg.device, deterministic=cfg.deterministic, seed=cfg.seed,
             max_model_len=max_model_len, max_num_seqs=min(256, len(prompt_ids) * cfg.n),
         )
         recs = records_from_rollouts(engine.generate(prompt_ids, params), params, dtype, model=str(checkpoint.path))
