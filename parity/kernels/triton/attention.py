@@ -94,7 +94,9 @@ def store_kvcache(
 
 
 # -------------------------------------------------------------------------------------------- prefill
-@triton.jit(do_not_specialize=["num_seqs"])
+# The batch's sequence count and block-table width change every step: not specialised on (each new
+# divisibility class would compile a variant mid-run).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     num_seqs, qk_scale,
@@ -187,7 +189,7 @@ def _fast_prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tab
 
 
 # --------------------------------------------------------------------------------------------- decode
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale,
