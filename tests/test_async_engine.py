@@ -192,23 +192,23 @@ def test_a_slow_reader_gets_the_missed_steps_joined(offline, async_engine):
 
 def test_abort_one_sample_then_continue_it(offline, async_engine):
     prompt = [9, 10, 11, 12, 13]
-    params = SamplingParams(n=2, max_tokens=40, ignore_eos=True, seed=31)
+    params = SamplingParams(n=2, max_tokens=200, ignore_eos=True, seed=31)
     full = offline.generate([prompt], params)
 
     async def main():
-        seen = 0
+        seen, cut = 0, None
         async for delta in async_engine.stream(prompt, params, request_id="pair"):
             seen += len(delta.token_ids) if delta.sample_index == 1 else 0
-            if seen >= 4 and delta.sample_index == 1 and delta.finish_reason is None:
+            if seen >= 4 and cut is None:
                 (cut,) = await async_engine.abort("pair", sample_index=1)
             if delta.rollout is not None and delta.sample_index == 0:
                 first = delta.rollout
-        (resumed,) = await async_engine.generate(None, SamplingParams(max_tokens=40, ignore_eos=True), continue_from=cut)
+        (resumed,) = await async_engine.generate(None, SamplingParams(max_tokens=200, ignore_eos=True), continue_from=cut)
         return first, cut, resumed
 
     first, cut, resumed = run(main())
     same(first, full[0])
-    assert cut.finish_reason == "abort" and cut.sample_index == 1 and 4 <= len(cut.output_ids) < 40
+    assert cut.finish_reason == "abort" and cut.sample_index == 1 and 4 <= len(cut.output_ids) < 200
     assert resumed.request_id == "pair" and resumed.output_ids[: len(cut.output_ids)] == cut.output_ids
     same(resumed, full[1])
 
