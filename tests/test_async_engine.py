@@ -240,7 +240,7 @@ def test_weight_update_between_steps_while_a_request_streams(halved, async_engin
     sampled them, and later requests see the new weights."""
     donor, new_weights = halved
     prompt = [5, 9, 13, 17]
-    params = SamplingParams(max_tokens=40, ignore_eos=True, seed=11)
+    params = SamplingParams(max_tokens=120, ignore_eos=True, seed=11)
     (want_new,) = donor.generate([prompt], params)
 
     async def main():
