@@ -1,13 +1,15 @@
 """The one model loader: an HF directory (safetensors), a .gguf file or a model alias -> a filled model.
 
 Everything that builds a parity model from disk (the engine, tensor parallelism, the trainer-side
-parity model, diagnose) goes through `load`, and `Checkpoint` holds the one "is this a GGUF?" branch.
+parity model, diagnose) goes through `load`; `Checkpoint.resolve` asks "is this a GGUF?" once and returns
+an `HFCheckpoint` or a `GGUFCheckpoint`, which read config, tokenizer and weights their own way.
 Weights always pass the same validate-then-copy `WeightMap`, so a bad checkpoint fails before any copy.
 """
 
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,54 +25,91 @@ from parity.precision.policy import PrecisionPolicy
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A model on disk: an HF directory or a GGUF file. Its config is read once."""
+class Checkpoint(ABC):
+    """A model on disk; `resolve` picks the kind (HF directory or GGUF file) once. The config is read once."""
 
     path: Path
+    is_gguf = False
 
     @classmethod
     def resolve(cls, name: str | Path | Checkpoint, gguf_file: str | None = None) -> Checkpoint:
         """A model alias, an HF directory, a .gguf file, or a directory plus `gguf_file`."""
         if isinstance(name, Checkpoint):
             return name
-        checkpoint = cls(resolve_model_path(name, gguf_file))
-        if not checkpoint.is_gguf and not (checkpoint.path / "config.json").is_file():
-            raise FileNotFoundError(f"{checkpoint.path} is not an HF model directory (no config.json) or a .gguf file")
-        return checkpoint
-
-    @property
-    def is_gguf(self) -> bool:
-        return self.path.suffix.lower() == ".gguf"
+        path = resolve_model_path(name, gguf_file)
+        if path.suffix.lower() == ".gguf":
+            return GGUFCheckpoint(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not an HF model directory (no config.json) or a .gguf file")
+        return HFCheckpoint(path)
 
     @functools.cached_property
     def config(self) -> ModelConfig:
-        return gguf.load_gguf_config(self.path) if self.is_gguf else ModelConfig.from_pretrained(self.path)
+        return self._read_config()
 
+    @abstractmethod
+    def _read_config(self) -> ModelConfig:
+        """The checkpoint's ModelConfig, read from disk."""
+
+    @abstractmethod
     def tokenizer(self):
         """A fresh tokenizer (callers may change its pad or EOS token)."""
-        if self.is_gguf:
-            return gguf.load_gguf_tokenizer(self.path)
+
+    @abstractmethod
+    def fill(self, weights: WeightMap) -> None:
+        """Validate every tensor's name and shape, then copy them into the model behind `weights`."""
+
+    @abstractmethod
+    def hf_dir(self) -> Path:
+        """An HF directory holding these weights, for tools that read only those (an HF trainer)."""
+
+    @abstractmethod
+    def hf_pretrained_args(self) -> tuple[str, dict]:
+        """(path, keyword arguments) for transformers' `from_pretrained`."""
+
+
+class HFCheckpoint(Checkpoint):
+    """An HF model directory: config.json, safetensors (possibly sharded), tokenizer files."""
+
+    def _read_config(self) -> ModelConfig:
+        return ModelConfig.from_pretrained(self.path)
+
+    def tokenizer(self):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
 
     def fill(self, weights: WeightMap) -> None:
-        """Validate every tensor's name and shape, then copy them into the model behind `weights`."""
-        if self.is_gguf:
-            gguf.load_gguf_checkpoint(weights, self.path, self.config)
-        else:
-            load_checkpoint(weights, self.path)
+        load_checkpoint(weights, self.path)
 
     def hf_dir(self) -> Path:
-        """An HF directory holding these weights, for tools that read only those (an HF trainer):
-        the directory itself, or the GGUF dequantized once into parity's cache."""
-        return gguf.cached_hf_dir(self.path) if self.is_gguf else self.path
+        return self.path
 
     def hf_pretrained_args(self) -> tuple[str, dict]:
-        """(path, keyword arguments) for transformers' `from_pretrained`, which dequantizes a GGUF itself."""
-        if self.is_gguf:
-            return str(self.path.parent), {"gguf_file": self.path.name}
         return str(self.path), {}
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A llama.cpp GGUF file: config, tokenizer and (dequantized) weights in one file."""
+
+    is_gguf = True
+
+    def _read_config(self) -> ModelConfig:
+        return gguf.load_gguf_config(self.path)
+
+    def tokenizer(self):
+        return gguf.load_gguf_tokenizer(self.path)
+
+    def fill(self, weights: WeightMap) -> None:
+        gguf.load_gguf_checkpoint(weights, self.path, self.config)
+
+    def hf_dir(self) -> Path:
+        """The file dequantized once into parity's cache as an HF directory."""
+        return gguf.cached_hf_dir(self.path)
+
+    def hf_pretrained_args(self) -> tuple[str, dict]:
+        """transformers dequantizes a GGUF itself, given the folder and the file name."""
+        return str(self.path.parent), {"gguf_file": self.path.name}
 
 
 def default_device() -> torch.device:
