@@ -110,6 +110,15 @@ class Kernels:
         within each packed sequence."""
         return implementation(self.mode, q, k, v).attention(q, k, v, kv_cache, meta, scale)
 
+    def moe_route(self, router_logits, top_k: int, renormalize: bool, chosen=None):
+        """(weights [T, k], expert ids [T, k]) from router logits [T, E]; `chosen` replays given experts."""
+        return implementation(self.mode, router_logits).moe_route(router_logits, top_k, renormalize, chosen)
+
+    def fused_moe(self, x, gate_up, down, topk_weights, topk_ids):
+        """The mixture-of-experts output [T, H]: each token's experts' SwiGLU MLPs, weighted and summed."""
+        return implementation(self.mode, x, gate_up, down, topk_weights).fused_moe(
+            x, gate_up, down, topk_weights, topk_ids)
+
     def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         """log-softmax over the vocabulary of float32 logits [N, V] (the sampler's and the trainer's)."""
         return implementation(self.mode, logits).log_softmax(logits)

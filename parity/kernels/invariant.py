@@ -149,3 +149,30 @@ def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch
 
 
 rope_and_cache = reference.rope_and_cache_from(rms_norm, apply_rotary, reference.store_kvcache)
+
+
+# ------------------------------------------------------------------------------ mixture of experts
+def moe_route(router_logits, top_k: int, renormalize: bool, chosen=None):
+    """`reference.moe_route`, one token at a time (the softmax and top-k see one row's shape only)."""
+    if chosen is None:
+        return _per_row(lambda r: reference.moe_route(r, top_k, renormalize), router_logits)
+    return _per_row(lambda r, c: reference.moe_route(r, top_k, renormalize, c), router_logits, chosen)
+
+
+def _expert_row(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One token [1, H] through one expert, with `linear`'s per-row arithmetic."""
+    return linear(silu_and_mul(linear(x, gate_up)), down)
+
+
+def fused_moe(x, gate_up, down, topk_weights, topk_ids):
+    """Each token alone: its experts in ascending id order (the order HF's loop adds them), each a row GEMM,
+    weighted and summed from zero. No pair's numbers depend on any other token."""
+    rows = []
+    for t in range(x.shape[0]):
+        xt = _row(x, t)
+        ids, slots = torch.sort(topk_ids[t], stable=True)
+        acc = xt.new_zeros(xt.shape)
+        for e, j in zip(ids.tolist(), slots.tolist()):
+            acc = acc + _expert_row(xt, gate_up[e], down[e]) * topk_weights[t, j]
+        rows.append(acc)
+    return torch.cat(rows) if rows else x.new_zeros(x.shape)

@@ -199,3 +199,71 @@ def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tens
     """argmax(logprobs + g) per row, g = -log(-log u) with the counter-based u; int64 [B]."""
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logprobs.shape[-1])))
     return (logprobs.double() + gumbel).argmax(dim=-1)
+
+
+# ------------------------------------------------------------------------------ mixture of experts
+# Shapes: x [T, H]; router logits [T, E]; the fused expert weights gate_up [E, 2I, H] (gate rows then up rows,
+# HF's Qwen3MoeExperts layout) and down [E, H, I]; a token's k choices as ids/weights [T, k]. The (token, slot)
+# pairs are worked on in `order`, the flat pair indices p = t * k + j sorted by expert; `offsets` [E + 1] bound
+# each expert's run in it.
+def moe_route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, chosen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in the logits' dtype, expert ids [T, k] int64) as HF's Qwen3MoeTopKRouter computes them:
+    float32 softmax over all experts, top-k, renormalised to sum 1 when `renormalize`. `chosen` (routing replay)
+    replaces the top-k with the given experts; their weights still come from this softmax."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    if chosen is None:
+        top, ids = torch.topk(probs, top_k, dim=-1)
+    else:
+        ids = chosen.to(device=probs.device, dtype=torch.int64)
+        top = probs.gather(-1, ids)
+    if renormalize:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return top.to(router_logits.dtype), ids
+
+
+def moe_sort(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [T * k] int64, offsets [E + 1] int64): the (token, slot) pairs grouped by expert, in pair order
+    within an expert (a stable sort)."""
+    flat = topk_ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order, offsets
+
+
+def moe_gate_up(
+    x: torch.Tensor, gate_up: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """silu(gate) * up of every pair, [T * k, I] in `order`: one GEMM per expert over its tokens."""
+    bounds = offsets.tolist()
+    tokens = order // top_k
+    parts = [silu_and_mul(F.linear(x.index_select(0, tokens[a:b]), gate_up[e]))
+             for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    return torch.cat(parts) if parts else x.new_zeros(0, gate_up.shape[1] // 2)
+
+
+def moe_down(h: torch.Tensor, down: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """h [T * k, I] (in `order`) through each pair's expert down projection -> [T * k, H]."""
+    bounds = offsets.tolist()
+    parts = [F.linear(h[a:b], down[e]) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    return torch.cat(parts) if parts else h.new_zeros(0, down.shape[1])
+
+
+def moe_combine(y: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """out[t] = sum over t's pairs of weight * y, added in `order` (ascending expert id, as HF's loop adds)."""
+    top_k = topk_weights.shape[-1]
+    weighted = y * topk_weights.reshape(-1).index_select(0, order)[:, None]
+    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, order // top_k, weighted)
+
+
+def fused_moe(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """The experts' weighted sum for each token [T, H]: sort pairs by expert, gate/up GEMM with SiLU, down GEMM,
+    combine."""
+    order, offsets = moe_sort(topk_ids, gate_up.shape[0])
+    h = moe_gate_up(x, gate_up, order, offsets, topk_ids.shape[-1])
+    return moe_combine(moe_down(h, down, offsets), topk_weights, order, x.shape[0])

@@ -13,6 +13,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",  # Qwen3 attention; sparse layers run the mixture-of-experts block (moe.py)
 }
 
 
@@ -78,11 +79,39 @@ def refuse_unimplemented(hf_config: Any, architecture: str) -> None:
     partial = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
     if partial != 1.0:
         refuse("partial_rotary_factor", partial, "parity rotates the whole head dimension")
+    if family == "qwen3_moe":
+        _refuse_unimplemented_moe(hf_config, refuse)
     quant = getattr(hf_config, "quantization_config", None)
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         refuse("quantization_config", f"quant_method={method}", "parity loads unquantized fp16/bf16/fp32 "
                "safetensors (or a GGUF file, which it dequantizes)")
+
+
+def _refuse_unimplemented_moe(hf_config: Any, refuse) -> None:
+    """The mixture-of-experts fields of a Qwen3-MoE config (HF's names)."""
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            refuse(name, value, "must be a positive int")
+    if hf_config.num_experts_per_tok > hf_config.num_experts:
+        refuse("num_experts_per_tok", hf_config.num_experts_per_tok, f"exceeds num_experts={hf_config.num_experts}")
+    only = getattr(hf_config, "mlp_only_layers", None) or []
+    if not isinstance(only, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        refuse("mlp_only_layers", only, "must be a list of layer indices")
+    if getattr(hf_config, "shared_expert_intermediate_size", 0):
+        refuse("shared_expert_intermediate_size", hf_config.shared_expert_intermediate_size,
+               "parity's Qwen3-MoE block has no shared expert")
+
+
+def moe_layer_indices(hf_config: Any) -> tuple[int, ...]:
+    """The layers HF builds as sparse MoE blocks (Qwen3MoeDecoderLayer's rule); the others run a dense MLP."""
+    num_experts = getattr(hf_config, "num_experts", 0) or 0
+    if num_experts < 1:
+        return ()
+    only = set(getattr(hf_config, "mlp_only_layers", None) or [])
+    step = hf_config.decoder_sparse_step
+    return tuple(i for i in range(hf_config.num_hidden_layers) if i not in only and (i + 1) % step == 0)
 
 
 @dataclass
@@ -106,6 +135,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     torch_dtype: torch.dtype | None = None
     hf_config: Any = None  # the transformers config object (RoPE parameters are read from it)
+    # Mixture of experts (Qwen3-MoE); moe_layers is empty for a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> ModelConfig:
@@ -140,11 +175,16 @@ class ModelConfig:
             # Qwen2 always has q/k/v bias; Llama and Qwen3 read it from the config.
             attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
             mlp_bias=family == "llama" and bool(getattr(hf_config, "mlp_bias", False)),  # Qwen MLPs have none
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             torch_dtype=dtype if isinstance(dtype, torch.dtype) else None,
             hf_config=hf_config,
+            num_experts=getattr(hf_config, "num_experts", 0) if family == "qwen3_moe" else 0,
+            num_experts_per_tok=getattr(hf_config, "num_experts_per_tok", 0) if family == "qwen3_moe" else 0,
+            moe_intermediate_size=getattr(hf_config, "moe_intermediate_size", 0) if family == "qwen3_moe" else 0,
+            norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+            moe_layers=moe_layer_indices(hf_config) if family == "qwen3_moe" else (),
         )
 
     @classmethod
@@ -167,6 +207,10 @@ class ModelConfig:
             if gen_eos is not None:
                 config.eos_token_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
         return config
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
 
     @property
     def q_size(self) -> int:

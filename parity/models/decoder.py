@@ -1,4 +1,4 @@
-"""One compact decoder for Llama, Qwen2/2.5 and Qwen3.
+"""One compact decoder for Llama, Qwen2/2.5, Qwen3 and Qwen3-MoE (sparse layers: `moe.py`).
 
 The families differ only in switches read from the config: q/k/v bias (Qwen2), per-head q/k
 RMSNorm before RoPE (Qwen3), RoPE scaling (Llama 3). Weights live in a fused layout
@@ -19,6 +19,7 @@ from torch import nn
 from parity.kernels.dispatch import Kernels
 from parity.kernels.metadata import AttentionMetadata
 from parity.models.config import ModelConfig
+from parity.models.moe import Routing, SparseMoeBlock
 from parity.models.rope import cos_sin_tables
 from parity.precision.policy import PrecisionPolicy, check_activations
 
@@ -92,12 +93,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernels: Kernels, dtype, device):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, dtype, device, routing: Routing | None = None,
+                 layer_index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)
         self.self_attn = Attention(cfg, kernels, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)
-        self.mlp = MLP(cfg, kernels, dtype, device)
+        if layer_index in cfg.moe_layers:  # Qwen3-MoE's sparse layers
+            moe_index = cfg.moe_layers.index(layer_index)
+            self.mlp = SparseMoeBlock(cfg, kernels, dtype, device, routing, moe_index)
+        else:
+            self.mlp = MLP(cfg, kernels, dtype, device)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         # The residual add is fused into the norm: (x + residual) then normalise, as HF orders it.
@@ -122,7 +128,10 @@ class DecoderModel(nn.Module):
         self.dtype = dtype = policy.torch_dtype
         self.logits_fp32 = policy.logits_fp32
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, dtype, device) for _ in range(cfg.num_layers))
+        # The MoE blocks' shared routing record/replay (unused by a dense model).
+        self.routing = Routing(len(cfg.moe_layers), cfg.num_experts_per_tok)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, dtype, device, self.routing, i)
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         cos, sin = cos_sin_tables(cfg.hf_config, cfg.head_dim, max_positions, dtype, device)

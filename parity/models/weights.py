@@ -30,6 +30,13 @@ class WeightTarget:
     param: str  # engine parameter name
     rows: tuple[int, int] | None  # row range inside a fused parameter, None = the whole tensor
     shape: tuple[int, ...]  # the HF tensor's expected shape
+    expert: int | None = None  # index into a fused expert parameter [E, ...] (MoE), None = not an expert's
+
+    def view(self, param: torch.Tensor) -> torch.Tensor:
+        """The part of the engine parameter that this HF tensor fills."""
+        if self.expert is not None:
+            param = param[self.expert]
+        return param if self.rows is None else param[self.rows[0] : self.rows[1]]
 
 
 def build_weight_map(cfg: ModelConfig) -> dict[str, WeightTarget]:
@@ -53,6 +60,9 @@ def build_weight_map(cfg: ModelConfig) -> dict[str, WeightTarget]:
         if cfg.qk_norm:
             m[f"{hf}.self_attn.q_norm.weight"] = WeightTarget(f"{ours}.self_attn.q_norm.weight", None, (d,))
             m[f"{hf}.self_attn.k_norm.weight"] = WeightTarget(f"{ours}.self_attn.k_norm.weight", None, (d,))
+        if i in cfg.moe_layers:
+            m.update(_moe_layer_map(cfg, hf, ours))
+            continue
         for proj, (a, b) in {"gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}.items():
             m[f"{hf}.mlp.{proj}.weight"] = WeightTarget(f"{ours}.mlp.gate_up_proj.weight", (a, b), (inter, h))
             if cfg.mlp_bias:
@@ -63,12 +73,40 @@ def build_weight_map(cfg: ModelConfig) -> dict[str, WeightTarget]:
     return m
 
 
+def _moe_layer_map(cfg: ModelConfig, hf: str, ours: str) -> dict[str, WeightTarget]:
+    """A sparse layer's router and per-expert checkpoint tensors, each into its slice of the fused experts."""
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    m = {f"{hf}.mlp.gate.weight": WeightTarget(f"{ours}.mlp.gate.weight", None, (cfg.num_experts, h))}
+    for e in range(cfg.num_experts):
+        for proj, rows in {"gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}.items():
+            m[f"{hf}.mlp.experts.{e}.{proj}.weight"] = WeightTarget(f"{ours}.mlp.experts.gate_up_proj", rows,
+                                                                    (inter, h), e)
+        m[f"{hf}.mlp.experts.{e}.down_proj.weight"] = WeightTarget(f"{ours}.mlp.experts.down_proj", None, (h, inter), e)
+    return m
+
+
+def fused_expert_names(cfg: ModelConfig) -> dict[str, tuple[WeightTarget, list[str]]]:
+    """HF transformers 5's in-memory names of the fused experts (`mlp.experts.gate_up_proj` [E, 2I, H],
+    `mlp.experts.down_proj` [E, H, I], what an HF model's state dict holds) -> the whole parameter, and the
+    per-expert checkpoint names each one stands for."""
+    e, h, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    out: dict[str, tuple[WeightTarget, list[str]]] = {}
+    for i in cfg.moe_layers:
+        hf, ours = f"model.layers.{i}.mlp.experts", f"layers.{i}.mlp.experts"
+        out[f"{hf}.gate_up_proj"] = (WeightTarget(f"{ours}.gate_up_proj", None, (e, 2 * inter, h)),
+                                     [f"{hf}.{x}.{p}.weight" for x in range(e) for p in ("gate_proj", "up_proj")])
+        out[f"{hf}.down_proj"] = (WeightTarget(f"{ours}.down_proj", None, (e, h, inter)),
+                                  [f"{hf}.{x}.down_proj.weight" for x in range(e)])
+    return out
+
+
 class WeightMap:
     """Validates and copies HF-named tensors into a DecoderModel's parameters, in place."""
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig):
         self.model = model
         self.targets = build_weight_map(cfg)
+        self.fused = fused_expert_names(cfg)
         self.tied = cfg.tie_word_embeddings
         self.params = dict(model.named_parameters())
 
@@ -88,13 +126,13 @@ class WeightMap:
             name = self.normalize(raw)
             if name is None:
                 continue
-            target = self.targets.get(name)
+            target, covers = self.fused.get(name, (self.targets.get(name), [name]))
             if target is None:
                 problems.append(f"unexpected tensor {raw!r}")
             elif tuple(shape) != target.shape:
                 problems.append(f"tensor {raw!r} has shape {tuple(shape)}, expected {target.shape}")
             else:
-                seen.append(name)
+                seen.extend(covers)
         if require_all:
             missing = sorted(set(self.targets) - set(seen))
             if missing:
@@ -110,10 +148,8 @@ class WeightMap:
         name = self.normalize(name)
         if name is None:
             return
-        target = self.targets[name]
-        dest = self.params[target.param].data
-        if target.rows is not None:
-            dest = dest[target.rows[0] : target.rows[1]]
+        target = self.fused[name][0] if name in self.fused else self.targets[name]
+        dest = target.view(self.params[target.param].data)
         dest.copy_(tensor.to(device=dest.device, dtype=dest.dtype))
 
 
@@ -170,5 +206,4 @@ def hf_named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
     """(HF name, tensor view) of every checkpoint tensor, for weight sync into an engine (no copies)."""
     params = dict(model.named_parameters())
     for name, target in build_weight_map(model.config).items():
-        p = params[target.param].detach()
-        yield name, p if target.rows is None else p[target.rows[0] : target.rows[1]]
+        yield name, target.view(params[target.param].detach())

@@ -216,8 +216,7 @@ class ParityForCausalLM(PreTrainedModel):
         params = {name: _full(p.detach()).to(self.model.dtype) for name, p in self.model.named_parameters()}
         state = {}
         for name, target in build_weight_map(self.model.config).items():
-            p = params[target.param]
-            state[name] = (p if target.rows is None else p[target.rows[0] : target.rows[1]]).clone()
+            state[name] = target.view(params[target.param]).clone()
         return state
 
     def save_pretrained(self, save_directory: str | Path, max_shard_size: int | str = "5GB",

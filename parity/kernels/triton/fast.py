@@ -7,13 +7,14 @@ from __future__ import annotations
 import torch
 
 from parity.kernels import reference
-from parity.kernels.reference import linear, log_softmax
+from parity.kernels.reference import fused_moe, linear, log_softmax, moe_route  # per-expert torch GEMMs (cuBLAS)
 from parity.kernels.triton.attention import attention
 from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
-__all__ = ["apply_rotary", "attention", "gumbel_argmax", "linear", "linear_fp32", "log_softmax", "rms_norm",
+__all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
+           "moe_route", "rms_norm",
            "rope_and_cache", "silu_and_mul"]
 
 _MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=) on CUDA exists from torch 2.8; older builds upcast instead

@@ -28,13 +28,15 @@ import triton
 import triton.language as tl
 
 from parity.kernels import reference
+from parity.kernels.invariant import fused_moe, moe_route  # per-token torch: a row's GEMMs see its shape only
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton.attention import _dot, prefill, store_kvcache
 from parity.kernels.triton.elementwise import apply_rotary, silu_and_mul
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
-__all__ = ["apply_rotary", "attention", "gumbel_argmax", "linear", "linear_fp32", "log_softmax", "rms_norm",
+__all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
+           "moe_route", "rms_norm",
            "rope_and_cache", "silu_and_mul"]
 
 # The separate norm and RoPE kernels, not the fused one of fast mode: the trainer's forward under autograd runs

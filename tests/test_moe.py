@@ -1,0 +1,161 @@
+"""Qwen3-MoE: tiny checkpoints written by HF transformers (random init, per-expert tensors on disk) against HF's
+own forward, the MoE kernels against their torch references, deterministic mode's batch invariance, routing
+replay and weight sync of the experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from parity import Engine, SamplingParams
+from parity.kernels import invariant, reference
+from parity.testing.factory import train_tokenizer
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog. Once upon a time there was a small model"]
+
+
+def write_tiny_moe(path, *, mlp_only_layers=(1,), norm_topk_prob=True, decoder_sparse_step=1, seed=0):
+    """A 3-layer Qwen3-MoE (8 experts, 2 per token) saved by transformers, with the factory's tokenizer."""
+    tokenizer = train_tokenizer(384)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    cfg = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        decoder_sparse_step=decoder_sparse_step, mlp_only_layers=list(mlp_only_layers), norm_topk_prob=norm_topk_prob,
+        max_position_embeddings=512, initializer_range=0.3, tie_word_embeddings=False, eos_token_id=eos,
+        pad_token_id=eos, bos_token_id=None, rms_norm_eps=1e-6)
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms; a router wide enough that top-k is decided by clear margins
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn_like(p))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return str(write_tiny_moe(tmp_path_factory.mktemp("qwen3moe")))
+
+
+@pytest.fixture(scope="module")
+def hf_moe(moe_dir):
+    return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+
+
+def hf_logprobs(hf_model, prompt_ids, output_ids):
+    ids = torch.tensor([list(prompt_ids) + list(output_ids)])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(ids).logits[0].float(), dim=-1)[len(prompt_ids) - 1 : -1]
+    return logp.gather(1, torch.tensor(output_ids)[:, None])[:, 0], logp.argmax(dim=-1)
+
+
+def test_checkpoint_is_per_expert_and_layers_follow_hf(moe_dir, hf_moe):
+    """The file holds one tensor per expert; parity builds the sparse and dense layers HF builds."""
+    from safetensors import safe_open
+
+    with safe_open(f"{moe_dir}/model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in names
+    assert "model.layers.1.mlp.gate_proj.weight" in names  # mlp_only_layers=[1]
+    engine = Engine.from_pretrained(moe_dir, dtype="fp32", device="cpu")
+    assert engine.model.config.moe_layers == (0, 2)
+    hf_sparse = [type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in hf_moe.model.layers]
+    ours = [hasattr(layer.mlp, "experts") for layer in engine.model.layers]
+    assert ours == hf_sparse == [True, False, True]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_greedy_matches_hf(moe_dir, hf_moe, deterministic):
+    engine = Engine.from_pretrained(moe_dir, dtype="fp32", device="cpu", deterministic=deterministic)
+    rollouts = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    for r in rollouts:
+        assert len(r.output_ids) == 16
+        ref_logp, ref_argmax = hf_logprobs(hf_moe, r.prompt_ids, r.output_ids)
+        assert r.output_ids == ref_argmax.tolist()
+        torch.testing.assert_close(torch.tensor(r.output_logprobs), ref_logp, atol=1e-4, rtol=0)
+
+
+def test_unrenormalised_and_sparse_step_match_hf(tmp_path):
+    """norm_topk_prob=False and decoder_sparse_step=2 (every second layer sparse)."""
+    path = write_tiny_moe(tmp_path / "m", mlp_only_layers=(), norm_topk_prob=False, decoder_sparse_step=2, seed=1)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine.from_pretrained(str(path), dtype="fp32", device="cpu")
+    assert engine.model.config.moe_layers == (1,)
+    r = engine.generate(PROMPTS[1:], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    ref_logp, ref_argmax = hf_logprobs(hf, r.prompt_ids, r.output_ids)
+    assert r.output_ids == ref_argmax.tolist()
+    torch.testing.assert_close(torch.tensor(r.output_logprobs), ref_logp, atol=1e-4, rtol=0)
+
+
+def test_bad_moe_config_is_refused(tmp_path):
+    from parity.models.config import ModelConfig, UnsupportedModelError
+
+    cfg = Qwen3MoeConfig(num_experts=4, num_experts_per_tok=6, num_hidden_layers=2)
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=6"):
+        ModelConfig.from_hf_config(cfg)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+def _hf_experts(x, gate_up, down, weights, ids):
+    """HF's Qwen3MoeExperts loop, written out (one-hot mask, per-expert GEMMs, index_add)."""
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        token, slot = torch.where(ids == e)
+        if token.numel():
+            g, u = torch.nn.functional.linear(x[token], gate_up[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, down[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y)
+    return out
+
+
+def _moe_inputs(num_tokens=13, hidden=24, inter=16, experts=6, k=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g, dtype=dtype)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g, dtype=dtype) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, generator=g, dtype=dtype) / inter**0.5
+    logits = torch.randn(num_tokens, experts, generator=g, dtype=dtype)
+    return x, gate_up, down, logits, k
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_reference_moe_equals_hf_loop(renormalize):
+    x, gate_up, down, logits, k = _moe_inputs()
+    weights, ids = reference.moe_route(logits, k, renormalize)
+    probs = torch.softmax(logits.float(), -1)
+    top, top_ids = torch.topk(probs, k)
+    if renormalize:
+        top = top / top.sum(-1, keepdim=True)
+    assert torch.equal(ids, top_ids)
+    torch.testing.assert_close(weights, top.double(), atol=1e-7, rtol=0)
+    want = _hf_experts(x, gate_up, down, weights, ids)
+    torch.testing.assert_close(reference.fused_moe(x, gate_up, down, weights, ids), want, atol=1e-12, rtol=0)
+    # deterministic mode's per-token kernel computes in float32 (as its linear does): to float32 rounding
+    f32 = [t.float() for t in (x, gate_up, down, weights)]
+    torch.testing.assert_close(invariant.fused_moe(*f32, ids).double(), want, atol=1e-5, rtol=0)
+
+
+def test_moe_sort_groups_pairs_by_expert():
+    ids = torch.tensor([[3, 0], [0, 2], [3, 1]])
+    order, offsets = reference.moe_sort(ids, 5)
+    assert offsets.tolist() == [0, 2, 3, 4, 6, 6]
+    assert ids.reshape(-1)[order].tolist() == [0, 0, 1, 2, 3, 3]
+    assert order.tolist() == [1, 2, 5, 3, 0, 4]  # stable: pair order within an expert
+
+
+def test_replayed_route_takes_the_given_experts():
+    _, _, _, logits, k = _moe_inputs()
+    chosen = torch.stack([torch.tensor([5, 0])] * logits.shape[0])
+    weights, ids = reference.moe_route(logits, k, True, chosen)
+    assert torch.equal(ids, chosen)
+    probs = torch.softmax(logits.float(), -1)[:, [5, 0]]
+    torch.testing.assert_close(weights, (probs / probs.sum(-1, keepdim=True)).double(), atol=1e-7, rtol=0)
+    inv_w, inv_ids = invariant.moe_route(logits, k, True, chosen)
+    assert torch.equal(inv_ids, chosen) and torch.equal(inv_w, weights)
