@@ -159,3 +159,64 @@ def test_replayed_route_takes_the_given_experts():
     torch.testing.assert_close(weights, (probs / probs.sum(-1, keepdim=True)).double(), atol=1e-7, rtol=0)
     inv_w, inv_ids = invariant.moe_route(logits, k, True, chosen)
     assert torch.equal(inv_ids, chosen) and torch.equal(inv_w, weights)
+
+
+# ------------------------------------------------------------------------------------ deterministic
+SAMPLED = SamplingParams(temperature=0.9, max_tokens=10, ignore_eos=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def det_engine(moe_dir):
+    return Engine.from_pretrained(moe_dir, dtype="fp32", device="cpu", deterministic=True)
+
+
+def test_deterministic_moe_alone_batched_chunked_and_trainer_bitwise(moe_dir, det_engine):
+    """The same prompt alone, beside others, and prefilled in chunks of 5 tokens gives the same tokens and
+    logprobs bit for bit, and the trainer's parity forward (autograd on) scores them bit for bit."""
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
+
+    batch = det_engine.generate(PROMPTS + ["What is 12 + 34?", "Sort the list 5 3 9 1"], SAMPLED)
+    alone = det_engine.generate(PROMPTS[1:], SAMPLED)[0]
+    chunked = Engine.from_pretrained(moe_dir, dtype="fp32", device="cpu", deterministic=True,
+                                     max_num_batched_tokens=5, block_size=4).generate(PROMPTS[1:], SAMPLED)[0]
+    for r in (alone, chunked):
+        assert r.output_ids == batch[1].output_ids
+        assert r.output_logprobs == batch[1].output_logprobs
+    trainer = parity_model_from_engine(det_engine)
+    scored = token_logprobs(trainer, [r.prompt_ids for r in batch], [r.output_ids for r in batch], temperature=0.9)
+    assert scored[0].requires_grad
+    for r, lp in zip(batch, scored):
+        assert lp.tolist() == r.output_logprobs
+
+
+# ------------------------------------------------------------------------------------- weight sync
+def test_weight_sync_of_experts(moe_dir, hf_moe):
+    """An HF model's state dict (fused in-memory expert names) and per-expert checkpoint names both sync; the
+    engine then equals HF's forward under the new weights. A mis-shaped expert is refused before any copy."""
+    from parity.models.weights import WeightError
+
+    engine = Engine.from_pretrained(moe_dir, dtype="fp32", device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf.model.layers[0].mlp.experts.gate_up_proj.mul_(1.5)
+        hf.model.layers[2].mlp.gate.weight.copy_(torch.randn_like(hf.model.layers[2].mlp.gate.weight))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in hf.state_dict()
+    engine.update_weights(hf)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    r = engine.generate(PROMPTS[1:], greedy)[0]
+    ref_logp, ref_argmax = hf_logprobs(hf, r.prompt_ids, r.output_ids)
+    assert r.output_ids == ref_argmax.tolist()
+    torch.testing.assert_close(torch.tensor(r.output_logprobs), ref_logp, atol=1e-4, rtol=0)
+
+    # per-expert checkpoint names, partial: expert 3's down projection of layer 2 only
+    down = torch.randn(64, 32)
+    engine.update_weights([("model.layers.2.mlp.experts.3.down_proj.weight", down)], partial=True)
+    assert torch.equal(engine.model.layers[2].mlp.experts.down_proj[3], down)
+    with torch.no_grad():
+        hf.model.layers[2].mlp.experts.down_proj[3].copy_(down)
+    r = engine.generate(PROMPTS[1:], greedy)[0]
+    ref_logp, _ = hf_logprobs(hf, r.prompt_ids, r.output_ids)
+    torch.testing.assert_close(torch.tensor(r.output_logprobs), ref_logp, atol=1e-4, rtol=0)
+
+    with pytest.raises(WeightError, match="experts.1.up_proj.weight.*shape"):
+        engine.update_weights([("model.layers.0.mlp.experts.1.up_proj.weight", torch.zeros(3, 3))], partial=True)
