@@ -220,3 +220,104 @@ def test_weight_sync_of_experts(moe_dir, hf_moe):
 
     with pytest.raises(WeightError, match="experts.1.up_proj.weight.*shape"):
         engine.update_weights([("model.layers.0.mlp.experts.1.up_proj.weight", torch.zeros(3, 3))], partial=True)
+
+
+# --------------------------------------------------------------------------------- routing replay
+ROUTED = SamplingParams(temperature=0.9, max_tokens=10, ignore_eos=True, seed=5, return_routed_experts=True)
+
+
+@pytest.fixture(scope="module")
+def routed_rollouts(det_engine):
+    return det_engine.generate(PROMPTS + ["What is 12 + 34? The answer is"], ROUTED)
+
+
+def test_routed_experts_are_the_engines_choice(moe_dir, det_engine, routed_rollouts):
+    """int16 [prompt + output - 1, MoE layers, k], equal to the trainer's own routing when nothing differs; the
+    same with chunked prefill; refused for a dense model."""
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
+
+    trainer = parity_model_from_engine(det_engine, trainable=False)
+    for r in routed_rollouts:
+        assert r.routed_experts.dtype == torch.int16
+        assert tuple(r.routed_experts.shape) == (len(r.prompt_ids) + len(r.output_ids) - 1, 2, 2)
+        with trainer.routing.recording() as rec:
+            token_logprobs(trainer, [r.prompt_ids], [r.output_ids], temperature=0.9)
+        assert torch.equal(rec.routed_experts(), r.routed_experts)
+    assert all(r.routed_experts is None for r in det_engine.generate(PROMPTS[:1], SAMPLED))
+    chunked = Engine.from_pretrained(moe_dir, dtype="fp32", device="cpu", deterministic=True,
+                                     max_num_batched_tokens=5, block_size=4)
+    again = chunked.generate([routed_rollouts[1].prompt_ids], ROUTED)[0]
+    assert torch.equal(again.routed_experts, routed_rollouts[1].routed_experts)
+
+
+def test_dense_model_refuses_return_routed_experts(model_dirs):
+    engine = Engine.from_pretrained(model_dirs["qwen3"], dtype="fp32", device="cpu")
+    with pytest.raises(ValueError, match="return_routed_experts=True needs a mixture-of-experts model"):
+        engine.generate(PROMPTS[:1], SamplingParams(max_tokens=2, return_routed_experts=True))
+
+
+def _rerouting_delta(trainer, routed_rollouts) -> tuple[int, torch.Tensor]:
+    """(expert e, a change of e's row in the first MoE layer's router) that makes the router pick e for some
+    positions where the rollout did not, and leaves e's logit unchanged (to rounding) wherever the rollout
+    chose e. With norm_topk_prob the chosen experts' mixing weights depend on their own logits only, so a
+    replay of the rollout's experts is unaffected while the trainer's own top-k differs."""
+    from parity.trainer.parity_model import token_logprobs
+
+    router = trainer.layers[trainer.config.moe_layers[0]].mlp.gate
+    inputs = []
+    handle = router.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    token_logprobs(trainer, [r.prompt_ids for r in routed_rollouts], [r.output_ids for r in routed_rollouts])
+    handle.remove()
+    x = inputs[0].double()
+    chosen = torch.cat([r.routed_experts[:, 0].long() for r in routed_rollouts])
+    uses = torch.bincount(chosen.reshape(-1), minlength=trainer.config.num_experts)
+    e = int(uses.argmin())
+    kept = (chosen == e).any(-1)
+    basis = torch.linalg.qr(x[kept].T).Q if kept.any() else x.new_zeros(x.shape[1], 0)  # [H, |kept|]
+    logits = x @ router.weight.double().T
+    gap = logits.topk(2, dim=-1).values[:, -1] - logits[:, e]  # how far e is below the k-th choice
+    u = int(torch.where(kept, float("inf"), gap).argmin())
+    delta = x[u] - basis @ (basis.T @ x[u])
+    delta = delta * (gap[u] + 2.0) / (delta @ x[u])
+    return e, delta.float()
+
+
+def test_replay_reproduces_rollout_logprobs_when_trainer_routes_differently(det_engine, routed_rollouts):
+    """Unperturbed, replay is bitwise the rollout. With a router changed so that its own top-k differs from
+    the rollout's, the trainer's logprobs move; replaying the rollout's experts gives them back."""
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
+
+    prompts, outputs = [r.prompt_ids for r in routed_rollouts], [r.output_ids for r in routed_rollouts]
+    routed = [r.routed_experts for r in routed_rollouts]
+    rollout_lp = torch.tensor(sum((r.output_logprobs for r in routed_rollouts), []))
+    trainer = parity_model_from_engine(det_engine)
+    replayed = torch.cat(token_logprobs(trainer, prompts, outputs, temperature=0.9, routed_experts=routed))
+    assert replayed.tolist() == rollout_lp.tolist()
+
+    with torch.no_grad():
+        e, delta = _rerouting_delta(trainer, routed_rollouts)
+        trainer.layers[trainer.config.moe_layers[0]].mlp.gate.weight[e] += delta
+        with trainer.routing.recording() as rec:
+            own = torch.cat(token_logprobs(trainer, prompts, outputs, temperature=0.9))
+        replayed = torch.cat(token_logprobs(trainer, prompts, outputs, temperature=0.9, routed_experts=routed))
+    own_layer0 = rec.routed_experts()[:, 0].sort(-1).values
+    assert (own_layer0 != torch.cat(routed)[:, 0].sort(-1).values).any(), "the trainer's routing did not change"
+    assert (own - rollout_lp).abs().max() > 1e-2
+    torch.testing.assert_close(replayed, rollout_lp, atol=1e-4, rtol=0)
+
+
+def test_hf_trainer_logprobs_replay(moe_dir, det_engine, routed_rollouts):
+    """trainer_logprobs on an HF Qwen3-MoE whose router picks other experts: its own routing moves the logprobs,
+    replaying the engine's experts (a forward hook on each router) gives the rollout's back."""
+    from parity.trainer.logprobs import trainer_logprobs
+    from parity.trainer.parity_model import parity_model_from_engine
+
+    hf = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    params = SamplingParams(temperature=0.9)
+    err = lambda t: (t.logprobs - t.rollout_logprobs)[t.mask].abs().max()
+    assert err(trainer_logprobs(hf, routed_rollouts, params, replay_routing=True)) < 1e-4
+    with torch.no_grad():
+        e, delta = _rerouting_delta(parity_model_from_engine(det_engine, trainable=False), routed_rollouts)
+        hf.model.layers[det_engine.model.config.moe_layers[0]].mlp.gate.weight[e] += delta
+    assert err(trainer_logprobs(hf, routed_rollouts, params)) > 1e-2
+    assert err(trainer_logprobs(hf, routed_rollouts, params, replay_routing=True)) < 1e-4

@@ -236,6 +236,9 @@ class Engine:
     def _validate_prompt(self, label: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise ValueError(f"{label}: empty prompt")
+        if params.return_routed_experts and not self.model_config.moe_layers:
+            raise ValueError(f"{label}: return_routed_experts=True needs a mixture-of-experts model; "
+                             f"{self.model_config.architecture} has no MoE layers")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -318,6 +321,7 @@ class Engine:
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
             num_preemptions=seq.num_preemptions,
             error=seq.error,
+            routed_experts=routed_experts(seq) if seq.params.return_routed_experts else None,
         )
 
     def _text(self, seq: Sequence) -> str | None:
@@ -517,3 +521,18 @@ class Engine:
     def kv_cache_usage(self) -> dict[str, int]:
         """Blocks in use and free, for tests and metrics."""
         return self.scheduler.kv_cache_usage()
+
+
+def routed_experts(seq: Sequence) -> torch.Tensor | None:
+    """The sequence's recorded experts for positions 0 .. num_tokens - 2, int16 [positions, MoE layers, k];
+    None before its first step. Chunks recorded before a preemption are replaced by their recomputation."""
+    rows: list[torch.Tensor] = []
+    covered = 0
+    for start in sorted(seq.routed_experts):
+        chunk = seq.routed_experts[start]
+        if start + chunk.shape[0] > covered:
+            rows.append(chunk[covered - start :])
+            covered = start + chunk.shape[0]
+    if not rows:
+        return None
+    return torch.cat(rows)[: seq.num_tokens - 1]

@@ -296,6 +296,8 @@ class ModelRunner:
             return None
         if any(s.params.prompt_logprobs is not None and s.in_prefill for s in batch.seqs):
             return None  # prompt logits need the eager path's hidden states
+        if any(s.params.return_routed_experts for s in batch.seqs):
+            return None  # the chosen experts are recorded on the eager path
         if self.graphs is None or self.graphs.deterministic != self.model.kernels.deterministic:
             self._capture_graphs()
         return self.graphs
@@ -363,7 +365,12 @@ class ModelRunner:
         if graphs is not None:
             return *self._execute_graph(graphs, batch), []
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
+        if any(s.params.return_routed_experts for s in batch.seqs):
+            with self.model.routing.recording() as routing:
+                hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
+            _keep_routing(batch, inputs, routing.routed_experts().cpu())
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
         prompt = self._prompt_hidden(batch, inputs, hidden) if inputs.prompt_chunks else []
         if not inputs.sampled_seqs:
             return None, [], prompt
@@ -401,6 +408,15 @@ class ModelRunner:
         inputs = self.prepare(batch)
         self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
         raise NonFiniteActivationError("a decode step (CUDA graph) produced inf/nan; the eager re-run did not")
+
+
+def _keep_routing(batch: ScheduledBatch, inputs: StepInputs, routed: torch.Tensor) -> None:
+    """Each sequence that asked for it keeps its rows of the step's chosen experts, by first position
+    (a recomputed chunk after preemption replaces the earlier one)."""
+    starts = inputs.meta.query_start_loc_cpu
+    for i, seq in enumerate(batch.seqs):
+        if seq.params.return_routed_experts:
+            seq.routed_experts[seq.num_computed_tokens] = routed[starts[i] : starts[i + 1]]
 
 
 def _token_range(seq, begin: int, end: int) -> list[int]:

@@ -51,6 +51,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    return_routed_experts: bool = False  # MoE models: Rollout.routed_experts, for routing replay in the trainer
 
     def __post_init__(self) -> None:
         """Refuse a bad field here, before the request is queued: the message names the field and the value."""
@@ -65,6 +66,7 @@ class SamplingParams:
         self.stop_token_ids = check_int_list("stop_token_ids", self.stop_token_ids, 0)
         self.ignore_eos = check_bool("ignore_eos", self.ignore_eos)
         self.raw_logprobs = check_bool("raw_logprobs", self.raw_logprobs)
+        self.return_routed_experts = check_bool("return_routed_experts", self.return_routed_experts)
         self.stop = _check_stop(self.stop)
         self.include_stop_str_in_output = check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
         self.min_tokens = check_int("min_tokens", self.min_tokens, 0)

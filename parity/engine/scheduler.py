@@ -144,7 +144,7 @@ class Scheduler:
             if self._waits_for_leader(seq):
                 skipped.append(self.waiting.popleft())
                 continue
-            if not seq.block_table:
+            if not seq.block_table and not seq.params.return_routed_experts:  # a cached prefix has no routing
                 seq.num_computed_tokens = self.block_manager.match_prefix(seq)
                 seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, len(seq.prompt_ids))
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)

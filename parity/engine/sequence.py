@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from parity.engine.detokenizer import IncrementalDetokenizer
 from parity.engine.sampling_params import SamplingParams
 
@@ -51,6 +53,7 @@ class Sequence:
     error: str | None = None  # why a step failed it (finish_reason "error")
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    routed_experts: dict[int, torch.Tensor] = field(default_factory=dict)  # first position -> a chunk's [n, L, k]
 
     @property
     def token_ids(self) -> list[int]:
@@ -85,6 +88,10 @@ class Rollout:
     while requests run make it vary within a sample); `weight_version` is the version at the end. An
     aborted sample (finish_reason "abort") can be carried on with `Engine.add_request(continue_from=...)`,
     which uses its `seed` again.
+
+    `routed_experts` (SamplingParams.return_routed_experts, MoE models): the experts each MoE layer chose for
+    every input position, int16 [len(prompt_ids) + len(output_ids) - 1, MoE layers, k] (the last output token
+    is never an input); the trainer's `token_logprobs(..., routed_experts=)` replays them.
     """
 
     request_id: str
@@ -105,6 +112,7 @@ class Rollout:
     num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
     error: str | None = None  # finish_reason "error": the exception that failed its step, with its notes
+    routed_experts: torch.Tensor | None = None
 
     @property
     def cumulative_logprob(self) -> float:

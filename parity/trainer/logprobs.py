@@ -120,12 +120,56 @@ def _hf_response_logits(model: nn.Module, rollouts: Sequence[Rollout], pad_id: i
     return out.logits[:, :-1]  # column j predicts response token j
 
 
+@contextlib.contextmanager
+def _hf_routing_replay(model: nn.Module, rollouts: Sequence[Rollout], device):
+    """Route an HF MoE model (transformers 5: each sparse block's `gate` router returns (logits, weights,
+    experts)) through the rollouts' `routed_experts`: a forward hook on every router swaps its top-k for the
+    given experts, with weights from the router's own softmax (renormalised as it does), laid out like
+    `_padded_batch` (pad columns route to expert 0; their outputs are never scored)."""
+    routers = [m.gate for m in unwrap_module(model).modules()
+               if type(m).__name__.endswith("SparseMoeBlock") and hasattr(getattr(m, "gate", None), "top_k")]
+    if not routers:
+        raise TypeError(f"{type(unwrap_module(model)).__name__} has no MoE routers (SparseMoeBlock.gate) to replay")
+    prompt_len = max(len(r.prompt_ids) for r in rollouts)
+    resp_len = max(len(r.output_ids) for r in rollouts)
+    top_k = routers[0].top_k
+    chosen = torch.zeros(len(rollouts), prompt_len + resp_len, len(routers), top_k, dtype=torch.int64)
+    for i, r in enumerate(rollouts):
+        want = (len(r.prompt_ids) + len(r.output_ids) - 1, len(routers), top_k)
+        if r.routed_experts is None or tuple(r.routed_experts.shape) != want:
+            got = None if r.routed_experts is None else tuple(r.routed_experts.shape)
+            raise ValueError(f"rollout {i}: routed_experts has shape {got}, expected {want}; generate with "
+                             "SamplingParams(return_routed_experts=True)")
+        left = prompt_len - len(r.prompt_ids)
+        chosen[i, left : left + want[0]] = r.routed_experts.long()
+    chosen = chosen.flatten(0, 1).to(device)
+
+    def hook(layer: int):
+        def replace(router, args, out):
+            logits = out[0]
+            ids = chosen[:, layer]
+            weights = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, ids)
+            if router.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return logits, weights.to(logits.dtype), ids
+        return replace
+
+    handles = [router.register_forward_hook(hook(i)) for i, router in enumerate(routers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _parity_response_logprobs(model: DecoderModel, rollouts: Sequence[Rollout], params: SamplingParams | None,
-                              mode: str, mask: torch.Tensor) -> torch.Tensor:
+                              mode: str, mask: torch.Tensor, replay_routing: bool) -> torch.Tensor:
     from parity.trainer.parity_model import token_logprobs
 
     processed = params if mode == "processed" else None
-    per_seq = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts], params=processed)
+    routed = [r.routed_experts for r in rollouts] if replay_routing else None
+    per_seq = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts], params=processed,
+                             routed_experts=routed)
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, torch.cat(per_seq))
 
 
@@ -138,6 +182,7 @@ def trainer_logprobs(
     logits_fp32: bool = True,
     pad_id: int = 0,
     eos_token_ids: Sequence[int] | None = None,
+    replay_routing: bool = False,
 ) -> TrainerLogprobs:
     """Recompute the response tokens' logprobs of `rollouts` with the trainer's `model`.
 
@@ -147,7 +192,8 @@ def trainer_logprobs(
     Penalties, logit_bias, allowed_token_ids and min_tokens in `params` are applied from each position's
     token history, as the engine applied them; min_tokens masks `eos_token_ids` (HF models; default: the
     model's generation-config EOS, which the engine reads too; a DecoderModel uses its config's).
-    `logits_fp32` and `pad_id` apply to HF models only.
+    `logits_fp32` and `pad_id` apply to HF models only. `replay_routing` (MoE models) routes every token
+    through the experts the engine chose (`Rollout.routed_experts`) instead of the trainer's own top-k.
     """
     if mode not in LOGPROB_MODES:
         raise ValueError(f"unknown logprob mode {mode!r}; expected one of {LOGPROB_MODES}")
@@ -170,9 +216,11 @@ def trainer_logprobs(
     decoder = inner.model if isinstance(getattr(inner, "model", None), DecoderModel) else inner  # ParityForCausalLM
     with torch.set_grad_enabled(with_grad):
         if isinstance(decoder, DecoderModel):
-            logprobs = _parity_response_logprobs(decoder, rollouts, params, mode, mask)
+            logprobs = _parity_response_logprobs(decoder, rollouts, params, mode, mask, replay_routing)
         else:
-            logits = _hf_response_logits(model, rollouts, pad_id, device, logits_fp32)
+            replay = _hf_routing_replay(model, rollouts, device) if replay_routing else contextlib.nullcontext()
+            with replay:
+                logits = _hf_response_logits(model, rollouts, pad_id, device, logits_fp32)
             eos = _hf_eos_token_ids(model) if eos_token_ids is None else eos_token_ids
             flat = _token_logprobs(logits[mask], targets[mask], params, mode, rollouts, eos)
             logprobs = torch.zeros(mask.shape, dtype=flat.dtype, device=device).masked_scatter(mask, flat)

@@ -91,6 +91,7 @@ def token_logprobs(
     top_p: float = 1.0,
     min_p: float = 0.0,
     params: SamplingParams | Sequence[SamplingParams] | None = None,
+    routed_experts: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """log π(y_t | prompt, y_<t) of every output token, one float32 tensor [len(output)] per sequence.
 
@@ -99,6 +100,10 @@ def token_logprobs(
     SamplingParams, one or one per sequence) replaces temperature and the filters with everything the
     engine applied, including logit_bias, allowed_token_ids, min_tokens (masking the model's EOS) and the
     penalties, each from the position's own token history.
+
+    `routed_experts` (MoE models: each rollout's `Rollout.routed_experts`, [len(prompt) + len(output) - 1,
+    MoE layers, k]) routes every position through the experts the engine chose (routing replay) instead of
+    this model's own top-k; the mixing weights still come from this model's router.
     """
     if len(prompt_ids_list) != len(output_ids_list):
         raise ValueError(f"{len(prompt_ids_list)} prompts but {len(output_ids_list)} outputs")
@@ -143,7 +148,9 @@ def token_logprobs(
         return [torch.zeros(0, dtype=torch.float32, device=device) for _ in counts]
     ids = torch.tensor(tokens, dtype=torch.int64, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lens])
-    hidden = model(ids, positions, AttentionMetadata.for_packed_sequences(lens, device))
+    replay = _packed_routing(routed_experts, prompt_ids_list, output_ids_list, device)
+    with model.routing.replaying(replay):
+        hidden = model(ids, positions, AttentionMetadata.for_packed_sequences(lens, device))
     logits = model.compute_logits(hidden[torch.tensor(rows, device=device)])
     history = None
     if shapes_logits(row_params):
@@ -151,3 +158,20 @@ def token_logprobs(
     logprobs = model.kernels.log_softmax(process_logits(logits, row_params, history))
     picked = logprobs.gather(-1, torch.tensor(targets, device=device)[:, None]).squeeze(-1)
     return list(picked.split(counts))
+
+
+def _packed_routing(routed_experts, prompt_ids_list, output_ids_list, device) -> torch.Tensor | None:
+    """The rollouts' routed experts in the packed batch's row order (sequences with outputs only)."""
+    if routed_experts is None:
+        return None
+    routed_experts = _per_sequence(routed_experts, len(prompt_ids_list), "routed_experts")
+    parts = []
+    for i, (prompt, output, routed) in enumerate(zip(prompt_ids_list, output_ids_list, routed_experts)):
+        if not len(output):
+            continue
+        want = len(prompt) + len(output) - 1
+        if routed is None or routed.shape[0] != want:
+            got = None if routed is None else tuple(routed.shape)
+            raise ValueError(f"sequence {i}: routed_experts has shape {got}, expected {want} rows (prompt + output - 1)")
+        parts.append(routed.to(device))
+    return torch.cat(parts)
