@@ -1,5 +1,6 @@
 """Fast mode on CUDA without autograd: Triton kernels for the norm, RoPE (fused with the per-head q/k norm
-and the KV-cache write), SiLU, attention and sampling; cuBLAS (torch) for the matmuls and the log-softmax.
+and the KV-cache write), SiLU, attention, sampling and the MoE routing and experts (`moe.py`); cuBLAS (torch)
+for the matmuls and the log-softmax.
 Same signatures as `reference.py`."""
 
 from __future__ import annotations
@@ -7,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from parity.kernels import reference
-from parity.kernels.reference import fused_moe, linear, log_softmax, moe_route  # per-expert torch GEMMs (cuBLAS)
+from parity.kernels.reference import linear, log_softmax
 from parity.kernels.triton.attention import attention
 from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul
+from parity.kernels.triton.moe import fused_moe, moe_route
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 

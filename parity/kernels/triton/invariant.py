@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 
 from parity.kernels import reference
-from parity.kernels.invariant import fused_moe, moe_route  # per-token torch: a row's GEMMs see its shape only
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton.attention import _dot, prefill, store_kvcache
 from parity.kernels.triton.elementwise import apply_rotary, silu_and_mul
+from parity.kernels.triton.moe import fused_moe  # fixed tiles: a token's experts never see the batch
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
@@ -42,6 +42,10 @@ __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", 
 # The separate norm and RoPE kernels, not the fused one of fast mode: the trainer's forward under autograd runs
 # these same kernels, so engine and trainer get the same bits.
 rope_and_cache = reference.rope_and_cache_from(rms_norm, apply_rotary, store_kvcache)
+
+# The router's softmax and top-k in torch (a row's kernel follows the row length E): the engine and the trainer,
+# which needs their gradient, get the same bits.
+moe_route = reference.moe_route
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

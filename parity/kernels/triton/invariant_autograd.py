@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from parity.kernels import autograd, reference
-from parity.kernels.invariant import fused_moe, moe_route  # plain torch, autograd as is
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton import invariant
 from parity.kernels.triton.attention import store_kvcache
-from parity.kernels.triton.invariant import gumbel_argmax
+from parity.kernels.triton.invariant import gumbel_argmax, moe_route
+from parity.kernels.triton.moe import fused_moe_autograd as fused_moe
 
 __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
            "moe_route", "rms_norm",
