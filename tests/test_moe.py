@@ -108,6 +108,16 @@ def test_bad_moe_config_is_refused(tmp_path):
         ModelConfig.from_hf_config(cfg)
 
 
+def test_tensor_parallel_refuses_moe(moe_dir):
+    from parity.distributed.tensor_parallel import TensorParallelDecoder
+    from parity.models.config import ModelConfig
+    from parity.precision.policy import PrecisionPolicy
+
+    cfg = ModelConfig.from_pretrained(moe_dir)
+    with pytest.raises(ValueError, match="does not shard mixture-of-experts layers"):
+        TensorParallelDecoder(cfg, PrecisionPolicy(dtype="fp32"), "cpu", 64)
+
+
 # ----------------------------------------------------------------------------------------- kernels
 def _hf_experts(x, gate_up, down, weights, ids):
     """HF's Qwen3MoeExperts loop, written out (one-hot mask, per-expert GEMMs, index_add)."""

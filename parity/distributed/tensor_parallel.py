@@ -72,6 +72,9 @@ class TensorParallelDecoder(DecoderModel):
     def __init__(
         self, cfg: ModelConfig, policy: PrecisionPolicy, device, max_positions: int, group: dist.ProcessGroup | None = None
     ):
+        if cfg.moe_layers:
+            raise ValueError(f"tensor parallelism does not shard mixture-of-experts layers ({cfg.architecture}, "
+                             f"MoE layers {list(cfg.moe_layers)}); run it with tensor_parallel_size=1")
         if not dist.is_initialized():
             raise RuntimeError("tensor parallelism needs torch.distributed: call init_distributed() under torchrun")
         rank, size = dist.get_rank(group), dist.get_world_size(group)
