@@ -12,8 +12,9 @@ beside every figure.
   Deterministic: workload A's first `--det-prompts` prompts in fast and deterministic mode (tok/s ratio), and a
               bitwise check: 4 prompts sampled alone and in a batch of 32, plus the trainer's parity forward
               (`token_logprobs`), all equal bit for bit.
-  vLLM (optional, `--vllm-path`): bash ../shared/peers/vllm/prepare.sh --moe (keeps vllm/_moe_C) and pass the
-              site folder it prints; workload A and batch 1 run in a subprocess with the same prompts.
+  vLLM (optional, `--vllm-path`): `bash ../shared/peers/vllm/prepare.sh --moe` here (keeps vllm/_moe_C; writes
+              .vl/a, .vl/b, .vl/c), carry them, run their gpu.sh there (installs into /tmp/vsite), then pass
+              `--vllm-path /tmp/vsite`; workload A and batch 1 run first, in a subprocess, on the same prompts.
 
   python -m benchmarks.moe_device --out $OUT                 # on the GPU (about 6-8 minutes on an H200)
   python -m benchmarks.moe_device --smoke                    # tiny MoE on CPU: checks the script only
@@ -151,9 +152,10 @@ def parity_part(path: Path, args, prompts, out_lens, vocab: int, clock: Clock, r
 VLLM_WORKER = r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
-from vllm import LLM, SamplingParams, TokensPrompt
-llm = LLM(model=args["path"], dtype="bfloat16", max_model_len=args["max_model_len"], max_num_seqs=args["max_num_seqs"],
-          gpu_memory_utilization=0.85, seed=0)
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+llm = LLM(model=args["path"], skip_tokenizer_init=True, dtype="bfloat16", max_model_len=args["max_model_len"],
+          max_num_seqs=args["max_num_seqs"], gpu_memory_utilization=0.85, seed=0)
 sp = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
 prompts = [TokensPrompt(prompt_token_ids=p) for p in args["prompts"]]
 llm.generate(prompts[:2], sp(4), use_tqdm=False)
@@ -219,9 +221,11 @@ def main() -> None:
         lo_hi = (10, 40) if args.smoke else (100, 1024)
         prompts = random_prompts(args.num_prompts, 384, *lo_hi, seed=0)  # ids the tokenizer knows (vLLM decodes them)
         out_lens = [args.output_len] * args.num_prompts
+        if args.vllm_path:  # first: vLLM takes gpu_memory_utilization of the GPU, so it runs before parity holds any
+            results["vllm"] = vllm_part(path, args, prompts, out_lens, vocab)
+            save()
         parity_part(path, args, prompts, out_lens, vocab, clock, results, save)
         if args.vllm_path:
-            results["vllm"] = vllm_part(path, args, prompts, out_lens, vocab)
             if "output_tok_s" in results["vllm"]:
                 results["fast_vs_vllm_throughput_x"] = (results["fast_workload_a"]["output_tok_s"]
                                                         / results["vllm"]["output_tok_s"])
