@@ -20,16 +20,20 @@ from parity.testing.factory import train_tokenizer
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog. Once upon a time there was a small model"]
 
 
-def write_tiny_moe(path, *, mlp_only_layers=(1,), norm_topk_prob=True, decoder_sparse_step=1, seed=0):
-    """A 3-layer Qwen3-MoE (8 experts, 2 per token) saved by transformers, with the factory's tokenizer."""
+TINY_MOE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
+
+
+def write_tiny_moe(path, *, mlp_only_layers=(1,), norm_topk_prob=True, decoder_sparse_step=1, seed=0, **shapes):
+    """A 3-layer Qwen3-MoE (8 experts, 2 per token) saved by transformers, with the factory's tokenizer;
+    `shapes` override TINY_MOE's."""
     tokenizer = train_tokenizer(384)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     cfg = Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        decoder_sparse_step=decoder_sparse_step, mlp_only_layers=list(mlp_only_layers), norm_topk_prob=norm_topk_prob,
-        max_position_embeddings=512, initializer_range=0.3, tie_word_embeddings=False, eos_token_id=eos,
-        pad_token_id=eos, bos_token_id=None, rms_norm_eps=1e-6)
+        vocab_size=len(tokenizer), **{**TINY_MOE, **shapes}, decoder_sparse_step=decoder_sparse_step,
+        mlp_only_layers=list(mlp_only_layers), norm_topk_prob=norm_topk_prob, max_position_embeddings=512,
+        initializer_range=0.3, tie_word_embeddings=False, eos_token_id=eos, pad_token_id=eos, bos_token_id=None,
+        rms_norm_eps=1e-6)
     cfg.architectures = ["Qwen3MoeForCausalLM"]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -408,3 +412,35 @@ def test_triton_fused_moe_is_batch_invariant_and_its_autograd_forward_equal(trit
     reference.fused_moe(*ref_leaves, ids).square().sum().backward()
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels run in the other tests")
+def test_engine_on_triton_moe_kernels_in_the_interpreter(tmp_path, monkeypatch, triton_moe):
+    """The whole engine on the Triton kernels (interpreted, CPU tensors), one MoE layer: fast mode's greedy tokens
+    and logprobs equal HF's (fp32, 1e-4); deterministic mode alone == in a batch with chunked prefill == the
+    trainer's parity forward with autograd, bit for bit."""
+    from parity.kernels import dispatch
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
+
+    path = write_tiny_moe(tmp_path / "m", mlp_only_layers=(), hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, num_experts=4)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    monkeypatch.setattr(dispatch, "device_kind", lambda x: "cuda")
+    options = dict(dtype="fp32", max_model_len=128, max_num_batched_tokens=8, kv_cache_memory=1 << 20)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (4, 13)]
+    fast = Engine.from_pretrained(str(path), **options)
+    r = fast.generate(prompts[1:], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    ref_logp, ref_argmax = hf_logprobs(hf, r.prompt_ids, r.output_ids)
+    assert r.output_ids == ref_argmax.tolist()
+    torch.testing.assert_close(torch.tensor(r.output_logprobs), ref_logp, atol=1e-4, rtol=0)
+
+    engine = Engine.from_pretrained(str(path), deterministic=True, **options)
+    params = SamplingParams(temperature=0.8, max_tokens=3, seed=3, ignore_eos=True)
+    batch = engine.generate(prompts, params)
+    alone = engine.generate([prompts[1]], params)[0]
+    assert alone.output_ids == batch[1].output_ids and alone.output_logprobs == batch[1].output_logprobs
+    scored = token_logprobs(parity_model_from_engine(engine), prompts, [r.output_ids for r in batch], temperature=0.8)
+    assert scored[0].requires_grad
+    for r, lp in zip(batch, scored):
+        assert lp.tolist() == r.output_logprobs
