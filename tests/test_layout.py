@@ -19,7 +19,7 @@ ALLOWED = {
     "distributed": {"engine", "models", "kernels", "precision"},
     "train": {"trainer", "engine", "models", "kernels", "precision", "testing"},
     "diagnostics": {"train", "trainer", "engine", "models", "kernels", "precision", "testing"},  # train: W&B tracking
-    "integrations": {"trainer", "engine", "models", "kernels", "precision", "distributed"},
+    "integrations": {"trainer", "server", "engine", "models", "kernels", "precision", "distributed"},
     "server": {"engine", "models", "kernels", "precision"},
     "cli": {"server", "train", "trainer", "diagnostics", "engine", "models", "kernels", "precision", "testing", "distributed"},
 }

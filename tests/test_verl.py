@@ -1,0 +1,229 @@
+"""parity as verl's rollout backend, driven through verl's own classes on a local Ray cluster (CPU, tiny model).
+
+verl finds the backend through the installed `verl.plugins` entry point; a `RolloutReplica` from verl's
+registry launches the server from a real verl `RayWorkerGroup`; a trainer worker builds its rollout with
+verl's `get_rollout_class` and syncs weights in the order verl's hybrid engine does. References: parity's
+offline `Engine` (same options) for token ids, an HF transformers forward in float64 for the logprobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+verl = pytest.importorskip("verl")
+ray = pytest.importorskip("ray")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from verl.single_controller.base import Worker  # noqa: E402
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup  # noqa: E402
+from verl.workers.config import HFModelConfig, RolloutConfig  # noqa: E402
+from verl.workers.rollout.base import _ROLLOUT_REGISTRY, get_rollout_class  # noqa: E402
+from verl.workers.rollout.replica import RolloutReplicaRegistry, TokenOutput  # noqa: E402
+
+from parity import Engine, SamplingParams  # noqa: E402
+from parity.integrations.verl import ParityReplica, ServerAdapter, sampling_params_from_verl  # noqa: E402
+from parity.testing.factory import write_tiny_model  # noqa: E402
+
+ENGINE = dict(dtype="fp32", device="cpu", deterministic=True, block_size=4)
+MAX_NUM_SEQS = 4
+PROMPTS = [[5, 17, 42, 9], [7, 7, 101], [33, 2, 250, 61, 12], [88], [19, 4, 4, 200, 3, 150], [64, 65]]
+
+
+def rollout_config(**overrides) -> RolloutConfig:
+    options = dict(name="parity", tensor_model_parallel_size=1, dtype="float32", prompt_length=16, response_length=24,
+                   max_model_len=1024, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=256, free_cache_engine=True,
+                   calculate_log_probs=True, engine_kwargs={"parity": {"deterministic": True, "block_size": 4}})
+    return RolloutConfig(**(options | overrides))
+
+
+class TrainerWorker(Worker):
+    """The rollout side of verl's fused actor-rollout worker: builds its rollout through verl's registry and
+    syncs the trainer model's weights as `engine_workers.ActorRolloutRefWorker.update_weights` does."""
+
+    def __init__(self, rollout_config: RolloutConfig, model_path: str):
+        super().__init__()
+        self.rollout = get_rollout_class(rollout_config.name, rollout_config.mode)(
+            config=rollout_config, model_config=HFModelConfig(path=model_path), device_mesh=None)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+    def rollout_class(self) -> str:
+        return type(self.rollout).__qualname__
+
+    async def release(self) -> None:
+        await self.rollout.release()
+
+    async def train_step_and_sync(self, scale: float, global_steps: int) -> None:
+        """A stand-in optimizer step (every weight times `scale`), then verl's sync order."""
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.mul_(scale)
+        await self.rollout.resume(tags=["weights"])
+        weights = ((name, tensor) for name, tensor in self.model.state_dict().items())
+        await self.rollout.update_weights(weights, peft_config=None, base_sync_done=True, global_steps=global_steps)
+        await self.rollout.resume(tags=["kv_cache"])
+
+    def save(self, path: str) -> None:
+        self.model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("verl_tiny"))
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir, tmp_path_factory):
+    """A local Ray cluster, one trainer worker (verl's RayWorkerGroup on a CPU pool) and its parity replica."""
+    tests_dir = str(Path(__file__).parent)  # Ray's workers import TrainerWorker from this module
+    pythonpath = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="parity-verl-test",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}})
+    config = rollout_config()
+    pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1)
+    workers = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(
+        cls=ray.remote(TrainerWorker), rollout_config=config, model_path=str(model_dir)), use_gpu=False,
+        device_name="cpu")
+    replica = RolloutReplicaRegistry.get("parity")(replica_rank=0, config=config,
+                                                   model_config=HFModelConfig(path=str(model_dir)), gpus_per_node=1)
+    asyncio.run(replica.init_hybrid(workers))
+    yield replica, workers.workers[0]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    return Engine.from_pretrained(model_dir, **ENGINE)
+
+
+def generate(server, prompt, request_id, **params) -> TokenOutput:
+    sampling = dict(temperature=0, top_p=1.0, top_k=-1, repetition_penalty=1.0, logprobs=True) | params
+    return ray.get(server.generate.remote(prompt_ids=prompt, sampling_params=sampling, request_id=request_id), timeout=60)
+
+
+def hf_logprobs(model_path: str, prompt: list[int], output: list[int]) -> list[float]:
+    """float64 log-softmax of the HF model's logits at each output token (temperature 1: greedy)."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
+    ids = torch.tensor([prompt + output])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(output)[:, None])[:, 0].tolist()
+
+
+def test_entry_point_registers_the_backend():
+    from importlib.metadata import entry_points
+
+    assert "parity" in {ep.name for ep in entry_points(group="verl.plugins")}
+    assert _ROLLOUT_REGISTRY[("parity", "async")] == "parity.integrations.verl.ServerAdapter"
+    assert get_rollout_class("parity", "async") is ServerAdapter
+    assert RolloutReplicaRegistry.get("parity") is ParityReplica
+
+
+def test_sampling_params_map_from_verls_dict():
+    config = rollout_config(repetition_penalty=1.1, ignore_eos=True)
+    sp, want = sampling_params_from_verl(dict(temperature=0.7, top_p=0.9, top_k=-1, logprobs=True, seed=3), config,
+                                         prompt_len=10, max_model_len=256)
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.seed, want) == (0.7, 0.9, -1, 3, True)
+    assert (sp.repetition_penalty, sp.ignore_eos) == (1.1, True)  # the config's defaults
+    assert sp.max_tokens == min(config.response_length, config.prompt_length + config.response_length - 10)
+    sp, want = sampling_params_from_verl(dict(max_tokens=500, logprobs=False), config, prompt_len=250, max_model_len=256)
+    assert (sp.max_tokens, want) == (6, False)  # capped by what the context leaves
+    with pytest.raises(ValueError, match="best_of"):
+        sampling_params_from_verl(dict(best_of=2), config, prompt_len=4, max_model_len=256)
+    with pytest.raises(ValueError, match="max_model_len=256"):
+        sampling_params_from_verl({}, config, prompt_len=256, max_model_len=256)
+    with pytest.raises(NotImplementedError, match="tensor_model_parallel_size"):
+        ParityReplica(0, rollout_config(tensor_model_parallel_size=2), None, gpus_per_node=2)
+
+
+def test_replica_launches_server_beside_the_trainer_worker(cluster):
+    import httpx
+
+    replica, worker = cluster
+    assert ray.get(worker.rollout_class.remote()) == "ServerAdapter"
+    assert replica.server_handle is replica.servers[0]
+    models = httpx.get(f"http://{replica.server_address}/v1/models", timeout=30).json()
+    assert models["data"], models
+
+
+def test_concurrent_generate_equals_offline_and_hf_logprobs(cluster, offline, model_dir):
+    """More callers than max_num_seqs at once, as verl's agent loop workers send them."""
+    server = cluster[0].server_handle
+    prompts = PROMPTS * 2  # 12 requests > max_num_seqs
+    refs = [server.generate.remote(prompt_ids=p, sampling_params=dict(temperature=0, top_k=-1, top_p=1.0, logprobs=True,
+                                                                     max_tokens=12, ignore_eos=True), request_id=f"c{i}")
+            for i, p in enumerate(prompts)]
+    outputs = ray.get(refs, timeout=120)
+    expected = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for out, ref in zip(outputs, expected):
+        assert out.stop_reason == "completed"
+        assert out.token_ids == ref.output_ids
+        assert out.log_probs == ref.output_logprobs
+        assert out.extra_fields["global_steps"] is None  # no sync yet
+    torch.testing.assert_close(outputs[0].log_probs, hf_logprobs(str(model_dir), prompts[0], outputs[0].token_ids),
+                               rtol=0, atol=1e-4)
+
+
+def test_abort_returns_partial_output_that_continues_like_verls_partial_rollout(cluster, offline):
+    server = cluster[0].server_handle
+    prompt, max_tokens = PROMPTS[2], 1000
+    full = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))[0]
+    ref = server.generate.remote(prompt_ids=prompt, request_id="long",
+                                 sampling_params=dict(temperature=0, logprobs=True, max_tokens=max_tokens, ignore_eos=True))
+    deadline = time.monotonic() + 30
+    while ray.get(server.kv_cache_usage.remote())["used_blocks"] <= 4 and time.monotonic() < deadline:
+        time.sleep(0.02)  # until it has decoded past its prompt's blocks
+    result = ray.get(server.abort_all_requests.remote())
+    assert result["request_ids"] == ["long"]
+    partial = ray.get(ref, timeout=60)
+    n = len(partial.token_ids)
+    assert partial.stop_reason == "aborted" and 0 < n < max_tokens
+    assert partial.token_ids == full.output_ids[:n] and partial.log_probs == full.output_logprobs[:n]
+
+    # paused: a new request waits for resume_generation; with reject_request it comes back aborted at once
+    parked = server.generate.remote(prompt_ids=PROMPTS[0], request_id="parked",
+                                    sampling_params=dict(temperature=0, max_tokens=4, ignore_eos=True))
+    assert not ray.wait([parked], timeout=1.0)[0]
+    ray.get(server.abort_all_requests.remote(reject_request=True))
+    assert ray.get(parked, timeout=10).stop_reason == "aborted"  # parked behind a gate that now rejects
+    rejected = generate(server, PROMPTS[1], "rejected", max_tokens=4)
+    assert (rejected.token_ids, rejected.stop_reason) == ([], "aborted")
+    ray.get(server.resume_generation.remote())
+
+    # verl resubmits prompt + partial tokens for the rest: greedy, it finishes the same sample
+    rest = generate(server, prompt + partial.token_ids, "long-2", max_tokens=max_tokens - n, ignore_eos=True)
+    assert rest.stop_reason == "completed"
+    assert partial.token_ids + rest.token_ids == full.output_ids
+    torch.testing.assert_close(partial.log_probs + rest.log_probs, full.output_logprobs, rtol=0, atol=1e-5)
+    assert ray.get(server.abort_request.remote("long-2")) == {"aborted": False, "request_id": "long-2"}
+
+
+def test_release_then_sync_as_verl_calls_it(cluster, model_dir, tmp_path):
+    """release() frees the KV cache and the weights; resume(weights) -> update_weights -> resume(kv_cache) brings
+    the trainer's new weights in, and outputs carry the synced global step."""
+    replica, worker = cluster
+    server = replica.server_handle
+    ray.get(worker.release.remote())
+    state = ray.get(server.sleep_state.remote())
+    assert state == {"level": 2, "weights": "discarded", "kv_cache_released": True}
+    ray.get(worker.train_step_and_sync.remote(0.5, 7))
+    assert ray.get(server.sleep_state.remote()) is None
+    ray.get(worker.save.remote(str(tmp_path)))
+    reference = Engine.from_pretrained(model_dir, **ENGINE)
+    reference.update_weights(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32))
+    expected = reference.generate([PROMPTS[4]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    out = generate(server, PROMPTS[4], "after-sync", max_tokens=10, ignore_eos=True)
+    assert out.token_ids == expected.output_ids and out.log_probs == expected.output_logprobs
+    assert out.extra_fields["global_steps"] == 7 and set(out.extra_fields["weight_versions"]) == {1}
+
+    # the replica's own sleep / wake_up (verl's agent-loop manager calls these around training)
+    asyncio.run(replica.sleep())
+    assert ray.get(server.sleep_state.remote())["weights"] == "discarded"
+    ray.get(worker.train_step_and_sync.remote(1.0, 8))  # the same weights again
+    asyncio.run(replica.wake_up())
+    assert generate(server, PROMPTS[4], "after-wake", max_tokens=10, ignore_eos=True).token_ids == expected.output_ids
