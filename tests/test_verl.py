@@ -227,3 +227,22 @@ def test_release_then_sync_as_verl_calls_it(cluster, model_dir, tmp_path):
     ray.get(worker.train_step_and_sync.remote(1.0, 8))  # the same weights again
     asyncio.run(replica.wake_up())
     assert generate(server, PROMPTS[4], "after-wake", max_tokens=10, ignore_eos=True).token_ids == expected.output_ids
+
+
+def test_recipe_writes_verls_parquet_and_scores_locally(tmp_path):
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("verl_grpo_arith", Path(__file__).parents[1] / "examples/verl_grpo_arith.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    train, val = recipe.write_data(tmp_path, num_train=8, num_val=4, max_operand=20, seed=0)
+    rows = pd.read_parquet(train)
+    assert len(rows) == 8 and len(pd.read_parquet(val)) == 4
+    row = rows.iloc[0]
+    assert row["data_source"] == recipe.DATA_SOURCE and row["prompt"][0]["role"] == "user"
+    a, b = map(int, row["extra_info"]["question"].removeprefix("What is ").split("?")[0].split(" + "))
+    assert row["reward_model"]["ground_truth"] == str(a + b)
+    assert recipe.compute_score(recipe.DATA_SOURCE, f"{a} + {b} = {a + b}", str(a + b)) == 1.0
+    assert recipe.compute_score(recipe.DATA_SOURCE, f"{a + b + 1}", str(a + b)) == 0.0
