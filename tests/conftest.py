@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. The switch is read when a kernel module is first
+# imported, and any test module may import one first, so it is set here, before every test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from parity.testing.factory import ARCHITECTURES, TinyModelSpec, write_tiny_model
 
