@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-# HF architecture name -> our family. All three share one decoder with per-family switches.
+# HF architecture name -> our family. All share one decoder with per-family switches.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",  # Qwen3 attention; sparse layers run the mixture-of-experts block (moe.py)
+    "MixtralForCausalLM": "mixtral",  # Llama attention; every layer sparse, top-k weights always renormalised
+    "OlmoeForCausalLM": "olmoe",  # q/k RMSNorm over the whole projection; every layer sparse
 }
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
 
 
 # RoPE types whose tables are static and computed by transformers' own init functions (rope.py). "dynamic"
@@ -61,7 +64,7 @@ def refuse_unimplemented(hf_config: Any, architecture: str) -> None:
     if heads % kv_heads:
         refuse("num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
     if family != "qwen2" and getattr(hf_config, "attention_bias", False):
-        # Llama and Qwen3 bias o_proj as well as q/k/v; Qwen2 biases q/k/v only, which is what parity has.
+        # Llama, Qwen3 and OLMoE bias o_proj as well as q/k/v; Qwen2 biases q/k/v only, which is what parity has.
         refuse("attention_bias", True, "this architecture then biases o_proj too, which parity does not implement")
     layer_types = getattr(hf_config, "layer_types", None) or []
     other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
@@ -79,8 +82,8 @@ def refuse_unimplemented(hf_config: Any, architecture: str) -> None:
     partial = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
     if partial != 1.0:
         refuse("partial_rotary_factor", partial, "parity rotates the whole head dimension")
-    if family == "qwen3_moe":
-        _refuse_unimplemented_moe(hf_config, refuse)
+    if family in MOE_FAMILIES:
+        _refuse_unimplemented_moe(hf_config, family, refuse)
     quant = getattr(hf_config, "quantization_config", None)
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
@@ -88,9 +91,12 @@ def refuse_unimplemented(hf_config: Any, architecture: str) -> None:
                "safetensors (or a GGUF file, which it dequantizes)")
 
 
-def _refuse_unimplemented_moe(hf_config: Any, refuse) -> None:
-    """The mixture-of-experts fields of a Qwen3-MoE config (HF's names)."""
-    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+def _refuse_unimplemented_moe(hf_config: Any, family: str, refuse) -> None:
+    """The mixture-of-experts fields of a Qwen3-MoE, Mixtral or OLMoE config (HF's names; Mixtral's
+    `num_local_experts` reads as `num_experts` through its config's attribute map)."""
+    sizes = ("num_experts", "num_experts_per_tok") + (("moe_intermediate_size", "decoder_sparse_step")
+                                                      if family == "qwen3_moe" else ())
+    for name in sizes:
         value = getattr(hf_config, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             refuse(name, value, "must be a positive int")
@@ -101,14 +107,29 @@ def _refuse_unimplemented_moe(hf_config: Any, refuse) -> None:
         refuse("mlp_only_layers", only, "must be a list of layer indices")
     if getattr(hf_config, "shared_expert_intermediate_size", 0):
         refuse("shared_expert_intermediate_size", hf_config.shared_expert_intermediate_size,
-               "parity's Qwen3-MoE block has no shared expert")
+               "parity's MoE block has no shared expert")
+    window = getattr(hf_config, "sliding_window", None)
+    if family == "mixtral" and window is not None and window < hf_config.max_position_embeddings:
+        refuse("sliding_window", window, "Mixtral then attends within a sliding window in every layer; parity "
+               "implements full causal attention only")
+    if family == "olmoe":
+        clip = getattr(hf_config, "clip_qkv", None)
+        if clip is not None:
+            refuse("clip_qkv", clip, "OLMoE then clamps q/k/v, which parity does not implement")
+        head_dim = getattr(hf_config, "head_dim", None)
+        if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
+            refuse("head_dim", head_dim, "OLMoE's q/k norms are sized by hidden_size // num_attention_heads; "
+                   "parity needs head_dim * num_attention_heads == hidden_size")
 
 
-def moe_layer_indices(hf_config: Any) -> tuple[int, ...]:
-    """The layers HF builds as sparse MoE blocks (Qwen3MoeDecoderLayer's rule); the others run a dense MLP."""
+def moe_layer_indices(hf_config: Any, family: str) -> tuple[int, ...]:
+    """The layers HF builds as sparse MoE blocks (every layer of Mixtral and OLMoE; Qwen3MoeDecoderLayer's
+    rule for Qwen3-MoE); the others run a dense MLP."""
     num_experts = getattr(hf_config, "num_experts", 0) or 0
-    if num_experts < 1:
+    if family not in MOE_FAMILIES or num_experts < 1:
         return ()
+    if family != "qwen3_moe":
+        return tuple(range(hf_config.num_hidden_layers))
     only = set(getattr(hf_config, "mlp_only_layers", None) or [])
     step = hf_config.decoder_sparse_step
     return tuple(i for i in range(hf_config.num_hidden_layers) if i not in only and (i + 1) % step == 0)
@@ -131,11 +152,13 @@ class ModelConfig:
     attention_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    # "head": one RMSNorm over each head (Qwen3); "projection": over the whole q (k) projection (OLMoE).
+    qk_norm_scope: Literal["head", "projection"] = "head"
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     torch_dtype: torch.dtype | None = None
     hf_config: Any = None  # the transformers config object (RoPE parameters are read from it)
-    # Mixture of experts (Qwen3-MoE); moe_layers is empty for a dense model.
+    # Mixture of experts (Qwen3-MoE, Mixtral, OLMoE); moe_layers is empty for a dense model.
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
@@ -153,6 +176,7 @@ class ModelConfig:
             )
         family = SUPPORTED_ARCHITECTURES[arch]
         refuse_unimplemented(hf_config, arch)
+        moe = family in MOE_FAMILIES
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         eos = getattr(hf_config, "eos_token_id", None)
@@ -175,16 +199,20 @@ class ModelConfig:
             # Qwen2 always has q/k/v bias; Llama and Qwen3 read it from the config.
             attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
             mlp_bias=family == "llama" and bool(getattr(hf_config, "mlp_bias", False)),  # Qwen MLPs have none
-            qk_norm=family in ("qwen3", "qwen3_moe"),
+            qk_norm=family in ("qwen3", "qwen3_moe", "olmoe"),
+            qk_norm_scope="projection" if family == "olmoe" else "head",
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             torch_dtype=dtype if isinstance(dtype, torch.dtype) else None,
             hf_config=hf_config,
-            num_experts=getattr(hf_config, "num_experts", 0) if family == "qwen3_moe" else 0,
-            num_experts_per_tok=getattr(hf_config, "num_experts_per_tok", 0) if family == "qwen3_moe" else 0,
-            moe_intermediate_size=getattr(hf_config, "moe_intermediate_size", 0) if family == "qwen3_moe" else 0,
-            norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
-            moe_layers=moe_layer_indices(hf_config) if family == "qwen3_moe" else (),
+            num_experts=hf_config.num_experts if moe else 0,
+            num_experts_per_tok=hf_config.num_experts_per_tok if moe else 0,
+            # Mixtral's and OLMoE's experts are intermediate_size wide (they have no dense layers).
+            moe_intermediate_size=(hf_config.moe_intermediate_size if family == "qwen3_moe"
+                                   else hf_config.intermediate_size if moe else 0),
+            # Mixtral's router always renormalises its top-k (MixtralTopKRouter has no switch).
+            norm_topk_prob=family == "mixtral" or bool(getattr(hf_config, "norm_topk_prob", False)),
+            moe_layers=moe_layer_indices(hf_config, family),
         )
 
     @classmethod

@@ -1,9 +1,10 @@
-"""One compact decoder for Llama, Qwen2/2.5, Qwen3 and Qwen3-MoE (sparse layers: `moe.py`).
+"""One compact decoder for Llama, Qwen2/2.5, Qwen3 and the MoE models Qwen3-MoE, Mixtral and OLMoE
+(sparse layers: `moe.py`).
 
 The families differ only in switches read from the config: q/k/v bias (Qwen2), per-head q/k
-RMSNorm before RoPE (Qwen3), RoPE scaling (Llama 3). Weights live in a fused layout
-(`qkv_proj`, `gate_up_proj`) so a step runs one matmul where HF runs three; `weights.py`
-maps HF checkpoint names onto it.
+RMSNorm before RoPE (Qwen3) or one over the whole q and k projections (OLMoE), RoPE scaling
+(Llama 3). Weights live in a fused layout (`qkv_proj`, `gate_up_proj`) so a step runs one matmul
+where HF runs three; `weights.py` maps HF checkpoint names onto it.
 
 `forward` takes the flattened tokens of a step, their positions and an AttentionMetadata. With
 KV caches it is the engine's step; without, it is causal attention within packed sequences, the
@@ -61,21 +62,26 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.attention_bias, kernels, dtype, device)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, False, kernels, dtype, device)
+        self.norm_per_head = cfg.qk_norm_scope == "head"
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels, dtype, device)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels, dtype, device)
+            q_dim, k_dim = (self.head_dim, self.head_dim) if self.norm_per_head else (cfg.q_size, cfg.kv_size)
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, kernels, dtype, device)
+            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, kernels, dtype, device)
         else:
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        per_head_norm = self.q_norm is not None and self.norm_per_head
+        if self.q_norm is not None and not per_head_norm:  # OLMoE: over the whole projection
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         # Qwen3's per-head q/k norm, RoPE and the KV-cache write: one kernel in fast mode on CUDA.
-        q_norm, k_norm = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
-        eps = None if self.q_norm is None else self.q_norm.eps
+        q_norm, k_norm = (self.q_norm.weight, self.k_norm.weight) if per_head_norm else (None, None)
+        eps = self.q_norm.eps if per_head_norm else None
         q, k = self.kernels.rope_and_cache(q, k, v, cos, sin, q_norm, k_norm, eps, kv_cache, meta.slot_mapping)
         out = self.kernels.attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))

@@ -1,9 +1,12 @@
-"""The sparse mixture-of-experts block of Qwen3-MoE, and the record/replay of its routing.
+"""The sparse mixture-of-experts block of Qwen3-MoE, Mixtral and OLMoE, and the record/replay of its routing.
 
 A sparse layer's MLP is a router (`gate`, a [E, H] linear) and E SwiGLU experts stored fused, as HF
 transformers 5 holds them in memory: `experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows) and
-`experts.down_proj` [E, H, I]. Checkpoints store one tensor per expert (`mlp.experts.{e}.gate_proj.weight`);
-`weights.py` maps those into slices of the fused tensors.
+`experts.down_proj` [E, H, I]. Checkpoints store one tensor per expert (`mlp.experts.{e}.gate_proj.weight`;
+Mixtral's `block_sparse_moe.experts.{e}.w1.weight`); `weights.py` maps those into slices of the fused tensors.
+The three routers are one computation: float32 softmax over all experts, top-k, renormalised to sum 1 when
+`norm_topk_prob` (always for Mixtral). One difference below fp32: HF's Mixtral multiplies the expert outputs
+by float32 weights, the others (and parity, for all three) by weights cast to the compute dtype.
 
 Routing replay: every block of a model shares one `Routing`. With `record` set, each forward keeps the
 experts it chose per token ([T, k] per MoE layer); given `replay` ([T, MoE layers, k]), the blocks route

@@ -58,8 +58,9 @@ def build_weight_map(cfg: ModelConfig) -> dict[str, WeightTarget]:
                 m[f"{hf}.self_attn.{proj}.bias"] = WeightTarget(f"{ours}.self_attn.qkv_proj.bias", (a, b), (b - a,))
         m[f"{hf}.self_attn.o_proj.weight"] = WeightTarget(f"{ours}.self_attn.o_proj.weight", None, (h, q))
         if cfg.qk_norm:
-            m[f"{hf}.self_attn.q_norm.weight"] = WeightTarget(f"{ours}.self_attn.q_norm.weight", None, (d,))
-            m[f"{hf}.self_attn.k_norm.weight"] = WeightTarget(f"{ours}.self_attn.k_norm.weight", None, (d,))
+            q_dim, k_dim = (d, d) if cfg.qk_norm_scope == "head" else (q, kv)  # OLMoE: the whole projection
+            m[f"{hf}.self_attn.q_norm.weight"] = WeightTarget(f"{ours}.self_attn.q_norm.weight", None, (q_dim,))
+            m[f"{hf}.self_attn.k_norm.weight"] = WeightTarget(f"{ours}.self_attn.k_norm.weight", None, (k_dim,))
         if i in cfg.moe_layers:
             m.update(_moe_layer_map(cfg, hf, ours))
             continue
@@ -73,30 +74,56 @@ def build_weight_map(cfg: ModelConfig) -> dict[str, WeightTarget]:
     return m
 
 
+@dataclass(frozen=True)
+class ExpertCheckpointNames:
+    """How a sparse layer's tensors are named in the checkpoint files: `{block}.gate.weight` (the router)
+    and `{block}.experts.{e}.{gate|up|down}.weight`."""
+
+    block: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+# Mixtral's checkpoints keep the original release's names (transformers 5 converts them on load and back
+# on save); Qwen3-MoE and OLMoE name experts like a dense MLP.
+EXPERT_CHECKPOINT_NAMES = {"mixtral": ExpertCheckpointNames("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def _expert_names(cfg: ModelConfig) -> ExpertCheckpointNames:
+    return EXPERT_CHECKPOINT_NAMES.get(cfg.family, ExpertCheckpointNames())
+
+
 def _moe_layer_map(cfg: ModelConfig, hf: str, ours: str) -> dict[str, WeightTarget]:
     """A sparse layer's router and per-expert checkpoint tensors, each into its slice of the fused experts."""
-    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
-    m = {f"{hf}.mlp.gate.weight": WeightTarget(f"{ours}.mlp.gate.weight", None, (cfg.num_experts, h))}
+    h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, _expert_names(cfg)
+    m = {f"{hf}.{n.block}.gate.weight": WeightTarget(f"{ours}.mlp.gate.weight", None, (cfg.num_experts, h))}
     for e in range(cfg.num_experts):
-        for proj, rows in {"gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}.items():
-            m[f"{hf}.mlp.experts.{e}.{proj}.weight"] = WeightTarget(f"{ours}.mlp.experts.gate_up_proj", rows,
-                                                                    (inter, h), e)
-        m[f"{hf}.mlp.experts.{e}.down_proj.weight"] = WeightTarget(f"{ours}.mlp.experts.down_proj", None, (h, inter), e)
+        for proj, rows in {n.gate: (0, inter), n.up: (inter, 2 * inter)}.items():
+            m[f"{hf}.{n.block}.experts.{e}.{proj}.weight"] = WeightTarget(f"{ours}.mlp.experts.gate_up_proj", rows,
+                                                                          (inter, h), e)
+        m[f"{hf}.{n.block}.experts.{e}.{n.down}.weight"] = WeightTarget(f"{ours}.mlp.experts.down_proj", None,
+                                                                        (h, inter), e)
     return m
 
 
 def fused_expert_names(cfg: ModelConfig) -> dict[str, tuple[WeightTarget, list[str]]]:
-    """HF transformers 5's in-memory names of the fused experts (`mlp.experts.gate_up_proj` [E, 2I, H],
-    `mlp.experts.down_proj` [E, H, I], what an HF model's state dict holds) -> the whole parameter, and the
-    per-expert checkpoint names each one stands for."""
-    e, h, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    """HF transformers 5's in-memory names of a sparse layer (what an HF model's state dict holds): the fused
+    experts `mlp.experts.gate_up_proj` [E, 2I, H] and `mlp.experts.down_proj` [E, H, I], and the router
+    `mlp.gate.weight` where the checkpoint names it otherwise (Mixtral) -> the whole parameter, and the
+    checkpoint names each one stands for."""
+    e, h, inter, n = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, _expert_names(cfg)
     out: dict[str, tuple[WeightTarget, list[str]]] = {}
     for i in cfg.moe_layers:
-        hf, ours = f"model.layers.{i}.mlp.experts", f"layers.{i}.mlp.experts"
-        out[f"{hf}.gate_up_proj"] = (WeightTarget(f"{ours}.gate_up_proj", None, (e, 2 * inter, h)),
-                                     [f"{hf}.{x}.{p}.weight" for x in range(e) for p in ("gate_proj", "up_proj")])
-        out[f"{hf}.down_proj"] = (WeightTarget(f"{ours}.down_proj", None, (e, h, inter)),
-                                  [f"{hf}.{x}.down_proj.weight" for x in range(e)])
+        hf, ours, ckpt = f"model.layers.{i}.mlp", f"layers.{i}.mlp", f"model.layers.{i}.{n.block}"
+        out[f"{hf}.experts.gate_up_proj"] = (
+            WeightTarget(f"{ours}.experts.gate_up_proj", None, (e, 2 * inter, h)),
+            [f"{ckpt}.experts.{x}.{p}.weight" for x in range(e) for p in (n.gate, n.up)])
+        out[f"{hf}.experts.down_proj"] = (WeightTarget(f"{ours}.experts.down_proj", None, (e, h, inter)),
+                                          [f"{ckpt}.experts.{x}.{n.down}.weight" for x in range(e)])
+        if n.block != "mlp":
+            out[f"{hf}.gate.weight"] = (WeightTarget(f"{ours}.gate.weight", None, (cfg.num_experts, h)),
+                                        [f"{ckpt}.gate.weight"])
     return out
 
 

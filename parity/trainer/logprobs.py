@@ -149,7 +149,7 @@ def _hf_routing_replay(model: nn.Module, rollouts: Sequence[Rollout], device):
             logits = out[0]
             ids = chosen[:, layer]
             weights = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, ids)
-            if router.norm_topk_prob:
+            if getattr(router, "norm_topk_prob", True):  # Mixtral's router has no switch: it always renormalises
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             return logits, weights.to(logits.dtype), ids
         return replace
