@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from parity import Engine, SamplingParams
+from parity.models.weights import hf_named_weights
 
 SEEDED = SamplingParams(temperature=1.0, max_tokens=14, seed=5, ignore_eos=True)
 
@@ -161,3 +162,75 @@ def test_over_sampling_keeps_the_first_groups_and_carries_the_rest(engine):
         assert key(group) == key([reference[(r.prompt_index, r.sample_index)] for r in group])
     with pytest.raises(ValueError, match="num_groups_wanted"):
         engine.generate_groups(prompts, params, num_groups_wanted=7)
+
+
+TAIL = SamplingParams(n=2, temperature=1.0, max_tokens=24, seed=3, stop_token_ids=list(range(40, 70)))
+
+
+def by_key(rollouts) -> dict:
+    return {(r.prompt_ids[0], r.sample_index): r for r in rollouts}
+
+
+def test_groups_left_in_flight_go_on_through_an_update_and_complete_later(engine):
+    """unfinished="keep": the step ends at K groups, the rest decodes on through update_weights(in_flight="keep")
+    and completes in the next calls; every sample is trained once, and its tokens before the update equal the
+    uninterrupted run's."""
+    prompts = [[5 + i, 6, 7, 8 + i] for i in range(6)]
+    reference = by_key(engine.generate(prompts, TAIL))
+    complete, partial = engine.generate_groups(prompts[:4], TAIL, num_groups_wanted=2, unfinished="keep")
+    assert len(complete) == 2 and engine.has_unfinished()
+    assert all(r.finish_reason != "abort" for r in partial)  # only finished samples of incomplete groups
+    for group in complete:
+        assert key(group) == key([reference[(r.prompt_ids[0], r.sample_index)] for r in group])
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.generate([[5, 6]], SEEDED)
+    original = {name: t.clone() for name, t in hf_named_weights(engine.model)}
+    version = engine.weight_version
+    engine.update_weights({name: t * 0.5 for name, t in original.items()}, in_flight="keep")
+    more, partial = engine.generate_groups(prompts[4:], TAIL, num_groups_wanted=2, carried=partial, unfinished="keep")
+    rest, leftover = engine.generate_groups([], TAIL, num_groups_wanted=2, carried=partial)
+    assert leftover == [] and not engine.has_unfinished() and all_blocks_free(engine)
+    groups = complete + more + rest
+    trained = [r for g in groups for r in g]
+    assert sorted(by_key(trained)) == sorted(reference) and len(trained) == len(reference)  # each sample once
+    for r in trained:
+        ref = reference[(r.prompt_ids[0], r.sample_index)]
+        old = r.output_weight_versions.count(version)
+        assert r.output_weight_versions == [version] * old + [version + 1] * (len(r.output_ids) - old)
+        assert (r.output_ids[:old], r.output_logprobs[:old]) == (ref.output_ids[:old], ref.output_logprobs[:old])
+    assert any(0 < r.output_weight_versions.count(version) < len(r.output_ids) for r in trained)  # some ran across it
+    engine.update_weights(original)
+
+
+def test_a_pool_beyond_max_num_seqs_waits_and_is_carried_whole(llama_dir):
+    """More groups than seats: the late ones wait; aborted at the step's end, those never started come back
+    with no tokens and, carried, finish exactly as an uninterrupted run."""
+    engine = Engine.from_pretrained(llama_dir, dtype="fp32", device="cpu", block_size=4, deterministic=True,
+                                    max_num_seqs=4, max_num_batched_tokens=64)
+    prompts = [[5 + i, 6, 7, 8 + i] for i in range(6)]
+    reference = by_key(engine.generate(prompts, TAIL))
+    complete, partial = engine.generate_groups(prompts, TAIL, num_groups_wanted=1)
+    assert any(r.output_ids == [] and r.finish_reason == "abort" for r in partial)
+    assert not engine.has_unfinished() and all_blocks_free(engine)
+    rest, leftover = engine.generate_groups([], TAIL, num_groups_wanted=5, carried=partial)
+    assert leftover == [] and all_blocks_free(engine)
+    trained = [r for g in complete + rest for r in g]
+    assert len(trained) == len(reference)
+    assert all(key([r]) == key([reference[(r.prompt_ids[0], r.sample_index)]]) for r in trained)
+
+
+def test_groups_in_flight_refuse_other_requests_and_survive_bad_input(engine):
+    prompts = [[5 + i, 6, 7, 8 + i] for i in range(4)]
+    _, partial = engine.generate_groups(prompts, TAIL, num_groups_wanted=1, unfinished="keep")
+    kept = {(s.request_id, s.sample_index) for s in [*engine.scheduler.running, *engine.scheduler.waiting]}
+    assert kept
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate_groups([[10**6]], TAIL, num_groups_wanted=1, carried=partial, unfinished="keep")
+    assert {(s.request_id, s.sample_index) for s in [*engine.scheduler.running, *engine.scheduler.waiting]} == kept
+    with pytest.raises(ValueError, match="unfinished must be"):
+        engine.generate_groups([], TAIL, num_groups_wanted=1, unfinished="finish")
+    engine.add_request([9, 9, 9], SEEDED, request_id="outsider")
+    with pytest.raises(RuntimeError, match="generate_groups"):
+        engine.generate_groups([], TAIL, num_groups_wanted=1, carried=partial)
+    engine.abort_all()
+    assert all_blocks_free(engine)

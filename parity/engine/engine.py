@@ -81,6 +81,7 @@ class Engine:
         ))
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        self._kept_groups: set[str] = set()  # request ids generate_groups(unfinished="keep") left in flight
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -369,39 +370,55 @@ class Engine:
         params: SamplingParams,
         num_groups_wanted: int,
         carried: Seq[Rollout] = (),
+        unfinished: str = "abort",
     ) -> tuple[list[list[Rollout]], list[Rollout]]:
         """Over-sampling for the tail (verl's `over_sample_rate`, slime's `--over-sampling-batch-size`): run
         every prompt as a group of `params.n` samples and stop as soon as `num_groups_wanted` groups are
         complete. Returns (complete, partial): those groups, in the order they completed, each by sample
-        index; and every other sample, finished or aborted with what it generated so far, by prompt then sample.
+        index; and the other samples, by prompt then sample. Prompts beyond `max_num_seqs` wait their turn,
+        so a pool of more groups than a step needs keeps the engine full until the step ends.
 
-        `carried`: the partial rollouts of an earlier call (maybe under older weights). Their groups run
-        on first in line: aborted samples continue where they stopped (`continue_from`), finished ones
-        count as done. Nothing decoded is thrown away when partial rollouts are carried from call to call.
+        `unfinished` says what happens to the samples still waiting or decoding when the step ends:
+          "abort": they are aborted and returned in `partial` with what they generated so far (slime's
+            partial rollout; the engine is idle on return);
+          "keep": they stay in flight (the engine goes on with them; `partial` has only the finished
+            samples of incomplete groups), so the trainer's update can land beside them with
+            `update_weights(in_flight="keep" | "recompute")`; the next call counts them toward their groups.
+        `carried`: the `partial` of an earlier call (maybe under older weights), with the same `params.n`. Its
+        groups run on first in line: aborted samples continue where they stopped (`continue_from`), finished
+        ones count as done. Carried from call to call, nothing decoded is thrown away.
         """
         if isinstance(prompts, str) or not isinstance(prompts, Seq):
             raise ValueError(f"generate_groups() takes a list of prompts, got {type(prompts).__name__}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"generate_groups() takes one SamplingParams for every group, got {type(params).__name__}")
-        num_carried_groups = len({r.request_id for r in carried})
-        wanted = check_int("num_groups_wanted", num_groups_wanted, 1, len(prompts) + num_carried_groups)
-        if self.scheduler.has_unfinished():
-            raise RuntimeError("generate_groups() needs an idle engine; drain add_request()/step() first")
+        if unfinished not in ("abort", "keep"):
+            raise ValueError(f"unfinished must be 'abort' or 'keep', got {unfinished!r}")
+        in_flight = {s.request_id for s in [*self.scheduler.running, *self.scheduler.waiting]}
+        if in_flight - self._kept_groups:
+            raise RuntimeError("generate_groups() needs an engine idle but for the groups an earlier "
+                               "generate_groups(unfinished='keep') left in flight; drain add_request()/step() first")
+        open_groups = in_flight | {r.request_id for r in carried}
+        wanted = check_int("num_groups_wanted", num_groups_wanted, 1, len(prompts) + len(open_groups))
         one = replace(params, n=1)
         for r in carried:
             if r.finish_reason == "abort":
                 self._check_continuation(f"carried rollout {r.request_id!r}/{r.sample_index}", r, list(r.prompt_ids), one)
         done: dict[str, list[Rollout]] = {}
-        for r in carried:
-            if r.finish_reason == "abort":
-                self.add_request(None, one, continue_from=r)
-            else:
-                done.setdefault(r.request_id, []).append(r)
+        resumed: list[Rollout] = []
         try:
+            for r in carried:
+                if r.finish_reason == "abort":
+                    self.add_request(None, one, continue_from=r)
+                    resumed.append(r)
+                else:
+                    done.setdefault(r.request_id, []).append(r)
             self._add_batch("generate_groups()", list(prompts), params)
-        except Exception:
-            self.scheduler.abort()
+        except Exception:  # bad input: take back what this call queued; what was in flight stays
+            for r in resumed:
+                self.scheduler.abort(r.request_id, r.sample_index)
             raise
+
         def by_sample(request_id: str) -> list[Rollout]:
             return sorted(done.pop(request_id), key=lambda r: r.sample_index)
 
@@ -413,7 +430,10 @@ class Engine:
                 group.append(r)
                 if len(group) == params.n and len(complete) < wanted:
                     complete.append(by_sample(r.request_id))
-        partial = [r for group in done.values() for r in group] + self.abort_all()
+        partial = [r for group in done.values() for r in group]
+        if unfinished == "abort":
+            partial += self.abort_all()
+        self._kept_groups = {s.request_id for s in [*self.scheduler.running, *self.scheduler.waiting]}
         return complete, sorted(partial, key=lambda r: (r.prompt_index, r.request_id, r.sample_index))
 
     def _step_or_raise(self) -> list[Rollout]:
