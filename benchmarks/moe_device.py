@@ -151,7 +151,7 @@ def parity_part(path: Path, args, prompts, out_lens, vocab: int, clock: Clock, r
 
 VLLM_WORKER = r"""
 import json, sys, time
-args = json.loads(sys.argv[1])
+args = json.loads(sys.stdin.read())  # the prompts exceed the argument-list limit
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 llm = LLM(model=args["path"], skip_tokenizer_init=True, dtype="bfloat16", max_model_len=args["max_model_len"],
@@ -180,7 +180,7 @@ def vllm_part(path: Path, args, prompts, out_lens, vocab: int) -> dict:
     payload = json.dumps({"path": str(path), "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                           "prompts": prompts, "out_lens": out_lens, "steps": args.batch1_steps,
                           "batch1_prompt": random_prompts(1, vocab, 128, 128, seed=7)[0]})
-    proc = subprocess.run([sys.executable, "-c", VLLM_WORKER, payload], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", VLLM_WORKER], input=payload, env=env, capture_output=True, text=True,
                           timeout=args.vllm_timeout)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
     if line is None:
