@@ -24,6 +24,17 @@ TINY_MOE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, 
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
 
 
+@torch.no_grad()
+def spread_norms_and_routers(model):
+    """Non-trivial norm weights, and routers wide enough that each top-k is decided by clear margins."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        elif name.endswith("mlp.gate.weight"):
+            p.copy_(torch.randn_like(p))
+    return model
+
+
 def write_tiny_moe(path, *, mlp_only_layers=(1,), norm_topk_prob=True, decoder_sparse_step=1, seed=0, **shapes):
     """A 3-layer Qwen3-MoE (8 experts, 2 per token) saved by transformers, with the factory's tokenizer;
     `shapes` override TINY_MOE's."""
@@ -36,13 +47,7 @@ def write_tiny_moe(path, *, mlp_only_layers=(1,), norm_topk_prob=True, decoder_s
         rms_norm_eps=1e-6)
     cfg.architectures = ["Qwen3MoeForCausalLM"]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # non-trivial norms; a router wide enough that top-k is decided by clear margins
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(torch.randn_like(p))
+    model = spread_norms_and_routers(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

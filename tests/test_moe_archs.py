@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_moe import PROMPTS, hf_logprobs
+from test_moe import PROMPTS, hf_logprobs, spread_norms_and_routers
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
 
 from parity import Engine, SamplingParams
@@ -38,13 +38,7 @@ def write_tiny(path, arch: str, seed: int = 0):
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(arch, len(tokenizer), eos), dtype=torch.float32)
-    with torch.no_grad():  # non-trivial norms; a router wide enough that top-k is decided by clear margins
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(torch.randn_like(p))
-    model.save_pretrained(path)
+    spread_norms_and_routers(model).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

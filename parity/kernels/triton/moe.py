@@ -92,33 +92,44 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
 
 # ----------------------------------------------------------------------------------- grouped GEMMs
 @triton.jit
+def _tile(pairs_ptr, tile_expert_ptr, w_ptr, num_pairs, N, stride_we, stride_wn,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: its expert (E past the last tile), its rows (slots in the sorted pair list), the
+    pair each holds (padding: `valid` false), its output columns and the expert's weight rows for them."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(pairs_ptr + rows)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_cols = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+    return expert, rows, pairs, pairs < num_pairs, offs_n, offs_n < N, w_cols
+
+
+@triton.jit
+def _k_tiles(a_rows, valid, w_cols, n_mask, k0, Kdim, BLOCK_K: tl.constexpr):
+    """One K step: the activation tile [BLOCK_M, BLOCK_K] (padding rows read 0) from the row pointers
+    `a_rows`, and the pointers and mask of the weight tile [BLOCK_K, BLOCK_N]."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < Kdim
+    a = tl.load(a_rows + offs_k[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
+    return a, w_cols + offs_k[:, None], n_mask[None, :] & k_mask[:, None]
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, tile_expert_ptr, num_pairs, E, N, Kdim,
                     stride_x, stride_we, stride_wn, stride_h,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
+    expert, rows, pairs, valid, offs_n, n_mask, w_cols = _tile(
+        pairs_ptr, tile_expert_ptr, w_ptr, num_pairs, N, stride_we, stride_wn, BLOCK_M, BLOCK_N)
     if expert >= E:
         return
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(pairs_ptr + rows)
-    valid = pairs < num_pairs
-    tokens = tl.where(valid, pairs // TOP_K, 0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    x_rows = x_ptr + tl.where(valid, pairs // TOP_K, 0)[:, None] * stride_x  # each pair's token
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, Kdim, BLOCK_K):
-        k_mask = (k0 + offs_k) < Kdim
-        xs = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :],
-                     mask=valid[:, None] & k_mask[None, :], other=0.0)
-        wg = tl.load(w_base + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
-                     mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        wu = tl.load(w_base + (offs_n + N)[None, :] * stride_wn + (k0 + offs_k)[:, None],
-                     mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc_g += _dot(xs, wg)
-        acc_u += _dot(xs, wu)
+        xs, w_ptrs, w_mask = _k_tiles(x_rows, valid, w_cols, n_mask, k0, Kdim, BLOCK_K)
+        acc_g += _dot(xs, tl.load(w_ptrs, mask=w_mask, other=0.0))
+        acc_u += _dot(xs, tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0))  # the up rows follow gate's
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(h_ptr + rows[:, None] * stride_h + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=valid[:, None] & n_mask[None, :])
@@ -128,25 +139,15 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, tile_expert_ptr, num_pairs, 
 def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, tile_expert_ptr, num_pairs, E, N, Kdim,
                  stride_h, stride_we, stride_wn, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
+    expert, rows, pairs, valid, offs_n, n_mask, w_cols = _tile(
+        pairs_ptr, tile_expert_ptr, w_ptr, num_pairs, N, stride_we, stride_wn, BLOCK_M, BLOCK_N)
     if expert >= E:
         return
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(pairs_ptr + rows)
-    valid = pairs < num_pairs
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    h_rows = h_ptr + rows[:, None] * stride_h
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, Kdim, BLOCK_K):
-        k_mask = (k0 + offs_k) < Kdim
-        hs = tl.load(h_ptr + rows[:, None] * stride_h + (k0 + offs_k)[None, :],
-                     mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_base + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
-                    mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc += _dot(hs, w)
+        hs, w_ptrs, w_mask = _k_tiles(h_rows, valid, w_cols, n_mask, k0, Kdim, BLOCK_K)
+        acc += _dot(hs, tl.load(w_ptrs, mask=w_mask, other=0.0))
     safe_pairs = tl.where(valid, pairs, 0)
     tl.store(y_ptr + safe_pairs[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & n_mask[None, :])
