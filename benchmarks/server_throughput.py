@@ -49,6 +49,9 @@ QWEN3_06B = TinyModelSpec(
     initializer_range=0.02, init_device="cuda", save_dtype="bfloat16",
 )
 SMOKE = TinyModelSpec(architecture="qwen3", padded_vocab_size=1000, initializer_range=0.02)
+# A CPU model whose engine step is not negligible next to the HTTP work (for profiling the server on CPU).
+CPU = TinyModelSpec(architecture="qwen3", hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4,
+                    num_kv_heads=2, padded_vocab_size=4096, initializer_range=0.02)
 MODEL_NAME = "bench"
 
 
@@ -126,6 +129,8 @@ def start_server(model: str, port: int, args, log: Path) -> subprocess.Popen:
         cmd += ["--max-model-len", str(opts["max_model_len"])]
     if opts["deterministic"]:
         cmd.append("--deterministic")
+    if args.engine_in_process:
+        cmd.append("--engine-in-process")
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -199,6 +204,7 @@ def run_load(pool: concurrent.futures.ProcessPoolExecutor, procs: int, url: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few prompts: checks the script only")
+    parser.add_argument("--cpu", action="store_true", help="a 6-layer hidden-256 model on CPU (profiling on CPU)")
     parser.add_argument("--model", help="model directory (default: Qwen3-0.6B shapes written by the factory)")
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 128, 256])
@@ -208,6 +214,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gb", type=float, default=40.0, help="the same KV cache for offline and server")
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--engine-in-process", action="store_true",
+                        help="serve with the engine on a thread of the HTTP process (the layout before the engine process)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
@@ -217,6 +225,9 @@ def main() -> None:
         spec, args.num_prompts, args.concurrency = SMOKE, 12, [4, 8]
         args.dtype, args.device, args.max_model_len, args.kv_cache_gb = "fp32", "cpu", 256, 0.05
         prompt_range, output_range = (4, 40), (2, 12)
+    elif args.cpu:
+        spec, args.dtype, args.device, args.max_model_len, args.kv_cache_gb = CPU, "fp32", "cpu", 512, 0.25
+        prompt_range, output_range = (16, 128), (16, 96)
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory()
     model = args.model or str(write_tiny_model(Path(tmp.name) / "model", spec))

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deterministic", action="store_true", help="batch-invariant kernels (bitwise reproducible logprobs)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=int, default=0, help="engine seed for requests without one (default 0)")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine on a thread of the HTTP process, not in a process of its own (sharing its GIL)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     options = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                    kv_cache_memory=args.kv_cache_memory, memory_utilization=args.memory_utilization,
                    deterministic=args.deterministic, enforce_eager=args.enforce_eager, seed=args.seed)
-    app = build_app(args.model, args.served_model_name, args.api_key, **options)
+    app = build_app(args.model, args.served_model_name, args.api_key, engine_process=not args.engine_in_process,
+                    **options)
     serve(app, args.host, args.port, args.log_level)
     return 0

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API on an AsyncEngine (FastAPI).
+"""The OpenAI-compatible HTTP API on an AsyncEngine or an EngineProcess (FastAPI).
 
 Routes: /v1/completions, /v1/chat/completions (SSE streaming with `stream: true`), /v1/models, /health,
 /tokenize, and the RL control routes a trainer in another process calls: /update_weights (from a
@@ -9,8 +9,10 @@ Prompts are tokenized here, on the event loop, with the server's own copy of the
 thread keeps the engine's), so tokenization stays off the engine's critical path and no tokenizer is
 shared between threads. Responses carry vLLM's `prompt_token_ids` / `token_ids` when `return_token_ids`
 is set, and usage reports prompt tokens served by the prefix cache (`prompt_tokens_details.cached_tokens`).
-Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: bad input is 400 naming
-the field, a wrong key 401, an unknown model 404, an asleep or shut-down engine 503, a failed step 500.
+Completion bodies go out as `JSONResponse` (plain json.dumps), not through FastAPI's jsonable_encoder,
+which walks every token id of a response in Python. Errors use OpenAI's body, `{"error": {"message",
+"type", "param", "code"}}`: bad input is 400 naming the field, a wrong key 401, an unknown model 404, an
+asleep or shut-down engine 503, a failed step 500.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from parity.engine.async_engine import AsyncEngine, EngineShutdownError, Request
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Rollout
 from parity.engine.sleep import EngineAsleepError
-from parity.models.weights import iter_safetensors, safetensors_files
+from parity.models.weights import safetensors_files
+from parity.server.engine_process import EngineProcess
 from parity.server.protocol import (
     AbortRequest,
     ChatCompletionRequest,
@@ -115,11 +118,11 @@ class _TextStream:
 class OpenAIServer:
     """The routes' shared state: the engine, the served name, the tokenizer copy, and the ids in flight."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine | EngineProcess, model_name: str):
         self.engine = engine
         self.model_name = model_name
-        self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
-        self.max_model_len = engine.engine.max_model_len
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.max_model_len = engine.max_model_len
         self.created = int(time.time())
         self.in_flight: dict[str, list[str]] = {}  # API request id -> engine request ids
 
@@ -156,6 +159,11 @@ class OpenAIServer:
     async def generate_all(self, base_id: str, prompts: list[_Prompt], params: SamplingParams) -> list[list[Rollout]]:
         """Every prompt's samples; if one fails the others are cancelled (which aborts them)."""
         self.in_flight[base_id] = [p.request_id for p in prompts]
+        if len(prompts) == 1:
+            try:
+                return [await self.engine.generate(prompts[0].token_ids, params, request_id=prompts[0].request_id)]
+            finally:
+                del self.in_flight[base_id]
         tasks = [asyncio.ensure_future(self.engine.generate(p.token_ids, params, request_id=p.request_id))
                  for p in prompts]
         try:
@@ -169,6 +177,13 @@ class OpenAIServer:
                          ) -> AsyncIterator[tuple[int, RolloutDelta]]:
         """Every prompt's deltas, interleaved as they come, tagged with the prompt's index."""
         self.in_flight[base_id] = [p.request_id for p in prompts]
+        if len(prompts) == 1:  # the common case: no task and queue per delta in between
+            try:
+                async for delta in self.engine.stream(prompts[0].token_ids, params, request_id=prompts[0].request_id):
+                    yield 0, delta
+            finally:
+                del self.in_flight[base_id]
+            return
         merged: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -350,8 +365,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                     choice["logprobs"] = server.completion_logprobs(r.output_ids, r.output_logprobs, r.top_logprobs, 0)
                 choice.update(server.token_ids_fields(req, r, chat=False))
                 choices.append(choice)
-        return {"id": base_id, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": choices, "usage": server.usage(groups)}
+        return JSONResponse({"id": base_id, "object": "text_completion", "created": int(time.time()),
+                             "model": model_name, "choices": choices, "usage": server.usage(groups)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
@@ -379,7 +394,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                 "choices": choices, "usage": server.usage([group])}
         if req.return_token_ids:
             body["prompt_token_ids"] = prompt
-        return body
+        return JSONResponse(body)
 
     # ------------------------------------------------------------------------------- RL control
     @app.post("/update_weights")
@@ -388,13 +403,12 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         files = safetensors_files(path) if path.is_dir() else []
         if not files:
             raise APIError(400, f"path: {req.path!r} is not a directory with .safetensors files", "path")
-        tensors = await asyncio.to_thread(lambda: dict(iter_safetensors(files)))  # disk reads off the engine thread
-        stats = await server.engine.update_weights(tensors, partial=req.partial, in_flight=req.in_flight)
+        stats = await server.engine.update_weights_from_files(files, partial=req.partial, in_flight=req.in_flight)
         return {"weight_version": stats.weight_version, "num_tensors": stats.num_tensors, "seconds": stats.seconds}
 
     @app.get("/weight_version")
     async def weight_version():
-        return {"weight_version": await server.engine.call(lambda e: e.weight_version)}
+        return {"weight_version": await server.engine.weight_version()}
 
     @app.post("/sleep")
     async def sleep(req: SleepRequest):
@@ -408,7 +422,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     @app.get("/is_sleeping")
     async def is_sleeping():
-        return {"is_sleeping": await server.engine.call(lambda e: e.sleep_state is not None)}
+        return {"is_sleeping": await server.engine.is_sleeping()}
 
     @app.post("/abort")
     async def abort(req: AbortRequest):

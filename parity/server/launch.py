@@ -11,13 +11,21 @@ from fastapi import FastAPI
 
 from parity.engine.async_engine import AsyncEngine
 from parity.server.app import create_app
+from parity.server.engine_process import EngineProcess
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless asked: the control routes can replace the weights
 
 
-def build_app(model: str, served_model_name: str | None = None, api_key: str | None = None, **engine_options) -> FastAPI:
-    """Load `model` (directory, .gguf or alias) into an AsyncEngine and wrap it in the API."""
-    return create_app(AsyncEngine.from_pretrained(model, **engine_options), served_model_name or str(model), api_key)
+def build_app(model: str, served_model_name: str | None = None, api_key: str | None = None,
+              engine_process: bool = True, **engine_options) -> FastAPI:
+    """Load `model` (directory, .gguf or alias) and wrap it in the API: in an engine process of its own
+    (`EngineProcess`, the default: the HTTP work never holds the engine's GIL), or with `engine_process=False`
+    in this process on an `AsyncEngine` thread."""
+    if engine_process:
+        engine = EngineProcess(model, **engine_options)
+    else:
+        engine = AsyncEngine.from_pretrained(model, **engine_options)
+    return create_app(engine, served_model_name or str(model), api_key)
 
 
 def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = 8000, log_level: str = "info") -> None:
