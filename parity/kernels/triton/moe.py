@@ -11,6 +11,8 @@
 - `_combine_kernel`: one program per token sums its k weighted pair outputs in slot order, in float32.
 Tile sizes come from the weight shapes only (never from the number of tokens) and a row's dot products run
 over K in the same BLOCK_K steps whichever tile it lands in, so a token's output does not depend on the batch.
+The GEMMs do not specialise on `num_pairs` (T*k, which changes every step and only feeds masks), so a step
+never stops to compile a variant for a count that happens to be divisible by 16.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def _k_tiles(a_rows, valid, w_cols, n_mask, k0, Kdim, BLOCK_K: tl.constexpr):
     return a, w_cols + offs_k[:, None], n_mask[None, :] & k_mask[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, tile_expert_ptr, num_pairs, E, N, Kdim,
                     stride_x, stride_we, stride_wn, stride_h,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -135,7 +137,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, tile_expert_ptr, num_pairs, 
              mask=valid[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, tile_expert_ptr, num_pairs, E, N, Kdim,
                  stride_h, stride_we, stride_wn, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
