@@ -236,11 +236,22 @@ def main() -> None:
     env = run_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args)
 
     results, offline = [], {}
+    out = args.out / "server_throughput.json"
+
+    def record(r: RunResult) -> None:
+        """Keep the row and rewrite the JSON, so a run cut by a time limit keeps what it measured."""
+        results.append(r)
+        out.write_text(json.dumps({"env": env, "engine_in_process": args.engine_in_process,
+                                   "workload": {"num_prompts": args.num_prompts, "prompt_lengths": prompt_range,
+                                                "output_lengths": output_range},
+                                   "results": [asdict(x) for x in results]}, indent=2))
+
     for c in args.concurrency:
         offline[c] = run_offline(model, work, args, c)
         r = offline[c][0]
-        results.append(r)
-        print(f"offline generate, max_num_seqs={c}: {r.tokens_per_s:,.0f} tok/s ({r.output_tokens} tokens, {r.seconds:.2f} s)")
+        record(r)
+        print(f"offline generate, max_num_seqs={c}: {r.tokens_per_s:,.0f} tok/s ({r.output_tokens} tokens, {r.seconds:.2f} s)",
+              flush=True)
     port = free_port()
     server = start_server(model, port, args, args.out / "server_throughput_server.log")
     try:
@@ -257,17 +268,13 @@ def main() -> None:
                 r = RunResult("parity serve", c, stream, seconds, tokens, tokens / seconds,
                               (tokens / seconds) / reference.tokens_per_s, statistics.median(lat),
                               lat[int(0.9 * (len(lat) - 1))], sum(o == w for o, w in zip(outs, reference_ids)), len(outs))
-                results.append(r)
+                record(r)
                 print(f"serve c={c:4d} stream={stream!s:5}: {r.tokens_per_s:,.0f} tok/s = {r.ratio_to_offline:.3f}x offline, "
-                      f"p50 {r.latency_p50_s:.2f} s, equal to offline {r.equal_to_offline}/{r.num_requests}")
+                      f"p50 {r.latency_p50_s:.2f} s, equal to offline {r.equal_to_offline}/{r.num_requests}", flush=True)
         pool.shutdown()
     finally:
         server.terminate()
         server.wait(60)
-    out = args.out / "server_throughput.json"
-    out.write_text(json.dumps({"env": env, "workload": {"num_prompts": args.num_prompts, "prompt_lengths": prompt_range,
-                                                        "output_lengths": output_range},
-                               "results": [asdict(r) for r in results]}, indent=2))
     print(f"wrote {out}")
 
 

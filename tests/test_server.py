@@ -6,6 +6,8 @@ import asyncio
 import gc
 import importlib.util
 import json
+import os
+import signal
 import sys
 import time
 import weakref
@@ -19,7 +21,7 @@ from transformers import AutoTokenizer
 from parity import Engine, SamplingParams
 from parity.engine.async_engine import AsyncEngine
 from parity.server.app import create_app
-from parity.server.launch import ServerThread
+from parity.server.launch import ServerThread, build_app
 from parity.testing.factory import TinyModelSpec, write_tiny_model
 
 OPTIONS = dict(dtype="fp32", device="cpu", deterministic=True, block_size=4, max_model_len=512)
@@ -36,9 +38,13 @@ def offline(llama_dir) -> Engine:
     return Engine.from_pretrained(llama_dir, **OPTIONS)
 
 
-@pytest.fixture(scope="module")
-def server(llama_dir):
-    app = create_app(AsyncEngine(Engine.from_pretrained(llama_dir, **OPTIONS)), MODEL, api_key=KEY)
+@pytest.fixture(scope="module", params=["engine process", "engine thread"])
+def server(request, llama_dir):
+    """Every API test runs against both layouts: `parity serve`'s engine process and the in-process AsyncEngine."""
+    if request.param == "engine process":
+        app = build_app(llama_dir, MODEL, api_key=KEY, **OPTIONS)
+    else:
+        app = create_app(AsyncEngine(Engine.from_pretrained(llama_dir, **OPTIONS)), MODEL, api_key=KEY)
     with ServerThread(app) as running:
         yield running
 
@@ -261,7 +267,7 @@ def test_a_client_that_leaves_a_stream_aborts_its_request(server, http):
     engine = server.app.state.server.engine
 
     def busy() -> bool:
-        return asyncio.run(engine.call(lambda e: e.has_unfinished()))
+        return server.run(engine.has_unfinished())
 
     body = {"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 500, "ignore_eos": True}
     start = time.monotonic()
@@ -306,6 +312,33 @@ def test_shutdown_frees_the_engine(llama_dir):
     assert not async_engine.is_running
     gc.collect()
     assert gone() is None
+
+
+def test_shutdown_stops_the_engine_process(llama_dir):
+    app = build_app(llama_dir, MODEL, **OPTIONS)
+    engine = app.state.server.engine
+    with ServerThread(app) as running:
+        r = httpx.post(running.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and engine.exitcode is None
+    assert not engine.is_running and engine.exitcode == 0
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_health(llama_dir):
+    app = build_app(llama_dir, MODEL, **OPTIONS)
+    engine = app.state.server.engine
+    body = {"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 500, "ignore_eos": True}
+    with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(engine.pid, signal.SIGKILL)
+            events = [line for line in lines if line.startswith("data: ")]
+        error = json.loads(events[-2].removeprefix("data: "))["error"]  # the status line was out: reported in the stream
+        assert error["code"] == 503 and "engine process exited" in error["message"], events[-2:]
+        assert events[-1] == "data: [DONE]"
+        assert http.get("/health").status_code == 503
+        after = http.post("/v1/completions", json=body)
+        assert after.status_code == 503 and "engine process" in after.json()["error"]["message"]
 
 
 def test_cli_refuses_bad_arguments_before_loading(llama_dir, capsys):

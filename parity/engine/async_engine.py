@@ -450,6 +450,10 @@ class AsyncEngine:
     async def is_sleeping(self) -> bool:
         return await self.call(lambda engine: engine.sleep_state is not None)
 
+    async def has_unfinished(self) -> bool:
+        """Whether any request is queued or running."""
+        return await self.call(lambda engine: engine.has_unfinished())
+
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run `fn(engine)` on the engine thread at the next step boundary and return its result
         (or raise its exception here). For anything else a caller needs from the engine."""

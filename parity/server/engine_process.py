@@ -27,6 +27,7 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import queue
 import signal
 import socket
 import threading
@@ -89,11 +90,15 @@ def _widen(conn) -> None:
 class _PipeReplies:
     """The engine loop's outputs, collected per step and sent as one message: a list of
     ("result", request_id, rollouts), ("error", request_id, error), ("delta", request_id, delta),
-    ("reply", call_id, error or None, value)."""
+    ("reply", call_id, error or None, value). A writer thread does the sending, so a full pipe (the HTTP
+    process busy) holds up that thread, never the engine's steps."""
 
     def __init__(self, conn, lock: threading.Lock):
         self._conn, self._lock = conn, lock
         self._outbox: list[tuple] = []
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()  # pickled messages; None: stop
+        self._writer = threading.Thread(target=self._write, name="parity-engine-writer", daemon=True)
+        self._writer.start()
 
     def result(self, to: str, rollouts: list[Rollout]) -> None:
         self._outbox.append(("result", to, rollouts))
@@ -116,10 +121,20 @@ class _PipeReplies:
     def flush(self) -> None:
         if self._outbox:
             outbox, self._outbox = self._outbox, []
+            self._pending.put(pickle.dumps(outbox, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def close(self) -> None:
+        """Send what is queued (the loop's last flush included), then stop the writer."""
+        self._pending.put(None)
+        self._writer.join()
+
+    def _write(self) -> None:
+        while (data := self._pending.get()) is not None:
             try:
-                _send(self._conn, self._lock, outbox)
+                with self._lock:
+                    self._conn.send_bytes(data)
             except OSError:  # the HTTP process is gone; the reader sees the pipe close and shuts down
-                pass
+                return
 
 
 def _calls(loop: EngineLoop) -> dict[str, Callable[..., object]]:
@@ -131,6 +146,7 @@ def _calls(loop: EngineLoop) -> dict[str, Callable[..., object]]:
         "wake_up": lambda tags: loop.engine.wake_up(tags),
         "weight_version": lambda: loop.engine.weight_version,
         "is_sleeping": lambda: loop.engine.sleep_state is not None,
+        "has_unfinished": lambda: loop.engine.has_unfinished(),
     }
 
 
@@ -189,6 +205,7 @@ def _engine_main(conn, model: str, options: dict, num_threads: int) -> None:
         elif kind == "shutdown":
             break
     loop.shutdown(None)  # aborts what is in flight; its partial results go out in the last flush
+    replies.close()
     conn.close()
 
 
@@ -196,7 +213,7 @@ def _engine_main(conn, model: str, options: dict, num_threads: int) -> None:
 class EngineProcess:
     """`Engine.from_pretrained(model, **options)` in a spawned process, with AsyncEngine's async API:
     generate, stream, abort, abort_all, update_weights_from_files, sleep, wake_up, weight_version,
-    is_sleeping, shutdown. The constructor returns once the model is loaded (or raises its error)."""
+    is_sleeping, has_unfinished, shutdown. The constructor returns once the model is loaded (or raises its error)."""
 
     def __init__(self, model: str, startup_timeout: float = 1800.0, **options):
         import torch
@@ -237,6 +254,15 @@ class EngineProcess:
     @property
     def max_model_len(self) -> int:
         return self.info.max_model_len
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The engine process's exit code; None while it runs."""
+        return self._process.exitcode
 
     @property
     def is_running(self) -> bool:
@@ -313,6 +339,9 @@ class EngineProcess:
 
     async def is_sleeping(self) -> bool:
         return await self._call("is_sleeping")
+
+    async def has_unfinished(self) -> bool:
+        return await self._call("has_unfinished")
 
     async def _call(self, name: str, *args):
         self._bind()

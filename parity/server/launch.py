@@ -3,8 +3,10 @@ examples, benchmarks) on an ephemeral port."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Coroutine
 
 import uvicorn
 from fastapi import FastAPI
@@ -40,7 +42,12 @@ class ServerThread:
         self.app = app
         self.host = host
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-        self._thread = threading.Thread(target=self._server.run, name="parity-http", daemon=True)
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="parity-http", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._server.serve()
 
     def start(self, timeout: float = 60.0) -> ServerThread:
         self._thread.start()
@@ -58,6 +65,11 @@ class ServerThread:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def run(self, coro: Coroutine, timeout: float = 60.0):
+        """Run `coro` on the server's event loop and return its result: the engine's async API is the
+        app's, bound to that loop (e.g. `server.run(engine.has_unfinished())`)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def stop(self, timeout: float = 60.0) -> None:
         self._server.should_exit = True
