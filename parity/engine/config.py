@@ -49,6 +49,8 @@ class EngineConfig:
     check_finite: raise NonFiniteActivationError, naming the layer, when a forward produces inf/nan
         (e.g. fp16 overflow). Every precision switch is documented in parity.precision.policy.
     enforce_eager: no CUDA graphs.
+    async_scheduling: queue the next decode step on the device before the host books the current one (vLLM's
+        async scheduling; results are the same, see parity.engine.step_pipeline).
     """
 
     dtype: str = "auto"
@@ -64,6 +66,7 @@ class EngineConfig:
     deterministic: bool = False
     check_finite: bool = True
     enforce_eager: bool = False
+    async_scheduling: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,7 +85,8 @@ class EngineConfig:
         self.max_num_batched_tokens = check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         if self.max_model_len is not None:
             self.max_model_len = check_int("max_model_len", self.max_model_len, 1)
-        for name in ("enable_prefix_caching", "logits_fp32", "deterministic", "check_finite", "enforce_eager"):
+        for name in ("enable_prefix_caching", "logits_fp32", "deterministic", "check_finite", "enforce_eager",
+                     "async_scheduling"):
             setattr(self, name, check_bool(name, getattr(self, name)))
         self.seed = check_int("seed", self.seed, 0, 2**63, high_open=True)
 

@@ -49,6 +49,9 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)  # the replayed step's hidden states were finite
+        # Recorded after the host-to-device copies: the pinned mirrors are rewritten only once they have landed
+        # (the previous step may still be queued when the host prepares the next one).
+        self._copied = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.deterministic = model.kernels.deterministic  # the kernel set baked into the graphs
         self._capture()
@@ -105,14 +108,17 @@ class DecodeGraphs:
     def padded_size(self, num_seqs: int) -> int | None:
         return next((b for b in self.sizes if b >= num_seqs), None)
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+    def run(self, token_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
         """Replay the decode graph for these B sequences; float32 logits [B, V] (a view of a static buffer,
-        valid until the next replay)."""
-        num_seqs = len(token_ids)
+        valid until the next replay). `token_ids` may be a device tensor (the previous step's samples, not yet
+        known to the host)."""
+        num_seqs = len(positions)
         bs = self.padded_size(num_seqs)
+        self._copied.synchronize()
         host = self.host_i64.numpy()
-        host[0, :num_seqs] = token_ids
+        if not isinstance(token_ids, torch.Tensor):
+            host[0, :num_seqs] = token_ids
         host[1, :num_seqs] = positions
         host[2, :num_seqs] = slots
         host[:2, num_seqs:bs] = 0
@@ -125,5 +131,8 @@ class DecodeGraphs:
         self.i64.copy_(self.host_i64, non_blocking=True)
         self.seq_lens.copy_(self.host_seq_lens, non_blocking=True)
         self.block_tables.copy_(self.host_tables, non_blocking=True)
+        self._copied.record()
+        if isinstance(token_ids, torch.Tensor):
+            self.i64[0, :num_seqs].copy_(token_ids)
         self.graphs[bs].replay()
         return self.logits[:num_seqs]

@@ -20,11 +20,11 @@ from parity.engine import weight_sync
 from parity.engine.config import EngineConfig
 from parity.engine.detokenizer import IncrementalDetokenizer
 from parity.engine.model_runner import ModelRunner
-from parity.engine.sampler import prompt_logprobs, sample_sequences
 from parity.engine.sampling_params import SamplingParams
-from parity.engine.scheduler import Scheduler, SchedulerConfig, StepOutput
+from parity.engine.scheduler import Scheduler, SchedulerConfig
 from parity.engine.sequence import Rollout, Sequence
 from parity.engine.sleep import SleepState, SleepStats, WakeStats
+from parity.engine.step_pipeline import StepPipeline
 from parity.models.decoder import DecoderModel
 from parity.models.loader import Checkpoint, load
 from parity.models.weights import WeightMap
@@ -79,6 +79,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             eos_token_ids=tuple(model.config.eos_token_ids),
         ))
+        self.pipeline = StepPipeline(model, self.runner, self.scheduler, config)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._kept_groups: set[str] = set()  # request ids generate_groups(unfinished="keep") left in flight
@@ -278,26 +279,17 @@ class Engine:
         """step(), also returning the exception that failed the step's requests (None if none did)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            self.pipeline.discard()
             return [], None
         try:
-            logits, sampled_idx, prompt_hidden = self.runner.execute(batch)
-            sampled = None
-            log_softmax = self.model.kernels.log_softmax
-            if logits is not None:
-                sampled = sample_sequences(logits, [batch.seqs[i] for i in sampled_idx],
-                                           tuple(self.model_config.eos_token_ids), self.scheduler.token_counts, log_softmax)
-            prompt = []
-            for c in prompt_hidden:
-                num = batch.seqs[c.seq_index].params.prompt_logprobs
-                entries = prompt_logprobs(c.hidden, c.targets, num, self.model.compute_logits, log_softmax)
-                prompt.append((c.seq_index, c.start, entries))
-            finished = self.scheduler.update_from_output(batch, StepOutput(sampled_idx, sampled, self.weight_version, prompt))
+            finished = self.pipeline.run(batch, self.weight_version)
         except Exception as exc:
             if isinstance(exc, NonFiniteActivationError):
                 exc.add_note(
                     "The weights are the likely cause (fp16 overflow, or inf/nan from an update): the requests of "
                     "this step failed, the engine is usable, and update_weights() with good weights restores it."
                 )
+            self.pipeline.discard()
             failed = self.scheduler.fail({seq.request_id for seq in batch.seqs}, _error_text(exc))
             return [self._to_rollout(seq) for seq in failed], exc
         return [self._to_rollout(seq) for seq in finished], None

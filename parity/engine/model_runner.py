@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from parity.engine.config import EngineConfig
+from parity.engine.sampler import HostCopy
 from parity.engine.scheduler import ScheduledBatch
 from parity.engine.sleep import WAKE_TAGS, EngineAsleepError, MemorySnapshot, SleepState, SleepStats, WakeStats
 from parity.engine.weight_sync import is_dtensor
@@ -41,6 +42,19 @@ class StepInputs:
     sampled_seqs: list[int]  # indices into batch.seqs of the S sequences that sample this step
     # prompt_logprobs requests in prefill: (index into batch.seqs, first prompt token predicted, its hidden row, count)
     prompt_chunks: list[tuple[int, int, int, int]]
+
+
+@dataclass
+class ForwardOutput:
+    """A step's forward, queued on the device: float32 logits [S, V] of the S sequences that sample (None if
+    none does; a decode graph's are a view of its static buffer, valid until the next replay), their indices
+    into the batch, the prompt_logprobs hidden states, and a decode graph's inf/nan flag on its way to the
+    host (None where the forward checked it itself), read once the step's results are needed."""
+
+    logits: torch.Tensor | None
+    sampled_seqs: list[int]
+    prompt_hidden: list[PromptHidden]
+    finite: HostCopy | None = None
 
 
 @dataclass
@@ -355,15 +369,20 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int], list[PromptHidden]]:
-        """Run one step; return float32 logits [S, V] for the sequences that sample, their indices, and the
-        hidden states that predict prompt tokens of prompt_logprobs requests.
-
-        Decode steps replay a CUDA graph when graphs are enabled; its logits are a view of a static
-        buffer, valid until the next step."""
+    def execute(self, batch: ScheduledBatch) -> ForwardOutput:
+        """Queue one step: its logits for the sequences that sample, their indices, and the hidden states that
+        predict prompt tokens of prompt_logprobs requests. Decode steps replay a CUDA graph when graphs are
+        enabled."""
         graphs = self._graphs_for(batch)
         if graphs is not None:
-            return *self._execute_graph(graphs, batch), []
+            positions = [seq.num_computed_tokens for seq in batch.seqs]
+            tokens = [_token_range(seq, p, p + 1)[0] for seq, p in zip(batch.seqs, positions)]
+            out = self._execute_graph(graphs, batch.seqs, positions, tokens)
+            sampled = [i for i, (seq, p) in enumerate(zip(batch.seqs, positions)) if p + 1 == seq.num_tokens]
+            if len(sampled) < len(batch.seqs):
+                out.sampled_seqs = sampled
+                out.logits = out.logits[torch.tensor(sampled, device=out.logits.device)] if sampled else None
+            return out
         inputs = self.prepare(batch)
         if any(s.params.return_routed_experts for s in batch.seqs):
             with self.model.routing.recording() as routing:
@@ -373,8 +392,46 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
         prompt = self._prompt_hidden(batch, inputs, hidden) if inputs.prompt_chunks else []
         if not inputs.sampled_seqs:
-            return None, [], prompt
-        return self.model.compute_logits(hidden[inputs.logits_rows]), inputs.sampled_seqs, prompt
+            return ForwardOutput(None, [], prompt)
+        return ForwardOutput(self.model.compute_logits(hidden[inputs.logits_rows]), inputs.sampled_seqs, prompt)
+
+    @torch.inference_mode()
+    def execute_decode(self, seqs: list, positions: list[int], token_ids: torch.Tensor) -> ForwardOutput:
+        """Queue a decode step whose input tokens are still on the device (the previous step's samples, which
+        the host has not read yet): sequence i computes `token_ids[i]` at `positions[i]` and samples the next
+        token. Its slots must be allocated."""
+        if self._graph_config is not None and len(seqs) <= self._graph_config[0]:
+            if self.graphs is None or self.graphs.deterministic != self.model.kernels.deterministic:
+                self._capture_graphs()
+            return self._execute_graph(self.graphs, seqs, positions, token_ids)
+        inputs = self.decode_inputs(seqs, positions, token_ids)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
+        return ForwardOutput(self.model.compute_logits(hidden), list(range(len(seqs))), [])
+
+    def decode_inputs(self, seqs: list, positions: list[int], token_ids: torch.Tensor) -> StepInputs:
+        """StepInputs of one token per sequence at `positions`, the tokens given as a device tensor."""
+        bs = self.block_size
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        n = len(seqs)
+        tables = np.zeros((n, max(len(s.block_table) for s in seqs)), dtype=np.int32)
+        for i, seq in enumerate(seqs):
+            tables[i, : len(seq.block_table)] = seq.block_table
+        seq_lens = [p + 1 for p in positions]
+        starts = list(range(n + 1))
+        i64 = torch.tensor(positions + slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        i32 = torch.cat([torch.tensor(starts + seq_lens, dtype=torch.int32), torch.from_numpy(tables).flatten()])
+        i32 = i32.to(self.device, non_blocking=True)
+        meta = AttentionMetadata(
+            query_start_loc=i32[: n + 1],
+            seq_lens=i32[n + 1 : 2 * n + 1],
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=seq_lens,
+            block_tables=i32[2 * n + 1 :].view(tables.shape),
+            slot_mapping=i64[n:],
+        )
+        return StepInputs(token_ids, i64[:n], meta, torch.arange(n, device=self.device), list(range(n)), [])
 
     @staticmethod
     def _prompt_hidden(batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[PromptHidden]:
@@ -383,26 +440,21 @@ class ModelRunner:
             for i, start, row, n in inputs.prompt_chunks
         ]
 
-    def _execute_graph(self, graphs, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
+    def _execute_graph(self, graphs, seqs: list, positions: list[int], token_ids) -> ForwardOutput:
+        """Replay the decode graph: every sequence computes one token (a host list or a device tensor)."""
         bs = self.block_size
-        positions = [seq.num_computed_tokens for seq in batch.seqs]
         logits = graphs.run(
-            [_token_range(seq, p, p + 1)[0] for seq, p in zip(batch.seqs, positions)],
+            token_ids,
             positions,
-            [_slots(seq.block_table, p, p + 1, bs)[0] for seq, p in zip(batch.seqs, positions)],
+            [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)],
             [p + 1 for p in positions],
-            [seq.block_table for seq in batch.seqs],
+            [seq.block_table for seq in seqs],
         )
-        if self.model.check_finite and not bool(graphs.finite):
-            self._raise_nonfinite(batch)
-        sampled = [i for i, (seq, p) in enumerate(zip(batch.seqs, positions)) if p + 1 == seq.num_tokens]
-        if not sampled:
-            return None, []
-        if len(sampled) == len(batch.seqs):
-            return logits, sampled
-        return logits[torch.tensor(sampled, device=logits.device)], sampled
+        # the flag is overwritten by the next replay: its own copy goes to the host with the step's results
+        finite = HostCopy(graphs.finite.clone()) if self.model.check_finite else None
+        return ForwardOutput(logits, list(range(len(seqs))), [], finite)
 
-    def _raise_nonfinite(self, batch: ScheduledBatch) -> None:
+    def raise_nonfinite(self, batch: ScheduledBatch) -> None:
         """A replayed decode step produced inf/nan: re-run it eagerly, whose check names the layer (re-running
         writes the same K/V into the same slots)."""
         inputs = self.prepare(batch)

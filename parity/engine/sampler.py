@@ -66,6 +66,50 @@ class SamplerOutput:
     top_logprobs: list[dict[int, Logprob] | None] | None = None  # rows with params.logprobs set (else None)
 
 
+class HostCopy:
+    """Device tensors on their way to host memory: non_blocking copies into pinned buffers and one event, so
+    the host can queue more GPU work before it needs them. `wait()` returns the host tensors (on CPU, the
+    tensors themselves)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self._event = None
+        if not tensors[0].is_cuda:
+            self._host = list(tensors)
+            return
+        self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for host, t in zip(self._host, tensors):
+            host.copy_(t, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+@dataclass
+class PendingSample:
+    """A sample() whose results are still on the device: `token_ids` can feed the next step's inputs at once;
+    `result()` waits for the one host copy and formats the SamplerOutput."""
+
+    token_ids: torch.Tensor  # [B] int64, on the logits' device
+    copy: HostCopy  # picked [3, B] float64 (token, logprob, raw logprob), then the top-logprobs rows if any
+    top_num: list[int | None] | None  # params.logprobs per row, when some row asked for them
+    top_k: int = 0
+
+    def result(self, rows: list[int] | None = None) -> SamplerOutput:
+        """The SamplerOutput of every row, or of `rows` only (in that order)."""
+        host = self.copy.wait()
+        picked = host[0] if rows is None else host[0][:, rows]
+        token_ids, chosen, raw = picked.tolist()
+        top = None
+        if self.top_num is not None:
+            num = self.top_num if rows is None else [self.top_num[i] for i in rows]
+            top = _format_top_logprobs(host[1] if rows is None else host[1][rows], num, self.top_k)
+        return SamplerOutput([int(t) for t in token_ids], chosen, raw, top)
+
+
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
@@ -84,6 +128,19 @@ def sample(
     the same function the trainer-side parity forward scores tokens with. `history` is needed when a
     row uses logit_bias, allowed_token_ids, min_tokens or a penalty.
     """
+    return sample_async(logits, params, seeds, steps, log_softmax, history).result()
+
+
+def sample_async(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    steps: list[int],
+    log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
+    history: TokenHistory | None = None,
+) -> PendingSample:
+    """sample() without waiting for the device: the kernels are queued and their results copied to the host
+    with non_blocking copies."""
     raw_logprobs = log_softmax(logits)
     shaped = apply_history_processors(logits, params, history)
     unchanged = _leaves_logits_unchanged(params) and not shapes_logits(params)
@@ -95,13 +152,13 @@ def sample(
         steps_t = torch.tensor(steps, dtype=torch.int64, device=logits.device)
         tokens = torch.where(greedy, tokens, gumbel_argmax(logprobs, seeds_t, steps_t))
     rows = torch.arange(logits.shape[0], device=logits.device)
-    # one device-to-host copy; float32 -> float64 is exact, so the values equal three .tolist() calls
+    # float32 -> float64 is exact, so the values equal three .tolist() calls
     picked = torch.stack([tokens.double(), logprobs[rows, tokens].double(), raw_logprobs[rows, tokens].double()])
-    token_ids, chosen, raw = picked.tolist()
-    top = None
-    if any(p.logprobs is not None for p in params):
-        top = top_logprobs(logprobs, tokens, [p.logprobs for p in params])
-    return SamplerOutput(token_ids=[int(t) for t in token_ids], logprobs=chosen, raw_logprobs=raw, top_logprobs=top)
+    num = [p.logprobs for p in params]
+    if all(n is None for n in num):
+        return PendingSample(tokens, HostCopy(picked), None)
+    top, k = _top_logprobs_rows(logprobs, tokens, num)
+    return PendingSample(tokens, HostCopy(picked, top), num, k)
 
 
 def sample_sequences(
@@ -110,17 +167,17 @@ def sample_sequences(
     eos_token_ids: tuple[int, ...],
     token_counts: TokenCounts,
     log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
-) -> SamplerOutput:
-    """sample() for the engine's sequences (one row each): their params, seeds and steps, and their token
-    history when some row needs it, from the device-resident `token_counts`, which then count the sampled tokens."""
+    steps: list[int] | None = None,
+) -> PendingSample:
+    """sample_async() for the engine's sequences (one row each): their params, seeds and steps (default: the
+    tokens each has generated), and their token history when some row needs it, from the device-resident
+    `token_counts`. A caller that used the history calls `token_counts.add_sampled` with the result."""
     params = [s.params for s in seqs]
     history = None
     if shapes_logits(params):
         history = token_counts.history(seqs, logits.shape[-1], logits.device, eos_token_ids)
-    out = sample(logits, params, [s.seed for s in seqs], [len(s.output_ids) for s in seqs], log_softmax, history)
-    if history is not None and history.output_counts is not None:
-        token_counts.add_sampled(seqs, out.token_ids)
-    return out
+    steps = [len(s.output_ids) for s in seqs] if steps is None else steps
+    return sample_async(logits, params, [s.seed for s in seqs], steps, log_softmax, history)
 
 
 @torch.inference_mode()
@@ -149,6 +206,14 @@ def top_logprobs(
     """Per row, vLLM's logprobs dict: the num[i] most likely tokens of logprobs[i] (-1: all) with ranks 1..N,
     plus token_ids[i] ranked by how many tokens are at least as likely. None where num[i] is None.
     One device-to-host copy."""
+    rows, k = _top_logprobs_rows(logprobs, token_ids, num)
+    return _format_top_logprobs(rows.cpu(), num, k)
+
+
+def _top_logprobs_rows(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, num: list[int | None]
+) -> tuple[torch.Tensor, int]:
+    """float64 rows [B, 3 + 2k] on the device: (token, its logprob, its rank, k top values, k top ids), and k."""
     vocab = logprobs.shape[-1]
     wanted = [vocab if n == -1 else n for n in num if n is not None]
     k = min(max(wanted), vocab)
@@ -156,14 +221,19 @@ def top_logprobs(
     chosen = logprobs[rows, token_ids]
     ranks = (logprobs >= chosen[:, None]).sum(dim=-1)
     values, ids = logprobs.topk(k, dim=-1)
-    host = torch.cat([torch.stack([token_ids.double(), chosen.double(), ranks.double()], dim=1),
-                      values.double(), ids.double()], dim=1).tolist()
+    return torch.cat([torch.stack([token_ids.double(), chosen.double(), ranks.double()], dim=1),
+                      values.double(), ids.double()], dim=1), k
+
+
+def _format_top_logprobs(rows: torch.Tensor, num: list[int | None], k: int) -> list[dict[int, Logprob] | None]:
+    """The logprobs dicts from `_top_logprobs_rows`'s host rows (a row asking for -1, the whole vocabulary,
+    made k the vocabulary's size)."""
     out: list[dict[int, Logprob] | None] = []
-    for n, row in zip(num, host):
+    for n, row in zip(num, rows.tolist()):
         if n is None:
             out.append(None)
             continue
-        n = vocab if n == -1 else n
+        n = k if n == -1 else n
         entry = {int(t): Logprob(v, j + 1) for j, (v, t) in enumerate(zip(row[3 : 3 + n], row[3 + k : 3 + k + n]))}
         entry.setdefault(int(row[0]), Logprob(row[1], int(row[2])))
         out.append(entry)

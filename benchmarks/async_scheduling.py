@@ -1,0 +1,110 @@
+"""Async scheduling off and on, one engine, one process: what overlapping the host work of a step with the GPU
+work of the one before it buys (parity.engine.step_pipeline).
+
+Qwen3-0.6B shapes (random init, bf16, HF format), fast mode, max_model_len 8192: workload A (256 prompts
+U[100, 1024], 512 greedy tokens, EOS ignored) and B (output lengths U[100, 1024], temperature 0.6) output
+tok/s, batch-1 ms per token (a 1024-token prompt, 256 tokens), and decode steps at batch 1 and 256 (whole engine
+step against the CUDA graph's replay alone). Both settings run on the same engine (same KV pool, same compiled
+kernels), flipped between runs; the order alternates, so drift within the process shows.
+
+  python -m benchmarks.async_scheduling --out $OUT            # on the GPU: about 100 s on an H200
+  python -m benchmarks.async_scheduling --smoke --out /tmp/as  # tiny model on CPU: checks the script only
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import run_env, workload_parser
+from benchmarks.throughput import QWEN3_06B, SMOKE, Clock, decode_timing, output_lengths, random_prompts, run_parity
+from parity import Engine, SamplingParams
+from parity.testing.factory import write_tiny_model
+
+B_TEMPERATURE = 0.6
+
+
+def batch1_ms_per_token(engine: Engine, prompt: list[int], new_tokens: int, clock: Clock) -> float:
+    """(time of new_tokens tokens - time of the first) / (new_tokens - 1), on a prompt already in the prefix cache."""
+    def timed(n: int) -> float:
+        start = clock.now()
+        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return clock.now() - start
+
+    timed(2)  # puts the prompt in the prefix cache, so both timings below prefill the same last block
+    first = timed(1)
+    return (timed(new_tokens) - first) / (new_tokens - 1) * 1e3
+
+
+def measure(engine: Engine, enabled: bool, args, prompts, lens_b, clock: Clock) -> dict:
+    engine.pipeline.enabled = enabled
+    used, discarded = engine.pipeline.num_ahead_used, engine.pipeline.num_ahead_discarded
+    res = {
+        "A": run_parity(engine, prompts, [args.output_len] * len(prompts), clock),
+        "B": run_parity(engine, prompts, lens_b, clock, temperature=B_TEMPERATURE),
+        "batch1_ms_per_token": batch1_ms_per_token(engine, prompts[0], args.batch1_tokens, clock),
+    }
+    if args.device == "cuda":
+        res["decode"] = [decode_timing(engine, b, args.context, 16, None, clock) for b in (1, args.max_num_seqs)]
+    res["ahead_used"] = engine.pipeline.num_ahead_used - used
+    res["ahead_discarded"] = engine.pipeline.num_ahead_discarded - discarded
+    return res
+
+
+def main() -> None:
+    ap = workload_parser(__doc__, "tiny model on CPU, a few prompts: checks the script only")
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=1, help="off/on pairs, the order alternating")
+    ap.add_argument("--batch1-tokens", type=int, default=256)
+    args = ap.parse_args()
+    args.device = "cpu" if args.smoke else "cuda"
+    spec = replace(SMOKE if args.smoke else QWEN3_06B, max_position_embeddings=40960)
+    if args.smoke:
+        args.num_prompts, args.output_len, args.max_model_len, args.max_num_seqs, args.batch1_tokens = 6, 6, 256, 4, 4
+    args.context = 1024 if not args.smoke else 32
+    lo, hi = (100, 1024) if not args.smoke else (10, 40)
+    args.out.mkdir(parents=True, exist_ok=True)
+    clock = Clock(torch.device(args.device))
+    results: dict = {"env": run_env(args.device, args), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_tiny_model(Path(tmp) / "model", spec)
+        t0 = time.perf_counter()
+        engine = Engine.from_pretrained(path, device=args.device, dtype="bf16", max_num_seqs=args.max_num_seqs,
+                                        max_model_len=args.max_model_len)
+        results["init_s"] = time.perf_counter() - t0
+        vocab = engine.model_config.vocab_size
+        prompts = random_prompts(args.num_prompts, vocab, lo, hi, seed=0)
+        lens_b = output_lengths(args.num_prompts, lo, hi, seed=1)
+        warm = random_prompts(min(64, args.num_prompts), vocab, lo, hi, seed=99)  # no prefix-cache hits later
+        for enabled in (False, True):  # compile every kernel variant outside the timed runs
+            engine.pipeline.enabled = enabled
+            run_parity(engine, warm, [8] * len(warm), clock)
+            run_parity(engine, warm[:8], [8] * len(warm[:8]), clock, temperature=B_TEMPERATURE)
+        for r in range(args.rounds):
+            for enabled in ((False, True) if r % 2 == 0 else (True, False)):
+                row = {"async_scheduling": enabled, **measure(engine, enabled, args, prompts, lens_b, clock)}
+                results["runs"].append(row)
+                (args.out / "async_scheduling.json").write_text(json.dumps(results, indent=1))
+    print(summary(results["runs"]))
+
+
+def summary(runs: list[dict]) -> str:
+    lines = ["| async scheduling | A tok/s | B tok/s | batch 1 ms/token | decode steps (batch: engine step / graph ms) "
+             "| look-ahead used / discarded |", "|---|---|---|---|---|---|"]
+    for row in runs:
+        decode = ", ".join(f"{d['batch']}: {d['engine_step_ms']:.2f} / {d.get('graph_replay_ms', float('nan')):.2f}"
+                           for d in row.get("decode", []))
+        lines.append(f"| {'on' if row['async_scheduling'] else 'off'} | {row['A']['output_tok_s']:,.0f} "
+                     f"| {row['B']['output_tok_s']:,.0f} | {row['batch1_ms_per_token']:.3f} | {decode} "
+                     f"| {row['ahead_used']} / {row['ahead_discarded']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Async scheduling (vLLM's): a decode step is queued on the device before the host has booked the step before
+it, so the scheduler, the input copies and the bookkeeping of one step run while the GPU computes the other.
+
+A step runs in three parts: launch (forward and sampler queued; the sampled tokens stay on the device), look
+ahead, book (wait for the results, then stop checks, logprobs, prefix cache). Looking ahead launches the next
+decode step of the sequences that will still run, whatever this step samples, with this step's device tokens
+as its inputs. Nothing of the host state moves for it except the KV blocks its slots need, which the next
+scheduler step would allocate anyway. The next `run` uses it when the scheduler picks exactly its sequences
+(or some of them: the others finished or were aborted, and their rows are dropped, one extra decode each)
+under the same weights. Otherwise it is discarded and the step runs anew: its K/V writes went to slots that
+the new step writes again or that belong to sequences that are gone (GPU work on one stream is ordered, so a
+freed block is only reused after them). Between two calls every sequence therefore looks exactly as in a
+step-by-step engine, and results are the same.
+
+No look-ahead when: a sequence is still prefilling or waits for a seat (the next step differs), a sequence
+uses the token-history processors (penalties, logit_bias, allowed_token_ids, min_tokens: their counts need
+this step's tokens on the host) or records routed experts, a slot cannot be allocated without preemption,
+or `EngineConfig.async_scheduling` is off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parity.engine.config import EngineConfig
+from parity.engine.model_runner import ForwardOutput, ModelRunner
+from parity.engine.sampler import PendingSample, prompt_logprobs, sample_sequences
+from parity.engine.scheduler import ScheduledBatch, Scheduler, StepOutput
+from parity.engine.sequence import Sequence
+from parity.models.decoder import DecoderModel
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose GPU work is queued. `positions`: each sequence's num_computed_tokens when it is booked;
+    `sampled_seqs`: indices into `batch.seqs` of the sequences that sample; `rows`: their rows of `sample`
+    (None: row j is sampled_seqs[j]'s)."""
+
+    batch: ScheduledBatch
+    forward: ForwardOutput
+    sample: PendingSample | None
+    weight_version: int
+    positions: list[int]
+    sampled_seqs: list[int]
+    rows: list[int] | None = None
+
+    def sample_rows(self) -> list[int]:
+        return list(range(len(self.sampled_seqs))) if self.rows is None else self.rows
+
+    def taken_for(self, batch: ScheduledBatch, weight_version: int) -> LaunchedStep | None:
+        """This look-ahead step as `batch`'s, if `batch` decodes some of its sequences from where it left them,
+        in its order and under its weights; else None."""
+        if weight_version != self.weight_version or len(batch.seqs) > len(self.batch.seqs):
+            return None
+        index = {seq.seq_id: i for i, seq in enumerate(self.batch.seqs)}
+        rows = [index.get(seq.seq_id, -1) for seq in batch.seqs]
+        if any(n != 1 for n in batch.num_new_tokens) or rows != sorted(rows) or rows[0] < 0:
+            return None
+        if any(seq.num_computed_tokens != self.positions[r] for seq, r in zip(batch.seqs, rows)):
+            return None
+        if len(rows) == len(self.batch.seqs):
+            return self
+        return LaunchedStep(batch, self.forward, self.sample, weight_version, [self.positions[r] for r in rows],
+                            list(range(len(rows))), rows)
+
+
+class StepPipeline:
+    def __init__(self, model: DecoderModel, runner: ModelRunner, scheduler: Scheduler, config: EngineConfig):
+        self.model = model
+        self.runner = runner
+        self.scheduler = scheduler
+        self.enabled = config.async_scheduling
+        self.eos_token_ids = tuple(model.config.eos_token_ids)
+        self.ahead: LaunchedStep | None = None
+        self.num_ahead_used = 0  # look-ahead steps a scheduled batch took (whole or some rows)
+        self.num_ahead_discarded = 0  # look-ahead steps whose work was thrown away
+
+    def discard(self) -> None:
+        """Forget the look-ahead step (the engine failed a step, or nothing is scheduled)."""
+        self.num_ahead_discarded += self.ahead is not None
+        self.ahead = None
+
+    def run(self, batch: ScheduledBatch, weight_version: int) -> list[Sequence]:
+        """Run the scheduled `batch` (the look-ahead step when it is this batch's), queue the next decode step
+        when it can be known now, book `batch`'s results and return the sequences that finished."""
+        ahead, self.ahead = self.ahead, None
+        step = ahead.taken_for(batch, weight_version) if ahead is not None else None
+        self.num_ahead_used += step is not None
+        self.num_ahead_discarded += ahead is not None and step is None
+        if step is None:
+            step = self._launch(batch, weight_version)
+        if self.enabled:
+            self.ahead = self._launch_next(step)
+        return self._book(step)
+
+    def _launch(self, batch: ScheduledBatch, weight_version: int) -> LaunchedStep:
+        forward = self.runner.execute(batch)
+        sample = None
+        if forward.logits is not None:
+            seqs = [batch.seqs[i] for i in forward.sampled_seqs]
+            sample = sample_sequences(forward.logits, seqs, self.eos_token_ids, self.scheduler.token_counts,
+                                      self.model.kernels.log_softmax)
+        return LaunchedStep(batch, forward, sample, weight_version, [s.num_computed_tokens for s in batch.seqs],
+                            forward.sampled_seqs)
+
+    def _launch_next(self, step: LaunchedStep) -> LaunchedStep | None:
+        """Queue the decode step that follows `step` for the sequences that will still run after it, or None
+        when that step cannot be known before `step` is booked."""
+        batch = step.batch
+        if step.sample is None or self.scheduler.waiting or len(step.sampled_seqs) != len(batch.seqs):
+            return None
+        if len(self.scheduler.running) != len(batch.seqs):
+            return None
+        rows: list[int] = []
+        positions: list[int] = []
+        allocate = self.scheduler.block_manager.allocate
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.num_tokens + 1 >= seq.max_len:  # this step's token ends it by length
+                continue
+            if seq.params.shapes_logits_with_history or seq.params.return_routed_experts:
+                return None
+            position = seq.num_computed_tokens + n
+            if not allocate(seq, position + 1):
+                return None
+            rows.append(i)
+            positions.append(position)
+        if not rows:
+            return None
+        seqs = [batch.seqs[i] for i in rows]
+        tokens = step.sample.token_ids
+        sample_rows = step.sample_rows()
+        rows = [sample_rows[i] for i in rows]
+        if rows != list(range(tokens.shape[0])):
+            tokens = tokens[torch.tensor(rows, device=tokens.device)]
+        forward = self.runner.execute_decode(seqs, positions, tokens)
+        sample = sample_sequences(forward.logits, seqs, self.eos_token_ids, self.scheduler.token_counts,
+                                  self.model.kernels.log_softmax, steps=[len(s.output_ids) + 1 for s in seqs])
+        return LaunchedStep(ScheduledBatch(seqs, [1] * len(seqs)), forward, sample, step.weight_version, positions,
+                            forward.sampled_seqs)
+
+    def _book(self, step: LaunchedStep) -> list[Sequence]:
+        batch, forward = step.batch, step.forward
+        if forward.finite is not None and not bool(forward.finite.wait()[0]):
+            self.runner.raise_nonfinite(batch)
+        sampled = None
+        if step.sample is not None:
+            sampled = step.sample.result(step.rows)
+            seqs = [batch.seqs[i] for i in step.sampled_seqs]
+            if any(s.params.shapes_logits_with_history for s in seqs):
+                self.scheduler.token_counts.add_sampled(seqs, sampled.token_ids)
+        log_softmax = self.model.kernels.log_softmax
+        prompt = []
+        for c in forward.prompt_hidden:
+            num = batch.seqs[c.seq_index].params.prompt_logprobs
+            entries = prompt_logprobs(c.hidden, c.targets, num, self.model.compute_logits, log_softmax)
+            prompt.append((c.seq_index, c.start, entries))
+        return self.scheduler.update_from_output(
+            batch, StepOutput(step.sampled_seqs, sampled, step.weight_version, prompt))
