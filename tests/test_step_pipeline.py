@@ -61,7 +61,8 @@ def test_generate_is_bitwise_the_same_with_the_look_ahead_step(engines):
 
 
 def drive(engine: Engine, update: dict[str, torch.Tensor]) -> list[tuple]:
-    """add_request/step with an abort, a "keep" and a "recompute" weight update between steps."""
+    """add_request/step with an abort, a "keep" and a "recompute" weight update, and a weight written in place
+    outside update_weights, between steps."""
     params = SamplingParams(n=2, temperature=0.8, seed=11, max_tokens=14, ignore_eos=True, logprobs=0)
     for i, p in enumerate(PROMPTS):
         engine.add_request(p, params, request_id=f"r{i}")
@@ -73,6 +74,9 @@ def drive(engine: Engine, update: dict[str, torch.Tensor]) -> list[tuple]:
             out += engine.abort("r1", sample_index=0)
         if steps == 8:
             engine.update_weights(update, in_flight="keep")
+        if steps == 9:
+            with torch.no_grad():
+                engine.model.layers[0].mlp.down_proj.weight.mul_(1.5)
         if steps == 11:
             engine.update_weights(update, in_flight="recompute")
     return sorted(map(as_tuple, out), key=lambda r: (r[0], r[1]))

@@ -7,10 +7,12 @@ decode step of the sequences that will still run, whatever this step samples, wi
 as its inputs. Nothing of the host state moves for it except the KV blocks its slots need, which the next
 scheduler step would allocate anyway. The next `run` uses it when the scheduler picks exactly its sequences
 (or some of them: the others finished or were aborted, and their rows are dropped, one extra decode each)
-under the same weights. Otherwise it is discarded and the step runs anew: its K/V writes went to slots that
-the new step writes again or that belong to sequences that are gone (GPU work on one stream is ordered, so a
-freed block is only reused after them). Between two calls every sequence therefore looks exactly as in a
-step-by-step engine, and results are the same.
+under the same weights (no update_weights, and no parameter written in place, since it was launched).
+Otherwise it is discarded and the step runs anew: its K/V writes went to slots that the new step writes
+again or that belong to sequences that are gone (GPU work on one stream is ordered, so a freed block is only
+reused after them). Between two calls every sequence therefore looks exactly as in a step-by-step engine.
+Deterministic mode gives the same bits; in fast mode a dropped row changes the batch a step ran in, so, as
+with any change of batching there, logprobs agree to rounding.
 
 No look-ahead when: a sequence is still prefilling or waits for a seat (the next step differs), a sequence
 uses the token-history processors (penalties, logit_bias, allowed_token_ids, min_tokens: their counts need
@@ -41,7 +43,7 @@ class LaunchedStep:
     batch: ScheduledBatch
     forward: ForwardOutput
     sample: PendingSample | None
-    weight_version: int
+    weights: tuple[int, int]  # the engine's weight version and the parameters' in-place write count at launch
     positions: list[int]
     sampled_seqs: list[int]
     rows: list[int] | None = None
@@ -49,10 +51,10 @@ class LaunchedStep:
     def sample_rows(self) -> list[int]:
         return list(range(len(self.sampled_seqs))) if self.rows is None else self.rows
 
-    def taken_for(self, batch: ScheduledBatch, weight_version: int) -> LaunchedStep | None:
+    def taken_for(self, batch: ScheduledBatch, weights: tuple[int, int]) -> LaunchedStep | None:
         """This look-ahead step as `batch`'s, if `batch` decodes some of its sequences from where it left them,
         in its order and under its weights; else None."""
-        if weight_version != self.weight_version or len(batch.seqs) > len(self.batch.seqs):
+        if weights != self.weights or len(batch.seqs) > len(self.batch.seqs):
             return None
         index = {seq.seq_id: i for i, seq in enumerate(self.batch.seqs)}
         rows = [index.get(seq.seq_id, -1) for seq in batch.seqs]
@@ -62,7 +64,7 @@ class LaunchedStep:
             return None
         if len(rows) == len(self.batch.seqs):
             return self
-        return LaunchedStep(batch, self.forward, self.sample, weight_version, [self.positions[r] for r in rows],
+        return LaunchedStep(batch, self.forward, self.sample, weights, [self.positions[r] for r in rows],
                             list(range(len(rows))), rows)
 
 
@@ -74,6 +76,7 @@ class StepPipeline:
         self.enabled = config.async_scheduling
         self.eos_token_ids = tuple(model.config.eos_token_ids)
         self.ahead: LaunchedStep | None = None
+        self._params = list(model.parameters())
         self.num_ahead_used = 0  # look-ahead steps a scheduled batch took (whole or some rows)
         self.num_ahead_discarded = 0  # look-ahead steps whose work was thrown away
 
@@ -86,23 +89,25 @@ class StepPipeline:
         """Run the scheduled `batch` (the look-ahead step when it is this batch's), queue the next decode step
         when it can be known now, book `batch`'s results and return the sequences that finished."""
         ahead, self.ahead = self.ahead, None
-        step = ahead.taken_for(batch, weight_version) if ahead is not None else None
+        # weights written in place outside update_weights (a test, a hook) also void the look-ahead step
+        weights = (weight_version, sum(p._version for p in self._params))
+        step = ahead.taken_for(batch, weights) if ahead is not None else None
         self.num_ahead_used += step is not None
         self.num_ahead_discarded += ahead is not None and step is None
         if step is None:
-            step = self._launch(batch, weight_version)
+            step = self._launch(batch, weights)
         if self.enabled:
             self.ahead = self._launch_next(step)
         return self._book(step)
 
-    def _launch(self, batch: ScheduledBatch, weight_version: int) -> LaunchedStep:
+    def _launch(self, batch: ScheduledBatch, weights: tuple[int, int]) -> LaunchedStep:
         forward = self.runner.execute(batch)
         sample = None
         if forward.logits is not None:
             seqs = [batch.seqs[i] for i in forward.sampled_seqs]
             sample = sample_sequences(forward.logits, seqs, self.eos_token_ids, self.scheduler.token_counts,
                                       self.model.kernels.log_softmax)
-        return LaunchedStep(batch, forward, sample, weight_version, [s.num_computed_tokens for s in batch.seqs],
+        return LaunchedStep(batch, forward, sample, weights, [s.num_computed_tokens for s in batch.seqs],
                             forward.sampled_seqs)
 
     def _launch_next(self, step: LaunchedStep) -> LaunchedStep | None:
@@ -137,7 +142,7 @@ class StepPipeline:
         forward = self.runner.execute_decode(seqs, positions, tokens)
         sample = sample_sequences(forward.logits, seqs, self.eos_token_ids, self.scheduler.token_counts,
                                   self.model.kernels.log_softmax, steps=[len(s.output_ids) + 1 for s in seqs])
-        return LaunchedStep(ScheduledBatch(seqs, [1] * len(seqs)), forward, sample, step.weight_version, positions,
+        return LaunchedStep(ScheduledBatch(seqs, [1] * len(seqs)), forward, sample, step.weights, positions,
                             forward.sampled_seqs)
 
     def _book(self, step: LaunchedStep) -> list[Sequence]:
@@ -157,4 +162,4 @@ class StepPipeline:
             entries = prompt_logprobs(c.hidden, c.targets, num, self.model.compute_logits, log_softmax)
             prompt.append((c.seq_index, c.start, entries))
         return self.scheduler.update_from_output(
-            batch, StepOutput(step.sampled_seqs, sampled, step.weight_version, prompt))
+            batch, StepOutput(step.sampled_seqs, sampled, step.weights[0], prompt))
