@@ -229,14 +229,19 @@ def test_release_then_sync_as_verl_calls_it(cluster, model_dir, tmp_path):
     assert generate(server, PROMPTS[4], "after-wake", max_tokens=10, ignore_eos=True).token_ids == expected.output_ids
 
 
-def test_recipe_writes_verls_parquet_and_scores_locally(tmp_path):
+@pytest.fixture(scope="module")
+def recipe():
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location("verl_grpo_arith", Path(__file__).parents[1] / "examples/verl_grpo_arith.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_writes_verls_parquet_and_scores_locally(recipe, tmp_path):
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("verl_grpo_arith", Path(__file__).parents[1] / "examples/verl_grpo_arith.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     train, val = recipe.write_data(tmp_path, num_train=8, num_val=4, max_operand=20, seed=0)
     rows = pd.read_parquet(train)
     assert len(rows) == 8 and len(pd.read_parquet(val)) == 4
@@ -246,3 +251,57 @@ def test_recipe_writes_verls_parquet_and_scores_locally(tmp_path):
     assert row["reward_model"]["ground_truth"] == str(a + b)
     assert recipe.compute_score(recipe.DATA_SOURCE, f"{a} + {b} = {a + b}", str(a + b)) == 1.0
     assert recipe.compute_score(recipe.DATA_SOURCE, f"{a + b + 1}", str(a + b)) == 0.0
+
+
+def recipe_args(tmp_path: Path, rollout: str):
+    import argparse
+
+    return argparse.Namespace(out=tmp_path, rollout=rollout, steps=3, batch_size=8, group_size=4, max_tokens=32,
+                              gpu_memory_utilization=0.3)
+
+
+def test_recipe_config_composes_and_validates_with_verls_classes(recipe, model_dir, tmp_path):
+    """The recipe's overrides through verl's own Hydra config, validate_config and RolloutConfig: parity's
+    rollout, SDPA attention in the trainer's HF config, and the vLLM variant differing only in the name."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    train, val = recipe.write_data(tmp_path, num_train=8, num_val=4, max_operand=20, seed=0)
+    config, rollout = recipe.compose(recipe.overrides(recipe_args(tmp_path, "parity"), model_dir, train, val))
+    assert isinstance(rollout, RolloutConfig) and (rollout.name, rollout.mode) == ("parity", "async")
+    assert rollout.max_model_len == 128 + 32 and rollout.calculate_log_probs and rollout.n == 4
+    assert config.actor_rollout_ref.hybrid_engine and config.algorithm.adv_estimator == "grpo"
+    model = omega_conf_to_dataclass(config.actor_rollout_ref.model, dataclass_type=HFModelConfig)
+    assert model.hf_config._attn_implementation == "sdpa"
+    assert get_rollout_class(rollout.name, rollout.mode) is ServerAdapter
+    vllm_config, _ = recipe.compose(recipe.overrides(recipe_args(tmp_path, "vllm"), model_dir, train, val))
+    ours, theirs = (OmegaConf.to_container(c) for c in (config, vllm_config))  # interpolations unresolved
+    assert theirs["actor_rollout_ref"]["rollout"].pop("name") == "vllm"
+    ours["actor_rollout_ref"]["rollout"].pop("name")
+    for c in (ours, theirs):
+        del c["trainer"]["experiment_name"], c["ray_kwargs"]["ray_init"]["runtime_env"]["env_vars"]
+    assert ours == theirs
+    bad = recipe.overrides(recipe_args(tmp_path, "parity"), model_dir, train, val) + [
+        "actor_rollout_ref.rollout.logprobs_mode=raw_logits"]
+    with pytest.raises(ValueError, match="rollout.logprobs_mode"):
+        recipe.compose(bad)
+
+
+def test_recipe_summary_reads_verls_file_logger(recipe, tmp_path, monkeypatch):
+    """Per-step reward and timings as verl's FileLogger wrote them; means over the steps after the first."""
+    from verl.utils.tracking import FileLogger
+
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(tmp_path / "run.jsonl"))
+    logged = [{"critic/score/mean": 0.1 * i, "timing_s/gen": 2.0 + i, "timing_s/update_actor": 1.0 / (i + 1),
+               "actor/lr": 1e-5, "perf/mfu/actor": 0.01} for i in range(4)]
+    logger = FileLogger("p", "e")
+    for step, data in enumerate(logged, start=1):
+        logger.log(data, step)
+    logger.finish()
+    summary = recipe.summarize(tmp_path / "run.jsonl", "parity")
+    assert summary["num_steps"] == 4 and [s["step"] for s in summary["steps"]] == [1, 2, 3, 4]
+    assert summary["steps"][2] == {"step": 3, **{k: v for k, v in logged[2].items() if k.split("/")[0] in ("critic", "timing_s")}}
+    later = logged[1:]
+    for key in ("critic/score/mean", "timing_s/gen", "timing_s/update_actor"):
+        assert summary["mean_after_first_step"][key] == pytest.approx(sum(d[key] for d in later) / len(later), rel=1e-12)
+    assert set(summary["mean_after_first_step"]) == {"critic/score/mean", "timing_s/gen", "timing_s/update_actor"}

@@ -127,9 +127,18 @@ for module in sys.argv[1:]:
 from verl.workers.rollout.base import _ROLLOUT_REGISTRY
 if ("parity", "async") not in _ROLLOUT_REGISTRY:
     failed["verl.plugins entry point"] = "('parity', 'async') not registered"
+if not failed:  # Ray without ray[default]'s extras: a local cluster, env vars through a runtime env, an actor
+    import os, ray
+    os.environ["PARITY_CHECK_DRIVER"] = "inherited"
+    ray.init(num_cpus=1, log_to_driver=False, runtime_env={"env_vars": {"PARITY_CHECK_RUNTIME": "runtime_env"}})
+    seen = ray.get(ray.remote(lambda: (os.environ.get("PARITY_CHECK_DRIVER"), os.environ.get("PARITY_CHECK_RUNTIME")))
+                   .remote(), timeout=120)
+    ray.shutdown()
+    if seen != ("inherited", "runtime_env"):
+        failed["ray worker environment"] = f"driver and runtime_env variables seen as {seen}"
 for module, error in failed.items():
     print(f"FAILED {module}: {error}")
-print("ok: every module imports with only the GPU image's packages and the archive's" if not failed else "")
+print("ok: every module imports with only the GPU image's packages and the archive's; Ray ran an actor" if not failed else "")
 sys.exit(1 if failed else 0)
 """
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# verl 0.9.1 GRPO on SmolLM2-135M-Instruct with rollout.name=parity, on the GPU machine (one H200), in three
+# back-to-back `run` calls of one warm machine (/tmp survives between calls only while it stays warm, ~30 s
+# idle). A call carries 64 MiB in all, the working tree's ~5 MiB included: the GGUF is two halves of 47 MiB,
+# verl's missing packages one 27 MiB xz archive (tools/verl_wheels.py: 35 CPython 3.12 wheels, ray core
+# without its Java jar, TransferQueue, parity's server deps), so each travels alone.
+#
+# Here, once (all git-ignored):
+#   python -m benchmarks.smollm2_device prepare              # .gguf/part1, .gguf/part2 (+ sha256)
+#   python tools/verl_wheels.py build                        # .whl/verl1/site.tar.xz.part0 + sha256, wheels.txt
+#   python tools/verl_wheels.py check                        # verl's PPO path imports with only the GPU image's
+#                                                            # packages and the archive's (Python 3.11 builds)
+#
+#   call 1  carry [".gguf/part1"]   bash tools/verl_device.sh part1                    (timeout_s 120)
+#   call 2  carry [".whl/verl1"]    bash tools/verl_device.sh site                     (timeout_s 180)
+#   call 3  carry [".gguf/part2"]   bash tools/verl_device.sh run                      (timeout_s 600)
+#
+# `site` unpacks the archive into /tmp/verl_site, installs parity there (its `verl.plugins` entry point) and
+# checks that `import verl` registers ("parity", "async"). `run` joins the GGUF (sha256 checked), exports it
+# once as an HF directory and runs examples/verl_grpo_arith.py (5 GRPO steps, 32 prompts x 4 samples, 64
+# tokens, colocated) within RUN_S seconds (default 420). Into $OUT:
+#   verl_parity.json    reward and verl's timing_s/* per step, their means after the first step, the overrides
+#   verl_parity.jsonl   every metric verl logged per step (its file logger)
+#   verl_parity.log     the trainer's console, gpu.txt (GPU, driver, torch/triton/transformers/verl/ray)
+#
+# verl's vLLM rollout beside it (optional, three more calls right after call 3; vLLM 0.20.0 from the peer
+# folder, built here by `bash ../shared/peers/vllm/prepare.sh` into .vl/; verl 0.9.1 pins vLLM 0.24.0):
+#   call 4  carry [".vl/a"]         bash .vl/a/gpu.sh stage .vl/a                      (timeout_s 120)
+#   call 5  carry [".vl/x"]         bash .vl/x/gpu.sh stage .vl/x                      (timeout_s 120)
+#   call 6  carry [".vl/b"]         bash .vl/b/gpu.sh install .vl/b && bash tools/verl_device.sh run-vllm
+#                                                                                      (timeout_s 600)
+# `run-vllm` is `run` with rollout.name=vllm (same overrides; the model exported by call 3): verl_vllm.json,
+# verl_vllm.jsonl, verl_vllm.log.
+set -uo pipefail
+stage=${1:?usage: verl_device.sh part1|site|run|run-vllm}
+t=${SCRATCH:-/tmp}
+site=$t/verl_site
+out=${OUT:-$t/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0
+
+recipe() {  # $1: rollout name; $2: extra PYTHONPATH entries before the site
+  local name=$1
+  export PYTHONPATH=${2:+$2:}$site:$PWD
+  python3 -c "import verl; from verl.workers.rollout.base import _ROLLOUT_REGISTRY as r; assert ('parity', 'async') in r" \
+    || { echo "verl did not register rollout.name=parity (site missing: the machine went cold?)"; exit 3; }
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, triton, transformers, verl, ray; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, 'verl', verl.__version__, 'ray', ray.__version__)"
+    git log -1 --format=%H 2>/dev/null; } >> "$out/gpu.txt" 2>&1
+  timeout "${RUN_S:-420}" python3 examples/verl_grpo_arith.py --out "$t/verl_$name" --rollout "$name" --steps "${STEPS:-5}" \
+    --metrics "$out/verl_$name.json" 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" > "$out/verl_$name.log"
+  local code=${PIPESTATUS[0]}
+  cp "$t/verl_$name/verl_$name.jsonl" "$out/" 2>/dev/null
+  python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1  # a run cut by `timeout` leaves Ray's processes
+  tail -n 40 "$out/verl_$name.log"
+  echo "exit $code"; ls -l "$out"
+  return "$code"
+}
+
+case $stage in
+part1)
+  mkdir -p $t/sm && cp .gguf/part1/model.gguf.part1 $t/sm/ && ls -l $t/sm
+  ;;
+site)
+  sum=$(cat .whl/verl1/site.tar.xz.part* | sha256sum | cut -d' ' -f1)
+  [ "$sum" = "$(cat .whl/verl1/site.tar.xz.sha256)" ] || { echo "archive sha256 mismatch"; exit 2; }
+  rm -rf "$site" && mkdir -p "$site" && cat .whl/verl1/site.tar.xz.part* | xz -d -T0 | tar x -C "$site" || exit 4
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --no-compile --target "$site" . || exit 5
+  PYTHONPATH=$site python3 -c "import verl, ray, tensordict, transfer_queue, fastapi
+from verl.workers.rollout.base import _ROLLOUT_REGISTRY as r; print('verl', verl.__version__, 'ray', ray.__version__,
+'tensordict', tensordict.__version__, 'parity registered:', ('parity', 'async') in r)"
+  ;;
+run)
+  python3 -m benchmarks.smollm2_device join --first $t/sm --second .gguf/part2 --site "$site" || exit 1
+  recipe parity
+  ;;
+run-vllm)
+  recipe vllm /tmp/vsite
+  ;;
+*)
+  echo "unknown stage $stage (part1 | site | run | run-vllm)" >&2; exit 2
+  ;;
+esac
