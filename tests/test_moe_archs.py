@@ -32,12 +32,13 @@ def hf_config(arch: str, vocab_size: int, eos: int, **overrides):
     return cfg
 
 
-def write_tiny(path, arch: str, seed: int = 0):
-    """A 2-layer, 8-expert model of `arch` saved by transformers, with the factory's tokenizer."""
+def write_tiny(path, arch: str, seed: int = 0, **overrides):
+    """A 2-layer, 8-expert model of `arch` saved by transformers, with the factory's tokenizer; `overrides`
+    change SHAPES."""
     tokenizer = train_tokenizer(384)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(arch, len(tokenizer), eos), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, len(tokenizer), eos, **overrides), dtype=torch.float32)
     spread_norms_and_routers(model).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -142,3 +143,31 @@ def test_hf_mixtral_replay_routes_through_the_rollouts_experts(tmp_path):
         hf.model.layers[0].mlp.gate.weight[e] += delta
     assert err(trainer_logprobs(hf, rollouts, params)) > 1e-2
     assert err(trainer_logprobs(hf, rollouts, params, replay_routing=True)) < 1e-4
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_engine_on_the_triton_kernels_in_the_interpreter(tmp_path, monkeypatch, arch):
+    """The CUDA path (Triton kernels, interpreted on CPU tensors), one layer: OLMoE's projection-wide q/k norm runs
+    before the fused RoPE kernel, Mixtral's router renormalises; fast mode's greedy tokens and logprobs equal
+    HF's (fp32, 1e-4); deterministic mode alone == in a batch with chunked prefill, bit for bit."""
+    pytest.importorskip("triton")
+    from parity.kernels import dispatch
+
+    path = write_tiny(tmp_path / arch, arch, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=16)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    monkeypatch.setattr(dispatch, "device_kind", lambda x: "cuda")
+    options = dict(dtype="fp32", max_model_len=128, max_num_batched_tokens=8, kv_cache_memory=1 << 20)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (4, 13)]
+    r = Engine.from_pretrained(path, **options).generate(prompts[1:], SamplingParams(temperature=0, max_tokens=3,
+                                                                                      ignore_eos=True))[0]
+    ref_logp, ref_argmax = hf_logprobs(hf, r.prompt_ids, r.output_ids)
+    assert r.output_ids == ref_argmax.tolist()
+    torch.testing.assert_close(torch.tensor(r.output_logprobs), ref_logp, atol=1e-4, rtol=0)
+
+    engine = Engine.from_pretrained(path, deterministic=True, **options)
+    params = SamplingParams(temperature=0.8, max_tokens=3, seed=3, ignore_eos=True)
+    batch = engine.generate(prompts, params)
+    alone = engine.generate([prompts[1]], params)[0]
+    assert alone.output_ids == batch[1].output_ids and alone.output_logprobs == batch[1].output_logprobs
