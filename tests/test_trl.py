@@ -251,6 +251,39 @@ def test_exact_mode_rollout_and_trainer_logprobs_bitwise_equal(llama_dir, tmp_pa
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters()), "training changed nothing"
 
 
+def test_exact_mode_entropies_are_values_unless_trls_entropy_bonus_needs_their_gradient(llama_dir):
+    """TRL's entropy (its metric, its entropy mask, its entropy bonus) from the parity model: the entropy of the
+    sampled distribution (float64 reference from the model's own logits); no [tokens, vocab] graph kept for it
+    unless the loss differentiates it; not computed at all when TRL does not ask."""
+    from parity.engine.sampling_params import SamplingParams
+    from parity.integrations.trl import _parity_logps_and_entropies
+    from parity.precision.policy import PrecisionPolicy
+    from parity.trainer.causal_lm import ParityForCausalLM
+
+    model = ParityForCausalLM.from_pretrained(llama_dir, policy=PrecisionPolicy("fp32", deterministic=True),
+                                              device="cpu", max_positions=64)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 0], [0, 9, 8, 7, 6, 5, 4]])
+    mask = (ids != 0).long()  # prompts left-padded, completions (the last 3 columns) right-padded
+    keep, params = 3, SamplingParams(temperature=TEMPERATURE, max_tokens=3)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep + 1).logits[:, :-1].double()
+    ref_lp = torch.log_softmax(logits / TEMPERATURE, -1)
+    ref_entropy = -(ref_lp.exp() * ref_lp).sum(-1)
+    ref_picked = ref_lp.gather(-1, ids[:, -keep:, None])[..., 0]
+    real = mask[:, -keep:].bool()
+
+    logps, entropies = _parity_logps_and_entropies(model, ids, mask, keep, params, 2, entropy=True, entropy_grad=False)
+    assert logps.requires_grad and not entropies.requires_grad
+    torch.testing.assert_close(entropies[real].double(), ref_entropy[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logps[real].double(), ref_picked[real], rtol=0, atol=1e-5)
+    assert (entropies[~real] == 0).all() and (logps[~real] == 0).all()
+
+    _, with_grad = _parity_logps_and_entropies(model, ids, mask, keep, params, 2, entropy=True, entropy_grad=True)
+    assert with_grad.requires_grad and torch.equal(with_grad.detach(), entropies)
+    _, none = _parity_logps_and_entropies(model, ids, mask, keep, params, 2, entropy=False)
+    assert none is None
+
+
 def test_peft_adapters_merged_for_the_sync_and_engine_sleeps_between_rollouts(llama_dir, tmp_path, dataset):
     """LoRA: the engine receives base + adapter (merged for the copy, unmerged after); with TRL's sleep flag the
     engine releases its weights and KV cache after each rollout and is refilled by the next sync."""

@@ -290,10 +290,14 @@ class ParityGeneration:
         return prompt_ids, completion_ids, logprobs, None
 
 
-def _parity_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, params: SamplingParams, batch_size):
+def _parity_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, params: SamplingParams,
+                                batch_size: int, entropy: bool = True, entropy_grad: bool = True):
     """Per-token logprobs and entropies [B, logits_to_keep] of a ParityForCausalLM on TRL's batch (prompts
     left-padded, completions right-padded), computed as the engine sampled: the wrapper's logits (the engine's
-    LM head), the engine's processors from each position's own token history, its log-softmax kernel."""
+    LM head), the engine's processors from each position's own token history, its log-softmax kernel.
+
+    Entropies (None unless `entropy`) carry gradients only with `entropy_grad` (TRL's entropy bonus): for
+    logging and TRL's entropy mask they are values, and their [tokens, vocab] graph would double the memory."""
     decoder = _parity_decoder(model)
     vocab, eos = decoder.config.vocab_size, decoder.config.eos_token_ids
     logps, entropies = [], []
@@ -310,10 +314,12 @@ def _parity_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep
             history = TokenHistory.of_positions([params] * len(prompts), prompts, outputs, vocab, ids.device, eos)
         logprobs = decoder.kernels.log_softmax(process_logits(rows, [params] * rows.shape[0], history))
         picked = logprobs.gather(-1, ids[:, -logits_to_keep:][keep][:, None])[:, 0]
-        plogp = torch.where(torch.isfinite(logprobs), logprobs.exp() * logprobs, torch.zeros_like(logprobs))
         logps.append(picked.new_zeros(keep.shape).masked_scatter(keep, picked))
-        entropies.append(picked.new_zeros(keep.shape).masked_scatter(keep, -plogp.sum(-1)))
-    return torch.cat(logps), torch.cat(entropies)
+        if entropy:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                plogp = torch.where(torch.isfinite(logprobs), logprobs.exp() * logprobs, torch.zeros_like(logprobs))
+                entropies.append(picked.new_zeros(keep.shape).masked_scatter(keep, -plogp.sum(-1)))
+    return torch.cat(logps), torch.cat(entropies) if entropy else None
 
 
 check_trl_version(trl.__version__)
@@ -370,7 +376,8 @@ class ParityGRPOTrainer(GRPOTrainer):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+        bonus = self.args.entropy_coef != 0.0 or self.args.use_adaptive_entropy  # TRL's entropy term in the loss
         logps, entropies = _parity_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, self.vllm_generation.params,
-            batch_size or input_ids.size(0))
-        return logps, entropies if compute_entropy else None, None
+            batch_size or input_ids.size(0), entropy=compute_entropy, entropy_grad=bonus)
+        return logps, entropies, None
