@@ -179,7 +179,7 @@ def test_groups_left_in_flight_go_on_through_an_update_and_complete_later(engine
     reference = by_key(engine.generate(prompts, TAIL))
     complete, partial = engine.generate_groups(prompts[:4], TAIL, num_groups_wanted=2, unfinished="keep")
     assert len(complete) == 2 and engine.has_unfinished()
-    assert all(r.finish_reason != "abort" for r in partial)  # only finished samples of incomplete groups
+    assert all(r.finish_reason != "abort" for r in partial)  # every group started: only finished samples
     for group in complete:
         assert key(group) == key([reference[(r.prompt_ids[0], r.sample_index)] for r in group])
     with pytest.raises(RuntimeError, match="idle engine"):
@@ -234,3 +234,34 @@ def test_groups_in_flight_refuse_other_requests_and_survive_bad_input(engine):
         engine.generate_groups([], TAIL, num_groups_wanted=1, carried=partial)
     engine.abort_all()
     assert all_blocks_free(engine)
+
+
+def test_a_full_batch_admits_more_of_the_pool_only_once_admit_seats_are_free(llama_dir, monkeypatch):
+    """Each admission prefills (an eager step without look-ahead), so a full batch takes the pool's next groups
+    in bursts of at least admit_seats seats; what the groups generate does not change."""
+    engine = Engine.from_pretrained(llama_dir, dtype="fp32", device="cpu", block_size=4, deterministic=True,
+                                    max_num_seqs=6, max_num_batched_tokens=64)
+    prompts = [[5 + i, 6, 7, 8 + i] for i in range(8)]
+    reference = by_key(engine.generate(prompts, TAIL))
+    steps, bursts = [0], {}
+    step, add = engine._step_or_raise, engine.add_request
+
+    def counted_step():
+        steps[0] += 1
+        return step()
+
+    def recorded_add(*args, **kwargs):
+        free = engine.config.max_num_seqs - len(engine.scheduler.running) - len(engine.scheduler.waiting)
+        bursts.setdefault(steps[0], free)  # free seats when the burst began
+        return add(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_step_or_raise", counted_step)
+    monkeypatch.setattr(engine, "add_request", recorded_add)
+    complete, partial = engine.generate_groups(prompts, TAIL, num_groups_wanted=8, admit_seats=4)
+    assert partial == [] and all_blocks_free(engine)
+    assert len(bursts) > 1 and all(free >= 4 for at, free in bursts.items() if at > 0)
+    trained = [r for g in complete for r in g]
+    assert len(trained) == len(reference)
+    assert all(key([r]) == key([reference[(r.prompt_ids[0], r.sample_index)]]) for r in trained)
+    with pytest.raises(ValueError, match="admit_seats"):
+        engine.generate_groups(prompts, TAIL, num_groups_wanted=1, admit_seats=7)

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import numbers
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import fields, replace
 from pathlib import Path
@@ -363,22 +365,30 @@ class Engine:
         num_groups_wanted: int,
         carried: Seq[Rollout] = (),
         unfinished: str = "abort",
+        admit_seats: int | None = None,
     ) -> tuple[list[list[Rollout]], list[Rollout]]:
         """Over-sampling for the tail (verl's `over_sample_rate`, slime's `--over-sampling-batch-size`): run
         every prompt as a group of `params.n` samples and stop as soon as `num_groups_wanted` groups are
         complete. Returns (complete, partial): those groups, in the order they completed, each by sample
-        index; and the other samples, by prompt then sample. Prompts beyond `max_num_seqs` wait their turn,
-        so a pool of more groups than a step needs keeps the engine full until the step ends.
+        index; and the other samples, by prompt then sample.
 
-        `unfinished` says what happens to the samples still waiting or decoding when the step ends:
+        The prompts form a pool that may exceed `max_num_seqs`: groups join the batch as seats free, first
+        the carried ones, then the prompts in order. While the batch is full, they join only once
+        `admit_seats` seats are free (default max_num_seqs // 16): a step that admits prefills, which costs it
+        the decode CUDA graph and async scheduling's look-ahead, so admitting one at a time would cost that
+        at nearly every step of a long tail. Groups that never started come back in `partial`, aborted with
+        no tokens.
+
+        `unfinished` says what happens to the samples still running when the step ends:
           "abort": they are aborted and returned in `partial` with what they generated so far (slime's
             partial rollout; the engine is idle on return);
-          "keep": they stay in flight (the engine goes on with them; `partial` has only the finished
-            samples of incomplete groups), so the trainer's update can land beside them with
+          "keep": they stay in flight (`partial` has the finished samples of incomplete groups and those
+            never started), so the trainer's update can land beside them with
             `update_weights(in_flight="keep" | "recompute")`; the next call counts them toward their groups.
         `carried`: the `partial` of an earlier call (maybe under older weights), with the same `params.n`. Its
         groups run on first in line: aborted samples continue where they stopped (`continue_from`), finished
         ones count as done. Carried from call to call, nothing decoded is thrown away.
+        Every prompt and carried rollout is checked before anything is queued.
         """
         if isinstance(prompts, str) or not isinstance(prompts, Seq):
             raise ValueError(f"generate_groups() takes a list of prompts, got {type(prompts).__name__}")
@@ -386,47 +396,75 @@ class Engine:
             raise ValueError(f"generate_groups() takes one SamplingParams for every group, got {type(params).__name__}")
         if unfinished not in ("abort", "keep"):
             raise ValueError(f"unfinished must be 'abort' or 'keep', got {unfinished!r}")
-        in_flight = {s.request_id for s in [*self.scheduler.running, *self.scheduler.waiting]}
+        max_seqs = self.config.max_num_seqs
+        seats_to_admit = check_int("admit_seats", max(1, max_seqs // 16) if admit_seats is None else admit_seats,
+                                   1, max_seqs)
+        running = [*self.scheduler.running, *self.scheduler.waiting]
+        in_flight = {s.request_id for s in running}
         if in_flight - self._kept_groups:
             raise RuntimeError("generate_groups() needs an engine idle but for the groups an earlier "
                                "generate_groups(unfinished='keep') left in flight; drain add_request()/step() first")
-        open_groups = in_flight | {r.request_id for r in carried}
-        wanted = check_int("num_groups_wanted", num_groups_wanted, 1, len(prompts) + len(open_groups))
+        wanted = check_int("num_groups_wanted", num_groups_wanted, 1,
+                           len(prompts) + len(in_flight | {r.request_id for r in carried}))
         one = replace(params, n=1)
-        for r in carried:
-            if r.finish_reason == "abort":
-                self._check_continuation(f"carried rollout {r.request_id!r}/{r.sample_index}", r, list(r.prompt_ids), one)
+        resumed = [r for r in carried if r.finish_reason == "abort"]
+        running_samples = {(s.request_id, s.sample_index) for s in running}
+        for r in resumed:
+            label = f"carried rollout {r.request_id!r}/{r.sample_index}"
+            if (r.request_id, r.sample_index) in running_samples:
+                raise ValueError(f"{label} is in flight already; carry only what generate_groups() returned")
+            self._validate_prompt(label, list(r.prompt_ids), one)
+            self._check_continuation(label, r, list(r.prompt_ids), one)
+        queued = self._check_batch("generate_groups()", list(prompts), params)
+
+        # The pool, in arrival order: (seats, queue it) for each carried sample, then each prompt's group.
+        pool: deque[tuple[int, Callable[[], tuple[str, int | None]]]] = deque()
+        for r in resumed:
+            pool.append((1, functools.partial(self._resume, one, r)))
+        for i, (ids, p) in enumerate(queued):
+            pool.append((p.n, functools.partial(self._queue_group, ids, p, i)))
+
+        def admit() -> None:
+            free = max_seqs - len(self.scheduler.running) - len(self.scheduler.waiting)
+            if free < seats_to_admit and self.scheduler.has_unfinished():
+                return
+            while pool and (pool[0][0] <= free or not self.scheduler.has_unfinished()):
+                seats, add = pool.popleft()
+                add()
+                free -= seats
+
         done: dict[str, list[Rollout]] = {}
-        resumed: list[Rollout] = []
-        try:
-            for r in carried:
-                if r.finish_reason == "abort":
-                    self.add_request(None, one, continue_from=r)
-                    resumed.append(r)
-                else:
-                    done.setdefault(r.request_id, []).append(r)
-            self._add_batch("generate_groups()", list(prompts), params)
-        except Exception:  # bad input: take back what this call queued; what was in flight stays
-            for r in resumed:
-                self.scheduler.abort(r.request_id, r.sample_index)
-            raise
+        for r in carried:
+            if r.finish_reason != "abort":
+                done.setdefault(r.request_id, []).append(r)
 
         def by_sample(request_id: str) -> list[Rollout]:
             return sorted(done.pop(request_id), key=lambda r: r.sample_index)
 
         ready = [k for k, v in done.items() if len(v) == params.n][:wanted]  # groups carried whole
         complete = [by_sample(request_id) for request_id in ready]
-        while len(complete) < wanted and self.scheduler.has_unfinished():
+        while len(complete) < wanted and (pool or self.scheduler.has_unfinished()):
+            admit()
             for r in self._step_or_raise():
                 group = done.setdefault(r.request_id, [])
                 group.append(r)
                 if len(group) == params.n and len(complete) < wanted:
                     complete.append(by_sample(r.request_id))
         partial = [r for group in done.values() for r in group]
+        for _, add in pool:  # never started: queued and taken back at once, so each comes back as a Rollout
+            partial += self.abort(*add())
         if unfinished == "abort":
             partial += self.abort_all()
         self._kept_groups = {s.request_id for s in [*self.scheduler.running, *self.scheduler.waiting]}
         return complete, sorted(partial, key=lambda r: (r.prompt_index, r.request_id, r.sample_index))
+
+    def _resume(self, params: SamplingParams, rollout: Rollout) -> tuple[str, int]:
+        """Queue an aborted rollout's continuation; return what abort() takes back: (request id, sample index)."""
+        return self.add_request(None, params, continue_from=rollout), rollout.sample_index
+
+    def _queue_group(self, prompt_ids: list[int], params: SamplingParams, prompt_index: int) -> tuple[str, None]:
+        """Queue a checked prompt's group; return what abort() takes back: (request id, every sample)."""
+        return self.add_request(prompt_ids, params, prompt_index=prompt_index), None
 
     def _step_or_raise(self) -> list[Rollout]:
         """A step for a batch call: if it fails, abort everything in flight (all the call's) and raise."""
@@ -440,6 +478,15 @@ class Engine:
         self, caller: str, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None
     ) -> list[SamplingParams]:
         """Validate every prompt and params, then queue them all (prompt_index = position); return the params."""
+        checked = self._check_batch(caller, prompts, params)
+        for i, (ids, p) in enumerate(checked):
+            self.add_request(ids, p, prompt_index=i)
+        return [p for _, p in checked]
+
+    def _check_batch(
+        self, caller: str, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None
+    ) -> list[tuple[list[int], SamplingParams]]:
+        """Every prompt's token ids and params, all validated (nothing is queued)."""
         one_prompt = isinstance(prompts, Seq) and prompts and isinstance(prompts[0], (numbers.Number, Mapping))
         if isinstance(prompts, str) or one_prompt:
             prompts = [prompts]
@@ -453,9 +500,7 @@ class Engine:
         for i, (ids, p) in enumerate(zip(encoded, params_list)):
             self._validate_prompt(f"prompt {i}", ids, p)
         self.runner.check_awake()
-        for i, (ids, p) in enumerate(zip(encoded, params_list)):
-            self.add_request(ids, p, prompt_index=i)
-        return params_list
+        return list(zip(encoded, params_list))
 
     # ------------------------------------------------------------------------------ trainer bridge
     @property
