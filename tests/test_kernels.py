@@ -238,6 +238,21 @@ def test_decode_split_kv_with_shared_blocks(device, dtype, group):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_decode_split_merge_counters_reset_between_launches(device):
+    """The last split of each (sequence, KV head) merges: a batch of one at the most splits, then a wider batch,
+    then the first again, each equal to the float64 reference, with every counter back at 0 after each launch."""
+    gen = torch.Generator().manual_seed(8)
+    dtype = torch.bfloat16
+    one = paged_case(device, dtype, [(2 * 16 * 128 - 1, 1)], 4, 2, 64, 16, gen)
+    wide = paged_case(device, dtype, [(n - 1, 1) for n in (700, 5, 333)], 4, 2, 64, 16, gen)
+    assert ta.decode_num_splits(1, 2, one[3].max_seq_len, 132) == 16
+    for q, kc, vc, meta in (one, wide, one):
+        out = ta.paged_attention(q, kc, vc, meta, 0.125)
+        assert rel_err(out, attention_truth(q, kc, vc, meta, 0.125)) < TOL[dtype]
+        assert not ta._COUNTERS[q.device].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_padding_rows_give_zeros(device):
     """CUDA-graph padding rows (seq_len 0) produce zeros, not NaN, and leave real rows alone."""
     gen = torch.Generator().manual_seed(7)

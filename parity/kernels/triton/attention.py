@@ -13,8 +13,9 @@ sequence `s` lives in flat slot `block_tables[s, n // block_size] * block_size +
   K/V straight from the packed `[tokens, kv_heads, head_dim]` tensors (the trainer's varlen path).
 - `decode` (every sequence has one query): flash-decoding. One program owns one sequence, one KV head
   (all the query heads of its GQA group at once, so K/V are read once) and one split of the context;
-  a second kernel merges the splits by log-sum-exp. Splits keep a batch of one with a long context
-  spread over the whole GPU. The split count depends only on host-known sizes, and each program
+  the last split of a (sequence, KV head) to finish, counted by an atomic, merges the splits by
+  log-sum-exp, so a step launches one kernel per layer, not two. Splits keep a batch of one with a long
+  context spread over the whole GPU. The split count depends only on host-known sizes, and each program
   derives its range from the device-side `seq_lens`, so a CUDA graph captured once serves every
   context length.
 """
@@ -191,11 +192,12 @@ def _fast_prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tab
 # --------------------------------------------------------------------------------------------- decode
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -229,35 +231,36 @@ def _decode_kernel(
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty range (padding row, or split past the end) gives 0
+    out_offs = token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=h_mask & d_mask)
+        tl.store(out_ptr + out_offs, (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=h_mask & d_mask)
     else:
-        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc / safe_l[:, None], mask=h_mask & d_mask)
+        part = (seq * NUM_HEADS + heads) * NUM_SPLITS  # split 0's row of each head
+        tl.store(part_out_ptr + (part + split)[:, None] * HEAD_DIM + offs_d[None, :], acc / safe_l[:, None],
+                 mask=h_mask & d_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=offs_h < GROUP)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr, stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    token = tl.load(query_start_loc_ptr + seq)
-    base = (seq * NUM_HEADS + head) * NUM_SPLITS
-    offs_s = tl.arange(0, NUM_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    lse = tl.load(part_lse_ptr + base + offs_s)
-    m = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
-    parts = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+        tl.store(part_lse_ptr + part + split, lse, mask=offs_h < GROUP)
+        # Every thread's stores, then one release/acquire count (the threadfence-reduction pattern): the
+        # program that counts last sees every split's stores.
+        tl.debug_barrier()
+        counter = counter_ptr + seq * NUM_KV_HEADS + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            tl.store(counter, 0)  # ready for the next launch (the counters are kept between launches)
+            m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+            for i in tl.static_range(NUM_SPLITS):
+                m = tl.maximum(m, tl.load(part_lse_ptr + part + i, mask=offs_h < GROUP, other=float("-inf"),
+                                          cache_modifier=".cg"))
+            total = tl.zeros([BLOCK_H], tl.float32)
+            merged = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+            for i in tl.static_range(NUM_SPLITS):
+                lse_i = tl.load(part_lse_ptr + part + i, mask=offs_h < GROUP, other=float("-inf"), cache_modifier=".cg")
+                w = tl.where(lse_i > float("-inf"), tl.exp2(lse_i - m), 0.0)
+                parts = tl.load(part_out_ptr + (part + i)[:, None] * HEAD_DIM + offs_d[None, :], mask=h_mask & d_mask,
+                                other=0.0, cache_modifier=".cg")
+                total += w
+                merged += parts * w[:, None]
+            tl.store(out_ptr + out_offs, (merged / tl.where(total > 0, total, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=h_mask & d_mask)
 
 
 @functools.lru_cache
@@ -275,6 +278,22 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return splits
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head) of a split decode, kept per device: each launch's
+    merging programs set theirs back to 0. The first decode (eager, before any CUDA-graph capture: the
+    graphs run each batch size once uncaptured first) allocates them for the largest batch it will see."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"split-KV decode needs {n} counters inside a CUDA-graph capture; run the "
+                               "captured batch size once uncaptured first")
+        counters = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return counters
+
+
 def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float) -> None:
     num_seqs = meta.num_seqs
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -284,22 +303,18 @@ def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float) -> 
     if splits > 1:
         part_out = torch.empty(num_seqs * num_heads * splits * head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs * num_heads * splits, dtype=torch.float32, device=q.device)
+        counters = _split_counters(q.device, num_seqs * num_kv_heads)
     else:
-        part_out = part_lse = out
-    block_d = triton.next_power_of_2(head_dim)
+        part_out = part_lse = counters = out
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        q, k_cache, v_cache, out, part_out, part_lse, counters, meta.query_start_loc, meta.seq_lens, meta.block_tables,
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2,
     )
-    if splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            out, part_out, part_lse, meta.query_start_loc, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits, BLOCK_D=block_d,
-        )
 
 
 # ------------------------------------------------------------------------------------------ public API
