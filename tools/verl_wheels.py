@@ -8,10 +8,13 @@ not ray, verl, hydra, tensordict, TransferQueue (verl's v1 trainer), fastapi (pa
 extras, which the image lacks), packs the site with xz and splits it into parts of at most --part-mib.
 `check` (here, Python 3.11) imports verl's PPO path, parity's backend and the recipe's reward with every
 third-party module blocked that is neither on the GPU image's list nor in the archive, so a hard import
-that the archive misses fails here, not on the device.
+that the archive misses fails here, not on the device. `ray-smoke` unpacks the archive itself and starts
+a local Ray cluster from it with a CPython 3.12 that has only Ray's imports from the image's list (the
+stripped Ray wheel runs, runtime-env variables reach an actor).
 
     python tools/verl_wheels.py build            # .whl/verl_dl (downloads), .whl/verl1/site.tar.xz.part* + sha256
     python tools/verl_wheels.py check            # the import census
+    python tools/verl_wheels.py ray-smoke        # Python 3.12: Ray from the archive runs a local cluster
 """
 
 from __future__ import annotations
@@ -181,12 +184,51 @@ def check(dest: Path, local_site: Path) -> int:
         return subprocess.run([sys.executable, "-S", "-c", CENSUS, *MODULES], env=env).returncode
 
 
+# Ray's own imports that the GPU image provides (KINDS.md's list), for `ray-smoke` on a bare Python 3.12
+RAY_IMAGE_DEPS = ["click", "filelock", "msgpack", "protobuf", "pyyaml", "requests", "packaging", "psutil", "attrs",
+                  "typing-extensions", "anyio", "h11", "annotated-doc"]
+RAY_SMOKE = """
+import os, sys, ray
+os.environ["PARITY_CHECK_DRIVER"] = "inherited"
+ray.init(num_cpus=1, log_to_driver=False, runtime_env={"env_vars": {"PARITY_CHECK_RUNTIME": "runtime_env"}})
+env = ray.remote(lambda: (os.environ.get("PARITY_CHECK_DRIVER"), os.environ.get("PARITY_CHECK_RUNTIME"), ray.__file__))
+driver, runtime, where = ray.get(env.remote(), timeout=120)
+ray.shutdown()
+ok = (driver, runtime) == ("inherited", "runtime_env") and where.startswith(sys.argv[1])
+print(f"ray {ray.__version__} from {where}, Python {sys.version.split()[0]}: actor saw {driver!r}, {runtime!r}",
+      "ok" if ok else "FAILED")
+sys.exit(0 if ok else 1)
+"""
+
+
+def ray_smoke(dest: Path, python: str, deps_site: Path) -> int:
+    """The archive itself (CPython 3.12 binaries) unpacked as on the device; a local Ray cluster started
+    from it by `python` runs an actor that sees the driver's and the runtime env's variables."""
+    install = [python, "-m", "pip", "install", "-q", "--target", str(deps_site), *RAY_IMAGE_DEPS]
+    if not deps_site.exists():
+        subprocess.run(install, check=True)
+    parts = sorted((dest / "verl1").glob("site.tar.xz.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+    data = b"".join(p.read_bytes() for p in parts)
+    if hashlib.sha256(data).hexdigest() != (dest / "verl1" / "site.tar.xz.sha256").read_text().strip():
+        raise SystemExit("archive sha256 mismatch")
+    with tempfile.TemporaryDirectory() as tmp:
+        site = Path(tmp) / "site"
+        (Path(tmp) / "site.tar.xz").write_bytes(data)
+        with tarfile.open(Path(tmp) / "site.tar.xz") as tar:
+            tar.extractall(site, filter="tar")
+        env = {"PYTHONPATH": f"{site}:{deps_site}", "PATH": "/usr/bin:/bin", "HOME": tmp}
+        return subprocess.run([python, "-s", "-c", RAY_SMOKE, str(site)], env=env).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["build", "check"])
+    parser.add_argument("stage", choices=["build", "check", "ray-smoke"])
     parser.add_argument("--dest", type=Path, default=ROOT / ".whl")
     parser.add_argument("--local-site", type=Path, default=Path("/tmp/verl_site311"),
                         help="check: where the archive's pins are installed for this Python")
+    parser.add_argument("--python", default="python3.12", help="ray-smoke: a CPython 3.12 interpreter")
+    parser.add_argument("--deps-site", type=Path, default=Path("/tmp/verl_py312_deps"),
+                        help="ray-smoke: where Ray's imports that the image has are installed for --python")
     parser.add_argument("--part-mib", type=int, default=50, help="largest part (a call carries 64 MiB in all)")
     args = parser.parse_args(argv)
     if args.part_mib < 1:
@@ -194,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "build":
         build(args.dest, args.part_mib)
         return 0
+    if args.stage == "ray-smoke":
+        return ray_smoke(args.dest, args.python, args.deps_site)
     return check(args.dest, args.local_site)
 
 
