@@ -1,20 +1,34 @@
-"""TRL's GRPOTrainer three ways, same model, prompts, seeds and steps: TRL's own transformers generation, parity
-as its rollout engine (fast: the HF model, bf16 autocast, engine in bf16), and parity exact (TRL trains parity's
-own model, ParityForCausalLM, with the engine in deterministic mode).
+"""TRL's GRPOTrainer three ways, same model, prompts, seeds and settings, one mode after the other: parity as its
+rollout engine (fast: the HF model, bf16 autocast, engine in bf16), parity exact (TRL trains parity's own model,
+ParityForCausalLM, with the engine in deterministic mode), and TRL's own transformers generation.
 
-Shape: TRL's GRPO example (GRPOConfig defaults: 8 completions per device and step, num_generations 8, so one
-prompt per step; max_completion_length 512; learning rate 1e-6; bf16), except gradient checkpointing off for
-all three (the 135M model fits; the same setting everywhere). Task: addition chat prompts from parity.train.tasks
-("What is 13 + 9? Reply with just the number."), reward last_numbers (the reply's last integer, then EOS).
-The exact mode trains in `--exact-dtype` (fp32 default: TRL's AdamW has no float32 master copy of a bf16 model).
+Shape, chosen so SmolLM2-135M-Instruct's reward moves within ~20-30 steps (TRL's GRPO example, 8 completions
+per step, max_completion_length 512 and lr 1e-6, showed no learning in 5 steps): addition chat prompts from
+parity.train.tasks ("What is 13 + 9? Reply with just the number."), reward last_numbers (the reply's last
+integer, then EOS within max_completion_length, 24 tokens), 16 prompts x 8 completions per optimizer step,
+lr 3e-5 constant, everything else TRL's GRPOConfig defaults (loss dapo, beta 0, clip 0.2, grad norm 1.0,
+temperature 1.0) but gradient checkpointing off (the 135M model fits) and TRL's IS correction in
+`token_truncate` mode. This is the shape under which parity's own GRPO loop took the reward from 0.0 to 0.68 in
+9 steps on an H100 (benchmarks/RESULTS.md, `bf16-rl-only`); the reward then rises as the model both adds
+right and finishes its sentence within 24 tokens. The exact mode trains in `--exact-dtype` (fp32 default:
+TRL's AdamW keeps no float32 master copy of a bf16 model).
+
+Modes run in order parity-fast, parity-exact, transformers; the transformers path runs `--transformers-steps`
+only (its generation is the slow part: its per-step time is what it is measured for, its reward curve is
+shorter). `--budget-s` bounds the whole run from process start: each mode may use an equal share of what is
+left when it starts (time a mode leaves unused goes to the next) and stops after the step that passes it.
 
 Per step: generation seconds (TRL's `_generate`: tokenisation, rollout, decode; parity's weight sync counted
 apart as sync_s), training seconds (the rest of the optimizer step: rewards, TRL's logprob passes, loss,
-backward, optimizer), reward, and for the parity modes TRL's own `sampling/...` mismatch metrics. Medians skip
-step 1 (warm-up). Writes JSON (with the run_env header) to --out.
+backward, optimizer), reward, completion length, and for the parity modes TRL's own `sampling/...` mismatch
+metrics. Exact mode must log a logp difference of exactly 0 at every step: recorded per step
+(`logp_difference_zero`) and overall (`exact_logp_difference_zero_every_step`); the script exits 1 when it
+fails. The JSON (with the run_env header) is rewritten after every step, so a cut run keeps what it measured.
+Medians skip step 1 (warm-up).
 
-  python -m benchmarks.trl_grpo --smoke                                   # CPU, tiny model, 2 steps
-  python -m benchmarks.trl_grpo --steps 8 --out $OUT/trl_grpo.json        # GPU, SmolLM2-135M-Instruct
+  python -m benchmarks.trl_grpo --smoke                                   # CPU, tiny model, 2 short steps
+  python -m benchmarks.trl_grpo --out $OUT/trl_grpo.json                  # GPU, SmolLM2-135M-Instruct
+TRL's example shape, for comparison: --prompts-per-step 1 --max-completion-length 512 --lr 1e-6.
 The GPU machine has no TRL, datasets, dill, multiprocess or gguf (it has accelerate, peft, pandas, pyarrow, xxhash,
 fsspec), and takes 64 MiB per call, so the GGUF travels in two halves (docs/real_model.md):
   # here, once (git-ignored)
@@ -24,11 +38,12 @@ fsspec), and takes 64 MiB per call, so the GGUF travels in two halves (docs/real
     -d .whl/trl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0   # ~2 MiB
   # call 1, carry [".gguf/part1"]
   mkdir -p /tmp/sm && cp .gguf/part1/model.gguf.part1 /tmp/sm/
-  # call 2 right after (warm machine), carry [".gguf/part2", ".whl/trl"]
+  # call 2 right after (warm machine), carry [".gguf/part2", ".whl/trl"], timeout_s 240
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/trl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit
   python3 -m benchmarks.smollm2_device join --first /tmp/sm --second .gguf/part2 --site /tmp/site \
-    && python3 -m benchmarks.trl_grpo --steps 8 --out $OUT/trl_grpo.json 2>&1 | grep -v "it/s]" | tee $OUT/trl_grpo.log
+    && python3 -m benchmarks.trl_grpo --budget-s 200 --out $OUT/trl_grpo.json 2>&1 | grep -v "it/s]" \
+    | tee $OUT/trl_grpo.log
 """
 
 from __future__ import annotations
@@ -46,9 +61,10 @@ import torch
 
 from benchmarks.common import free_memory, run_env
 
+START = time.perf_counter()  # --budget-s counts from here
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-MODES = ("transformers", "parity-fast", "parity-exact")
+MODES = ("parity-fast", "parity-exact", "transformers")
 METRICS = (
     "sampling/sampling_logp_difference/mean",
     "sampling/sampling_logp_difference/max",
@@ -56,6 +72,10 @@ METRICS = (
     "sampling/importance_sampling_ratio/mean",
     "sampling/importance_sampling_ratio/max",
 )
+LOGGED = {"reward": "reward", "reward_std": "reward_std", "completion_mean_length": "completions/mean_length",
+          "clipped_ratio": "completions/clipped_ratio", "entropy": "entropy", "grad_norm": "grad_norm"}
+CURVE_EDGE = 5  # steps averaged at each end of the reward curve
+PROMPT_ROOM = 256  # positions for the chat prompt (SmolLM2's template with its system turn: ~47 tokens)
 
 
 def model_dir(args) -> str:
@@ -68,43 +88,47 @@ def model_dir(args) -> str:
     return str(Checkpoint.resolve(args.model).hf_dir())  # a GGUF alias is dequantized once into an HF dir
 
 
-def make_dataset(args):
+def make_dataset(args, rows: int):
     from datasets import Dataset
 
     from parity.train.tasks import Task, TaskConfig
 
-    task = Task(TaskConfig(name="addition", max_operand=49, holdout_fraction=0.2, chat=True, reward="last_numbers"))
-    problems = task.sample(random.Random(args.seed), 512)
+    task = Task(TaskConfig(name="addition", max_operand=49, holdout_fraction=0.2, chat=True, reward=args.reward))
+    problems = task.sample(random.Random(args.seed), rows)
     return Dataset.from_dict({"prompt": [task.prompt(p) for p in problems], "answer": [p.answer for p in problems]})
 
 
-def make_reward(eos_ids: set[int]):
+def make_reward(eos_ids: set[int], kind: str):
     from parity.train.tasks import Problem, score
 
-    def last_number_reward(completions, completion_ids, answer, **kwargs) -> list[float]:
-        return [score(Problem("", a), c[0]["content"], "stop" if ids and ids[-1] in eos_ids else "length", "last_numbers")
+    def addition_reward(completions, completion_ids, answer, **kwargs) -> list[float]:
+        return [score(Problem("", a), c[0]["content"], "stop" if ids and ids[-1] in eos_ids else "length", kind)
                 for c, ids, a in zip(completions, completion_ids, answer)]
 
-    return last_number_reward
+    return addition_reward
 
 
-class StepClock:
-    """Per-step wall times (device synchronised): the whole optimizer step, TRL's `_generate`, parity's sync."""
+class StepRecorder:
+    """Per optimizer step: wall times (device synchronised) of the whole step, TRL's `_generate` and parity's
+    sync; TRL's logged metrics; the mode's deadline (training stops after the step that passes it); the JSON
+    rewritten through `save` after every logged step."""
 
-    def __init__(self, trainer, device: torch.device):
+    def __init__(self, trainer, device: torch.device, deadline: float, exact: bool, save):
         from transformers import TrainerCallback
 
-        self.device, self.rows, self._t0 = device, [], 0.0
-        self._gen = self._sync = 0.0
-        clock = self
+        self.device, self.deadline, self.exact, self.save = device, deadline, exact, save
+        self.rows: list[dict] = []
+        self.stopped_by_budget = False
+        self._t0 = self._gen = self._sync = 0.0
+        rec = self
 
         def timed(fn, field):
             def run(*a, **k):
-                start = clock.now()
+                start = rec.now()
                 try:
                     return fn(*a, **k)
                 finally:
-                    setattr(clock, field, getattr(clock, field) + clock.now() - start)
+                    setattr(rec, field, getattr(rec, field) + rec.now() - start)
             return run
 
         trainer._generate = timed(trainer._generate, "_gen")
@@ -114,13 +138,24 @@ class StepClock:
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                clock._t0, clock._gen, clock._sync = clock.now(), 0.0, 0.0
+                rec._t0, rec._gen, rec._sync = rec.now(), 0.0, 0.0
 
             def on_step_end(self, args, state, control, **kw):
-                step = clock.now() - clock._t0
-                gen = clock._gen - clock._sync
-                clock.rows.append({"step": state.global_step, "step_s": step, "gen_s": gen, "sync_s": clock._sync,
-                                   "train_s": step - clock._gen})
+                step = rec.now() - rec._t0
+                rec.rows.append({"step": state.global_step, "step_s": step, "gen_s": rec._gen - rec._sync,
+                                 "sync_s": rec._sync, "train_s": step - rec._gen})
+                if time.perf_counter() > rec.deadline and state.global_step < args.max_steps:
+                    rec.stopped_by_budget = control.should_training_stop = True
+
+            def on_log(self, args, state, control, logs=None, **kw):  # TRL logs after on_step_end
+                if not logs or "reward" not in logs or not rec.rows or rec.rows[-1]["step"] != state.global_step:
+                    return
+                row = rec.rows[-1]
+                row.update({k: logs[name] for k, name in LOGGED.items() if name in logs})
+                row.update({m: logs[m] for m in METRICS if m in logs})
+                if rec.exact:
+                    row["logp_difference_zero"] = (logs.get(METRICS[0]) == 0.0 and logs.get(METRICS[1]) == 0.0)
+                rec.save()
 
         trainer.add_callback(Callback())
 
@@ -130,9 +165,23 @@ class StepClock:
         return time.perf_counter()
 
 
-def run_mode(mode: str, args) -> dict:
+def grpo_config(args, mode: str, device: torch.device, steps: int):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(Path(args.runs_dir) / mode), max_steps=steps, logging_steps=1, report_to=[],
+        save_strategy="no", seed=args.seed, per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+        learning_rate=args.lr, lr_scheduler_type="constant", gradient_checkpointing=False,
+        use_cpu=device.type == "cpu", bf16=mode != "parity-exact" and device.type == "cuda",
+        vllm_importance_sampling_mode="token_truncate",
+    )
+
+
+def run_mode(mode: str, args, deadline: float, save) -> dict:
+    """One TRL run; `save(result)` is called with the partial result after every step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from parity.integrations.trl import ParityGRPOTrainer
     from parity.precision.policy import PrecisionPolicy
@@ -141,42 +190,47 @@ def run_mode(mode: str, args) -> dict:
     path = model_dir(args)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     exact = mode == "parity-exact"
-    config = GRPOConfig(
-        output_dir=str(Path(args.runs_dir) / mode), max_steps=args.steps, logging_steps=1, report_to=[],
-        save_strategy="no", seed=args.seed, per_device_train_batch_size=args.batch_size,
-        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        learning_rate=args.lr, gradient_checkpointing=False, use_cpu=device.type == "cpu",
-        bf16=not exact and device.type == "cuda", vllm_importance_sampling_mode="token_truncate",
-    )
+    steps = args.transformers_steps if mode == "transformers" else args.steps
+    config = grpo_config(args, mode, device, steps)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if exact:
-        dtype = "fp32" if args.smoke else args.exact_dtype
-        model = ParityForCausalLM.from_pretrained(path, policy=PrecisionPolicy(dtype, deterministic=True), device=device,
-                                                  max_positions=args.max_model_len)
+        model = ParityForCausalLM.from_pretrained(path, policy=PrecisionPolicy(args.exact_dtype, deterministic=True),
+                                                  device=device, max_positions=args.max_model_len)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     eos: set[int] = set()
-    kwargs = dict(model=model, reward_funcs=make_reward(eos), args=config, train_dataset=make_dataset(args),
-                  processing_class=tokenizer)
+    kwargs = dict(model=model, reward_funcs=make_reward(eos, args.reward), args=config, processing_class=tokenizer,
+                  train_dataset=make_dataset(args, max(512, steps * args.prompts_per_step)))
     start = time.perf_counter()
     trainer = GRPOTrainer(**kwargs) if mode == "transformers" else ParityGRPOTrainer(**kwargs)
-    init_s = time.perf_counter() - start
+    result = {"mode": mode, "init_s": time.perf_counter() - start, "max_steps": steps, "steps": []}
     eos.update(trainer.eos_token_ids)
-    clock = StepClock(trainer, device)
+    recorder = StepRecorder(trainer, device, deadline, exact, lambda: save(summarize(result, recorder)))
+    result["steps"] = recorder.rows
     trainer.train()
-    logs = {h["step"]: h for h in trainer.state.log_history if "reward" in h}
-    for row in clock.rows:
-        logged = logs.get(row["step"], {})
-        row["reward"] = logged.get("reward")
-        row["completion_mean_length"] = logged.get("completions/mean_length")
-        row.update({m: logged[m] for m in METRICS if m in logged})
-    result = {"mode": mode, "init_s": init_s, "steps": clock.rows, "median": medians(clock.rows)}
+    summarize(result, recorder)
     if mode != "transformers":
         engine = trainer.engine
         result["engine"] = {"dtype": str(engine.model.dtype), "deterministic": engine.model.kernels.deterministic,
                             "weight_version": engine.weight_version}
+    save(result)
     del trainer, model
     free_memory(device)
+    return result
+
+
+def summarize(result: dict, recorder: StepRecorder) -> dict:
+    """Fill in the mode's medians, reward curve and (exact mode) the every-step zero check; returns `result`."""
+    rows = recorder.rows
+    result["stopped_by_budget"] = recorder.stopped_by_budget
+    result["median"] = medians(rows) if rows else {}
+    rewards = [r["reward"] for r in rows if r.get("reward") is not None]
+    result["reward_curve"] = rewards
+    if len(rewards) >= 2 * CURVE_EDGE:
+        result["reward_first_steps_mean"] = statistics.mean(rewards[:CURVE_EDGE])
+        result["reward_last_steps_mean"] = statistics.mean(rewards[-CURVE_EDGE:])
+    if recorder.exact:
+        result["exact_logp_difference_zero_every_step"] = bool(rows) and all(r.get("logp_difference_zero") for r in rows)
     return result
 
 
@@ -193,43 +247,69 @@ def medians(rows: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="CPU, the tiny factory model, 2 short steps")
+    p.add_argument("--smoke", action="store_true", help="CPU, the tiny factory model, 2 short steps per mode")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model alias, .gguf or HF directory")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (TRL's default 8)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, run in this order; of {', '.join(MODES)}")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps of each parity mode")
+    p.add_argument("--transformers-steps", type=int, default=8, help="optimizer steps of TRL's transformers path")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock limit of the whole run from start")
+    p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per optimizer step (x num_generations)")
     p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--max-completion-length", type=int, default=512)
-    p.add_argument("--max-model-len", type=int, default=2048, help="exact mode: the parity model's RoPE table length")
-    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--max-completion-length", type=int, default=24)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="exact mode: the parity model's RoPE table length (default: max completion length + 256)")
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--reward", default="last_numbers", choices=("last_numbers", "exact"))
     p.add_argument("--exact-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs-dir", default="runs/trl_grpo")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    modes = args.modes.split(",")
-    unknown = sorted(set(modes) - set(MODES))
+    args.modes = args.modes.split(",")
+    unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
-        p.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+        p.error(f"--modes: unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    for name in ("steps", "transformers_steps", "prompts_per_step", "num_generations", "max_completion_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.budget_s is not None and args.budget_s <= 0:
+        p.error(f"--budget-s must be > 0, got {args.budget_s}")
     if args.smoke:
-        args.steps, args.batch_size, args.num_generations, args.max_completion_length = 2, 4, 2, 8
-        args.max_model_len = 256
+        args.steps, args.transformers_steps, args.prompts_per_step, args.num_generations = 2, 2, 2, 2
+        args.max_completion_length, args.exact_dtype = 8, "fp32"
+    if args.max_model_len is None:
+        args.max_model_len = args.max_completion_length + PROMPT_ROOM
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
         torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     import trl
 
     result = {"env": {**run_env(device, args), "trl": trl.__version__}, "runs": []}
-    for mode in modes:
-        result["runs"].append(run_mode(mode, args))
-        med = result["runs"][-1]["median"]
-        print(f"{mode:>13}: step {med['step_s']:.2f}s  gen {med['gen_s']:.2f}s  sync {med['sync_s']:.3f}s  "
-              f"train {med['train_s']:.2f}s  reward {med['reward_mean']}  "
-              f"|dlogp| max {med.get('sampling/sampling_logp_difference/max')}", flush=True)
+
+    def save(run: dict | None = None) -> None:
+        if run is not None and run not in result["runs"]:
+            result["runs"].append(run)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2))  # rewritten after each mode: a cut run keeps its modes
+            args.out.write_text(json.dumps(result, indent=2))
+
+    for i, mode in enumerate(args.modes):
+        deadline = float("inf")
+        if args.budget_s is not None:
+            left = START + args.budget_s - time.perf_counter()
+            deadline = time.perf_counter() + left / (len(args.modes) - i)
+        run = run_mode(mode, args, deadline, save)
+        med = run["median"]
+        print(f"{mode:>13}: {len(run['steps'])} steps  step {med['step_s']:.2f}s  gen {med['gen_s']:.2f}s  "
+              f"sync {med['sync_s']:.3f}s  train {med['train_s']:.2f}s  reward {run['reward_curve']}  "
+              f"|dlogp| max {med.get(METRICS[1])}", flush=True)
     by_mode = {r["mode"]: r["median"] for r in result["runs"]}
     if "transformers" in by_mode:
         result["generation_speedup"] = {
@@ -238,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         for mode, speedup in result["generation_speedup"].items():
             print(f"generation speedup {mode} vs transformers (median step): {speedup:.1f}x")
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2))
+    save()
+    exact = [r for r in result["runs"] if r["mode"] == "parity-exact"]
+    if exact and not exact[0]["exact_logp_difference_zero_every_step"]:
+        print("FAILED: exact mode logged a nonzero logp difference (or none) at some step", file=sys.stderr)
+        return 1
     return 0
 
 
