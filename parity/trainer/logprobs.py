@@ -151,7 +151,7 @@ def _hf_routing_replay(model: nn.Module, rollouts: Sequence[Rollout], device):
             weights = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, ids)
             if getattr(router, "norm_topk_prob", True):  # Mixtral's router has no switch: it always renormalises
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-            return logits, weights.to(logits.dtype), ids
+            return logits, weights.to(out[1].dtype), ids  # the router's own weight dtype (Mixtral: float32)
         return replace
 
     handles = [router.register_forward_hook(hook(i)) for i, router in enumerate(routers)]
