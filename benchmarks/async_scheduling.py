@@ -3,9 +3,10 @@ work of the one before it buys (parity.engine.step_pipeline).
 
 Qwen3-0.6B shapes (random init, bf16, HF format), fast mode, max_model_len 8192: workload A (256 prompts
 U[100, 1024], 512 greedy tokens, EOS ignored) and B (output lengths U[100, 1024], temperature 0.6) output
-tok/s, batch-1 ms per token (a 1024-token prompt, 256 tokens), and decode steps at batch 1 and 256 (whole engine
-step against the CUDA graph's replay alone). Both settings run on the same engine (same KV pool, same compiled
-kernels), flipped between runs; the order alternates, so drift within the process shows.
+tok/s, batch-1 ms per token (a 1024-token prompt, 256 tokens), and decode steps at batch 1 and 256 (whole
+engine step against the CUDA graph's replay alone); then the kernels of a batch-1 step (torch.profiler), by
+name. Both settings run on the same engine (same KV pool, same compiled kernels), flipped between runs; the
+order alternates, so drift within the process shows.
 
   python -m benchmarks.async_scheduling --out $OUT            # on the GPU: about 100 s on an H200
   python -m benchmarks.async_scheduling --smoke --out /tmp/as  # tiny model on CPU: checks the script only
@@ -21,15 +22,16 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import throughput as tp
 from benchmarks.common import run_env, workload_parser
-from benchmarks.throughput import QWEN3_06B, SMOKE, Clock, decode_timing, output_lengths, random_prompts, run_parity
+from benchmarks.kernel_profile import kernel_table
 from parity import Engine, SamplingParams
 from parity.testing.factory import write_tiny_model
 
 B_TEMPERATURE = 0.6
 
 
-def batch1_ms_per_token(engine: Engine, prompt: list[int], new_tokens: int, clock: Clock) -> float:
+def batch1_ms_per_token(engine: Engine, prompt: list[int], new_tokens: int, clock: tp.Clock) -> float:
     """(time of new_tokens tokens - time of the first) / (new_tokens - 1), on a prompt already in the prefix cache."""
     def timed(n: int) -> float:
         start = clock.now()
@@ -41,16 +43,41 @@ def batch1_ms_per_token(engine: Engine, prompt: list[int], new_tokens: int, cloc
     return (timed(new_tokens) - first) / (new_tokens - 1) * 1e3
 
 
-def measure(engine: Engine, enabled: bool, args, prompts, lens_b, clock: Clock) -> dict:
+def batch1_kernels(engine: Engine, context: int, steps: int, top: int) -> dict:
+    """Kernels of a batch-1 decode step (graph replay, sampler; torch.profiler sees inside graphs): launches and
+    device microseconds per step, by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tp.start_decoding(engine, 1, context)
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    engine.abort_all()
+    kernel_s, rows = kernel_table(prof, 1000)
+    return {
+        "steps": steps, "wall_ms_per_step_traced": wall / steps * 1e3, "kernel_us_per_step": kernel_s / steps * 1e6,
+        "launches_per_step": sum(r["calls"] for r in rows) / steps,
+        "top": [{"name": r["name"], "us_per_step": r["ms"] * 1e3 / steps, "per_step": r["calls"] / steps}
+                for r in rows[:top]],
+    }
+
+
+def measure(engine: Engine, enabled: bool, args, prompts, lens_b, clock: tp.Clock) -> dict:
     engine.pipeline.enabled = enabled
     used, discarded = engine.pipeline.num_ahead_used, engine.pipeline.num_ahead_discarded
     res = {
-        "A": run_parity(engine, prompts, [args.output_len] * len(prompts), clock),
-        "B": run_parity(engine, prompts, lens_b, clock, temperature=B_TEMPERATURE),
+        "A": tp.run_parity(engine, prompts, [args.output_len] * len(prompts), clock),
+        "B": tp.run_parity(engine, prompts, lens_b, clock, temperature=B_TEMPERATURE),
         "batch1_ms_per_token": batch1_ms_per_token(engine, prompts[0], args.batch1_tokens, clock),
     }
     if args.device == "cuda":
-        res["decode"] = [decode_timing(engine, b, args.context, 16, None, clock) for b in (1, args.max_num_seqs)]
+        res["decode"] = [tp.decode_timing(engine, b, args.context, 16, None, clock) for b in (1, args.max_num_seqs)]
     res["ahead_used"] = engine.pipeline.num_ahead_used - used
     res["ahead_discarded"] = engine.pipeline.num_ahead_discarded - discarded
     return res
@@ -64,13 +91,13 @@ def main() -> None:
     ap.add_argument("--batch1-tokens", type=int, default=256)
     args = ap.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
-    spec = replace(SMOKE if args.smoke else QWEN3_06B, max_position_embeddings=40960)
+    spec = replace(tp.SMOKE if args.smoke else tp.QWEN3_06B, max_position_embeddings=40960)
     if args.smoke:
         args.num_prompts, args.output_len, args.max_model_len, args.max_num_seqs, args.batch1_tokens = 6, 6, 256, 4, 4
     args.context = 1024 if not args.smoke else 32
     lo, hi = (100, 1024) if not args.smoke else (10, 40)
     args.out.mkdir(parents=True, exist_ok=True)
-    clock = Clock(torch.device(args.device))
+    clock = tp.Clock(torch.device(args.device))
     results: dict = {"env": run_env(args.device, args), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_model(Path(tmp) / "model", spec)
@@ -79,19 +106,28 @@ def main() -> None:
                                         max_model_len=args.max_model_len)
         results["init_s"] = time.perf_counter() - t0
         vocab = engine.model_config.vocab_size
-        prompts = random_prompts(args.num_prompts, vocab, lo, hi, seed=0)
-        lens_b = output_lengths(args.num_prompts, lo, hi, seed=1)
-        warm = random_prompts(min(64, args.num_prompts), vocab, lo, hi, seed=99)  # no prefix-cache hits later
+        prompts = tp.random_prompts(args.num_prompts, vocab, lo, hi, seed=0)
+        lens_b = tp.output_lengths(args.num_prompts, lo, hi, seed=1)
+        warm = tp.random_prompts(min(64, args.num_prompts), vocab, lo, hi, seed=99)  # no prefix-cache hits later
         for enabled in (False, True):  # compile every kernel variant outside the timed runs
             engine.pipeline.enabled = enabled
-            run_parity(engine, warm, [8] * len(warm), clock)
-            run_parity(engine, warm[:8], [8] * len(warm[:8]), clock, temperature=B_TEMPERATURE)
+            tp.run_parity(engine, warm, [8] * len(warm), clock)
+            tp.run_parity(engine, warm[:8], [8] * len(warm[:8]), clock, temperature=B_TEMPERATURE)
         for r in range(args.rounds):
             for enabled in ((False, True) if r % 2 == 0 else (True, False)):
                 row = {"async_scheduling": enabled, **measure(engine, enabled, args, prompts, lens_b, clock)}
                 results["runs"].append(row)
                 (args.out / "async_scheduling.json").write_text(json.dumps(results, indent=1))
+        if args.device == "cuda":
+            results["batch1_kernels"] = batch1_kernels(engine, args.context, 20, 25)
+            (args.out / "async_scheduling.json").write_text(json.dumps(results, indent=1))
     print(summary(results["runs"]))
+    if "batch1_kernels" in results:
+        k = results["batch1_kernels"]
+        print(f"batch-1 step: {k['launches_per_step']:.0f} launches, {k['kernel_us_per_step']:.0f} us of kernels, "
+              f"{k['wall_ms_per_step_traced']:.3f} ms wall (traced)")
+        for r in k["top"]:
+            print(f"  {r['us_per_step']:8.1f} us {r['per_step']:6.1f}x  {r['name']}")
 
 
 def summary(runs: list[dict]) -> str:
