@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from parity.engine.config import EngineConfig
-from parity.engine.sampler import HostCopy
+from parity.engine.sampler import HostCopy, to_device
 from parity.engine.scheduler import ScheduledBatch
 from parity.engine.sleep import WAKE_TAGS, EngineAsleepError, MemorySnapshot, SleepState, SleepStats, WakeStats
 from parity.engine.weight_sync import is_dtensor
@@ -345,9 +345,8 @@ class ModelRunner:
             tables[i, : len(seq.block_table)] = seq.block_table
         dev = self.device
         # two host-to-device copies: the int64 columns and the int32 ones, split into views on the device
-        i64 = torch.tensor(tokens + positions + slots + logits_rows, dtype=torch.int64).to(dev, non_blocking=True)
-        i32 = torch.cat([torch.tensor(starts + seq_lens, dtype=torch.int32), torch.from_numpy(tables).flatten()])
-        i32 = i32.to(dev, non_blocking=True)
+        i64 = to_device(tokens + positions + slots + logits_rows, torch.int64, dev)
+        i32 = _int32_columns(starts + seq_lens, tables, dev)
         t, s = len(tokens), len(seq_lens)
         meta = AttentionMetadata(
             query_start_loc=i32[: s + 1],
@@ -381,7 +380,7 @@ class ModelRunner:
             sampled = [i for i, (seq, p) in enumerate(zip(batch.seqs, positions)) if p + 1 == seq.num_tokens]
             if len(sampled) < len(batch.seqs):
                 out.sampled_seqs = sampled
-                out.logits = out.logits[torch.tensor(sampled, device=out.logits.device)] if sampled else None
+                out.logits = out.logits[to_device(sampled, torch.int64, out.logits.device)] if sampled else None
             return out
         inputs = self.prepare(batch)
         if any(s.params.return_routed_experts for s in batch.seqs):
@@ -418,9 +417,8 @@ class ModelRunner:
             tables[i, : len(seq.block_table)] = seq.block_table
         seq_lens = [p + 1 for p in positions]
         starts = list(range(n + 1))
-        i64 = torch.tensor(positions + slots, dtype=torch.int64).to(self.device, non_blocking=True)
-        i32 = torch.cat([torch.tensor(starts + seq_lens, dtype=torch.int32), torch.from_numpy(tables).flatten()])
-        i32 = i32.to(self.device, non_blocking=True)
+        i64 = to_device(positions + slots, torch.int64, self.device)
+        i32 = _int32_columns(starts + seq_lens, tables, self.device)
         meta = AttentionMetadata(
             query_start_loc=i32[: n + 1],
             seq_lens=i32[n + 1 : 2 * n + 1],
@@ -460,6 +458,12 @@ class ModelRunner:
         inputs = self.prepare(batch)
         self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
         raise NonFiniteActivationError("a decode step (CUDA graph) produced inf/nan; the eager re-run did not")
+
+
+def _int32_columns(values: list[int], tables: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`values` then the flattened block tables, int32, on `device` in one copy."""
+    return to_device(torch.cat([torch.tensor(values, dtype=torch.int32), torch.from_numpy(tables).flatten()]),
+                     torch.int32, device)
 
 
 def _keep_routing(batch: ScheduledBatch, inputs: StepInputs, routed: torch.Tensor) -> None:

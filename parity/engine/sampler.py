@@ -22,6 +22,13 @@ from parity.engine.sequence import Logprob, Sequence
 from parity.kernels.dispatch import gumbel_argmax
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or CPU tensor) on `device`, without waiting for the GPU: through pinned memory (an async
+    copy from pageable memory may wait for the work already queued on the stream)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def process_logits(
     logits: torch.Tensor, params: list[SamplingParams], history: TokenHistory | None = None
 ) -> torch.Tensor:
@@ -32,10 +39,10 @@ def process_logits(
 
 def _temperature_and_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     device = logits.device
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    temps = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, device)
     logits = logits / temps[:, None]
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device)
+        min_p = to_device([p.min_p for p in params], torch.float32, device)
         probs = torch.softmax(logits, dim=-1)
         threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
@@ -46,10 +53,10 @@ def _temperature_and_filters(logits: torch.Tensor, params: list[SamplingParams])
         vocab = logits.shape[-1]
         remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
         if need_k:
-            k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+            k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, device)
             remove |= torch.arange(vocab, device=device)[None, :] >= k[:, None]
         if need_p:
-            top_p = torch.tensor([p.top_p for p in params], device=device)
+            top_p = to_device([p.top_p for p in params], torch.float32, device)
             probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs
             remove |= mass_before >= top_p[:, None]
@@ -147,9 +154,9 @@ def sample_async(
     logprobs = raw_logprobs if unchanged else log_softmax(_temperature_and_filters(shaped, params))
     tokens = shaped.argmax(dim=-1)
     if not all(p.greedy for p in params):
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=logits.device)
-        steps_t = torch.tensor(steps, dtype=torch.int64, device=logits.device)
+        greedy = to_device([p.greedy for p in params], torch.bool, logits.device)
+        seeds_t = to_device(seeds, torch.int64, logits.device)
+        steps_t = to_device(steps, torch.int64, logits.device)
         tokens = torch.where(greedy, tokens, gumbel_argmax(logprobs, seeds_t, steps_t))
     rows = torch.arange(logits.shape[0], device=logits.device)
     # float32 -> float64 is exact, so the values equal three .tolist() calls
@@ -194,7 +201,7 @@ def prompt_logprobs(
     on `rows_per_slice` rows at a time: a 8192-token chunk would otherwise need 8192 x V float32 logits."""
     out: list[dict[int, Logprob]] = []
     for lo in range(0, len(targets), rows_per_slice):
-        ids = torch.tensor(targets[lo : lo + rows_per_slice], dtype=torch.int64, device=hidden.device)
+        ids = to_device(targets[lo : lo + rows_per_slice], torch.int64, hidden.device)
         logprobs = log_softmax(compute_logits(hidden[lo : lo + rows_per_slice]))
         out += top_logprobs(logprobs, ids, [num] * len(ids))
     return out

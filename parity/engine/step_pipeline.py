@@ -28,7 +28,7 @@ import torch
 
 from parity.engine.config import EngineConfig
 from parity.engine.model_runner import ForwardOutput, ModelRunner
-from parity.engine.sampler import PendingSample, prompt_logprobs, sample_sequences
+from parity.engine.sampler import PendingSample, prompt_logprobs, sample_sequences, to_device
 from parity.engine.scheduler import ScheduledBatch, Scheduler, StepOutput
 from parity.engine.sequence import Sequence
 from parity.models.decoder import DecoderModel
@@ -138,7 +138,7 @@ class StepPipeline:
         sample_rows = step.sample_rows()
         rows = [sample_rows[i] for i in rows]
         if rows != list(range(tokens.shape[0])):
-            tokens = tokens[torch.tensor(rows, device=tokens.device)]
+            tokens = tokens[to_device(rows, torch.int64, tokens.device)]
         forward = self.runner.execute_decode(seqs, positions, tokens)
         sample = sample_sequences(forward.logits, seqs, self.eos_token_ids, self.scheduler.token_counts,
                                   self.model.kernels.log_softmax, steps=[len(s.output_ids) + 1 for s in seqs])
