@@ -100,6 +100,7 @@ def overrides(args, model_dir: Path, train: Path, val: Path) -> list[str]:
         "trainer.save_freq=-1", "trainer.n_gpus_per_node=1", "trainer.nnodes=1",
         f"trainer.total_training_steps={args.steps}", f"trainer.default_local_dir={args.out / 'checkpoints'}",
         "trainer.project_name=parity_verl", f"trainer.experiment_name=arith_{args.rollout}",
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units=2",  # 8 by default, each a process holding a CPU
         f"+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH={jsonl_path(args)}",
     ]
 

@@ -41,7 +41,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 
 recipe() {  # $1: rollout name; $2: extra PYTHONPATH entries before the site
   local name=$1
-  export PYTHONPATH=${2:+$2:}$site:$PWD
+  export PYTHONPATH=${2:+$2:}$PWD:$site  # the working tree's parity; its entry point from the site
   python3 -c "import verl; from verl.workers.rollout.base import _ROLLOUT_REGISTRY as r; assert ('parity', 'async') in r" \
     || { echo "verl did not register rollout.name=parity (site missing: the machine went cold?)"; exit 3; }
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
