@@ -10,7 +10,8 @@ steps the trainer's update is simulated by `update_weights` with the weights sli
   plain:      generate(K prompts, n=8); every token is trained.
   oversample: generate_groups(G=80 prompts, K): the first K complete groups are trained, the rest thrown away.
   partial:    what verl's and slime's partial rollouts do in steady state: the pool is topped up to P groups
-              (--pool, default 2K; those beyond max_num_seqs wait for a seat, so the engine stays full); the
+              (--pool, default 3K; those beyond max_num_seqs wait for seats and join the batch in bursts of
+              --admit-seats, so the engine stays full and most steps are pure decode steps); the
               step ends as soon as K groups are complete; the samples still running or waiting are aborted
               with what they generated, the update lands on the idle engine, and next step they continue
               first in line (continue_from, their KV recomputed under the new weights) beside new prompts.
@@ -18,9 +19,10 @@ steps the trainer's update is simulated by `update_weights` with the weights sli
               (PipelineRL's choice: they go on from their KV cache), so nothing is recomputed.
 Nothing decoded is thrown away in partial and keep. Per step: wall seconds (generation + update), tokens
 trained / generated / thrown away / carried, and staleness of the trained tokens (share sampled under an older
-weight version than the step's, mean and max lag). A mode's figures are over its steps after --warmup; the
-comparison is per trained token (seconds per step at plain's trained tokens), since a step's trained tokens
-vary. benchmarks/rl_step_model.py predicts each mode's figures from a cost model of the engine step.
+weight version than the step's, mean and max lag). A short generate compiles the kernels first; partial and
+keep run --warmup untimed steps to fill their pool. The comparison is per trained token (seconds per step at
+plain's trained tokens), since a step's trained tokens vary. benchmarks/rl_step_model.py predicts each mode's
+figures from a cost model of the engine step.
 Also: the latency of update_weights(in_flight="keep" | "recompute") with 512 samples decoding, from the call
 until every running sample has sampled its next token.
 
@@ -105,7 +107,8 @@ def one_step(mode: str, engine: Engine, trainer: Trainer, prompt_stream, params:
     carried_in = sum(len(r.output_ids) for r in pool.carried) + in_flight_tokens(engine)
     new = [next(prompt_stream) for _ in range(args.pool - pool.open_groups)]
     unfinished = "keep" if mode == "keep" else "abort"
-    complete, pool.carried = engine.generate_groups(new, params, args.groups, carried=pool.carried, unfinished=unfinished)
+    complete, pool.carried = engine.generate_groups(new, params, args.groups, carried=pool.carried,
+                                                    unfinished=unfinished, admit_seats=args.admit_seats)
     pool.open_groups += len(new) - len(complete)
     carried_out = sum(len(r.output_ids) for r in pool.carried) + in_flight_tokens(engine)
     engine.update_weights(trainer.weights(), in_flight="keep" if mode == "keep" else None)
@@ -180,13 +183,16 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, to check the script")
     ap.add_argument("--groups", type=int, default=64, help="K: groups trained per RL step")
     ap.add_argument("--oversample-groups", type=int, default=80, help="G: groups started per step (oversample)")
-    ap.add_argument("--pool", type=int, default=128, help="P: groups started and not yet trained (partial, keep)")
+    ap.add_argument("--pool", type=int, default=192, help="P: groups started and not yet trained (partial, keep)")
     ap.add_argument("--samples", type=int, default=8, help="n: samples per group")
     ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--admit-seats", type=int, default=None,
+                    help="partial, keep: a full batch admits more of the pool once this many seats are free "
+                         "(default: generate_groups', max_num_seqs // 16)")
     ap.add_argument("--mean-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps of the first mode (it compiles the "
-                    "kernels) and of partial and keep (their pool reaches its steady state)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed steps of partial and keep, so their pool reaches its steady state")
     ap.add_argument("--steps", type=int, default=3, help="timed steps of each mode")
     ap.add_argument("--modes", nargs="+", default=["plain", "keep", "partial", "oversample"],
                     choices=["plain", "oversample", "partial", "keep"])
@@ -217,9 +223,12 @@ def main() -> None:
         vocab = engine.model_config.vocab_size
         params = SamplingParams(n=args.samples, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
                                 stop_token_ids=stop_set(vocab, args.mean_len, seed=0))
-        for i, mode in enumerate(args.modes):
+        start = clock.now()  # compiles the kernels: the step's shapes and sampling, on prompts no mode sees
+        engine.generate(random_prompts(args.groups, vocab, *prompt_lens, seed=3), replace(params, max_tokens=64))
+        results["compile_warmup_s"] = clock.now() - start
+        for mode in args.modes:
             stream = iter(random_prompts(10_000, vocab, *prompt_lens, seed=1))  # every mode sees the same prompts
-            warmup = args.warmup if i == 0 or mode in ("partial", "keep") else 0
+            warmup = args.warmup if mode in ("partial", "keep") else 0
             results[mode] = run_mode(mode, engine, trainer, stream, params, args, clock, deadline, warmup)
             free_memory(device)
             out_file.write_text(json.dumps(results, indent=1))  # what is done so far survives a timeout

@@ -11,7 +11,8 @@ an earlier `benchmarks.async_rollout` JSON.
 The simulator replays the scheduler at the level of "events" (a sample finishing): between two, the running set
 is fixed, so k decode steps cost k * (fixed + per_seq * B) + per_context_token * (k * S + B * k (k - 1) / 2).
 Sample lengths are geometric (mean `mean_len`, cut at `max_tokens`), prompts U[32, 256], groups of n; at most
-`max_num_seqs` samples decode, the others wait in arrival order. The designs are benchmarks.async_rollout's modes:
+`max_num_seqs` samples decode, the others wait in arrival order and join a full batch once `admit_seats` seats
+are free. The designs are benchmarks.async_rollout's modes:
   plain        the step's K groups at once; the step ends when all are done.
   oversample   G groups; the step ends when K are complete; the rest is thrown away.
   partial      the pool is topped up to G groups not yet trained; the step ends when K are complete; the
@@ -67,6 +68,7 @@ class Design:
     mode: str  # plain | oversample | partial | keep
     max_num_seqs: int = 512
     started_groups: int = 0  # G: groups started per step (oversample) or kept in the pool (partial, keep)
+    admit_seats: int = 32  # a full batch admits only once this many seats are free (generate_groups' admit_seats)
 
     def label(self) -> str:
         extra = "" if self.mode == "plain" else f" G={self.started_groups}"
@@ -139,7 +141,8 @@ class Simulator:
         spent, prefill = np.zeros(4), 0
         leaders: set[int] = set()  # groups whose prompt is computed under this version (prefix cache)
         while len(complete) < wanted:
-            while self.waiting and len(self.running) < d.max_num_seqs:
+            full = d.max_num_seqs - len(self.running) < d.admit_seats
+            while self.waiting and len(self.running) < d.max_num_seqs and not (full and self.running):
                 s = self.waiting.popleft()
                 if s.needs_prefill:
                     tokens = s.produced + (0 if s.group in leaders else s.prompt_len)
@@ -243,9 +246,10 @@ def fit(path: Path, work: Workload, cost: StepCost, free: list[str], seeds: int)
 
 
 CANDIDATES = [  # the benchmark's modes first (max_num_seqs 512 = K x n), then the last run's, then other settings
-    Design("plain", 512), Design("oversample", 512, 80), Design("partial", 512, 128), Design("keep", 512, 128),
+    Design("plain", 512), Design("oversample", 512, 80), Design("partial", 512, 192), Design("keep", 512, 192),
     Design("plain", 640), Design("oversample", 640, 80), Design("partial", 640, 80),
-    Design("keep", 512, 96), Design("keep", 512, 192), Design("keep", 512, 256),
+    Design("keep", 512, 96), Design("partial", 512, 128), Design("keep", 512, 128), Design("keep", 512, 160),
+    Design("keep", 512, 256),
     Design("plain", 256), Design("keep", 256, 64), Design("keep", 256, 96), Design("keep", 256, 128),
     Design("keep", 1024, 256),
 ]
