@@ -11,9 +11,12 @@
 #   python tools/verl_wheels.py check                        # verl's PPO path imports with only the GPU image's
 #                                                            # packages and the archive's (Python 3.11 builds)
 #
-#   call 1  carry [".gguf/part1"]   bash tools/verl_device.sh part1                    (timeout_s 120)
-#   call 2  carry [".whl/verl1"]    bash tools/verl_device.sh site                     (timeout_s 180)
+#   call 1  carry [".whl/verl1"]    bash tools/verl_device.sh site                     (timeout_s 180)
+#   call 2  carry [".gguf/part1"]   bash tools/verl_device.sh part1                    (timeout_s 120)
 #   call 3  carry [".gguf/part2"]   bash tools/verl_device.sh run                      (timeout_s 600)
+# (the site first: if it does not install, no GGUF has travelled). Expected device time: the machine's start
+# (~1-2 min), site ~30 s, part1 ~10 s, run ~3 min (Ray and verl's workers ~1 min, model export ~15 s, parity's
+# engine and CUDA graphs, 5 steps) -- about 5 min; the vLLM calls below add about 5 min.
 #
 # `site` unpacks the archive into /tmp/verl_site, installs parity there (its `verl.plugins` entry point) and
 # checks that `import verl` registers ("parity", "async"). `run` joins the GGUF (sha256 checked), exports it
@@ -29,6 +32,7 @@
 #   call 5  carry [".vl/x"]         bash .vl/x/gpu.sh stage .vl/x                      (timeout_s 120)
 #   call 6  carry [".vl/b"]         bash .vl/b/gpu.sh install .vl/b && bash tools/verl_device.sh run-vllm
 #                                                                                      (timeout_s 600)
+# VERL_OVERRIDES="key=value ..." adds Hydra overrides of verl's config to both runs (e.g. trainer.total_training_steps=3).
 # `run-vllm` is `run` with rollout.name=vllm (same overrides; the model exported by call 3): verl_vllm.json,
 # verl_vllm.jsonl, verl_vllm.log.
 set -uo pipefail
@@ -38,6 +42,7 @@ site=$t/verl_site
 out=${OUT:-$t/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0
+export RAY_TMPDIR=$t/ray_verl  # this run's Ray session: its processes are found by that path, no one else's
 
 recipe() {  # $1: rollout name; $2: extra PYTHONPATH entries before the site
   local name=$1
@@ -48,11 +53,11 @@ recipe() {  # $1: rollout name; $2: extra PYTHONPATH entries before the site
     python3 -c "import torch, triton, transformers, verl, ray; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'verl', verl.__version__, 'ray', ray.__version__)"
     git log -1 --format=%H 2>/dev/null; } >> "$out/gpu.txt" 2>&1
-  timeout "${RUN_S:-420}" python3 examples/verl_grpo_arith.py --out "$t/verl_$name" --rollout "$name" --steps "${STEPS:-5}" \
-    --metrics "$out/verl_$name.json" 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" > "$out/verl_$name.log"
+  timeout --kill-after=60 "${RUN_S:-420}" python3 examples/verl_grpo_arith.py --out "$t/verl_$name" --rollout "$name" --steps "${STEPS:-5}" \
+    --metrics "$out/verl_$name.json" -- ${VERL_OVERRIDES:-} 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" > "$out/verl_$name.log"
   local code=${PIPESTATUS[0]}
   cp "$t/verl_$name/verl_$name.jsonl" "$out/" 2>/dev/null
-  python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1  # a run cut by `timeout` leaves Ray's processes
+  local left; left=$(pgrep -f "$RAY_TMPDIR/") && { echo "Ray processes left: $left"; kill $left; }
   tail -n 40 "$out/verl_$name.log"
   echo "exit $code"; ls -l "$out"
   return "$code"
