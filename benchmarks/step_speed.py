@@ -1,15 +1,16 @@
-"""Async scheduling off and on, one engine, one process: what overlapping the host work of a step with the GPU
-work of the one before it buys (parity.engine.step_pipeline).
+"""What an engine step costs at small and large batch, and what async scheduling (parity.engine.step_pipeline)
+and the one-kernel gate/up + SiLU (parity.kernels.triton.mlp) buy, one engine, one process.
 
-Qwen3-0.6B shapes (random init, bf16, HF format), fast mode, max_model_len 8192: workload A (256 prompts
-U[100, 1024], 512 greedy tokens, EOS ignored) and B (output lengths U[100, 1024], temperature 0.6) output
-tok/s, batch-1 ms per token (a 1024-token prompt, 256 tokens), and decode steps at batch 1 and 256 (whole
-engine step against the CUDA graph's replay alone); then the kernels of a batch-1 step (torch.profiler), by
-name. Both settings run on the same engine (same KV pool, same compiled kernels), flipped between runs; the
-order alternates, so drift within the process shows.
+Qwen3-0.6B shapes (random init, bf16, HF format), fast mode, max_model_len 8192. With async scheduling off,
+then on (same engine: same KV pool, same compiled kernels; the order alternates per round, so drift within
+the process shows): workload A (256 prompts U[100, 1024], 512 greedy tokens, EOS ignored) and B (output
+lengths U[100, 1024], temperature 0.6) output tok/s, batch-1 ms per token (256 tokens after a 100-1024-token
+prompt), and decode steps at batch 1 and 256 at context 1024 (whole engine step against the CUDA graph's
+replay alone). Then the kernels of a batch-1 step by name (torch.profiler sees inside graphs), and batch 1
+with the fused gate/up + SiLU off and on (graphs captured again for each).
 
-  python -m benchmarks.async_scheduling --out $OUT            # on the GPU: about 100 s on an H200
-  python -m benchmarks.async_scheduling --smoke --out /tmp/as  # tiny model on CPU: checks the script only
+  python -m benchmarks.step_speed --out $OUT            # on the GPU: about 100 s on an H200
+  python -m benchmarks.step_speed --smoke --out /tmp/ss  # tiny model on CPU: checks the script only
 """
 
 from __future__ import annotations
@@ -48,16 +49,16 @@ def batch1_kernels(engine: Engine, context: int, steps: int, top: int) -> dict:
     device microseconds per step, by kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
+    clock = tp.Clock(engine.device)
     tp.start_decoding(engine, 1, context)
     for _ in range(3):
         engine.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = clock.now()
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
+        wall = clock.now() - start
     engine.abort_all()
     kernel_s, rows = kernel_table(prof, 1000)
     return {
@@ -66,6 +67,23 @@ def batch1_kernels(engine: Engine, context: int, steps: int, top: int) -> dict:
         "top": [{"name": r["name"], "us_per_step": r["ms"] * 1e3 / steps, "per_step": r["calls"] / steps}
                 for r in rows[:top]],
     }
+
+
+def fused_mlp_ab(engine: Engine, prompt: list[int], args, clock: tp.Clock) -> list[dict]:
+    """Batch 1 with the one-kernel gate/up + SiLU (fast.FUSED_MLP_MAX_ROWS rows) and without (0): ms per
+    token and the decode step; the graphs are captured again for each setting."""
+    from parity.kernels.triton import fast
+
+    default, rows = fast.FUSED_MLP_MAX_ROWS, []
+    for max_rows in (0, default):
+        fast.FUSED_MLP_MAX_ROWS = max_rows
+        engine.runner.invalidate_cuda_graphs()
+        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # capture
+        rows.append({"fused_mlp_max_rows": max_rows,
+                     "batch1_ms_per_token": batch1_ms_per_token(engine, prompt, args.batch1_tokens, clock),
+                     "decode": tp.decode_timing(engine, 1, args.context, 16, None, clock)})
+    fast.FUSED_MLP_MAX_ROWS = default
+    return rows
 
 
 def measure(engine: Engine, enabled: bool, args, prompts, lens_b, clock: tp.Clock) -> dict:
@@ -117,17 +135,22 @@ def main() -> None:
             for enabled in ((False, True) if r % 2 == 0 else (True, False)):
                 row = {"async_scheduling": enabled, **measure(engine, enabled, args, prompts, lens_b, clock)}
                 results["runs"].append(row)
-                (args.out / "async_scheduling.json").write_text(json.dumps(results, indent=1))
-        if args.device == "cuda":
-            results["batch1_kernels"] = batch1_kernels(engine, args.context, 20, 25)
-            (args.out / "async_scheduling.json").write_text(json.dumps(results, indent=1))
+                (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
+        results["batch1_kernels"] = batch1_kernels(engine, args.context, 20, 25)  # on CPU: no kernels listed
+        (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
+        results["fused_mlp"] = fused_mlp_ab(engine, prompts[1], args, clock)
+        (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
     print(summary(results["runs"]))
-    if "batch1_kernels" in results:
+    if results.get("batch1_kernels"):
         k = results["batch1_kernels"]
         print(f"batch-1 step: {k['launches_per_step']:.0f} launches, {k['kernel_us_per_step']:.0f} us of kernels, "
               f"{k['wall_ms_per_step_traced']:.3f} ms wall (traced)")
         for r in k["top"]:
             print(f"  {r['us_per_step']:8.1f} us {r['per_step']:6.1f}x  {r['name']}")
+    for row in results.get("fused_mlp", []):
+        d = row["decode"]
+        print(f"gate/up + SiLU fused up to {row['fused_mlp_max_rows']} rows: batch 1 {row['batch1_ms_per_token']:.3f} "
+              f"ms/token, step {d['engine_step_ms']:.3f} ms, graph {d.get('graph_replay_ms', float('nan')):.3f} ms")
 
 
 def summary(runs: list[dict]) -> str:
