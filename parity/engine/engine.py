@@ -545,6 +545,7 @@ class Engine:
         """Free the KV cache and offload (level 1) or discard (level 2) the weights; see parity.engine.sleep."""
         if self.has_unfinished():
             raise RuntimeError("cannot sleep with requests in flight; finish or abort them first")
+        self.pipeline.discard()  # a look-ahead step's outputs would keep device memory (and old graphs') alive
         stats = self.runner.sleep(level)
         self.scheduler.reset_prefix_cache()  # cached blocks lost their contents
         return stats
