@@ -5,14 +5,19 @@ Model: random init with Qwen3-0.6B's shapes, bf16, written by parity's factory (
 prompts of random token ids, input lengths U[100, 1024], output lengths U[100, 512], EOS ignored,
 temperature 1 with a seed per prompt. Offline: one `generate` call on all of them (after a warm-up) with
 at most C sequences running (max_num_seqs = C), the cap C clients put on the server. Server: `parity
-serve` in its own process (HTTP, JSON, the AsyncEngine thread: everything a client pays for); the clients
-(`openai.AsyncOpenAI`, spread over 4 processes) keep C requests in flight until all N are done, as token-id
-prompts with `return_token_ids`, non-streaming and streaming. Reported: output tokens/s, the ratio to
+serve` as a user runs it (its HTTP process and its engine process: everything a client pays for;
+--engine-in-process for the single-process layout, the engine on a thread of the HTTP process); the clients
+(`openai.AsyncOpenAI`, spread over --client-procs processes) keep C requests in flight until all N are done,
+as token-id prompts with `return_token_ids`, non-streaming and streaming. Reported: output tokens/s, the ratio to
 offline at the same C (target >= 0.9), request latency p50/p90, and how many samples equal the offline
 tokens (fast mode may differ by batch composition; --deterministic makes them equal).
 
   python -m benchmarks.server_throughput --out $OUT          # on the GPU (a few minutes on an H200)
   python -m benchmarks.server_throughput --smoke --out /tmp/st  # tiny model on CPU: checks the script only
+  python -m benchmarks.server_throughput --cpu --num-prompts 32 --concurrency 16 --client-procs 1 --out /tmp/st
+                                         # a 6-layer model on CPU, where the step is not negligible
+
+The JSON is rewritten after each row, so a run cut by a time limit keeps what it measured.
 
 The GPU image lacks fastapi, uvicorn, pydantic and openai: their wheels travel in .whl/serve (docs/server.md).
 """
