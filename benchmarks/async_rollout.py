@@ -130,11 +130,14 @@ def run_mode(mode: str, engine: Engine, trainer: Trainer, prompt_stream, params:
             break  # out of time: what ran is reported
         start = clock.now()
         version = engine.weight_version  # the step's policy: its trained tokens' lag is measured against it
+        ahead = engine.pipeline.num_ahead_used, engine.pipeline.num_ahead_discarded
         complete, counts = one_step(mode, engine, trainer, prompt_stream, params, args, pool)
         seconds = clock.now() - start
         trained = [r for g in complete for r in g]
         row = {"step": step, "seconds": seconds, "groups": len(complete),
                "tokens_trained": sum(len(r.output_ids) for r in trained), **counts,
+               "look_ahead_used": engine.pipeline.num_ahead_used - ahead[0],  # async scheduling's queued steps
+               "look_ahead_discarded": engine.pipeline.num_ahead_discarded - ahead[1],
                "lengths": lengths(trained), **staleness(complete, version)}
         rows.append(row)
         print(mode, json.dumps(row), flush=True)

@@ -265,3 +265,21 @@ def test_a_full_batch_admits_more_of_the_pool_only_once_admit_seats_are_free(lla
     assert all(key([r]) == key([reference[(r.prompt_ids[0], r.sample_index)]]) for r in trained)
     with pytest.raises(ValueError, match="admit_seats"):
         engine.generate_groups(prompts, TAIL, num_groups_wanted=1, admit_seats=7)
+
+
+def test_a_pool_beyond_max_num_seqs_leaves_async_scheduling_its_look_ahead(llama_dir, monkeypatch):
+    """The pool waits outside the scheduler, so decode steps between admissions queue their successor ahead
+    (a sequence waiting in the scheduler would stop that at every step)."""
+    engine = Engine.from_pretrained(llama_dir, dtype="fp32", device="cpu", block_size=4, deterministic=True,
+                                    max_num_seqs=6, max_num_batched_tokens=64, async_scheduling=True)
+    prompts = [[5 + i, 6, 7, 8 + i] for i in range(8)]
+    steps, step = [0], engine._step_or_raise
+
+    def counted_step():
+        steps[0] += 1
+        return step()
+
+    monkeypatch.setattr(engine, "_step_or_raise", counted_step)
+    engine.generate_groups(prompts, TAIL, num_groups_wanted=8, admit_seats=4)
+    # queued in the scheduler at once, the same groups leave the look-ahead well under three steps in four
+    assert engine.pipeline.num_ahead_used >= 0.75 * steps[0]
