@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,29 @@ def device_like_site(allowed: set[str], site: Path, search: list[str]) -> list[s
     return sorted(allowed - found)
 
 
+def requirements(dest: Path, allowed_image: set[str], archive: set[str]) -> list[str]:
+    """verl's and ray[default]'s Requires-Dist (for Python 3.12, no other extras), each marked as in the
+    archive, on the image, or on neither (then only an import census can tell whether it is needed)."""
+    from packaging.requirements import Requirement
+
+    rows = []
+    for wheel, extras in (("verl-0.9.1-*.whl", set()), ("ray-2.60.0-*.whl", {"default"})):
+        (path,) = (dest / "verl_dl").glob(wheel)
+        with zipfile.ZipFile(path) as z:
+            meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        for line in meta.splitlines():
+            if not line.startswith("Requires-Dist:"):
+                continue
+            req = Requirement(line.split(":", 1)[1].strip())
+            env = {"python_version": "3.12", "sys_platform": "linux", "platform_system": "Linux"}
+            if req.marker and not any(req.marker.evaluate(env | {"extra": e}) for e in extras | {""}):
+                continue
+            name = normalize(req.name)
+            where = "archive" if name in archive else "image" if name in allowed_image else "NEITHER"
+            rows.append(f"{path.name.split('-')[0]:5} {where:8} {req}")
+    return sorted(set(rows))
+
+
 def check(dest: Path, local_site: Path) -> int:
     """Import MODULES in a fresh interpreter that sees only the stdlib, the device's distributions as
     installed here, the archive's (Python 3.11 builds of the same pins, under `local_site`) and parity."""
@@ -177,6 +201,7 @@ def check(dest: Path, local_site: Path) -> int:
     if need:
         pip("install", "-q", "--no-deps", "--target", str(local_site), *need)
     allowed = device_distributions() | {normalize(name) for name, _ in listed} | {"parity"}  # its entry point
+    print("\n".join(requirements(dest, device_distributions(), {normalize(name) for name, _ in listed})))
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp)
         device_like_site(allowed, site, [str(local_site), *search])
