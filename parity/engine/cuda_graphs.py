@@ -70,7 +70,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> None:
         hidden = self.model(self.i64[0, :bs], self.i64[1, :bs], meta, self.layer_caches)
-        self.finite.copy_(torch.isfinite(hidden).all())  # the model's own check cannot run inside a graph
+        torch.all(torch.isfinite(hidden), out=self.finite)  # the model's own check cannot run inside a graph
         self.logits[:bs] = self.model.compute_logits(hidden)
 
     @torch.inference_mode()
