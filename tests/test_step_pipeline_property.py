@@ -31,14 +31,18 @@ PREFIXES = [[285, 223, 363, 348, 282, 268, 371, 270], [360, 223, 351, 295, 223, 
 STOP_IDS = [223, 264, 16, 22, 100, 300]
 
 
-def make_engine(model_dir: str, async_scheduling: bool, num_blocks: int = NUM_BLOCKS, **options) -> Engine:
-    """fp32, deterministic (batch-invariant kernels: any batching gives the same bits), 4-token blocks, a
-    24-token step budget (long prompts are chunked), `num_blocks` KV blocks."""
-    options = {"device": "cpu", "dtype": "fp32", "block_size": BLOCK, "max_num_batched_tokens": 24,
+def make_engine(model_dir: str, async_scheduling: bool, num_blocks: int = NUM_BLOCKS, device: str = "cpu",
+                **options) -> Engine:
+    """Deterministic (batch-invariant kernels: any batching gives the same bits), fp32 on CPU, bf16 with decode
+    CUDA graphs on CUDA, 4-token blocks, a 24-token step budget (long prompts are chunked), `num_blocks` KV
+    blocks."""
+    dtype = "fp32" if device == "cpu" else "bf16"
+    options = {"device": device, "dtype": dtype, "block_size": BLOCK, "max_num_batched_tokens": 24,
                "max_model_len": MAX_MODEL_LEN, "deterministic": True, **options}
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    per_block = 2 * cfg["num_hidden_layers"] * BLOCK * cfg["num_key_value_heads"] * head_dim * 4  # K and V, fp32
+    elem = 4 if options["dtype"] == "fp32" else 2
+    per_block = 2 * cfg["num_hidden_layers"] * BLOCK * cfg["num_key_value_heads"] * head_dim * elem  # K and V
     engine = Engine.from_pretrained(model_dir, kv_cache_memory=num_blocks * per_block,
                                     async_scheduling=async_scheduling, **options)
     assert engine.scheduler.num_kv_blocks == num_blocks
@@ -58,14 +62,14 @@ def all_blocks_free(engine: Engine) -> bool:
     return bm.num_used_blocks == 0 and all(c == 0 for c in bm.ref_counts)
 
 
-@pytest.fixture(scope="module")
-def pair(llama_dir):
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def pair(llama_dir, request):
     """(step by step, look-ahead) engines and three weight sets: the checkpoint's and two perturbations."""
-    engines = tuple(make_engine(llama_dir, a) for a in (False, True))
+    engines = tuple(make_engine(llama_dir, a, device=request.param) for a in (False, True))
     base = {k: v.clone() for k, v in hf_named_weights(engines[0].model)}
     g = torch.Generator().manual_seed(7)
-    weights = [base] + [{k: v + 0.03 * s * torch.randn(v.shape, generator=g) * v.std() for k, v in base.items()}
-                        for s in (1, 2)]
+    weights = [base] + [{k: v + (0.03 * s * torch.randn(v.shape, generator=g)).to(v) * v.float().std().to(v)
+                         for k, v in base.items()} for s in (1, 2)]
     return engines, weights
 
 
