@@ -95,3 +95,20 @@ def test_steps_aborts_and_weight_updates_give_the_same_rollouts(engines):
     assert {v for r in got for v in r[9]} >= {0, 1, 2}  # tokens sampled under every version
     assert ahead.pipeline.num_ahead_discarded > discarded  # the updates threw look-ahead steps away
     assert ahead.kv_cache_usage() == step_by_step.kv_cache_usage()
+
+
+def test_more_requests_than_seats_admission_waits_a_step_and_nothing_is_thrown_away(model_dirs):
+    """Twice as many samples as seats, some stopping mid-stream: the same rollouts as step by step, look-ahead
+    steps while requests wait for seats, and none of them discarded (a freed seat is filled a step later)."""
+    make = lambda a: Engine.from_pretrained(model_dirs["qwen3"], device="cpu", dtype="fp32", deterministic=True,
+                                            block_size=4, max_num_seqs=3, async_scheduling=a)
+    step_by_step, ahead = make(False), make(True)
+    prompts = [[7 + i, 20 + 3 * i, 41, 5 + i] for i in range(6)]
+    probe = step_by_step.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
+    stop_ids = sorted({r.output_ids[3] for r in probe[:3]})
+    params = SamplingParams(temperature=0.8, seed=9, max_tokens=10, stop_token_ids=stop_ids, logprobs=1)
+    want = [as_tuple(r) for r in step_by_step.generate(prompts, params)]
+    got = [as_tuple(r) for r in ahead.generate(prompts, params)]
+    assert got == want
+    assert {r[6] for r in got} == {"stop", "length"}
+    assert ahead.pipeline.num_ahead_used > 0 and ahead.pipeline.num_ahead_discarded == 0

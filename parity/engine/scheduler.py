@@ -114,7 +114,9 @@ class Scheduler:
             and leader.in_prefill
         )
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, admit: bool = True) -> ScheduledBatch:
+        """The next step's batch; `admit=False` leaves waiting sequences waiting (async scheduling defers an
+        admission by a step rather than throw away a decode step queued ahead)."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[Sequence] = []
         counts: list[int] = []
@@ -139,7 +141,7 @@ class Scheduler:
 
         # 2. Admit waiting sequences in arrival order while budget, seats and blocks last.
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if self._waits_for_leader(seq):
                 skipped.append(self.waiting.popleft())

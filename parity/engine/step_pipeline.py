@@ -10,14 +10,17 @@ scheduler step would allocate anyway. The next `run` uses it when the scheduler 
 under the same weights (no update_weights, and no parameter written in place, since it was launched).
 Otherwise it is discarded and the step runs anew: its K/V writes went to slots that the new step writes
 again or that belong to sequences that are gone (GPU work on one stream is ordered, so a freed block is only
-reused after them). Between two calls every sequence therefore looks exactly as in a step-by-step engine.
-Deterministic mode gives the same bits; in fast mode a dropped row changes the batch a step ran in, so, as
-with any change of batching there, logprobs agree to rounding.
+reused after them). Between two calls every running sequence therefore looks exactly as in a step-by-step
+engine. While a look-ahead step is pending the scheduler admits no waiting sequence (`schedule(admit=False)`):
+a seat freed by a sample that stopped (learned when booking) is filled one step later, as in vLLM, instead
+of throwing the queued step away. A sample's tokens do not depend on when it was admitted: deterministic
+mode gives the same bits; in fast mode a dropped row or a later admission changes the batch a step ran in,
+so, as with any change of batching there, logprobs agree to rounding.
 
-No look-ahead when: a sequence is still prefilling or waits for a seat (the next step differs), a sequence
-uses the token-history processors (penalties, logit_bias, allowed_token_ids, min_tokens: their counts need
-this step's tokens on the host) or records routed experts, a slot cannot be allocated without preemption,
-or `EngineConfig.async_scheduling` is off.
+No look-ahead when: a sequence is still prefilling or a seat is free for a waiting one (the next step
+differs), a sequence uses the token-history processors (penalties, logit_bias, allowed_token_ids,
+min_tokens: their counts need this step's tokens on the host) or records routed experts, a slot cannot be
+allocated without preemption, or `EngineConfig.async_scheduling` is off.
 """
 
 from __future__ import annotations
@@ -113,11 +116,12 @@ class StepPipeline:
     def _launch_next(self, step: LaunchedStep) -> LaunchedStep | None:
         """Queue the decode step that follows `step` for the sequences that will still run after it, or None
         when that step cannot be known before `step` is booked."""
-        batch = step.batch
-        if step.sample is None or self.scheduler.waiting or len(step.sampled_seqs) != len(batch.seqs):
+        batch, sched = step.batch, self.scheduler
+        if step.sample is None or len(step.sampled_seqs) != len(batch.seqs) or len(sched.running) != len(batch.seqs):
             return None
-        if len(self.scheduler.running) != len(batch.seqs):
-            return None
+        ending = sum(seq.num_tokens + 1 >= seq.max_len for seq in batch.seqs)  # by length, at this step
+        if sched.waiting and len(batch.seqs) - ending < sched.config.max_num_seqs:
+            return None  # a seat is free for a waiting sequence: the next step admits it
         rows: list[int] = []
         positions: list[int] = []
         allocate = self.scheduler.block_manager.allocate
