@@ -97,7 +97,8 @@ def test_independently_loaded_parity_model_is_bitwise_too(model_dirs):
 
 
 def test_parity_forward_gradients_match_fast_mode(llama_dir):
-    """Autograd through the per-row kernels gives the gradient of the same function as the fast path."""
+    """The deterministic kernels under autograd (their analytic backward) give the gradient of the same function
+    as the fast path."""
     prompts, outputs = _prompts(3), [[7, 8, 9, 10], [11, 12], [13, 14, 15]]
     grads, values = [], []
     for deterministic in (True, False):

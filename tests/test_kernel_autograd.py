@@ -77,3 +77,16 @@ def test_packed_attention_backward():
     # SDPA over the padded batch is the same attention as the reference.
     torch.testing.assert_close(autograd.padded_attention(q, k, v, meta, scale),
                                reference.varlen_attention(q, k, v, meta, scale), **tol)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_backward(bias):
+    x, w = leaf(2, 3, 16, seed=9), leaf(8, 16, seed=10)
+    b = leaf(8, seed=11) if bias else None
+    inputs = (x, w) + ((b,) if bias else ())
+    assert_same_grads(lambda x, w, *b: autograd.linear(reference.linear, x, w, *b), reference.linear, inputs)
+
+
+def test_log_softmax_backward():
+    logits = leaf(5, 32, seed=12)
+    assert_same_grads(lambda t: autograd.log_softmax(reference.log_softmax, t), reference.log_softmax, (logits,))

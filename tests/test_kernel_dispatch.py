@@ -29,7 +29,8 @@ def test_cpu_calls_route_by_mode_and_autograd():
     x = torch.randn(3, 8)
     w = torch.randn(8, requires_grad=True)
     assert dispatch.implementation("fast", x).__name__ == "parity.kernels.reference"
-    assert dispatch.implementation("deterministic", x, w).__name__ == "parity.kernels.invariant"
+    assert dispatch.implementation("deterministic", x, w).__name__ == "parity.kernels.invariant_autograd"
+    assert dispatch.implementation("deterministic", x).__name__ == "parity.kernels.invariant"
     with torch.no_grad():
         assert not dispatch.needs_grad(x, w)
     assert dispatch.needs_grad(x, None, w)

@@ -7,6 +7,9 @@ written here, in plain torch, from the op's derivative (no recomputation of a re
   cast as HF casts; dh = (dy - y * mean(dy * y)) / rms(h), dw = sum(dout * y).
 - RoPE: a rotation by fixed cos/sin; its adjoint rotates the gradient back: dq = g * cos + rotate_half^T(g * sin).
 - SiLU-and-mul: d gate = g * up * s (1 + gate (1 - s)), s = sigmoid(gate); d up = g * silu(gate).
+- Linear: grad_x = g W, grad_W = g^T x, grad_b = sum(g), one matmul each over all rows (in float32 for the LM
+  head under logits_fp32, else in x's dtype).
+- Log-softmax: dx = g - exp(out) * sum(g).
 - Attention over packed sequences (no KV cache): the sequences are padded into one batch and run through
   `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA) with causal and
   key-padding masks, whose backward gives dq, dk, dv (the fused kernels recompute the softmax tile by tile, as
@@ -17,7 +20,9 @@ values must equal the engine's) and agree with autograd through `reference.py` t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,31 @@ from parity.kernels.metadata import AttentionMetadata
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision tensors (float64 stays float64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# ------------------------------------------------------------------------------------------- linear
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl, x2, weight, bias, fp32):
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias, ctx.fp32 = bias is not None, fp32
+        return impl(x2, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        compute = torch.float32 if ctx.fp32 else x2.dtype
+        g = grad.to(compute)
+        grad_x = (g @ weight.to(compute)).to(x2.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = (g.t() @ x2.to(compute)).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        grad_b = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return None, grad_x, grad_w, grad_b, None
+
+
+def linear(impl: Callable, x, weight, bias=None, fp32: bool = False):
+    """`impl(x2, weight, bias)` on the rows x2 [N, K] of x with the analytic backward (float32 maths when `fp32`)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return _Linear.apply(impl, x2, weight, bias, fp32).reshape(*x.shape[:-1], weight.shape[0])
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm
@@ -111,6 +141,24 @@ def silu_and_mul(impl: Callable, x):
     return _SiluAndMul.apply(impl, x)
 
 
+# -------------------------------------------------------------------------------------- log-softmax
+class _LogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl, logits):
+        out = impl(logits)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return None, grad - torch.exp(out) * grad.sum(dim=-1, keepdim=True)
+
+
+def log_softmax(impl: Callable, logits):
+    return _LogSoftmax.apply(impl, logits)
+
+
 # ---------------------------------------------------------------------------------------- attention
 def padded_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention within each packed sequence, through SDPA on the sequences padded into a batch.
@@ -153,3 +201,21 @@ class _PackedAttention(torch.autograd.Function):
 def packed_attention(impl: Callable, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """`impl(q, k, v, None, meta, scale)` (no KV cache: the trainer's packed batch) with SDPA's backward."""
     return _PackedAttention.apply(impl, q, k, v, meta, scale)
+
+
+def attention(impl: Callable, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """`impl`'s attention: differentiable over the packed trainer batch (no cache); over the engine's paged
+    cache it is the forward alone."""
+    if kv_cache is not None:
+        return impl(q, k, v, kv_cache, meta, scale)
+    return packed_attention(impl, q, k, v, meta, scale)
+
+
+WRAPPERS: dict[str, Callable] = {"rms_norm": rms_norm, "apply_rotary": apply_rotary, "silu_and_mul": silu_and_mul,
+                                 "attention": attention, "log_softmax": log_softmax}
+
+
+def with_backward(forward: ModuleType) -> tuple[Callable, ...]:
+    """rms_norm, apply_rotary, silu_and_mul, attention, log_softmax of a forward-only kernel module (same
+    signatures, same forward values), each with its analytic backward above."""
+    return tuple(functools.partial(wrap, getattr(forward, name)) for name, wrap in WRAPPERS.items())

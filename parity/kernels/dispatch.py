@@ -32,7 +32,7 @@ IMPLEMENTATIONS: dict[tuple[Mode, Device, bool], str] = {
     ("fast", "cuda", False): "parity.kernels.triton.fast",
     ("fast", "cuda", True): "parity.kernels.reference",
     ("deterministic", "cpu", False): "parity.kernels.invariant",
-    ("deterministic", "cpu", True): "parity.kernels.invariant",
+    ("deterministic", "cpu", True): "parity.kernels.invariant_autograd",
     ("deterministic", "cuda", False): "parity.kernels.triton.invariant",
     ("deterministic", "cuda", True): "parity.kernels.triton.invariant_autograd",
 }
