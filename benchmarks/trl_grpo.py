@@ -15,8 +15,9 @@ TRL's AdamW keeps no float32 master copy of a bf16 model).
 
 Modes run in order parity-fast, parity-exact, transformers; the transformers path runs `--transformers-steps`
 only (its generation is the slow part: its per-step time is what it is measured for, its reward curve is
-shorter). `--budget-s` bounds the whole run from process start: each mode may use an equal share of what is
-left when it starts (time a mode leaves unused goes to the next) and stops after the step that passes it.
+shorter). `--budget-s` bounds the whole run from process start: each mode may use the share of what is left
+when it starts that its step count is of the steps still to run (time a mode leaves unused goes to the next), and
+stops after the step that passes it.
 
 Per step: generation seconds (TRL's `_generate`: tokenisation, rollout, decode; parity's weight sync counted
 apart as sync_s), training seconds (the rest of the optimizer step: rewards, TRL's logprob passes, loss,
@@ -178,6 +179,10 @@ def grpo_config(args, mode: str, device: torch.device, steps: int):
     )
 
 
+def mode_steps(args, mode: str) -> int:
+    return args.transformers_steps if mode == "transformers" else args.steps
+
+
 def run_mode(mode: str, args, deadline: float, save) -> dict:
     """One TRL run; `save(result)` is called with the partial result after every step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -190,7 +195,7 @@ def run_mode(mode: str, args, deadline: float, save) -> dict:
     path = model_dir(args)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     exact = mode == "parity-exact"
-    steps = args.transformers_steps if mode == "transformers" else args.steps
+    steps = mode_steps(args, mode)
     config = grpo_config(args, mode, device, steps)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if exact:
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"env": {**run_env(device, args), "trl": trl.__version__}, "runs": []}
 
     def save(run: dict | None = None) -> None:
-        if run is not None and run not in result["runs"]:
+        if run is not None and not any(r is run for r in result["runs"]):  # a mode's first step adds its record
             result["runs"].append(run)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -302,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for i, mode in enumerate(args.modes):
         deadline = float("inf")
-        if args.budget_s is not None:
+        if args.budget_s is not None:  # this mode's steps' share of the time left to the modes still to run
             left = START + args.budget_s - time.perf_counter()
-            deadline = time.perf_counter() + left / (len(args.modes) - i)
+            steps = [mode_steps(args, m) for m in args.modes[i:]]
+            deadline = time.perf_counter() + left * steps[0] / sum(steps)
         run = run_mode(mode, args, deadline, save)
         med = run["median"]
         print(f"{mode:>13}: {len(run['steps'])} steps  step {med['step_s']:.2f}s  gen {med['gen_s']:.2f}s  "

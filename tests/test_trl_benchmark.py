@@ -24,7 +24,6 @@ def cut_run(tmp_path_factory):
     return trl_grpo.main(argv), json.loads(out.read_text())
 
 
-@pytest.mark.slow  # two TRL runs of the tiny model: ~25 s with TRL's import
 def test_budget_stops_each_mode_after_the_step_that_passes_it(cut_run):
     rc, result = cut_run
     assert rc == 0
@@ -37,7 +36,6 @@ def test_budget_stops_each_mode_after_the_step_that_passes_it(cut_run):
         assert step["reward"] is not None and "sampling/importance_sampling_ratio/mean" in step
 
 
-@pytest.mark.slow  # two TRL runs of the tiny model: ~25 s with TRL's import
 def test_exact_mode_records_a_zero_logp_difference_at_every_step(cut_run):
     _, result = cut_run
     exact, fast = result["runs"]
