@@ -94,15 +94,26 @@ class Admissions:
         return Admissions(self.recorded, replaying=True)
 
 
-@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def pair(llama_dir, request):
+def engine_pair(model_dir: str, device: str = "cpu", **options) -> tuple[tuple[Engine, Engine], list[dict]]:
     """(step by step, look-ahead) engines and three weight sets: the checkpoint's and two perturbations."""
-    engines = tuple(make_engine(llama_dir, a, device=request.param) for a in (False, True))
+    engines = tuple(make_engine(model_dir, a, device=device, **options) for a in (False, True))
     base = {k: v.clone() for k, v in hf_named_weights(engines[0].model)}
     g = torch.Generator().manual_seed(7)
     weights = [base] + [{k: v + (0.03 * s * torch.randn(v.shape, generator=g)).to(v) * v.float().std().to(v)
                          for k, v in base.items()} for s in (1, 2)]
     return engines, weights
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def pair(llama_dir, request):
+    return engine_pair(llama_dir, request.param)
+
+
+@pytest.fixture(scope="module")
+def three_seats(llama_dir):
+    """More requests than seats: sequences wait while others decode with look-ahead steps; a seat freed by a
+    stop is filled a step later."""
+    return engine_pair(llama_dir, num_blocks=24, max_num_seqs=3)
 
 
 # ------------------------------------------------------------------------------------------ random programs
@@ -223,9 +234,8 @@ UNUSED_BLOCK = ("the look-ahead step takes a block from the free list's head for
                 "re-admitted later finds fewer cached tokens")
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=UNUSED_BLOCK))
-                                  if s == 5 else s for s in range(12)])
-def test_random_programs_give_the_same_calls_and_rollouts(pair, seed):
+def check_program(pair: tuple[tuple[Engine, Engine], list[dict]], seed: int) -> None:
+    """Program `seed` gives the same log on both engines, and took look-ahead steps."""
     (step_by_step, ahead), weights = pair
     program = random_program(seed)
     used = ahead.pipeline.num_ahead_used
@@ -234,7 +244,18 @@ def test_random_programs_give_the_same_calls_and_rollouts(pair, seed):
     want = run_program(step_by_step, weights, program, admissions.replay())
     assert got == want
     assert step_by_step.pipeline.num_ahead_used == 0
-    assert ahead.pipeline.num_ahead_used > used  # each program took look-ahead steps (1 to 30 of them)
+    assert ahead.pipeline.num_ahead_used > used  # each program took look-ahead steps (1 to 54 of them)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=UNUSED_BLOCK))
+                                  if s == 5 else s for s in range(12)])
+def test_random_programs_give_the_same_calls_and_rollouts(pair, seed):
+    check_program(pair, seed)
+
+
+@pytest.mark.parametrize("seed", range(100, 106))
+def test_random_programs_with_more_requests_than_seats(three_seats, seed):
+    check_program(three_seats, seed)
 
 
 # ------------------------------------------------------------------------------------------------ edge cases
