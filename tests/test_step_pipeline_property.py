@@ -74,15 +74,17 @@ class Admissions:
     num_replayed: int = 0
 
     def step(self, engine: Engine) -> list[Rollout]:
-        if not self.replaying:
-            self.recorded.append(engine.pipeline.ahead is None)
-            return engine.step()
-        allowed = self.recorded[self.num_replayed] if self.num_replayed < len(self.recorded) else True
-        self.num_replayed += 1
         schedule = engine.scheduler.schedule
+        if not self.replaying:
+            def schedule_as_recorded(admit: bool = True):
+                self.recorded.append(admit)  # what the engine allowed (a void look-ahead step lets it admit)
+                return schedule(admit=admit)
+        else:
+            allowed = self.recorded[self.num_replayed] if self.num_replayed < len(self.recorded) else True
+            self.num_replayed += 1
 
-        def schedule_as_recorded(admit: bool = True):
-            return schedule(admit=allowed)
+            def schedule_as_recorded(admit: bool = True):
+                return schedule(admit=allowed)
 
         engine.scheduler.schedule = schedule_as_recorded
         try:
@@ -247,9 +249,10 @@ def check_program(pair: tuple[tuple[Engine, Engine], list[dict]], seed: int) -> 
     assert ahead.pipeline.num_ahead_used > used  # each program took look-ahead steps (1 to 54 of them)
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=UNUSED_BLOCK))
-                                  if s == 5 else s for s in range(12)])
-def test_random_programs_give_the_same_calls_and_rollouts(pair, seed):
+@pytest.mark.parametrize("seed", range(12))
+def test_random_programs_give_the_same_calls_and_rollouts(pair, seed, request):
+    if seed == 5 and pair[0][0].device.type == "cpu":  # bf16 on CUDA samples other tokens: another program
+        request.applymarker(pytest.mark.xfail(strict=True, reason=UNUSED_BLOCK))
     check_program(pair, seed)
 
 
@@ -433,6 +436,32 @@ def test_prefix_cache_after_an_update_serves_no_older_blocks(pair):
         engine.update_weights(weights[1])  # idle: an empty cache, the same weights
         assert fields_of(engine.generate([prompt], greedy)[0])[4:8] == fields_of(after)[4:8]
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("in_flight", ["keep", "recompute"])
+def test_a_block_a_look_ahead_step_took_before_an_update_serves_no_older_prefix(llama_dir, in_flight):
+    """The look-ahead step of a growing sequence takes the last free block, the first block of a cached prompt;
+    the weights are updated and the sequence aborted before it used the block. Whatever the look-ahead step
+    does with that block afterwards, a request with the prompt's first block is computed under the new weights."""
+    long_prompt = list(range(100, 124))
+    shares_a_block = long_prompt[:4] + [7, 7, 7]
+    greedy = SamplingParams(temperature=0, max_tokens=3)
+    for async_scheduling in (False, True):
+        engine = make_engine(llama_dir, async_scheduling, 8)
+        new = {k: v * 1.05 for k, v in hf_named_weights(engine.model)}
+        engine.generate([long_prompt], SamplingParams(temperature=0, max_tokens=2))  # blocks 0-5 cached
+        engine.add_request([40, 41, 42], SamplingParams(temperature=0, max_tokens=27, ignore_eos=True), "grows")
+        engine.step()
+        while len(engine.scheduler.running[0].output_ids) < 26:  # its next token, at position 28, needs block 8
+            engine.step()
+        engine.update_weights(new, in_flight=in_flight)
+        engine.abort("grows")
+        after = engine.generate([shares_a_block], greedy)[0]
+        engine.update_weights(new)  # idle: an empty prefix cache, the same weights
+        fresh = engine.generate([shares_a_block], greedy)[0]
+        assert after.num_cached_prompt_tokens == 0, async_scheduling
+        assert (after.output_ids, after.output_logprobs) == (fresh.output_ids, fresh.output_logprobs)
+        assert all_blocks_free(engine)
 
 
 def test_refused_update_and_request_between_steps_leave_the_queued_step_usable(pair):
