@@ -279,7 +279,7 @@ class Engine:
 
     def _step(self) -> tuple[list[Rollout], Exception | None]:
         """step(), also returning the exception that failed the step's requests (None if none did)."""
-        batch = self.scheduler.schedule(admit=self.pipeline.ahead is None)
+        batch = self.scheduler.schedule(admit=self.pipeline.admits(self.weight_version))
         if not batch.seqs:
             self.pipeline.discard()
             return [], None

@@ -25,16 +25,64 @@ allocated without preemption, or `EngineConfig.async_scheduling` is off.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from parity.engine.block_manager import BlockManager
 from parity.engine.config import EngineConfig
 from parity.engine.model_runner import ForwardOutput, ModelRunner
 from parity.engine.sampler import PendingSample, prompt_logprobs, sample_sequences, to_device
 from parity.engine.scheduler import ScheduledBatch, Scheduler, StepOutput
-from parity.engine.sequence import Sequence
+from parity.engine.sequence import Sequence, SequenceStatus
 from parity.models.decoder import DecoderModel
+
+
+@dataclass
+class Reserved:
+    """A block a look-ahead step took from the free list's head for `seq`'s next slot, with the prefix-cache
+    entry that taking it evicted and (for a cached block) the K/V its first slot held before the look-ahead
+    wrote there, so that the block can go back exactly as it was if `seq` never uses it."""
+
+    seq: Sequence
+    block: int
+    old_hash: int | None
+    old_tokens: tuple[int, ...] | None
+    was_cached: bool
+    saved: torch.Tensor | None  # kv_cache[:, :, block, 0] before the look-ahead step
+    returned: bool = False
+
+    @classmethod
+    def take(cls, bm: BlockManager, kv_cache: torch.Tensor, seq: Sequence, num_tokens: int) -> Reserved:
+        """Allocate `seq` the block its `num_tokens`-th token needs (the free list's head), recording it."""
+        block = next(iter(bm.free))
+        old = bm.block_hash.get(block)
+        saved = kv_cache[:, :, block, 0].clone() if old is not None else None
+        r = cls(seq, block, old, bm.block_tokens.get(block), old is not None and bm.cached.get(old) == block, saved)
+        bm.allocate(seq, num_tokens)
+        return r
+
+    def give_back(self, bm: BlockManager, kv_cache: torch.Tensor, restore_cache: bool) -> None:
+        """Undo the reservation of a sequence that never used the block (it stopped, was aborted or failed, or the
+        look-ahead step was not launched): free again at the head of the list and, unless the prefix cache was
+        emptied since (`restore_cache` False: new weights), with its K/V and cached prefix back."""
+        if self.returned:
+            return
+        self.returned = True
+        if self.block in self.seq.block_table:  # still the sequence's (a look-ahead step not launched)
+            self.seq.block_table.remove(self.block)
+            bm.ref_counts[self.block] -= 1
+            if bm.ref_counts[self.block] == 0:
+                bm.free[self.block] = None
+        if self.block not in bm.free:
+            return
+        bm.free.move_to_end(self.block, last=False)
+        if restore_cache and self.saved is not None and self.block not in bm.block_hash:
+            kv_cache[:, :, self.block, 0].copy_(self.saved)
+            bm.block_hash[self.block] = self.old_hash
+            bm.block_tokens[self.block] = self.old_tokens
+            if self.was_cached and self.old_hash not in bm.cached:
+                bm.cached[self.old_hash] = self.block
 
 
 @dataclass
@@ -50,6 +98,7 @@ class LaunchedStep:
     positions: list[int]
     sampled_seqs: list[int]
     rows: list[int] | None = None
+    reserved: list[Reserved] = field(default_factory=list)  # blocks a look-ahead step took for its slots
 
     def sample_rows(self) -> list[int]:
         return list(range(len(self.sampled_seqs))) if self.rows is None else self.rows
@@ -85,15 +134,40 @@ class StepPipeline:
 
     def discard(self) -> None:
         """Forget the look-ahead step (the engine failed a step, or nothing is scheduled)."""
-        self.num_ahead_discarded += self.ahead is not None
+        if self.ahead is not None:
+            self.num_ahead_discarded += 1
+            self._give_back(self.ahead.reserved)
         self.ahead = None
+
+    def admits(self, weight_version: int) -> bool:
+        """Called before each schedule: gives back the blocks reserved for sequences that left since (aborted,
+        failed, dropped for recomputation), and says whether the schedule may admit waiting sequences: not
+        while a look-ahead step that can still be taken is pending (same weights, some of its sequences running)."""
+        ahead = self.ahead
+        if ahead is None:
+            return True
+        self._give_back(ahead.reserved, restore_cache=ahead.weights[0] == weight_version)
+        if ahead.weights != self._weights(weight_version) or not any(
+                s.status == SequenceStatus.RUNNING for s in ahead.batch.seqs):
+            self.discard()
+            return True
+        return False
+
+    def _weights(self, weight_version: int) -> tuple[int, int]:
+        # weights written in place outside update_weights (a test, a hook) also void the look-ahead step
+        return weight_version, sum(p._version for p in self._params)
+
+    def _give_back(self, reserved: list[Reserved], all_of_them: bool = False, restore_cache: bool = True) -> None:
+        """Give back the reserved blocks of sequences that no longer run (all of them: the step was not launched)."""
+        for r in reversed(reserved):  # the last taken goes back first, so the list's order is restored
+            if all_of_them or r.seq.status != SequenceStatus.RUNNING:
+                r.give_back(self.scheduler.block_manager, self.runner.kv_cache, restore_cache)
 
     def run(self, batch: ScheduledBatch, weight_version: int) -> list[Sequence]:
         """Run the scheduled `batch` (the look-ahead step when it is this batch's), queue the next decode step
         when it can be known now, book `batch`'s results and return the sequences that finished."""
         ahead, self.ahead = self.ahead, None
-        # weights written in place outside update_weights (a test, a hook) also void the look-ahead step
-        weights = (weight_version, sum(p._version for p in self._params))
+        weights = self._weights(weight_version)
         step = ahead.taken_for(batch, weights) if ahead is not None else None
         self.num_ahead_used += step is not None
         self.num_ahead_discarded += ahead is not None and step is None
@@ -101,7 +175,10 @@ class StepPipeline:
             step = self._launch(batch, weights)
         if self.enabled:
             self.ahead = self._launch_next(step)
-        return self._book(step)
+        finished = self._book(step)
+        if self.ahead is not None:
+            self._give_back(self.ahead.reserved)  # blocks of sequences that stopped at this step
+        return finished
 
     def _launch(self, batch: ScheduledBatch, weights: tuple[int, int]) -> LaunchedStep:
         forward = self.runner.execute(batch)
@@ -115,7 +192,17 @@ class StepPipeline:
 
     def _launch_next(self, step: LaunchedStep) -> LaunchedStep | None:
         """Queue the decode step that follows `step` for the sequences that will still run after it, or None
-        when that step cannot be known before `step` is booked."""
+        when that step cannot be known before `step` is booked (then no block stays reserved)."""
+        reserved: list[Reserved] = []
+        try:
+            ahead = self._queue_next(step, reserved)
+        except Exception:  # e.g. inf/nan in an eager look-ahead forward: that step runs (and fails) on its own
+            ahead = None
+        if ahead is None:
+            self._give_back(reserved, all_of_them=True)
+        return ahead
+
+    def _queue_next(self, step: LaunchedStep, reserved: list[Reserved]) -> LaunchedStep | None:
         batch, sched = step.batch, self.scheduler
         if step.sample is None or len(step.sampled_seqs) != len(batch.seqs) or len(sched.running) != len(batch.seqs):
             return None
@@ -124,15 +211,17 @@ class StepPipeline:
             return None  # a seat is free for a waiting sequence: the next step admits it
         rows: list[int] = []
         positions: list[int] = []
-        allocate = self.scheduler.block_manager.allocate
+        bm = self.scheduler.block_manager
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.num_tokens + 1 >= seq.max_len:  # this step's token ends it by length
                 continue
             if seq.params.shapes_logits_with_history or seq.params.return_routed_experts:
                 return None
             position = seq.num_computed_tokens + n
-            if not allocate(seq, position + 1):
-                return None
+            if bm.blocks_needed(position + 1) > len(seq.block_table):
+                if not bm.free:
+                    return None
+                reserved.append(Reserved.take(bm, self.runner.kv_cache, seq, position + 1))
             rows.append(i)
             positions.append(position)
         if not rows:
@@ -147,7 +236,7 @@ class StepPipeline:
         sample = sample_sequences(forward.logits, seqs, self.eos_token_ids, self.scheduler.token_counts,
                                   self.model.kernels.log_softmax, steps=[len(s.output_ids) + 1 for s in seqs])
         return LaunchedStep(ScheduledBatch(seqs, [1] * len(seqs)), forward, sample, step.weights, positions,
-                            forward.sampled_seqs)
+                            forward.sampled_seqs, reserved=reserved)
 
     def _book(self, step: LaunchedStep) -> list[Sequence]:
         batch, forward = step.batch, step.forward
