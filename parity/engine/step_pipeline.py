@@ -17,6 +17,15 @@ of throwing the queued step away. A sample's tokens do not depend on when it was
 mode gives the same bits; in fast mode a dropped row or a later admission changes the batch a step ran in,
 so, as with any change of batching there, logprobs agree to rounding.
 
+A block the look-ahead step takes for a sequence that then never uses it (it stopped, was aborted or failed)
+goes back to the head of the free list with its prefix-cache entry and the K/V the look-ahead overwrote.
+Known differences from step by step: several sequences crossing a block boundary in one look-ahead step,
+one of which stops, end up holding other block ids (the free list's later order, hence which cached prefix
+is evicted next, can differ); a weight written through `Parameter.data` bumps no version counter, so the
+step queued before it runs under the old weights (write weights with update_weights or in place on the
+parameter); and a request added between steps is admitted a step later (under newer weights if an update
+comes in between).
+
 No look-ahead when: a sequence is still prefilling or a seat is free for a waiting one (the next step
 differs), a sequence uses the token-history processors (penalties, logit_bias, allowed_token_ids,
 min_tokens: their counts need this step's tokens on the host) or records routed experts, a slot cannot be
