@@ -536,13 +536,18 @@ def test_a_look_ahead_block_never_used_leaves_the_prefix_cache_as_step_by_step(l
     assert cached[1] == cached[0]
 
 
-def test_a_look_ahead_step_that_fails_does_not_fail_the_step_before_it(llama_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_look_ahead_step_that_fails_does_not_fail_the_step_before_it(llama_dir, device, request):
     """A token whose embedding overflows fp16 (finite weights: update_weights accepts them) is a stop token, so
     step by step it is sampled but never fed to the model. The look-ahead step feeds it: its inf/nan must not
-    fail the step that sampled it (nor the other requests of that step)."""
+    fail the step that sampled it, nor the other requests of that step, nor the one that decodes on after it
+    (on CUDA the look-ahead replays the decode graph, whose inf/nan flag covers the dropped row too)."""
+    if device == "cuda":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the decode graph's inf/nan flag of a taken "
+                                              "look-ahead step covers the row of a sequence that stopped"))
     results = []
     for async_scheduling in (False, True):
-        engine = Engine.from_pretrained(llama_dir, device="cpu", dtype="fp16", block_size=BLOCK,
+        engine = Engine.from_pretrained(llama_dir, device=device, dtype="fp16", block_size=BLOCK,
                                         kv_cache_memory=1 << 22, async_scheduling=async_scheduling)
         prompt = [5, 6, 7, 8, 9]
         probe = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4))[0].output_ids
@@ -557,12 +562,15 @@ def test_a_look_ahead_step_that_fails_does_not_fail_the_step_before_it(llama_dir
             engine.generate([prompt + [stop]], SamplingParams(temperature=0, max_tokens=1))
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop]), "stops")
         engine.add_request([40, 41, 42], SamplingParams(temperature=0, max_tokens=2), "beside")
+        # greedy, this one never samples the overflowing token (most prompts here do within a few tokens)
+        engine.add_request([70, 71, 72], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), "goes on")
         steps = []
         while engine.has_unfinished():
             steps.append([(r.request_id, r.output_ids, r.finish_reason, r.stop_reason) for r in engine.step()])
         results.append(steps)
     finished = {r[0]: r for s in results[0] for r in s}
     assert finished["stops"][2:] == ("stop", stop) and finished["beside"][2] == "length"
+    assert finished["goes on"][2] == "length" and len(finished["goes on"][1]) == 6
     assert results[1] == results[0]
 
 
