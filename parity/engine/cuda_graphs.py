@@ -7,8 +7,9 @@ real sequences. Attention reads everything it needs from device tensors (`seq_le
 and the split-KV count is fixed by `max_model_len`, so one graph serves every context length. Kernels
 used under capture must not read the host lists of AttentionMetadata: they are placeholders here.
 
-The model's inf/nan check (`check_finite`) cannot sync inside a graph, so each graph also writes one flag,
-`finite`, that the runner reads after the replay (and re-runs the step eagerly to name the layer).
+The model's inf/nan check (`check_finite`) cannot sync inside a graph, so each graph also writes a flag per
+row, `finite`, that the runner reads after the replay (and re-runs the step eagerly to name the layer); per
+row, so that a row whose result is dropped (a look-ahead step's row of a sequence that stopped) fails nobody.
 
 Graphs hold raw pointers: weight updates must copy into the existing parameters (weight sync does),
 and anything that reallocates the KV cache or the weights calls `ModelRunner.invalidate_cuda_graphs()`.
@@ -48,7 +49,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=device)
-        self.finite = torch.ones((), dtype=torch.bool, device=device)  # the replayed step's hidden states were finite
+        self.finite = torch.ones(n, dtype=torch.bool, device=device)  # per row: the replayed step's hidden states were finite
         # Recorded after the host-to-device copies: the pinned mirrors are rewritten only once they have landed
         # (the previous step may still be queued when the host prepares the next one).
         self._copied = torch.cuda.Event()
@@ -70,7 +71,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> None:
         hidden = self.model(self.i64[0, :bs], self.i64[1, :bs], meta, self.layer_caches)
-        torch.all(torch.isfinite(hidden), out=self.finite)  # the model's own check cannot run inside a graph
+        torch.all(torch.isfinite(hidden), dim=-1, out=self.finite[:bs])  # the model's own check cannot run in a graph
         self.logits[:bs] = self.model.compute_logits(hidden)
 
     @torch.inference_mode()

@@ -54,7 +54,7 @@ class ForwardOutput:
     logits: torch.Tensor | None
     sampled_seqs: list[int]
     prompt_hidden: list[PromptHidden]
-    finite: HostCopy | None = None
+    finite: HostCopy | None = None  # bool per row of the forward
 
 
 @dataclass
@@ -449,7 +449,7 @@ class ModelRunner:
             [seq.block_table for seq in seqs],
         )
         # the flag is overwritten by the next replay: its own copy goes to the host with the step's results
-        finite = HostCopy(graphs.finite.clone()) if self.model.check_finite else None
+        finite = HostCopy(graphs.finite[: len(seqs)].clone()) if self.model.check_finite else None
         return ForwardOutput(logits, list(range(len(seqs))), [], finite)
 
     def raise_nonfinite(self, batch: ScheduledBatch) -> None:

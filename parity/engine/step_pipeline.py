@@ -249,8 +249,10 @@ class StepPipeline:
 
     def _book(self, step: LaunchedStep) -> list[Sequence]:
         batch, forward = step.batch, step.forward
-        if forward.finite is not None and not bool(forward.finite.wait()[0]):
-            self.runner.raise_nonfinite(batch)
+        if forward.finite is not None:  # the rows of this batch's sequences (a taken look-ahead step may have more)
+            finite = forward.finite.wait()[0]
+            if not bool((finite if step.rows is None else finite[step.rows]).all()):
+                self.runner.raise_nonfinite(batch)
         sampled = None
         if step.sample is not None:
             sampled = step.sample.result(step.rows)
