@@ -484,6 +484,23 @@ def test_refused_update_and_request_between_steps_leave_the_queued_step_usable(p
     assert engines[1].pipeline.num_ahead_used - used >= 2 * 8
 
 
+@pytest.mark.xfail(strict=True, reason="admission deferred by a pending look-ahead step: groups admitted in the "
+                   "last step start a step later, so the partial rollouts carry fewer tokens")
+def test_generate_groups_returns_the_same_groups_and_partial_rollouts(llama_dir):
+    """Over-sampling for the tail (more groups than seats, admitted in bursts): the complete groups and the
+    partial rollouts that a trainer carries across its weight update are those of step by step."""
+    prompts = [[10 + i, 20 + i, 30 + i] for i in range(12)]
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=10)
+    results = []
+    for async_scheduling in (False, True):
+        engine = make_engine(llama_dir, async_scheduling, 64, max_num_seqs=8)
+        complete, partial = engine.generate_groups(prompts, params, num_groups_wanted=4, admit_seats=2)
+        results.append(([[fields_of(r) for r in group] for group in complete], [fields_of(r) for r in partial]))
+        assert all_blocks_free(engine)
+    assert results[1][0] == results[0][0]  # the complete groups are the same
+    assert results[1][1] == results[0][1]
+
+
 @pytest.mark.xfail(strict=True, reason="a write through Parameter.data bumps no version counter: the look-ahead "
                    "step launched under the old weights is taken")
 def test_a_weight_written_through_data_between_steps_voids_the_queued_step(pair):
