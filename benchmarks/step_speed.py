@@ -1,13 +1,12 @@
 """What an engine step costs at small and large batch, and what async scheduling (parity.engine.step_pipeline)
-and the one-kernel gate/up + SiLU (parity.kernels.triton.mlp) buy, one engine, one process.
+buys, one engine, one process.
 
 Qwen3-0.6B shapes (random init, bf16, HF format), fast mode, max_model_len 8192. With async scheduling off,
 then on (same engine: same KV pool, same compiled kernels; the order alternates per round, so drift within
 the process shows): workload A (256 prompts U[100, 1024], 512 greedy tokens, EOS ignored) and B (output
 lengths U[100, 1024], temperature 0.6) output tok/s, batch-1 ms per token (256 tokens after a 100-1024-token
 prompt), and decode steps at batch 1 and 256 at context 1024 (whole engine step against the CUDA graph's
-replay alone). Then the kernels of a batch-1 step by name (torch.profiler sees inside graphs), and batch 1
-with the fused gate/up + SiLU off and on (graphs captured again for each).
+replay alone). Then the kernels of a batch-1 step by name (torch.profiler sees inside graphs).
 
   python -m benchmarks.step_speed --out $OUT            # on the GPU: about 100 s on an H200
   python -m benchmarks.step_speed --smoke --out /tmp/ss  # tiny model on CPU: checks the script only
@@ -69,23 +68,6 @@ def batch1_kernels(engine: Engine, context: int, steps: int, top: int) -> dict:
     }
 
 
-def fused_mlp_ab(engine: Engine, prompt: list[int], args, clock: tp.Clock) -> list[dict]:
-    """Batch 1 with the one-kernel gate/up + SiLU (fast.FUSED_MLP_MAX_ROWS rows) and without (0): ms per
-    token and the decode step; the graphs are captured again for each setting."""
-    from parity.kernels.triton import fast
-
-    default, rows = fast.FUSED_MLP_MAX_ROWS, []
-    for max_rows in (0, default):
-        fast.FUSED_MLP_MAX_ROWS = max_rows
-        engine.runner.invalidate_cuda_graphs()
-        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # capture
-        rows.append({"fused_mlp_max_rows": max_rows,
-                     "batch1_ms_per_token": batch1_ms_per_token(engine, prompt, args.batch1_tokens, clock),
-                     "decode": tp.decode_timing(engine, 1, args.context, 16, None, clock)})
-    fast.FUSED_MLP_MAX_ROWS = default
-    return rows
-
-
 def measure(engine: Engine, enabled: bool, args, prompts, lens_b, clock: tp.Clock) -> dict:
     engine.pipeline.enabled = enabled
     used, discarded = engine.pipeline.num_ahead_used, engine.pipeline.num_ahead_discarded
@@ -138,8 +120,6 @@ def main() -> None:
                 (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
         results["batch1_kernels"] = batch1_kernels(engine, args.context, 20, 25)  # on CPU: no kernels listed
         (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
-        results["fused_mlp"] = fused_mlp_ab(engine, prompts[1], args, clock)
-        (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
     print(summary(results["runs"]))
     if results.get("batch1_kernels"):
         k = results["batch1_kernels"]
@@ -147,10 +127,6 @@ def main() -> None:
               f"{k['wall_ms_per_step_traced']:.3f} ms wall (traced)")
         for r in k["top"]:
             print(f"  {r['us_per_step']:8.1f} us {r['per_step']:6.1f}x  {r['name']}")
-    for row in results.get("fused_mlp", []):
-        d = row["decode"]
-        print(f"gate/up + SiLU fused up to {row['fused_mlp_max_rows']} rows: batch 1 {row['batch1_ms_per_token']:.3f} "
-              f"ms/token, step {d['engine_step_ms']:.3f} ms, graph {d.get('graph_replay_ms', float('nan')):.3f} ms")
 
 
 def summary(runs: list[dict]) -> str:

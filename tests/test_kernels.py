@@ -157,26 +157,6 @@ def test_silu_and_mul(device, dtype):
     assert rel_err(out, reference.silu_and_mul(x)) < same_rounding_tol(dtype, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_gate_up_silu_small_batch(device, dtype, rows):
-    """The one-kernel gate/up projection + SiLU of small-batch decode vs float64 and vs the unfused path;
-    column and K counts that are not multiples of the tiles."""
-    from parity.kernels.triton import mlp
-
-    gen = torch.Generator().manual_seed(9)
-    k, inter = (96, 40) if device == "cpu" else (1024, 3072)
-    x = randn(rows, k, dtype=dtype, device=device, gen=gen)
-    w = randn(2 * inter, k, dtype=dtype, device=device, gen=gen) / k**0.5
-    out = mlp.gate_up_silu(x, w)
-    assert out.shape == (rows, inter) and out.dtype == dtype
-    # Triton's interpreter casts to bf16 by truncation, not to nearest, and the kernel rounds three times
-    slack = 2 if device == "cpu" and dtype == torch.bfloat16 else 1
-    assert rel_err(out, reference.silu_and_mul(x.double() @ w.double().t())) < slack * TOL[dtype]
-    assert rel_err(out, reference.silu_and_mul(reference.linear(x, w))) < slack * same_rounding_tol(dtype, device)
-
-
 # ------------------------------------------------------------------------------------------ attention
 def paged_case(device, dtype, cases, num_heads, num_kv_heads, head_dim, block_size, gen, shared_prefix_blocks=0):
     """A random paged cache holding `cases` = [(context_len, new_tokens)], blocks scattered with holes.
@@ -336,27 +316,3 @@ def test_fused_gumbel_argmax_equals_torch_definition(device):
     expected = (logprobs.double() + gumbel).argmax(dim=-1)
     assert torch.equal(ts.gumbel_argmax(logprobs, seeds, steps), expected)
     assert torch.equal(reference.gumbel_argmax(logprobs, seeds, steps), expected)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels run in the GPU engine tests")
-def test_engine_decode_runs_the_one_kernel_mlp_at_batch_one(model_dirs, monkeypatch):
-    """The engine in fast mode on the Triton kernels (interpreted, fp16): a batch-of-one decode goes through the
-    gate/up + SiLU kernel, and its greedy tokens and logprobs match the unfused path's."""
-    from parity import Engine, SamplingParams
-    from parity.kernels import dispatch
-    from parity.kernels.triton import fast, mlp
-
-    monkeypatch.setattr(dispatch, "device_kind", lambda x: "cuda")
-    calls = []
-    kernel = mlp.gate_up_silu
-    monkeypatch.setattr(mlp, "gate_up_silu", lambda x, w: calls.append(x.shape[0]) or kernel(x, w))
-    engine = Engine.from_pretrained(model_dirs["qwen3"], device="cpu", dtype="fp16", max_model_len=64,
-                                    kv_cache_memory=1 << 20)
-    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    fused = engine.generate([[5, 6, 7, 8, 9]], params)[0]
-    assert calls and set(calls) == {1}  # decode rows only: the 5-token prefill took cuBLAS's path
-    monkeypatch.setattr(fast, "FUSED_MLP_MAX_ROWS", 0)
-    unfused = engine.generate([[5, 6, 7, 8, 9]], params)[0]
-    assert fused.output_ids == unfused.output_ids
-    torch.testing.assert_close(torch.tensor(fused.output_logprobs), torch.tensor(unfused.output_logprobs),
-                               atol=1e-2, rtol=0)

@@ -82,14 +82,6 @@ class Kernels:
         """x @ weight.T with float32 products, sums and output (the LM head under logits_fp32)."""
         return implementation(self.mode, x, weight).linear_fp32(x, weight)
 
-    def gate_up_silu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """silu(gate) * up of the fused gate/up projection: one kernel where the implementation has one (fast
-        mode on CUDA, a few rows), else the projection then `silu_and_mul` (so the other modes keep their bits)."""
-        impl = implementation(self.mode, x, weight, bias)
-        if hasattr(impl, "gate_up_silu"):
-            return impl.gate_up_silu(x, weight, bias)
-        return impl.silu_and_mul(impl.linear(x, weight, bias))
-
     def rms_norm(self, x, weight, eps, residual=None):
         return implementation(self.mode, x, weight, residual).rms_norm(x, weight, eps, residual)
 

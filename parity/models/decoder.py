@@ -95,10 +95,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, kernels, dtype, device)
 
     def forward(self, x):
-        gate_up = self.gate_up_proj
-        if type(gate_up) is Linear:  # one kernel for a few rows in fast mode; a wrapper (a LoRA adapter) runs its own
-            return self.down_proj(self.kernels.gate_up_silu(x, gate_up.weight, gate_up.bias))
-        return self.down_proj(self.kernels.silu_and_mul(gate_up(x)))
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -1,7 +1,6 @@
 """Fast mode on CUDA without autograd: Triton kernels for the norm, RoPE (fused with the per-head q/k norm
 and the KV-cache write), SiLU, attention, sampling and the MoE routing and experts (`moe.py`); cuBLAS (torch)
-for the matmuls and the log-softmax; for a few rows (small-batch decode), the MLP's gate/up projection and
-SiLU in one kernel (`mlp.py`).
+for the matmuls and the log-softmax.
 Same signatures as `reference.py`."""
 
 from __future__ import annotations
@@ -10,19 +9,15 @@ import torch
 
 from parity.kernels import reference
 from parity.kernels.reference import linear, log_softmax
-from parity.kernels.triton import mlp
 from parity.kernels.triton.attention import attention
 from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul
 from parity.kernels.triton.moe import fused_moe, moe_route
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
-__all__ = ["apply_rotary", "attention", "fused_moe", "gate_up_silu", "gumbel_argmax", "linear", "linear_fp32",
-           "log_softmax", "moe_route", "rms_norm", "rope_and_cache", "silu_and_mul"]
-
-# Up to this many rows the gate/up projection and SiLU run as one kernel (0: always cuBLAS, then SiLU). At a
-# batch of one the step is a chain of small kernels; beyond a few rows cuBLAS's tiles win.
-FUSED_MLP_MAX_ROWS = 4
+__all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
+           "moe_route", "rms_norm",
+           "rope_and_cache", "silu_and_mul"]
 
 _MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=) on CUDA exists from torch 2.8; older builds upcast instead
 
@@ -43,12 +38,3 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16):
         return mm_fp32_out(x, weight)
     return reference.linear_fp32(x, weight)
-
-
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up of the fused gate/up projection (`reference.silu_and_mul(linear(...))`)."""
-    rows = x.numel() // x.shape[-1]
-    if bias is None and 0 < rows <= FUSED_MLP_MAX_ROWS and x.dtype == weight.dtype and x.dtype in (
-            torch.float16, torch.bfloat16):
-        return mlp.gate_up_silu(x, weight)
-    return silu_and_mul(linear(x, weight, bias))
