@@ -334,11 +334,60 @@ def test_an_engine_process_that_dies_fails_its_requests_and_health(llama_dir):
             os.kill(engine.pid, signal.SIGKILL)
             events = [line for line in lines if line.startswith("data: ")]
         error = json.loads(events[-2].removeprefix("data: "))["error"]  # the status line was out: reported in the stream
-        assert error["code"] == 503 and "engine process exited" in error["message"], events[-2:]
+        assert error["code"] == 503 and "engine process" in error["message"], events[-2:]
+        assert "killed by SIGKILL" in error["message"], events[-2:]
         assert events[-1] == "data: [DONE]"
         assert http.get("/health").status_code == 503
         after = http.post("/v1/completions", json=body)
         assert after.status_code == 503 and "engine process" in after.json()["error"]["message"]
+
+
+def test_an_engine_process_not_ready_within_the_startup_timeout_is_killed_with_a_clear_error(llama_dir):
+    from parity.server.engine_process import EngineProcess
+
+    with pytest.raises(ValueError, match="startup_timeout must be > 0 seconds, got 0"):
+        EngineProcess(llama_dir, startup_timeout=0, **OPTIONS)
+    with pytest.raises(TimeoutError, match=r"did not load .* within startup_timeout=0.01 s; killed it") as raised:
+        EngineProcess(llama_dir, startup_timeout=0.01, **OPTIONS)  # a spawned interpreter cannot even import torch
+    pid = int(str(raised.value).split("(pid ")[1].split(")")[0])
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+
+
+def test_the_server_log_shows_the_engine_process_start_up_and_readiness(llama_dir, tmp_path):
+    """`parity serve`'s stderr holds the engine process's own lines (its pid, its load) and the HTTP process's
+    readiness line with the start-up seconds, which add up as measured in each process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "parity.cli.main", "serve", llama_dir, "--port", str(port), "--dtype", "fp32",
+           "--device", "cpu", "--max-model-len", "128", "--log-level", "info", "--disable-access-log"]
+    import subprocess
+
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Uvicorn running" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200, log.read_text()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": llama_dir, "prompt": [1, 2],
+                                                                         "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    text = log.read_text()
+    engine_lines = [line for line in text.splitlines() if "[parity-engine pid" in line]
+    assert any("imports took" in line and llama_dir in line for line in engine_lines), text
+    ready = [line for line in text.splitlines() if "[parity-http pid" in line and "is ready after" in line]
+    assert len(ready) == 1, text
+    total, imports, load = (float(ready[0].split(word)[1].split(" s")[0]) for word in
+                            ("ready after ", "imports ", "Engine.from_pretrained "))
+    assert 0 < imports and 0 < load and imports + load <= total + 0.2, ready[0]  # each printed to 0.1 s
+    assert "/v1/completions" not in text  # --disable-access-log
 
 
 def test_cli_refuses_bad_arguments_before_loading(llama_dir, capsys):
@@ -346,5 +395,7 @@ def test_cli_refuses_bad_arguments_before_loading(llama_dir, capsys):
 
     assert main(["serve", llama_dir, "--port", "70000"]) == 2
     assert "--port must be in 1..65535" in capsys.readouterr().err
+    assert main(["serve", llama_dir, "--engine-startup-timeout", "0"]) == 2
+    assert "--engine-startup-timeout must be > 0 seconds, got 0.0" in capsys.readouterr().err
     assert main(["serve", "/no/such/model"]) == 2
     assert "/no/such/model" in capsys.readouterr().err

@@ -32,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="engine seed for requests without one (default 0)")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine on a thread of the HTTP process, not in a process of its own (sharing its GIL)")
+    p.add_argument("--engine-startup-timeout", type=float, default=1800.0,
+                   help="seconds the engine process may take to load the model (default 1800); then it is killed")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
     p.set_defaults(func=run)
 
 
@@ -40,15 +43,20 @@ def run(args: argparse.Namespace) -> int:
     from parity.cli.main import UsageError
 
     try:
-        from parity.server.launch import build_app, serve
+        from parity.server.launch import build_app, log_to_stderr, serve
     except ImportError as e:
         raise UsageError(f"parity serve needs the serve extra ({e.name} is missing): pip install 'parity[serve]'") from e
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if not args.engine_startup_timeout > 0:
+        raise UsageError(f"--engine-startup-timeout must be > 0 seconds, got {args.engine_startup_timeout}")
     options = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                    kv_cache_memory=args.kv_cache_memory, memory_utilization=args.memory_utilization,
                    deterministic=args.deterministic, enforce_eager=args.enforce_eager, seed=args.seed)
+    if not args.engine_in_process:
+        options["startup_timeout"] = args.engine_startup_timeout
+    log_to_stderr(args.log_level)
     app = build_app(args.model, args.served_model_name, args.api_key, engine_process=not args.engine_in_process,
                     **options)
-    serve(app, args.host, args.port, args.log_level)
+    serve(app, args.host, args.port, args.log_level, access_log=not args.disable_access_log)
     return 0

@@ -23,6 +23,7 @@ pipe close and exits.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import itertools
 import logging
 import multiprocessing
@@ -30,7 +31,9 @@ import pickle
 import queue
 import signal
 import socket
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,15 @@ from parity.engine.weight_sync import WeightSyncStats
 
 logger = logging.getLogger(__name__)
 PIPE_BUFFER_BYTES = 8 << 20  # a step's outputs for hundreds of requests fit without blocking the engine
+STARTUP_PROGRESS_S = 30.0  # how often the HTTP process logs that it still waits for the engine process
+
+
+@dataclass
+class EngineStartup:
+    """Where the engine process's start-up time went, measured in that process (seconds)."""
+
+    imports_s: float  # spawn to the engine's code running: a fresh interpreter importing torch and parity
+    load_s: float  # Engine.from_pretrained: weights, KV cache, kernels, CUDA graphs
 
 
 @dataclass
@@ -59,6 +71,7 @@ class EngineInfo:
 
     tokenizer: Any
     max_model_len: int
+    startup: EngineStartup
 
 
 def _portable(error: BaseException) -> Exception:
@@ -84,6 +97,19 @@ def _widen(conn) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PIPE_BUFFER_BYTES)
     finally:
         sock.detach()
+
+
+def _exit_status(process: multiprocessing.process.BaseProcess) -> str:
+    """How a process ended, in words: its exit code, the signal that killed it, or that it still runs."""
+    code = process.exitcode
+    if code is None:
+        return f"(pid {process.pid}) closed its pipe but is still running"
+    if code < 0:
+        try:
+            return f"(pid {process.pid}) was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"(pid {process.pid}) was killed by signal {-code}"
+    return f"(pid {process.pid}) exited with code {code}"
 
 
 # ----------------------------------------------------------------------------------- engine process
@@ -167,8 +193,26 @@ def _load_then_update(loop: EngineLoop, replies: _PipeReplies, call_id: int, fil
         call_id, lambda: loop.engine.update_weights(tensors, partial=partial, in_flight=in_flight)))
 
 
-def _engine_main(conn, model: str, options: dict, num_threads: int) -> None:
-    """The engine process: load the model, report ready (or the failure), then hand commands to the loop."""
+def _report_to_stderr(log_level: int) -> None:
+    """What the engine process says reaches the server's log: its output unbuffered (a process killed at a
+    time limit loses no lines), parity's log records on stderr, and every thread's stack on SIGUSR1."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [parity-engine pid %(process)d] %(message)s"))
+    parity_logger = logging.getLogger("parity")
+    parity_logger.addHandler(handler)
+    parity_logger.setLevel(log_level)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def _engine_main(conn, model: str, options: dict, num_threads: int, spawned_at: float,
+                 log_level: int = logging.WARNING) -> None:
+    """The engine process: load the model, report ready with its start-up times (or the failure), then hand
+    commands to the loop. `spawned_at`: the parent's time.time() at spawn (this module's imports, torch's
+    among them, ran before this function could)."""
+    _report_to_stderr(log_level)
     import torch
 
     from parity.engine.engine import Engine
@@ -176,12 +220,17 @@ def _engine_main(conn, model: str, options: dict, num_threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the HTTP process, which shuts this one down
     torch.set_num_threads(num_threads)
     lock = threading.Lock()
+    imports_s = time.time() - spawned_at
+    logger.info("imports took %.1f s since spawn; loading %s with %s", imports_s, model, options)
+    loading = time.perf_counter()
     try:
         engine = Engine.from_pretrained(model, **options)
     except BaseException as e:
+        logger.exception("loading %s failed after %.1f s", model, time.perf_counter() - loading)
         _send(conn, lock, ("failed", _portable(e)))
         return
-    _send(conn, lock, ("ready", EngineInfo(engine.tokenizer, engine.max_model_len)))
+    startup = EngineStartup(imports_s, time.perf_counter() - loading)
+    _send(conn, lock, ("ready", EngineInfo(engine.tokenizer, engine.max_model_len, startup)))
     replies = _PipeReplies(conn, lock)
     loop = EngineLoop(engine, replies)
     calls = _calls(loop)
@@ -215,32 +264,33 @@ def _engine_main(conn, model: str, options: dict, num_threads: int) -> None:
 class EngineProcess:
     """`Engine.from_pretrained(model, **options)` in a spawned process, with AsyncEngine's async API:
     generate, stream, abort, abort_all, update_weights_from_files, sleep, wake_up, weight_version,
-    is_sleeping, has_unfinished, shutdown. The constructor returns once the model is loaded (or raises its error)."""
+    is_sleeping, has_unfinished, shutdown. The constructor returns once the model is loaded (or raises its error,
+    or TimeoutError after `startup_timeout` seconds); meanwhile it logs every STARTUP_PROGRESS_S that it waits."""
 
     def __init__(self, model: str, startup_timeout: float = 1800.0, **options):
         import torch
 
+        if not startup_timeout > 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout!r}")
+        start = time.perf_counter()
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or CUDA state
         self._conn, child = ctx.Pipe(duplex=True)
         _widen(self._conn)
         _widen(child)
-        self._process = ctx.Process(target=_engine_main, args=(child, str(model), options, torch.get_num_threads()),
-                                    name="parity-engine", daemon=True)
+        self._process = ctx.Process(target=_engine_main, name="parity-engine", daemon=True, args=(
+            child, str(model), options, torch.get_num_threads(), time.time(),
+            logging.getLogger("parity").getEffectiveLevel()))
         self._process.start()
         child.close()
-        if not self._conn.poll(startup_timeout):
-            self._process.kill()
-            raise TimeoutError(f"the engine process did not load {model} within {startup_timeout} s")
-        try:
-            kind, payload = pickle.loads(self._conn.recv_bytes())
-        except EOFError:
-            self._process.join()
-            raise RuntimeError(f"the engine process exited with code {self._process.exitcode} while loading {model}"
-                               ) from None
+        logger.info("started the engine process (pid %d) to load %s", self._process.pid, model)
+        kind, payload = self._wait_ready(model, start, startup_timeout)
         if kind == "failed":
             self._process.join()
             raise payload
         self.info: EngineInfo = payload
+        self.startup_s = time.perf_counter() - start  # spawn to ready, as the HTTP process waited for it
+        logger.info("the engine process (pid %d) is ready after %.1f s (imports %.1f s, Engine.from_pretrained %.1f s)",
+                    self.pid, self.startup_s, payload.startup.imports_s, payload.startup.load_s)
         self._send_lock = threading.Lock()
         self._waiting: dict[str, asyncio.Future | asyncio.Queue] = {}  # request id -> its caller
         self._calls: dict[int, asyncio.Future] = {}
@@ -248,6 +298,25 @@ class EngineProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._lost: str | None = None  # why the engine process is gone
+
+    def _wait_ready(self, model: str, start: float, timeout: float) -> tuple[str, object]:
+        """The engine process's first message, ("ready", EngineInfo) or ("failed", error); kills it and raises
+        TimeoutError after `timeout` s, RuntimeError if it dies first."""
+        while not self._conn.poll(min(STARTUP_PROGRESS_S, max(0.0, start + timeout - time.perf_counter()))):
+            waited = time.perf_counter() - start
+            if waited >= timeout:
+                self._process.kill()
+                self._process.join(10)
+                raise TimeoutError(f"the engine process (pid {self._process.pid}) did not load {model} within "
+                                   f"startup_timeout={timeout} s; killed it (its output above shows how far it got)")
+            logger.info("still waiting for the engine process (pid %d) to load %s: %.0f s so far",
+                        self._process.pid, model, waited)
+        try:
+            return pickle.loads(self._conn.recv_bytes())
+        except EOFError:
+            self._process.join(10)
+            raise RuntimeError(f"the engine process {_exit_status(self._process)} while loading {model}, "
+                               f"after {time.perf_counter() - start:.1f} s") from None
 
     @property
     def tokenizer(self):
@@ -422,9 +491,8 @@ class EngineProcess:
     def _gone(self) -> None:
         """The pipe closed: the engine process stopped. Fail whoever still waits."""
         self._loop.remove_reader(self._conn.fileno())
-        self._process.join(1)
-        self._lost = ("the engine process was shut down" if self._closed
-                      else f"the engine process exited (code {self._process.exitcode})")
+        self._process.join(5)
+        self._lost = "the engine process was shut down" if self._closed else f"the engine process {_exit_status(self._process)}"
         error = EngineShutdownError(self._lost)
         for waiter in [*self._waiting.values(), *self._calls.values()]:
             if isinstance(waiter, asyncio.Queue):
