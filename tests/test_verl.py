@@ -305,3 +305,36 @@ def test_recipe_summary_reads_verls_file_logger(recipe, tmp_path, monkeypatch):
     for key in ("critic/score/mean", "timing_s/gen", "timing_s/update_actor"):
         assert summary["mean_after_first_step"][key] == pytest.approx(sum(d[key] for d in later) / len(later), rel=1e-12)
     assert set(summary["mean_after_first_step"]) == {"critic/score/mean", "timing_s/gen", "timing_s/update_actor"}
+
+
+def test_server_shutdown_stops_its_engine_thread_and_http_port(cluster, model_dir):
+    """A second server actor (the module's replica keeps serving): shutdown() leaves no engine thread in the
+    actor, closes the OpenAI port and refuses later requests by name."""
+    import socket
+
+    from verl.workers.rollout.replica import RolloutMode
+
+    from parity.integrations.verl import ParityServer
+
+    server = ray.remote(ParityServer).options(max_concurrency=8).remote(
+        config=rollout_config(), model_config=HFModelConfig(path=str(model_dir)), rollout_mode=RolloutMode.HYBRID,
+        replica_rank=1)
+    ray.get(server.launch_server.remote(), timeout=120)
+    address, port = ray.get(server.get_server_address.remote())
+
+    def engine_threads(actor) -> list[str]:
+        import threading
+
+        return ray.get(actor.__ray_call__.remote(
+            lambda _self: [t.name for t in threading.enumerate() if t.name == "parity-engine-loop"]))
+
+    assert engine_threads(server) == ["parity-engine-loop"]
+    assert generate(server, PROMPTS[0], "before", max_tokens=3, ignore_eos=True).stop_reason == "completed"
+    ray.get(server.shutdown.remote(), timeout=60)
+    assert engine_threads(server) == []
+    with pytest.raises(ConnectionRefusedError), socket.create_connection((address, port), timeout=5):
+        pass
+    with pytest.raises(ray.exceptions.RayTaskError, match="shut down"):
+        generate(server, PROMPTS[0], "after", max_tokens=3)
+    ray.get(server.shutdown.remote(), timeout=10)  # idempotent
+    ray.kill(server)

@@ -39,12 +39,13 @@ from typing import Any
 
 import ray
 import torch
+import uvicorn
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig, RolloutConfig
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
-from verl.workers.rollout.utils import ensure_async_iterator, run_uvicorn
+from verl.workers.rollout.utils import ensure_async_iterator
 
 from parity.engine.async_engine import AsyncEngine
 from parity.engine.engine import Engine
@@ -151,15 +152,41 @@ class ParityServer:
         self._resumed = None  # asyncio.Event, made on the actor's event loop
         self._address = ray.util.get_node_ip_address().strip("[]")
         self._port: int | None = None
-        self._http_task = None
+        self._max_model_len: int | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task | None = None
 
     async def launch_server(self) -> None:
         """Load the model (rollout.load_format is ignored: the real weights are read, the trainer's then
         overwrite them at the first sync) and serve parity's OpenAI API beside the Ray methods."""
         engine = Engine.from_pretrained(self.model_config.local_path, **engine_options(self.config))
+        self._max_model_len = engine.max_model_len
         self.engine = AsyncEngine(engine)
         app = create_app(self.engine, self.config.prometheus.served_model_name or self.model_config.local_path)
-        self._port, self._http_task = await run_uvicorn(app, None, self._address)
+        # uvicorn on this actor's event loop, kept so shutdown() can stop it (and, through the app's
+        # lifespan, the engine) instead of leaving a listening socket behind
+        self._http = uvicorn.Server(uvicorn.Config(app, host=self._address, port=0, log_level="warning"))
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                await self._http_task  # startup failed: re-raise what uvicorn raised
+                raise RuntimeError(f"the parity OpenAI server on {self._address} stopped while starting")
+            await asyncio.sleep(0.01)
+        self._port = self._http.servers[0].sockets[0].getsockname()[1]
+
+    async def shutdown(self) -> None:
+        """Stop the OpenAI server and the engine thread (in-flight requests come back aborted, later ones
+        are refused) and let go of the engine's memory. Idempotent."""
+        if self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+            self._http = self._http_task = self._port = None
+        await asyncio.to_thread(self.__ray_shutdown__)
+
+    def __ray_shutdown__(self) -> None:
+        """Ray's hook for an actor that exits gracefully (its handles gone): stop the engine thread."""
+        if self.engine is not None:
+            self.engine.shutdown()
 
     def get_server_address(self) -> tuple[str, int]:
         if self._port is None:
@@ -178,7 +205,7 @@ class ParityServer:
         prompt_ids = [int(t) for t in prompt_ids]
         default_seed = self.replica_rank + self.config.seed if self.config.full_determinism else None
         params, want_logprobs = sampling_params_from_verl(
-            sampling_params, self.config, len(prompt_ids), self.engine.engine.max_model_len, default_seed)
+            sampling_params, self.config, len(prompt_ids), self._max_model_len, default_seed)
         while self._paused:
             if self._rejecting:
                 return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps})
