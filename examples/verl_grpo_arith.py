@@ -13,7 +13,9 @@ directory (verl's FSDP trainer reads HF directories) and runs `python -m verl.tr
 the rollout sleeps while the actor trains. verl finds parity through its `verl.plugins` entry point.
 verl's file logger writes every step's metrics to `<out>/verl_<rollout>.jsonl`; `--metrics` (default
 `<out>/verl_<rollout>.json`) gets the reward and verl's phase timings per step (`timing_s/gen`,
-`timing_s/update_actor`, `timing_s/update_weights`, `timing_s/step`, ...) and their means after the first step.
+`timing_s/update_actor`, `timing_s/update_weights`, `timing_s/step`, ...) and their means after the first step,
+rewritten after every step (so a run cut short keeps what it finished), with verl's exit code and the seconds
+it took to exit after its last step at the end.
 Attention is PyTorch's SDPA (verl's default, flash-attn 2, is often not installed), without verl's
 padding removal, which packs sequences for flash-attn's varlen kernels.
 """
@@ -24,8 +26,11 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA_SOURCE = "parity/addition"
@@ -135,9 +140,12 @@ def compose(overrides: list[str]):
 
 def summarize(jsonl: Path, rollout: str) -> dict:
     """The reward and timings per step from verl's file-logger JSONL, and their means over the steps after
-    the first (which also pays for compilation and the first weight sync)."""
+    the first (which also pays for compilation and the first weight sync). Read while verl runs: a last
+    line still being written (no newline yet) is left for the next read."""
     steps = []
-    for line in jsonl.read_text().splitlines():
+    for line in jsonl.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
         record = json.loads(line)
         data = record["data"]
         steps.append({"step": record["step"],
@@ -146,6 +154,65 @@ def summarize(jsonl: Path, rollout: str) -> dict:
     keys = sorted({k for s in later for k in s} - {"step"})
     means = {k: sum(s[k] for s in later if k in s) / sum(k in s for s in later) for k in keys}
     return {"rollout": rollout, "num_steps": len(steps), "steps": steps, "mean_after_first_step": means}
+
+
+@dataclass
+class SummaryFile:
+    """The summary JSON, rewritten (atomically) whenever verl's JSONL has grown, so a run cut short (a
+    timeout, a hang at exit) keeps the steps it finished. `exit_code` is None while verl runs;
+    `seconds_after_last_step` is how long the trainer took to exit after its last step was logged."""
+
+    jsonl: Path
+    path: Path
+    rollout: str
+    overrides: list[str]
+    started: float = field(default_factory=time.monotonic)
+    _size: int = -1
+    _last_step_at: float | None = None
+
+    def update(self, exit_code: int | None = None) -> dict | None:
+        size = self.jsonl.stat().st_size if self.jsonl.exists() else 0
+        if size == 0 or (size == self._size and exit_code is None):
+            return None
+        now = time.monotonic()
+        if size != self._size:
+            self._size, self._last_step_at = size, now
+        summary = summarize(self.jsonl, self.rollout) | {
+            "exit_code": exit_code, "seconds": now - self.started,
+            "seconds_after_last_step": None if exit_code is None else now - self._last_step_at,
+            "overrides": self.overrides}
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(summary, indent=1))
+        os.replace(partial, self.path)
+        return summary
+
+
+def run_trainer(command: list[str], env: dict[str, str], summary: SummaryFile, poll_s: float = 2.0) -> int:
+    """verl's trainer as a child process; the summary follows its JSONL every `poll_s` and gets the exit
+    code at the end. A SIGTERM here (e.g. `timeout`) stops the trainer and still writes the summary."""
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    process = subprocess.Popen(command, env=env)
+    code = None
+    try:
+        while code is None:
+            try:
+                code = process.wait(timeout=poll_s)
+            except subprocess.TimeoutExpired:
+                summary.update()
+    except SystemExit as stop:
+        code = stop.code
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        summary.update(exit_code=code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,15 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     jsonl_path(args).unlink(missing_ok=True)
     command = [sys.executable, "-m", "verl.trainer.main_ppo", *options]
     print(" ".join(command), flush=True)
-    code = subprocess.call(command, env=env)
-    if jsonl_path(args).exists():
-        summary = summarize(jsonl_path(args), args.rollout) | {"exit_code": code, "overrides": options}
-        metrics = args.metrics or args.out / f"verl_{args.rollout}.json"
-        metrics.write_text(json.dumps(summary, indent=1))
-        print(f"wrote {metrics}: {summary['num_steps']} steps, mean after the first: "
-              f"{json.dumps(summary['mean_after_first_step'])}")
+    metrics = args.metrics or args.out / f"verl_{args.rollout}.json"
+    metrics.unlink(missing_ok=True)
+    summary = SummaryFile(jsonl_path(args), metrics, args.rollout, options)
+    code = run_trainer(command, env, summary)
+    if metrics.exists():
+        written = json.loads(metrics.read_text())
+        print(f"wrote {metrics}: {written['num_steps']} steps (exit {code}, "
+              f"{written['seconds_after_last_step']:.1f} s after the last one), mean after the first: "
+              f"{json.dumps(written['mean_after_first_step'])}")
     return code
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -232,9 +232,11 @@ def test_release_then_sync_as_verl_calls_it(cluster, model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def recipe():
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location("verl_grpo_arith", Path(__file__).parents[1] / "examples/verl_grpo_arith.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -338,3 +340,68 @@ def test_server_shutdown_stops_its_engine_thread_and_http_port(cluster, model_di
         generate(server, PROMPTS[0], "after", max_tokens=3)
     ray.get(server.shutdown.remote(), timeout=10)  # idempotent
     ray.kill(server)
+
+
+# a stand-in trainer: `steps` records framed as verl's FileLogger writes them (unbuffered, one JSON line each;
+# test_recipe_summary_reads_verls_file_logger reads the real logger's), a half-written record, then it waits
+FAKE_TRAINER = """
+import json, os, sys, time
+steps, linger = int(sys.argv[1]), float(sys.argv[2])
+fp = open(os.environ["VERL_FILE_LOGGER_PATH"], "wb", buffering=0)
+for step in range(1, steps + 1):
+    fp.write(json.dumps({"step": step, "data": {"critic/score/mean": 0.25 * step, "timing_s/gen": 1.0 + step}}).encode() + b"\\n")
+    time.sleep(0.3)
+fp.write(b'{"step": 99, "da')
+time.sleep(linger)
+"""
+
+
+def test_recipe_summary_follows_the_jsonl_while_verl_runs_and_keeps_it_when_cut(recipe, tmp_path, monkeypatch):
+    """The summary is on disk after each step (a half-written last record skipped) before the trainer
+    exits; SIGTERM to the recipe (as `timeout` sends it) stops the trainer and leaves the steps done."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    jsonl, metrics = tmp_path / "run.jsonl", tmp_path / "run.json"
+    env = os.environ | {"VERL_FILE_LOGGER_PATH": str(jsonl)}
+    summary = recipe.SummaryFile(jsonl, metrics, "parity", ["a=1"])
+    seen_running = []
+    update = summary.update
+
+    def spy(exit_code=None):  # what a reader of the file sees while the trainer is still running
+        written = update(exit_code)
+        if written is not None and exit_code is None:
+            seen_running.append(json.loads(metrics.read_text())["num_steps"])
+        return written
+
+    monkeypatch.setattr(summary, "update", spy)
+    code = recipe.run_trainer([sys.executable, "-c", FAKE_TRAINER, "3", "1.0"], env, summary, poll_s=0.1)
+    final = json.loads(metrics.read_text())
+    assert code == 0 and final["exit_code"] == 0 and final["num_steps"] == 3 and final["overrides"] == ["a=1"]
+    assert seen_running and seen_running == sorted(seen_running) and seen_running[-1] == 3
+    assert [s["critic/score/mean"] for s in final["steps"]] == [0.25, 0.5, 0.75]
+    assert final["mean_after_first_step"]["timing_s/gen"] == pytest.approx((3.0 + 4.0) / 2)
+    assert 0.9 <= final["seconds_after_last_step"] < final["seconds"]
+
+    # cut: the recipe's own process gets SIGTERM while the trainer lingers after its steps
+    driver = tmp_path / "driver.py"  # the recipe's run_trainer in a process of its own, to be sent SIGTERM
+    driver.write_text(
+        "import importlib.util, os, sys\nfrom pathlib import Path\n"
+        "spec = importlib.util.spec_from_file_location('recipe', sys.argv[1])\n"
+        "recipe = sys.modules['recipe'] = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(recipe)\n"
+        "summary = recipe.SummaryFile(Path(sys.argv[2]), Path(sys.argv[3]), 'parity', [])\n"
+        "sys.exit(recipe.run_trainer([sys.executable, '-c', sys.argv[4], '2', '600'], dict(os.environ), summary, 0.1))\n")
+    jsonl.unlink()
+    metrics.unlink()
+    proc = subprocess.Popen([sys.executable, str(driver), recipe.__file__, str(jsonl), str(metrics), FAKE_TRAINER],
+                            env=env)
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and json.loads(metrics.read_text())["num_steps"] == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert json.loads(metrics.read_text())["exit_code"] is None  # still running, steps already on disk
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    cut = json.loads(metrics.read_text())
+    assert cut["exit_code"] == 128 + signal.SIGTERM and cut["num_steps"] == 2

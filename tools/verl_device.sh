@@ -22,7 +22,9 @@
 # checks that `import verl` registers ("parity", "async"). `run` joins the GGUF (sha256 checked), exports it
 # once as an HF directory and runs examples/verl_grpo_arith.py (5 GRPO steps, 32 prompts x 4 samples, 64
 # tokens, colocated) within RUN_S seconds (default 420). Into $OUT:
-#   verl_parity.json    reward and verl's timing_s/* per step, their means after the first step, the overrides
+#   verl_parity.json    reward and verl's timing_s/* per step, their means after the first step, the overrides;
+#                       rewritten after every step (a run cut by RUN_S keeps its steps, exit_code 143), at the
+#                       end verl's exit code and seconds_after_last_step (how long verl took to exit)
 #   verl_parity.jsonl   every metric verl logged per step (its file logger)
 #   verl_parity.log     the trainer's console, gpu.txt (GPU, driver, torch/triton/transformers/verl/ray)
 #
