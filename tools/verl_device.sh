@@ -21,7 +21,8 @@
 # `site` unpacks the archive into /tmp/verl_site, installs parity there (its `verl.plugins` entry point) and
 # checks that `import verl` registers ("parity", "async"). `run` joins the GGUF (sha256 checked), exports it
 # once as an HF directory and runs examples/verl_grpo_arith.py (5 GRPO steps, 32 prompts x 4 samples, 64
-# tokens, colocated) within RUN_S seconds (default 420). Into $OUT:
+# tokens, colocated) within RUN_S seconds (default 420; on the H200, 12-01: ~130 s from the start to the first
+# step, 38 s for it, 13-15 s for each later one, then verl's teardown: STEPS=3 needs RUN_S >= ~240). Into $OUT:
 #   verl_parity.json    reward and verl's timing_s/* per step, their means after the first step, the overrides;
 #                       rewritten after every step (a run cut by RUN_S keeps its steps, exit_code 143), at the
 #                       end verl's exit code and seconds_after_last_step (how long verl took to exit)
