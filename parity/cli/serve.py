@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from parity.cli.main import UsageError
 
     try:
-        from parity.server.launch import build_app, log_to_stderr, serve
+        from parity.server.engine_process import log_to_stderr
+        from parity.server.launch import build_app, serve
     except ImportError as e:
         raise UsageError(f"parity serve needs the serve extra ({e.name} is missing): pip install 'parity[serve]'") from e
     if not 0 < args.port < 65536:
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                    deterministic=args.deterministic, enforce_eager=args.enforce_eager, seed=args.seed)
     if not args.engine_in_process:
         options["startup_timeout"] = args.engine_startup_timeout
-    log_to_stderr(args.log_level)
+    log_to_stderr(args.log_level, "parity-http")  # before build_app: the engine process takes its level from here
     app = build_app(args.model, args.served_model_name, args.api_key, engine_process=not args.engine_in_process,
                     **options)
     serve(app, args.host, args.port, args.log_level, access_log=not args.disable_access_log)

@@ -193,18 +193,32 @@ def _load_then_update(loop: EngineLoop, replies: _PipeReplies, call_id: int, fil
         call_id, lambda: loop.engine.update_weights(tensors, partial=partial, in_flight=in_flight)))
 
 
-def _report_to_stderr(log_level: int) -> None:
-    """What the engine process says reaches the server's log: its output unbuffered (a process killed at a
-    time limit loses no lines), parity's log records on stderr, and every thread's stack on SIGUSR1."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [parity-engine pid %(process)d] %(message)s"))
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (as logging's last-resort handler does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def log_to_stderr(log_level: int | str, role: str) -> None:
+    """parity's log records on stderr at `log_level`, each naming `role` and the pid, and every thread's stack
+    on SIGUSR1: what a server log needs to show where time went, for both of `parity serve`'s processes.
+    Calling it again replaces the handler it added."""
     parity_logger = logging.getLogger("parity")
+    for old in [h for h in parity_logger.handlers if isinstance(h, _StderrHandler)]:
+        parity_logger.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{role} pid %(process)d] %(message)s"))
     parity_logger.addHandler(handler)
-    parity_logger.setLevel(log_level)
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    parity_logger.setLevel(log_level.upper() if isinstance(log_level, str) else log_level)
+    # the process's own stderr: sys.stderr may be a capture with no file descriptor
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
 def _engine_main(conn, model: str, options: dict, num_threads: int, spawned_at: float,
@@ -212,7 +226,9 @@ def _engine_main(conn, model: str, options: dict, num_threads: int, spawned_at: 
     """The engine process: load the model, report ready with its start-up times (or the failure), then hand
     commands to the loop. `spawned_at`: the parent's time.time() at spawn (this module's imports, torch's
     among them, ran before this function could)."""
-    _report_to_stderr(log_level)
+    for stream in (sys.stdout, sys.stderr):  # unbuffered: a process killed at a time limit loses no lines
+        stream.reconfigure(line_buffering=True)
+    log_to_stderr(log_level, "parity-engine")
     import torch
 
     from parity.engine.engine import Engine

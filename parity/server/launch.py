@@ -4,10 +4,6 @@ examples, benchmarks) on an ephemeral port."""
 from __future__ import annotations
 
 import asyncio
-import faulthandler
-import logging
-import signal
-import sys
 import threading
 import time
 from collections.abc import Coroutine
@@ -32,19 +28,6 @@ def build_app(model: str, served_model_name: str | None = None, api_key: str | N
     else:
         engine = AsyncEngine.from_pretrained(model, **engine_options)
     return create_app(engine, served_model_name or str(model), api_key)
-
-
-def log_to_stderr(log_level: str) -> None:
-    """parity's log records (the engine process's start-up and failures among them) on stderr at `log_level`,
-    and every thread's stack on SIGUSR1: what a server log needs to show where time went. Call it before
-    `build_app`, whose engine process takes its level from here."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [parity-http pid %(process)d] %(message)s"))
-    parity_logger = logging.getLogger("parity")
-    parity_logger.addHandler(handler)
-    parity_logger.setLevel(log_level.upper())
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = 8000, log_level: str = "info",
