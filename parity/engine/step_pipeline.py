@@ -10,12 +10,13 @@ scheduler step would allocate anyway. The next `run` uses it when the scheduler 
 under the same weights (no update_weights, and no parameter written in place, since it was launched).
 Otherwise it is discarded and the step runs anew: its K/V writes went to slots that the new step writes
 again or that belong to sequences that are gone (GPU work on one stream is ordered, so a freed block is only
-reused after them). Between two calls every running sequence therefore looks exactly as in a step-by-step
-engine. While a look-ahead step is pending the scheduler admits no waiting sequence (`schedule(admit=False)`):
-a seat freed by a sample that stopped (learned when booking) is filled one step later, as in vLLM, instead
-of throwing the queued step away. A sample's tokens do not depend on when it was admitted: deterministic
-mode gives the same bits; in fast mode a dropped row or a later admission changes the batch a step ran in,
-so, as with any change of batching there, logprobs agree to rounding.
+reused after them). Between two calls every running sequence therefore stands where it does in a step-by-step
+engine (the same tokens booked; its block ids can differ: below). While a look-ahead step is pending the scheduler
+admits no waiting sequence (`schedule(admit=False)`): a seat freed by a sample that stopped (learned when
+booking) is filled one step later, as in vLLM, instead of throwing the queued step away. Under the same
+weights a sample's tokens do not depend on when it was admitted: deterministic mode gives the same bits; in
+fast mode a dropped row or a later admission changes the batch a step ran in, so, as with any change of
+batching there, logprobs agree to rounding.
 
 A block the look-ahead step takes for a sequence that then never uses it (it stopped, was aborted or failed)
 goes back to the head of the free list with its prefix-cache entry and the K/V the look-ahead overwrote.
