@@ -521,9 +521,9 @@ def test_a_weight_written_through_data_between_steps_voids_the_queued_step(pair)
 @pytest.mark.parametrize("case", ["stop at a cached head", "abort at a cached head", "stop, then reorder"])
 def test_a_look_ahead_block_never_used_leaves_the_prefix_cache_as_step_by_step(llama_dir, case):
     """A sequence that stops (or is aborted) after a step needs no block for the step after it; the look-ahead
-    step takes one anyway, from the free list's head. A block of the prefix cache there loses its prefix; an
-    uncached one is freed back to the tail, so the next request takes the cached block behind it. Either
-    way a later request with that prefix gets fewer cached tokens than step by step."""
+    step takes one anyway, from the free list's head (a cached block there, or an uncached one in front of a
+    cached block). It must go back to the head with its prefix and K/V, so a later request with that prefix
+    gets as many cached tokens as step by step."""
     long_prompt = list(range(100, 124))  # 6 blocks, cached after its first run; 7 with its output, 8 in all
     short = [40, 41, 42]
     probe = make_engine(llama_dir, False, 8).generate([short], SamplingParams(temperature=0, max_tokens=8,
