@@ -50,7 +50,7 @@ class EngineConfig:
         (e.g. fp16 overflow). Every precision switch is documented in parity.precision.policy.
     enforce_eager: no CUDA graphs.
     async_scheduling: queue the next decode step on the device before the host books the current one (vLLM's
-        async scheduling; results are the same, see parity.engine.step_pipeline).
+        async scheduling; results are step by step's but for the differences parity.engine.step_pipeline lists).
     """
 
     dtype: str = "auto"
