@@ -14,11 +14,12 @@ The fix: every reduction runs in an order fixed by the token's own shapes.
   Attention runs per query row over exactly the keys at positions <= its own, gathered into a fresh
   tensor whether they come from the paged KV cache (engine, any chunking) or from the packed batch
   (trainer). Slow (a Python loop per row): the CPU reference. Under autograd the trainer runs these
-  forwards with analytic backwards (`invariant_autograd.py`); autograd through the loops would cost rows x parameters.
+  forwards with analytic backwards (`invariant_autograd.py`); autograd through the loops would cost
+  rows x parameters.
 - CUDA: Triton kernels with fixed tiles (`triton/invariant.py`): matmul with tiles chosen from the
   weight's shape only and no split-K, one-pass RMSNorm per row, attention with one fixed key order
-  for prefill, decode and the trainer path, and a fixed-chunk log-softmax; gradients come from torch
-  (recomputed reference) in backward. Cost vs fast mode: benchmarks/RESULTS.md.
+  for prefill, decode and the trainer path, and a fixed-chunk log-softmax; under autograd with the same
+  analytic backwards (`triton/invariant_autograd.py`). Cost vs fast mode: benchmarks/RESULTS.md.
 Ops that are exact elementwise IEEE arithmetic (RoPE's multiply-adds, the residual add) are
 invariant already and keep their normal kernels on CPU.
 """
