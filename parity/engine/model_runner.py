@@ -409,8 +409,7 @@ class ModelRunner:
 
     def decode_inputs(self, seqs: list, positions: list[int], token_ids: torch.Tensor) -> StepInputs:
         """StepInputs of one token per sequence at `positions`, the tokens given as a device tensor."""
-        bs = self.block_size
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        slots = _decode_slots(seqs, positions, self.block_size)
         n = len(seqs)
         tables = np.zeros((n, max(len(s.block_table) for s in seqs)), dtype=np.int32)
         for i, seq in enumerate(seqs):
@@ -440,11 +439,10 @@ class ModelRunner:
 
     def _execute_graph(self, graphs, seqs: list, positions: list[int], token_ids) -> ForwardOutput:
         """Replay the decode graph: every sequence computes one token (a host list or a device tensor)."""
-        bs = self.block_size
         logits = graphs.run(
             token_ids,
             positions,
-            [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)],
+            _decode_slots(seqs, positions, self.block_size),
             [p + 1 for p in positions],
             [seq.block_table for seq in seqs],
         )
@@ -483,6 +481,11 @@ def _token_range(seq, begin: int, end: int) -> list[int]:
     if end <= num_prompt:
         return seq.prompt_ids[begin:end]
     return seq.prompt_ids[begin:] + seq.output_ids[: end - num_prompt]
+
+
+def _decode_slots(seqs: list, positions: list[int], block_size: int) -> list[int]:
+    """The cache slot of each sequence's one token at its position (a decode step)."""
+    return [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, positions)]
 
 
 def _slots(block_table: list[int], begin: int, end: int, block_size: int) -> list[int]:
