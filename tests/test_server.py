@@ -342,6 +342,33 @@ def test_an_engine_process_that_dies_fails_its_requests_and_health(llama_dir):
         assert after.status_code == 503 and "engine process" in after.json()["error"]["message"]
 
 
+def test_the_engine_process_pipe_reads_whole_step_messages_under_uvloop(llama_dir, offline):
+    """uvicorn runs on uvloop when it is installed, and uvloop makes an fd it watches non-blocking; a step's
+    message that had only partly arrived then read as a dead engine process (seen on the H200 at 256 clients).
+    Here steps' messages are megabytes (top-20 prompt and output logprobs of 16 x 4 samples finishing together)."""
+    uvloop = pytest.importorskip("uvloop")
+    from parity.server.engine_process import EngineProcess
+
+    prompts = [[3 + (5 * i + j) % 290 for j in range(300)] for i in range(16)]
+    params = SamplingParams(n=4, max_tokens=40, seed=11, temperature=1.0, ignore_eos=True, logprobs=20, prompt_logprobs=20)
+    engine = EngineProcess(llama_dir, **OPTIONS)
+
+    async def main():
+        results = await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+        return results, os.get_blocking(engine._conn.fileno())
+
+    try:
+        results, blocking = uvloop.run(asyncio.wait_for(main(), 300))
+    finally:
+        engine.shutdown()
+    assert blocking
+    want = offline.generate(prompts, params)
+    got = [rollout for samples in results for rollout in samples]
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert [r.top_logprobs for r in got] == [r.top_logprobs for r in want]
+    assert [r.prompt_logprobs for r in got] == [r.prompt_logprobs for r in want]
+
+
 def test_an_engine_process_not_ready_within_the_startup_timeout_is_killed_with_a_clear_error(llama_dir):
     from parity.server.engine_process import EngineProcess
 

@@ -443,8 +443,8 @@ class EngineProcess:
         if not self._closed:
             try:
                 self._send(("shutdown",))
-            except EngineShutdownError:
-                pass
+            except EngineShutdownError:  # the pipe is gone: the process cannot be asked, only stopped
+                self._process.kill()
             self._closed = True
         self._process.join(timeout)
         if self._process.is_alive():
@@ -456,7 +456,7 @@ class EngineProcess:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            loop.add_reader(self._conn.fileno(), self._receive)
+            threading.Thread(target=self._read, name="parity-pipe-reader", daemon=True).start()
         elif loop is not self._loop:
             raise RuntimeError("EngineProcess serves one event loop; it is bound to another")
         if not self.is_running:
@@ -470,18 +470,29 @@ class EngineProcess:
         except OSError as e:
             raise EngineShutdownError(f"the engine process is gone ({e})") from e
 
-    def _receive(self) -> None:
-        """The pipe is readable: handle every message waiting (each is one engine step's outputs)."""
+    def _read(self) -> None:
+        """The reader thread: blocking reads of whole messages (each one engine step's outputs), handed to the
+        event loop. Not the loop's add_reader: uvloop (uvicorn's choice when installed) makes a watched fd
+        non-blocking, and a message that had only partly arrived then read as a closed pipe."""
         while True:
             try:
                 message = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
-                self._gone()
+                break
+            if not self._to_loop(self._deliver, message):
                 return
-            for event in message:
-                self._dispatch(event)
-            if not self._conn.poll(0):
-                return
+        self._to_loop(self._gone)
+
+    def _to_loop(self, fn: Callable, *args) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # the event loop is closed: no one is left to tell
+            return False
+
+    def _deliver(self, message: list[tuple]) -> None:
+        for event in message:
+            self._dispatch(event)
 
     def _dispatch(self, event: tuple) -> None:
         kind, key = event[0], event[1]
@@ -506,7 +517,6 @@ class EngineProcess:
 
     def _gone(self) -> None:
         """The pipe closed: the engine process stopped. Fail whoever still waits."""
-        self._loop.remove_reader(self._conn.fileno())
         self._process.join(5)
         self._lost = "the engine process was shut down" if self._closed else f"the engine process {_exit_status(self._process)}"
         error = EngineShutdownError(self._lost)
