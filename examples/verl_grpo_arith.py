@@ -138,6 +138,17 @@ def compose(overrides: list[str]):
     return config, rollout
 
 
+def check_vllm_server_imports(env: dict[str, str]) -> None:
+    """verl imports its vLLM server (vLLM's CLI parser, OpenAI api_server, AsyncLLM) only inside a Ray actor,
+    a minute or more into the run; import it first, in a child (this process stays free of vLLM), so a vLLM
+    install that lacks a module fails at once, naming it (tools/verl_vllm_check.py: which ones 0.20.0 needs)."""
+    module = "verl.workers.rollout.vllm_rollout.vllm_async_server"
+    probe = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"--rollout vllm: verl's vLLM server ({module}) does not import: {last}")
+
+
 def summarize(jsonl: Path, rollout: str) -> dict:
     """The reward and timings per step from verl's file-logger JSONL, and their means over the steps after
     the first (which also pays for compilation and the first weight sync). Read while verl runs: a last
@@ -236,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.gpu_memory_utilization <= 1:
         parser.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    root = str(Path(__file__).resolve().parents[1])  # parity, for the reward function in verl's workers
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    if args.rollout == "vllm" and not args.print_config:
+        check_vllm_server_imports(env)
     from parity.models.loader import Checkpoint
 
     args.out = args.out.resolve()
@@ -250,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(OmegaConf.to_yaml(config))
         return 0
-    root = str(Path(__file__).resolve().parents[1])  # parity, for the reward function in verl's workers
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     jsonl_path(args).unlink(missing_ok=True)
     command = [sys.executable, "-m", "verl.trainer.main_ppo", *options]
     print(" ".join(command), flush=True)

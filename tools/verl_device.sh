@@ -16,7 +16,7 @@
 #   call 3  carry [".gguf/part2"]   bash tools/verl_device.sh run                      (timeout_s 600)
 # (the site first: if it does not install, no GGUF has travelled). Expected device time: the machine's start
 # (~1-2 min), site ~30 s, part1 ~10 s, run ~3 min (Ray and verl's workers ~1 min, model export ~15 s, parity's
-# engine and CUDA graphs, 5 steps) -- about 5 min; the vLLM calls below add about 5 min.
+# engine and CUDA graphs, 5 steps) -- about 5 min; the vLLM calls below add about 7 min.
 #
 # `site` unpacks the archive into /tmp/verl_site, installs parity there (its `verl.plugins` entry point) and
 # checks that `import verl` registers ("parity", "async"). `run` joins the GGUF (sha256 checked), exports it
@@ -29,12 +29,20 @@
 #   verl_parity.jsonl   every metric verl logged per step (its file logger)
 #   verl_parity.log     the trainer's console, gpu.txt (GPU, driver, torch/triton/transformers/verl/ray)
 #
-# verl's vLLM rollout beside it (optional, three more calls right after call 3; vLLM 0.20.0 from the peer
-# folder, built here by `bash ../shared/peers/vllm/prepare.sh` into .vl/; verl 0.9.1 pins vLLM 0.24.0):
-#   call 4  carry [".vl/a"]         bash .vl/a/gpu.sh stage .vl/a                      (timeout_s 120)
-#   call 5  carry [".vl/x"]         bash .vl/x/gpu.sh stage .vl/x                      (timeout_s 120)
-#   call 6  carry [".vl/b"]         bash .vl/b/gpu.sh install .vl/b && bash tools/verl_device.sh run-vllm
+# verl's vLLM rollout beside it (optional, four more calls right after call 3): vLLM 0.20.0, the release that
+# pins the machine's torch (verl 0.9.1 pins 0.24.0; tools/verl_vllm_check.py runs verl's vLLM path against
+# 0.20.0 on CPU: no patch needed), carried as tools/vllm_device.sh carries it (.vl/b with the tree would pass
+# 64 MiB), plus .vlx: the four wheels vLLM's OpenAI server imports that prepare.sh's deps (chosen for the
+# offline LLM) lack. Here, once:
+#   bash ../shared/peers/vllm/prepare.sh --moe && bash tools/vllm_device.sh split   # .vl2/1..4
+#   python tools/verl_vllm_check.py wheels && python tools/verl_vllm_check.py check  # .vlx/*.whl, the CPU check
+#   call 4  carry [".vl2/1"]          bash tools/vllm_device.sh stage .vl2/1           (timeout_s 120)
+#   call 5  carry [".vl2/2"]          bash tools/vllm_device.sh stage .vl2/2           (timeout_s 120)
+#   call 6  carry [".vl2/3"]          bash tools/vllm_device.sh stage .vl2/3           (timeout_s 120)
+#   call 7  carry [".vl2/4", ".vlx"]  bash tools/vllm_device.sh install && bash tools/verl_device.sh run-vllm
 #                                                                                      (timeout_s 600)
+# Calls 4-7 add about 7 min: the stages ~10 s each, install ~40 s, run-vllm ~5-6 min (Ray and verl ~1 min,
+# vLLM's start ~70 s with torch.compile, verl turns its compile cache off, and CUDA graphs; 5 steps; teardown).
 # VERL_OVERRIDES="key=value ..." adds Hydra overrides of verl's config to both runs (e.g. trainer.total_training_steps=3).
 # `run-vllm` is `run` with rollout.name=vllm (same overrides; the model exported by call 3): verl_vllm.json,
 # verl_vllm.jsonl, verl_vllm.log.
@@ -84,6 +92,8 @@ run)
   recipe parity
   ;;
 run-vllm)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite .vlx/*.whl \
+    || { echo "vLLM's server wheels missing: carry .vlx (python tools/verl_vllm_check.py wheels)"; exit 6; }
   recipe vllm /tmp/vsite
   ;;
 *)
