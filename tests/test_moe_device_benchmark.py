@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from benchmarks.moe_device import SMOKE, decode_step_bytes
+from benchmarks.moe_device import SMOKE, decode_step_bytes, live_group_members, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +44,15 @@ def test_smoke_run_writes_every_part(tmp_path):
     # batch 1 subtracts a timed prefill: on shared CPU cores with 4 decode steps its sign is noise, so only present
     assert {"fast_batch1_ms_per_token", "deterministic_batch1_ms_per_token"} <= set(res)
     assert {"batch1", "workload_a"} <= set(res["scaling_to_48_layers"])
+
+
+def test_a_worker_that_exits_leaving_a_child_behind_has_the_child_killed():
+    """vLLM's engine-core process outlives the worker's os._exit and kept the GPU memory that the parity engine
+    started next needed (H200: a negative KV budget): the worker's whole session is stopped."""
+    code = ("import os, subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            "os._exit(0)")
+    worker = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    assert worker.wait(timeout=60) == 0
+    assert len(live_group_members(worker.pid)) == 1  # the child, still running
+    assert "killed" in stop_process_group(worker.pid)
+    assert live_group_members(worker.pid) == []
