@@ -46,6 +46,7 @@ from parity.engine.sampler import PendingSample, prompt_logprobs, sample_sequenc
 from parity.engine.scheduler import ScheduledBatch, Scheduler, StepOutput
 from parity.engine.sequence import Sequence, SequenceStatus
 from parity.models.decoder import DecoderModel
+from parity.precision.policy import NonFiniteActivationError
 
 
 @dataclass
@@ -206,8 +207,8 @@ class StepPipeline:
         reserved: list[Reserved] = []
         try:
             ahead = self._queue_next(step, reserved)
-        except Exception:  # e.g. inf/nan in an eager look-ahead forward: that step runs (and fails) on its own
-            ahead = None
+        except NonFiniteActivationError:  # inf/nan in an eager look-ahead forward: that step runs, and fails
+            ahead = None                  # with this error, on its own when the scheduler picks it
         if ahead is None:
             self._give_back(reserved, all_of_them=True)
         return ahead
