@@ -1,7 +1,8 @@
 """What an engine step costs at small and large batch, and what async scheduling (parity.engine.step_pipeline)
 buys, one engine, one process.
 
-Qwen3-0.6B shapes (random init, bf16, HF format), fast mode, max_model_len 8192. With async scheduling off,
+Qwen3-0.6B shapes (random init, bf16, HF format), fast mode (`--deterministic`: the batch-invariant one),
+max_model_len 8192. With async scheduling off,
 then on (same engine: same KV pool, same compiled kernels; the order alternates per round, so drift within
 the process shows): workload A (256 prompts U[100, 1024], 512 greedy tokens, EOS ignored) and B (output
 lengths U[100, 1024], temperature 0.6) output tok/s, batch-1 ms per token (256 tokens after a 100-1024-token
@@ -9,6 +10,7 @@ prompt), and decode steps at batch 1 and 256 at context 1024 (whole engine step 
 replay alone). Then the kernels of a batch-1 step by name (torch.profiler sees inside graphs).
 
   python -m benchmarks.step_speed --out $OUT            # on the GPU: about 100 s on an H200
+  python -m benchmarks.step_speed --out $OUT --deterministic --rounds 0   # deterministic mode's batch-1 kernels
   python -m benchmarks.step_speed --smoke --out /tmp/ss  # tiny model on CPU: checks the script only
 """
 
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=1, help="off/on pairs, the order alternating")
     ap.add_argument("--batch1-tokens", type=int, default=256)
+    ap.add_argument("--deterministic", action="store_true",
+                    help="the batch-invariant kernels (with --rounds 0: only their batch-1 kernel table)")
     args = ap.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
     spec = replace(tp.SMOKE if args.smoke else tp.QWEN3_06B, max_position_embeddings=40960)
@@ -103,7 +107,7 @@ def main() -> None:
         path = write_tiny_model(Path(tmp) / "model", spec)
         t0 = time.perf_counter()
         engine = Engine.from_pretrained(path, device=args.device, dtype="bf16", max_num_seqs=args.max_num_seqs,
-                                        max_model_len=args.max_model_len)
+                                        max_model_len=args.max_model_len, deterministic=args.deterministic)
         results["init_s"] = time.perf_counter() - t0
         vocab = engine.model_config.vocab_size
         prompts = tp.random_prompts(args.num_prompts, vocab, lo, hi, seed=0)
