@@ -32,11 +32,8 @@ Writes moe_device.json after each part (with `elapsed_s`), so a run cut by the t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import free_memory, run_env, workload_parser
+from benchmarks.common import free_memory, run_env, run_worker, workload_parser
 from benchmarks.throughput import Clock, random_prompts, run_parity
 from parity import Engine, SamplingParams
 
@@ -252,37 +249,6 @@ os._exit(0)  # everything is written; vLLM's engine-core shutdown can hang
 """
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of process group `pgid` that have not exited (zombies, which hold no GPU memory, left out; Linux)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def stop_process_group(pgid: int, wait_s: float = 60.0) -> str:
-    """Kill what is left of the vLLM worker's session (its engine-core process outlives the worker's os._exit
-    and holds the GPU memory vLLM took) and wait until it is gone, so parity's engine then finds that memory
-    free. Returns "" or a note for the status line."""
-    left = live_group_members(pgid)
-    if not left:
-        return ""
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + wait_s
-    while live_group_members(pgid):
-        if time.monotonic() > deadline:
-            return f"; its leftover processes {left} still ran {wait_s:.0f} s after SIGKILL"
-        time.sleep(0.2)
-    return f"; its leftover processes {left} killed"
-
-
 def vllm_part(path: Path, args, prompts, out_lens, warm, vocab: int, tmp: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{args.vllm_path}:{os.environ.get('PYTHONPATH', '')}")
     result = tmp / "vllm-result.json"
@@ -291,23 +257,13 @@ def vllm_part(path: Path, args, prompts, out_lens, warm, vocab: int, tmp: Path) 
                           "batch1": "batch1" not in args.skip, "batch1_prompts": batch1_prompts(vocab),
                           "result": str(result)})
     t0 = time.perf_counter()
-    log = tmp / "vllm-worker.log"
-    with log.open("w") as sink:  # a file, not a pipe: vLLM's engine-core child holds the worker's stdout open
-        proc = subprocess.Popen([sys.executable, "-c", VLLM_WORKER], stdin=subprocess.PIPE, stdout=sink,
-                                stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True)
-        proc.stdin.write(payload)
-        proc.stdin.close()
-        try:
-            status = f"exit {proc.wait(timeout=args.vllm_timeout)}"
-        except subprocess.TimeoutExpired:
-            status = f"killed after --vllm-timeout {args.vllm_timeout} s"
-        finally:
-            status += stop_process_group(proc.pid)
-    stderr = log.read_text(errors="replace")
+    run = run_worker([sys.executable, "-c", VLLM_WORKER], env, args.vllm_timeout, tmp / "vllm-worker.log", payload)
     out = json.loads(result.read_text()) if result.is_file() else {}
     out["wall_s"] = time.perf_counter() - t0
     if "output_tok_s" not in out:
-        out.update(error=status, stderr_tail=stderr[-3000:])
+        status = (f"exit {run.returncode}" if run.returncode is not None
+                  else f"killed after --vllm-timeout {args.vllm_timeout} s")
+        out.update(error=status + run.leftovers, stderr_tail=run.output[-3000:])
     return out
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks import throughput
-from benchmarks.common import workload_parser
+from benchmarks.common import run_worker, workload_parser
 from benchmarks.throughput import QWEN3_06B, SMOKE, output_lengths, random_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,14 +203,13 @@ def spawn(job: dict, tmp: Path, vllm_path: str | None, timeout: float) -> dict:
     job = dict(job, result=str(tmp / f"result-{time.monotonic_ns()}.json"))
     env = _env(vllm_path if job["system"] == "vllm" else None)
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.peer_vllm", "--worker", json.dumps(job)], env=env,
-                              cwd=REPO, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+    run = run_worker([sys.executable, "-m", "benchmarks.peer_vllm", "--worker", json.dumps(job)], env, timeout,
+                     Path(job["result"]).with_suffix(".log"), cwd=REPO)
+    if run.returncode is None:
+        return {"error": f"timed out after {timeout:.0f} s{run.leftovers}"}
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout).strip()[-3000:], "wall_s": wall}
+    if run.returncode != 0:
+        return {"error": run.output.strip()[-3000:], "wall_s": wall}
     res = json.loads(Path(job["result"]).read_text())
     if isinstance(res, dict):
         res["wall_s"] = wall

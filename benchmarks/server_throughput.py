@@ -52,7 +52,7 @@ import numpy as np
 import openai
 import torch
 
-from benchmarks.common import free_memory, run_env
+from benchmarks.common import free_memory, proc_stats, run_env
 from parity import Engine, SamplingParams
 from parity.testing.factory import TinyModelSpec, write_tiny_model
 
@@ -212,7 +212,7 @@ def dump_stacks(server: subprocess.Popen) -> None:
     """SIGUSR1 to the server and its engine process: each writes every thread's stack into the server log."""
     if server.poll() is not None:
         return
-    pids = [server.pid] + [pid for pid in _children(server.pid) if "spawn_main" in _cmdline(pid)]
+    pids = [server.pid] + [pid for pid, _, ppid, _ in proc_stats() if ppid == server.pid and "spawn_main" in _cmdline(pid)]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGUSR1)
@@ -220,17 +220,6 @@ def dump_stacks(server: subprocess.Popen) -> None:
             pass
     time.sleep(2)  # the dumps are written by the processes themselves
     print(f"dumped the stacks of pids {pids} into the server log", flush=True)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    return found
 
 
 def _cmdline(pid: int) -> str:

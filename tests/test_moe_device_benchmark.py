@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from benchmarks.moe_device import SMOKE, decode_step_bytes, live_group_members, stop_process_group
+from benchmarks.common import live_group_members, run_worker, stop_process_group
+from benchmarks.moe_device import SMOKE, decode_step_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +49,15 @@ def test_smoke_run_writes_every_part(tmp_path):
     assert {"batch1", "workload_a"} <= set(res["scaling_to_48_layers"])
 
 
-def test_a_worker_that_exits_leaving_a_child_behind_has_the_child_killed():
+def test_a_worker_that_exits_leaving_a_child_behind_has_the_child_killed(tmp_path):
     """vLLM's engine-core process outlives the worker's os._exit and kept the GPU memory that the parity engine
-    started next needed (H200: a negative KV budget): the worker's whole session is stopped."""
+    started next needed (H200: a negative KV budget), and the worker's stdout pipe open: run_worker stops the
+    worker's whole session and does not wait on the child's output."""
     code = ("import os, subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
-            "os._exit(0)")
-    worker = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-    assert worker.wait(timeout=60) == 0
-    assert len(live_group_members(worker.pid)) == 1  # the child, still running
-    assert "killed" in stop_process_group(worker.pid)
-    assert live_group_members(worker.pid) == []
+            "print('ready', os.getpgrp(), flush=True); os._exit(0)")
+    start = time.monotonic()
+    run = run_worker([sys.executable, "-c", code], dict(os.environ), 60, tmp_path / "worker.log")
+    assert run.returncode == 0 and time.monotonic() - start < 30
+    assert "killed" in run.leftovers and run.output.startswith("ready")
+    assert live_group_members(int(run.output.split()[1])) == []
+    assert stop_process_group(int(run.output.split()[1])) == ""  # nothing left to stop
