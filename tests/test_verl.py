@@ -135,6 +135,11 @@ def test_sampling_params_map_from_verls_dict():
     assert (sp.max_tokens, want) == (6, False)  # capped by what the context leaves
     with pytest.raises(ValueError, match="best_of"):
         sampling_params_from_verl(dict(best_of=2), config, prompt_len=4, max_model_len=256)
+    for bad in (0, -3, 1.5, True, "12"):  # refused by name, never rounded or raised to 1
+        with pytest.raises(ValueError, match="sampling_params.max_tokens"):
+            sampling_params_from_verl(dict(max_tokens=bad), config, prompt_len=4, max_model_len=256)
+    with pytest.raises(ValueError, match="sampling_params.max_new_tokens"):
+        sampling_params_from_verl(dict(max_new_tokens=0), config, prompt_len=4, max_model_len=256)
     with pytest.raises(ValueError, match="max_model_len=256"):
         sampling_params_from_verl({}, config, prompt_len=256, max_model_len=256)
     with pytest.raises(NotImplementedError, match="tensor_model_parallel_size"):
@@ -167,6 +172,18 @@ def test_concurrent_generate_equals_offline_and_hf_logprobs(cluster, offline, mo
         assert out.extra_fields["global_steps"] is None  # no sync yet
     torch.testing.assert_close(outputs[0].log_probs, hf_logprobs(str(model_dir), prompts[0], outputs[0].token_ids),
                                rtol=0, atol=1e-4)
+
+
+def test_a_bad_prompt_fails_alone_and_the_server_serves_the_next(cluster, offline):
+    server = cluster[0].server_handle
+    for bad, field in (([3, 1.5, 4], r"prompt_ids\[1\]"), ([3, -1], r"prompt_ids\[1\]"), ("3 4", "prompt_ids")):
+        with pytest.raises(ray.exceptions.RayTaskError, match=field):
+            ray.get(server.generate.remote(prompt_ids=bad, sampling_params=dict(max_tokens=2), request_id="bad"),
+                    timeout=60)
+    out = ray.get(server.generate.remote(prompt_ids=PROMPTS[0], request_id="good",
+                                         sampling_params=dict(temperature=0, max_tokens=5, ignore_eos=True)), timeout=60)
+    assert out.token_ids == offline.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=5,
+                                                                          ignore_eos=True))[0].output_ids
 
 
 def test_abort_returns_partial_output_that_continues_like_verls_partial_rollout(cluster, offline):

@@ -51,6 +51,7 @@ from parity.engine.async_engine import AsyncEngine
 from parity.engine.engine import Engine
 from parity.engine.sampling_params import SamplingParams
 from parity.integrations.verl_plugin import ROLLOUT_NAME
+from parity.precision.checks import check_int, check_int_list
 from parity.server.app import create_app
 
 logger = logging.getLogger(__name__)
@@ -110,12 +111,11 @@ def sampling_params_from_verl(params: dict[str, Any], config: RolloutConfig, pro
     room = max_model_len - prompt_len
     if room < 1:
         raise ValueError(f"prompt_ids: {prompt_len} tokens leave no room to generate within max_model_len={max_model_len}")
-    if "max_tokens" in params:
-        max_tokens = params.pop("max_tokens")
-    elif "max_new_tokens" in params:
-        max_tokens = params.pop("max_new_tokens")
+    given = next((key for key in ("max_tokens", "max_new_tokens") if key in params), None)
+    if given is not None:
+        max_tokens = check_int(f"sampling_params.{given}", params.pop(given), 1)
     else:
-        max_tokens = min(config.response_length, config.prompt_length + config.response_length - prompt_len)
+        max_tokens = max(1, min(config.response_length, config.prompt_length + config.response_length - prompt_len))
     want_logprobs = bool(params.pop("logprobs", False))
     unknown = sorted(set(params) - set(_PASSED_THROUGH))
     if unknown:
@@ -125,7 +125,7 @@ def sampling_params_from_verl(params: dict[str, Any], config: RolloutConfig, pro
     params.setdefault("ignore_eos", config.ignore_eos)
     if default_seed is not None:
         params.setdefault("seed", default_seed)
-    sp = SamplingParams(max_tokens=max(1, min(int(max_tokens), room)),
+    sp = SamplingParams(max_tokens=min(max_tokens, room),
                         raw_logprobs=config.logprobs_mode == "raw_logprobs", **params)
     return sp, want_logprobs
 
@@ -202,7 +202,7 @@ class ParityServer:
                            ("mm_processor_kwargs", mm_processor_kwargs)):
             if value:
                 raise NotImplementedError(f"{key}: parity's verl backend serves text-only models")
-        prompt_ids = [int(t) for t in prompt_ids]
+        prompt_ids = check_int_list("prompt_ids", prompt_ids, 0)
         default_seed = self.replica_rank + self.config.seed if self.config.full_determinism else None
         params, want_logprobs = sampling_params_from_verl(
             sampling_params, self.config, len(prompt_ids), self._max_model_len, default_seed)
