@@ -279,12 +279,13 @@ class Engine:
 
     def _step(self) -> tuple[list[Rollout], Exception | None]:
         """step(), also returning the exception that failed the step's requests (None if none did)."""
-        batch = self.scheduler.schedule(admit=self.pipeline.admits(self.weight_version))
+        weights = self.pipeline.weights(self.weight_version)
+        batch = self.scheduler.schedule(admit=self.pipeline.admits(weights))
         if not batch.seqs:
             self.pipeline.discard()
             return [], None
         try:
-            finished = self.pipeline.run(batch, self.weight_version)
+            finished = self.pipeline.run(batch, weights)
         except Exception as exc:
             if isinstance(exc, NonFiniteActivationError):
                 exc.add_note(

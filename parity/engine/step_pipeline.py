@@ -150,22 +150,24 @@ class StepPipeline:
             self._give_back(self.ahead.reserved)
         self.ahead = None
 
-    def admits(self, weight_version: int) -> bool:
-        """Called before each schedule: gives back the blocks reserved for sequences that left since (aborted,
-        failed, dropped for recomputation), and says whether the schedule may admit waiting sequences: not
-        while a look-ahead step that can still be taken is pending (same weights, some of its sequences running)."""
+    def admits(self, weights: tuple[int, int]) -> bool:
+        """Called before each schedule with this step's `weights()`: gives back the blocks reserved for sequences
+        that left since (aborted, failed, dropped for recomputation), and says whether the schedule may admit
+        waiting sequences: not while a look-ahead step that can still be taken is pending (same weights, some of
+        its sequences running)."""
         ahead = self.ahead
         if ahead is None:
             return True
-        self._give_back(ahead.reserved, restore_cache=ahead.weights[0] == weight_version)
-        if ahead.weights != self._weights(weight_version) or not any(
-                s.status == SequenceStatus.RUNNING for s in ahead.batch.seqs):
+        self._give_back(ahead.reserved, restore_cache=ahead.weights[0] == weights[0])
+        if ahead.weights != weights or not any(s.status == SequenceStatus.RUNNING for s in ahead.batch.seqs):
             self.discard()
             return True
         return False
 
-    def _weights(self, weight_version: int) -> tuple[int, int]:
-        # weights written in place outside update_weights (a test, a hook) also void the look-ahead step
+    def weights(self, weight_version: int) -> tuple[int, int]:
+        """What a step runs under: the engine's weight version and the parameters' in-place write counters (weights
+        written outside update_weights, by a test or a hook, also void a look-ahead step). Once per step: a loop
+        over every parameter."""
         return weight_version, sum(p._version for p in self._params)
 
     def _give_back(self, reserved: list[Reserved], all_of_them: bool = False, restore_cache: bool = True) -> None:
@@ -174,11 +176,11 @@ class StepPipeline:
             if all_of_them or r.seq.status != SequenceStatus.RUNNING:
                 r.give_back(self.scheduler.block_manager, self.runner.kv_cache, restore_cache)
 
-    def run(self, batch: ScheduledBatch, weight_version: int) -> list[Sequence]:
-        """Run the scheduled `batch` (the look-ahead step when it is this batch's), queue the next decode step
-        when it can be known now, book `batch`'s results and return the sequences that finished."""
+    def run(self, batch: ScheduledBatch, weights: tuple[int, int]) -> list[Sequence]:
+        """Run the scheduled `batch` (the look-ahead step when it is this batch's) under `weights` (as given to
+        admits), queue the next decode step when it can be known now, book `batch`'s results and return the
+        sequences that finished."""
         ahead, self.ahead = self.ahead, None
-        weights = self._weights(weight_version)
         step = ahead.taken_for(batch, weights) if ahead is not None else None
         self.num_ahead_used += step is not None
         self.num_ahead_discarded += ahead is not None and step is None
