@@ -216,15 +216,24 @@ def summary(design: Design, runs: list[list[StepResult]], cost: StepCost) -> dic
 
 
 def measured_steps(path: Path) -> list[tuple[Design, int, float]]:
-    """(design, step index, seconds) of each warm step in an async_rollout JSON of the batch designs."""
+    """(design, step index, seconds) of each warm step in an async_rollout JSON: either layout, the first
+    (plain / oversample / partial, max_num_seqs = G x n, partial's pool = G) or the steady-state one (keep too,
+    `max_num_seqs`, `pool`, `admit_seats` and each mode's untimed `warmup_steps` recorded)."""
     res = json.loads(path.read_text())
     args = res["args"]
-    cap = args["oversample_groups"] * args["samples"]
-    designs = {"plain": Design("plain", cap), "oversample": Design("oversample", cap, args["oversample_groups"]),
-               "partial": Design("partial", cap, args["oversample_groups"])}
+    groups = args["oversample_groups"]
+    if "max_num_seqs" in args:
+        cap = args["max_num_seqs"]
+        extra = {"admit_seats": args.get("admit_seats") or max(1, cap // 16)}  # generate_groups' default
+        pool = args["pool"]
+    else:
+        cap, extra, pool = groups * args["samples"], {}, groups
+    designs = {"plain": Design("plain", cap, **extra), "oversample": Design("oversample", cap, groups, **extra),
+               "partial": Design("partial", cap, pool, **extra), "keep": Design("keep", cap, pool, **extra)}
     return [(design, row["step"], row["seconds"]) for mode, design in designs.items()
             for row in res.get(mode, {}).get("steps", [])
-            if not (mode == "plain" and row["step"] == 0)]  # plain's first step compiles the kernels
+            if row["step"] >= res[mode].get("warmup_steps", 0)  # the pool still filling
+            and not (mode == "plain" and row["step"] == 0)]  # plain's first step compiles the kernels
 
 
 def fit(path: Path, work: Workload, cost: StepCost, free: list[str], seeds: int) -> StepCost:
