@@ -304,14 +304,19 @@ class ModelRunner:
 
     def _graphs_for(self, batch: ScheduledBatch):
         """The decode graphs, if they can run this batch (every sequence computes exactly one token)."""
-        if self._graph_config is None or len(batch.seqs) > self._graph_config[0]:
-            return None
         if any(n != 1 for n in batch.num_new_tokens):
             return None
         if any(s.params.prompt_logprobs is not None and s.in_prefill for s in batch.seqs):
             return None  # prompt logits need the eager path's hidden states
         if any(s.params.return_routed_experts for s in batch.seqs):
             return None  # the chosen experts are recorded on the eager path
+        return self._decode_graphs(len(batch.seqs))
+
+    def _decode_graphs(self, num_seqs: int):
+        """The decode graphs (captured at first use and after a switch of kernel mode), or None when there are
+        none or they cannot take `num_seqs` sequences."""
+        if self._graph_config is None or num_seqs > self._graph_config[0]:
+            return None
         if self.graphs is None or self.graphs.deterministic != self.model.kernels.deterministic:
             self._capture_graphs()
         return self.graphs
@@ -340,24 +345,10 @@ class ModelRunner:
             if end == seq.num_tokens:  # every known token is in the cache: the next one is sampled
                 logits_rows.append(starts[-1] - 1)
                 sampled.append(i)
-        tables = np.zeros((len(batch.seqs), max(len(s.block_table) for s in batch.seqs)), dtype=np.int32)
-        for i, seq in enumerate(batch.seqs):
-            tables[i, : len(seq.block_table)] = seq.block_table
-        dev = self.device
         # two host-to-device copies: the int64 columns and the int32 ones, split into views on the device
-        i64 = to_device(tokens + positions + slots + logits_rows, torch.int64, dev)
-        i32 = _int32_columns(starts + seq_lens, tables, dev)
-        t, s = len(tokens), len(seq_lens)
-        meta = AttentionMetadata(
-            query_start_loc=i32[: s + 1],
-            seq_lens=i32[s + 1 : 2 * s + 1],
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=starts,
-            seq_lens_cpu=seq_lens,
-            block_tables=i32[2 * s + 1 :].view(tables.shape),
-            slot_mapping=i64[2 * t : 3 * t],
-        )
+        i64 = to_device(tokens + positions + slots + logits_rows, torch.int64, self.device)
+        t = len(tokens)
+        meta = self._attention_metadata(batch.seqs, starts, seq_lens, max(batch.num_new_tokens), i64[2 * t : 3 * t])
         return StepInputs(
             input_ids=i64[:t],
             positions=i64[t : 2 * t],
@@ -399,36 +390,35 @@ class ModelRunner:
         """Queue a decode step whose input tokens are still on the device (the previous step's samples, which
         the host has not read yet): sequence i computes `token_ids[i]` at `positions[i]` and samples the next
         token. Its slots must be allocated."""
-        if self._graph_config is not None and len(seqs) <= self._graph_config[0]:
-            if self.graphs is None or self.graphs.deterministic != self.model.kernels.deterministic:
-                self._capture_graphs()
-            return self._execute_graph(self.graphs, seqs, positions, token_ids)
-        inputs = self.decode_inputs(seqs, positions, token_ids)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
-        return ForwardOutput(self.model.compute_logits(hidden), list(range(len(seqs))), [])
-
-    def decode_inputs(self, seqs: list, positions: list[int], token_ids: torch.Tensor) -> StepInputs:
-        """StepInputs of one token per sequence at `positions`, the tokens given as a device tensor."""
-        slots = _decode_slots(seqs, positions, self.block_size)
+        graphs = self._decode_graphs(len(seqs))
+        if graphs is not None:
+            return self._execute_graph(graphs, seqs, positions, token_ids)
+        # one token per sequence at `positions`, its input already on the device
+        i64 = to_device(positions + _decode_slots(seqs, positions, self.block_size), torch.int64, self.device)
         n = len(seqs)
-        tables = np.zeros((n, max(len(s.block_table) for s in seqs)), dtype=np.int32)
+        meta = self._attention_metadata(seqs, list(range(n + 1)), [p + 1 for p in positions], 1, i64[n:])
+        hidden = self.model(token_ids, i64[:n], meta, self.layer_caches)
+        return ForwardOutput(self.model.compute_logits(hidden), list(range(n)), [])
+
+    def _attention_metadata(self, seqs: list, starts: list[int], seq_lens: list[int], max_query_len: int,
+                            slot_mapping: torch.Tensor) -> AttentionMetadata:
+        """The attention metadata of a step: query starts, sequence lengths and block tables in one int32
+        host-to-device copy (views of it on the device), beside the slots already there."""
+        tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
         for i, seq in enumerate(seqs):
             tables[i, : len(seq.block_table)] = seq.block_table
-        seq_lens = [p + 1 for p in positions]
-        starts = list(range(n + 1))
-        i64 = to_device(positions + slots, torch.int64, self.device)
         i32 = _int32_columns(starts + seq_lens, tables, self.device)
-        meta = AttentionMetadata(
-            query_start_loc=i32[: n + 1],
-            seq_lens=i32[n + 1 : 2 * n + 1],
-            max_query_len=1,
+        s = len(seq_lens)
+        return AttentionMetadata(
+            query_start_loc=i32[: s + 1],
+            seq_lens=i32[s + 1 : 2 * s + 1],
+            max_query_len=max_query_len,
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=starts,
             seq_lens_cpu=seq_lens,
-            block_tables=i32[2 * n + 1 :].view(tables.shape),
-            slot_mapping=i64[n:],
+            block_tables=i32[2 * s + 1 :].view(tables.shape),
+            slot_mapping=slot_mapping,
         )
-        return StepInputs(token_ids, i64[:n], meta, torch.arange(n, device=self.device), list(range(n)), [])
 
     @staticmethod
     def _prompt_hidden(batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[PromptHidden]:
