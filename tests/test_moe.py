@@ -347,6 +347,25 @@ def test_hf_trainer_logprobs_replay(moe_dir, det_engine, routed_rollouts):
     assert err(trainer_logprobs(hf, routed_rollouts, params, replay_routing=True)) < 1e-4
 
 
+def test_routed_experts_of_the_wrong_shape_are_refused_naming_the_rollout(moe_dir, det_engine, routed_rollouts):
+    """Both replay paths (parity's forward and the HF router hook) check the rows, and the HF path the layers and
+    k too, before any forward."""
+    from dataclasses import replace
+
+    from parity.trainer.logprobs import trainer_logprobs
+    from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
+
+    r = routed_rollouts[1]
+    short = r.routed_experts[:-1]
+    trainer = parity_model_from_engine(det_engine, trainable=False)
+    with pytest.raises(ValueError, match=r"sequence 0: routed_experts has shape .*expected \d+ rows"):
+        token_logprobs(trainer, [r.prompt_ids], [r.output_ids], routed_experts=[short])
+    hf = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    for bad in (None, short, r.routed_experts[:, :1]):
+        with pytest.raises(ValueError, match="rollout 1: routed_experts has shape"):
+            trainer_logprobs(hf, [routed_rollouts[0], replace(r, routed_experts=bad)], replay_routing=True)
+
+
 # ------------------------------------------------------------------------ Triton kernels (interpreter)
 @pytest.fixture(scope="module")
 def triton_moe():

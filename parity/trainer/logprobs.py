@@ -32,6 +32,7 @@ from parity.engine.sampling_params import SamplingParams
 from parity.engine.sequence import Rollout
 from parity.engine.weight_sync import unwrap_module
 from parity.models.decoder import DecoderModel
+from parity.trainer.parity_model import check_routed_experts, token_logprobs
 
 LOGPROB_MODES = ("processed", "raw")
 
@@ -135,13 +136,10 @@ def _hf_routing_replay(model: nn.Module, rollouts: Sequence[Rollout], device):
     top_k = routers[0].top_k
     chosen = torch.zeros(len(rollouts), prompt_len + resp_len, len(routers), top_k, dtype=torch.int64)
     for i, r in enumerate(rollouts):
-        want = (len(r.prompt_ids) + len(r.output_ids) - 1, len(routers), top_k)
-        if r.routed_experts is None or tuple(r.routed_experts.shape) != want:
-            got = None if r.routed_experts is None else tuple(r.routed_experts.shape)
-            raise ValueError(f"rollout {i}: routed_experts has shape {got}, expected {want}; generate with "
-                             "SamplingParams(return_routed_experts=True)")
+        routed = check_routed_experts(f"rollout {i}", r.routed_experts, len(r.prompt_ids), len(r.output_ids),
+                                      (len(routers), top_k))
         left = prompt_len - len(r.prompt_ids)
-        chosen[i, left : left + want[0]] = r.routed_experts.long()
+        chosen[i, left : left + routed.shape[0]] = routed.long()
     chosen = chosen.flatten(0, 1).to(device)
 
     def hook(layer: int):
@@ -164,8 +162,6 @@ def _hf_routing_replay(model: nn.Module, rollouts: Sequence[Rollout], device):
 
 def _parity_response_logprobs(model: DecoderModel, rollouts: Sequence[Rollout], params: SamplingParams | None,
                               mode: str, mask: torch.Tensor, replay_routing: bool) -> torch.Tensor:
-    from parity.trainer.parity_model import token_logprobs
-
     processed = params if mode == "processed" else None
     routed = [r.routed_experts for r in rollouts] if replay_routing else None
     per_seq = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.output_ids for r in rollouts], params=processed,

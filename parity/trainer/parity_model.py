@@ -160,6 +160,19 @@ def token_logprobs(
     return list(picked.split(counts))
 
 
+def check_routed_experts(label: str, routed: torch.Tensor | None, prompt_len: int, output_len: int,
+                         tail: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`routed` if it holds the experts of every token the forward computes (prompt + output - 1 rows) and, when
+    given, the trailing shape `tail` (layers, top-k); ValueError naming `label` otherwise."""
+    rows = prompt_len + output_len - 1
+    got = None if routed is None else tuple(routed.shape)
+    if got is None or got[0] != rows or (tail is not None and got[1:] != tail):
+        want = (rows, *tail) if tail is not None else f"{rows} rows"
+        raise ValueError(f"{label}: routed_experts has shape {got}, expected {want} (prompt + output - 1 rows: "
+                         "every token but the last); generate with SamplingParams(return_routed_experts=True)")
+    return routed
+
+
 def _packed_routing(routed_experts, prompt_ids_list, output_ids_list, device) -> torch.Tensor | None:
     """The rollouts' routed experts in the packed batch's row order (sequences with outputs only)."""
     if routed_experts is None:
@@ -169,9 +182,5 @@ def _packed_routing(routed_experts, prompt_ids_list, output_ids_list, device) ->
     for i, (prompt, output, routed) in enumerate(zip(prompt_ids_list, output_ids_list, routed_experts)):
         if not len(output):
             continue
-        want = len(prompt) + len(output) - 1
-        if routed is None or routed.shape[0] != want:
-            got = None if routed is None else tuple(routed.shape)
-            raise ValueError(f"sequence {i}: routed_experts has shape {got}, expected {want} rows (prompt + output - 1)")
-        parts.append(routed.to(device))
+        parts.append(check_routed_experts(f"sequence {i}", routed, len(prompt), len(output)).to(device))
     return torch.cat(parts)
