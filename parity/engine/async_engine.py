@@ -265,9 +265,9 @@ class EngineLoop:
         req.finished[rollout.sample_index] = rollout
         if req.stream:
             self._send_deltas(req)
-        if len(req.finished) == req.num_samples:
+        if len(req.finished) == req.num_samples:  # a stream's Rollouts went out in its closing deltas already
             del self._requests[req.request_id]
-            self._replies.result(req.to, [req.finished[k] for k in sorted(req.finished)])
+            self._replies.result(req.to, [] if req.stream else [req.finished[k] for k in sorted(req.finished)])
 
     def _send_deltas(self, req: _Request) -> None:
         for k, seq in enumerate(req.samples):
