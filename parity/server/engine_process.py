@@ -277,6 +277,15 @@ def _engine_main(conn, model: str, options: dict, num_threads: int, spawned_at: 
 
 
 # ----------------------------------------------------------------------------------- HTTP process
+def _end(waiter: asyncio.Future | asyncio.Queue, result: object = None, error: Exception | None = None) -> None:
+    """End a caller's wait: a stream's queue gets STREAM_END or the error, a future its result or the error
+    (unless it is done: a cancelled caller)."""
+    if isinstance(waiter, asyncio.Queue):
+        waiter.put_nowait(STREAM_END if error is None else error)
+    elif not waiter.done():
+        waiter.set_result(result) if error is None else waiter.set_exception(error)
+
+
 class EngineProcess:
     """`Engine.from_pretrained(model, **options)` in a spawned process, with AsyncEngine's async API:
     generate, stream, abort, abort_all, update_weights_from_files, sleep, wake_up, weight_version,
@@ -374,16 +383,11 @@ class EngineProcess:
         request_id = self._new(request_id, continue_from)
         q: asyncio.Queue = asyncio.Queue()
         self._request(request_id, q, prompt, params, continue_from, stream=True)
-        ended = False
         try:
             async for delta in read_stream(q):
                 yield delta
-            ended = True
-        except Exception:
-            ended = True
-            raise
         finally:
-            if not ended:
+            if request_id in self._waiting:  # the reader left before the request ended (its result or error)
                 self._abort_soon(request_id)
 
     def _new(self, request_id: str | None, continue_from: Rollout | None) -> str:
@@ -498,9 +502,8 @@ class EngineProcess:
         kind, key = event[0], event[1]
         if kind == "reply":
             fut = self._calls.pop(key, None)
-            if fut is not None and not fut.done():
-                error, value = event[2], event[3]
-                fut.set_exception(error) if error is not None else fut.set_result(value)
+            if fut is not None:
+                _end(fut, event[3], event[2])
             return
         waiter = self._waiting.get(key)
         if waiter is None:
@@ -510,10 +513,7 @@ class EngineProcess:
             waiter.put_nowait(RolloutDelta(key, sample_index, token_ids, logprobs, versions, top, finish_reason, rollout))
             return
         del self._waiting[key]  # "result" or "error": the request is over
-        if isinstance(waiter, asyncio.Queue):
-            waiter.put_nowait(STREAM_END if kind == "result" else event[2])
-        elif not waiter.done():
-            waiter.set_result(event[2]) if kind == "result" else waiter.set_exception(event[2])
+        _end(waiter, event[2] if kind == "result" else None, event[2] if kind == "error" else None)
 
     def _gone(self) -> None:
         """The pipe closed: the engine process stopped. Fail whoever still waits."""
@@ -521,10 +521,7 @@ class EngineProcess:
         self._lost = "the engine process was shut down" if self._closed else f"the engine process {_exit_status(self._process)}"
         error = EngineShutdownError(self._lost)
         for waiter in [*self._waiting.values(), *self._calls.values()]:
-            if isinstance(waiter, asyncio.Queue):
-                waiter.put_nowait(error)
-            elif not waiter.done():
-                waiter.set_exception(error)
+            _end(waiter, error=error)
         self._waiting.clear()
         self._calls.clear()
         if not self._closed:
