@@ -215,7 +215,7 @@ WRAPPERS: dict[str, Callable] = {"rms_norm": rms_norm, "apply_rotary": apply_rot
                                  "attention": attention, "log_softmax": log_softmax}
 
 
-def with_backward(forward: ModuleType) -> tuple[Callable, ...]:
-    """rms_norm, apply_rotary, silu_and_mul, attention, log_softmax of a forward-only kernel module (same
-    signatures, same forward values), each with its analytic backward above."""
-    return tuple(functools.partial(wrap, getattr(forward, name)) for name, wrap in WRAPPERS.items())
+def with_backward(forward: ModuleType, *names: str) -> tuple[Callable, ...]:
+    """The ops `names` (of WRAPPERS) of a forward-only kernel module (same signatures, same forward values), in
+    that order, each with its analytic backward above."""
+    return tuple(functools.partial(WRAPPERS[name], getattr(forward, name)) for name in names)

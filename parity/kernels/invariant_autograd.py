@@ -28,5 +28,6 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return autograd.linear(invariant.linear, x.float(), weight.float(), None, fp32=True)
 
 
-rms_norm, apply_rotary, silu_and_mul, attention, log_softmax = autograd.with_backward(invariant)
+rms_norm, apply_rotary, silu_and_mul, attention, log_softmax = autograd.with_backward(
+    invariant, "rms_norm", "apply_rotary", "silu_and_mul", "attention", "log_softmax")
 rope_and_cache = reference.rope_and_cache_from(rms_norm, apply_rotary, reference.store_kvcache)
