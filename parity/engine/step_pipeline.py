@@ -219,14 +219,14 @@ class StepPipeline:
         batch, sched = step.batch, self.scheduler
         if step.sample is None or len(step.sampled_seqs) != len(batch.seqs) or len(sched.running) != len(batch.seqs):
             return None
-        ending = sum(seq.num_tokens + 1 >= seq.max_len for seq in batch.seqs)  # by length, at this step
-        if sched.waiting and len(batch.seqs) - ending < sched.config.max_num_seqs:
+        ends = [seq.num_tokens + 1 >= seq.max_len for seq in batch.seqs]  # by length, at this step
+        if sched.waiting and len(batch.seqs) - sum(ends) < sched.config.max_num_seqs:
             return None  # a seat is free for a waiting sequence: the next step admits it
         rows: list[int] = []
         positions: list[int] = []
         bm = self.scheduler.block_manager
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.num_tokens + 1 >= seq.max_len:  # this step's token ends it by length
+            if ends[i]:  # this step's token ends it
                 continue
             if seq.params.shapes_logits_with_history or seq.params.return_routed_experts:
                 return None
