@@ -247,3 +247,8 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def qk_norm_dims(self) -> tuple[int, int]:
+        """The q and k norms' weight sizes: one head (Qwen3) or the whole projection (OLMoE)."""
+        return (self.head_dim, self.head_dim) if self.qk_norm_scope == "head" else (self.q_size, self.kv_size)

@@ -62,9 +62,11 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.attention_bias, kernels, dtype, device)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, False, kernels, dtype, device)
-        self.norm_per_head = cfg.qk_norm_scope == "head"
+        # where the q/k norm runs: inside the per-head rope kernel (Qwen3), or before it over the projection (OLMoE)
+        self.norm_per_head = cfg.qk_norm and cfg.qk_norm_scope == "head"
+        self.norm_projection = cfg.qk_norm and cfg.qk_norm_scope != "head"
         if cfg.qk_norm:
-            q_dim, k_dim = (self.head_dim, self.head_dim) if self.norm_per_head else (cfg.q_size, cfg.kv_size)
+            q_dim, k_dim = cfg.qk_norm_dims
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, kernels, dtype, device)
             self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, kernels, dtype, device)
         else:
@@ -73,15 +75,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        per_head_norm = self.q_norm is not None and self.norm_per_head
-        if self.q_norm is not None and not per_head_norm:  # OLMoE: over the whole projection
+        if self.norm_projection:
             q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         # Qwen3's per-head q/k norm, RoPE and the KV-cache write: one kernel in fast mode on CUDA.
-        q_norm, k_norm = (self.q_norm.weight, self.k_norm.weight) if per_head_norm else (None, None)
-        eps = self.q_norm.eps if per_head_norm else None
+        q_norm, k_norm = (self.q_norm.weight, self.k_norm.weight) if self.norm_per_head else (None, None)
+        eps = self.q_norm.eps if self.norm_per_head else None
         q, k = self.kernels.rope_and_cache(q, k, v, cos, sin, q_norm, k_norm, eps, kv_cache, meta.slot_mapping)
         out = self.kernels.attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))

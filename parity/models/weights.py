@@ -41,7 +41,7 @@ class WeightTarget:
 
 def build_weight_map(cfg: ModelConfig) -> dict[str, WeightTarget]:
     """Every HF tensor name the model expects, with where it lands and its shape."""
-    h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    h, inter = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.q_size, cfg.kv_size
     m: dict[str, WeightTarget] = {"model.embed_tokens.weight": WeightTarget("embed_tokens", None, (cfg.vocab_size, h))}
     m["model.norm.weight"] = WeightTarget("norm.weight", None, (h,))
@@ -58,7 +58,7 @@ def build_weight_map(cfg: ModelConfig) -> dict[str, WeightTarget]:
                 m[f"{hf}.self_attn.{proj}.bias"] = WeightTarget(f"{ours}.self_attn.qkv_proj.bias", (a, b), (b - a,))
         m[f"{hf}.self_attn.o_proj.weight"] = WeightTarget(f"{ours}.self_attn.o_proj.weight", None, (h, q))
         if cfg.qk_norm:
-            q_dim, k_dim = (d, d) if cfg.qk_norm_scope == "head" else (q, kv)  # OLMoE: the whole projection
+            q_dim, k_dim = cfg.qk_norm_dims
             m[f"{hf}.self_attn.q_norm.weight"] = WeightTarget(f"{ours}.self_attn.q_norm.weight", None, (q_dim,))
             m[f"{hf}.self_attn.k_norm.weight"] = WeightTarget(f"{ours}.self_attn.k_norm.weight", None, (k_dim,))
         if i in cfg.moe_layers:
