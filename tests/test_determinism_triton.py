@@ -9,22 +9,16 @@ engine logprobs == parity forward bit for bit.
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from parity.kernels import reference  # noqa: E402
-from parity.kernels.metadata import AttentionMetadata  # noqa: E402
-from parity.kernels.triton import invariant as ti  # noqa: E402
-from parity.kernels.triton import invariant_autograd as tia  # noqa: E402
-from parity.kernels.triton.attention import store_kvcache  # noqa: E402
+from parity.kernels import reference
+from parity.kernels.metadata import AttentionMetadata
+from parity.kernels.triton import invariant as ti
+from parity.kernels.triton import invariant_autograd as tia
+from parity.kernels.triton.attention import store_kvcache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

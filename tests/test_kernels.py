@@ -9,23 +9,17 @@ kernel that reads outside a sequence's blocks fails loudly.
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from parity.kernels import reference  # noqa: E402
-from parity.kernels.metadata import AttentionMetadata  # noqa: E402
-from parity.kernels.triton import attention as ta  # noqa: E402
-from parity.kernels.triton import elementwise as te  # noqa: E402
-from parity.kernels.triton import norm as tn  # noqa: E402
-from parity.kernels.triton import sampling as ts  # noqa: E402
+from parity.kernels import reference
+from parity.kernels.metadata import AttentionMetadata
+from parity.kernels.triton import attention as ta
+from parity.kernels.triton import elementwise as te
+from parity.kernels.triton import norm as tn
+from parity.kernels.triton import sampling as ts
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs without a GPU")),
