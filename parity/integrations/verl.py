@@ -149,7 +149,7 @@ class ParityServer:
         self.engine: AsyncEngine | None = None
         self._paused = False
         self._rejecting = False
-        self._resumed = None  # asyncio.Event, made on the actor's event loop
+        self._resumed = asyncio.Event()  # binds to the actor's event loop at its first wait
         self._address = ray.util.get_node_ip_address().strip("[]")
         self._port: int | None = None
         self._max_model_len: int | None = None
@@ -209,7 +209,7 @@ class ParityServer:
         while self._paused:
             if self._rejecting:
                 return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps})
-            await self._resume_event().wait()
+            await self._resumed.wait()
         # no await between the gate and the submission: an abort_all_requests after this line sees the request
         (rollout,) = await self.engine.generate(prompt_ids, params, request_id=request_id)
         logprobs = rollout.output_raw_logprobs if params.raw_logprobs else rollout.output_logprobs
@@ -227,11 +227,11 @@ class ParityServer:
         self._paused = True
         self._rejecting = reject_request
         if reject_request:  # requests parked earlier come back aborted too, so their clients re-route them
-            parked = self._resume_event()
+            parked = self._resumed
             self._resumed = asyncio.Event()
             parked.set()
         else:
-            self._resume_event().clear()
+            self._resumed.clear()
         rollouts = await self.engine.abort_all()
         if reset_prefix_cache:
             await self.clear_kv_cache()
@@ -247,7 +247,7 @@ class ParityServer:
     async def resume_generation(self) -> None:
         self._paused = False
         self._rejecting = False
-        self._resume_event().set()
+        self._resumed.set()
 
     async def set_global_steps(self, global_steps: int) -> None:
         """The trainer step whose weights the engine holds; every TokenOutput carries it."""
@@ -315,10 +315,6 @@ class ParityServer:
     async def stop_profile(self) -> None:
         pass
 
-    def _resume_event(self) -> asyncio.Event:
-        if self._resumed is None:
-            self._resumed = asyncio.Event()
-        return self._resumed
 
 
 def _wake(engine: Engine, tags: list[str] | None) -> None:
