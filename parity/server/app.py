@@ -282,7 +282,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{'.'.join(loc) if loc else 'body'}: {message}", field
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: AsyncEngine | EngineProcess, model_name: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. The app owns the engine: when it shuts down
     (uvicorn stops), the engine is shut down and released."""
     server = OpenAIServer(engine, model_name)
