@@ -6,8 +6,8 @@
     python examples/verl_grpo_arith.py --out /tmp/verl_arith --print-config             # CPU: compose and validate
     python examples/verl_grpo_arith.py --out /tmp/verl_arith -- trainer.total_training_steps=2  # more overrides
 
-It writes the data as the parquet files verl reads (chat prompt, data_source, reward_model.ground_truth), this
-file is also the reward function (`compute_score`, local, no network), exports the model once as an HF
+It writes the data as the parquet files verl reads (chat prompt, data_source, reward_model.ground_truth), points
+verl's custom reward at examples/verl_arith_reward.py (`compute_score`, local, no network), exports the model once as an HF
 directory (verl's FSDP trainer reads HF directories) and runs `python -m verl.trainer.main_ppo` with
 `actor_rollout_ref.rollout.name=parity` in verl's colocated (hybrid) mode: trainer and rollout share the GPU,
 the rollout sleeps while the actor trains. verl finds parity through its `verl.plugins` entry point.
@@ -34,18 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA_SOURCE = "parity/addition"
+REWARD_FILE = Path(__file__).resolve().with_name("verl_arith_reward.py")  # `compute_score`, loaded by verl
 ROLLOUTS = ("parity", "vllm", "sglang")
 # per-step metrics copied into the summary: verl's names, by prefix
 SUMMARY_PREFIXES = ("timing_s/", "critic/score/", "critic/rewards/", "response_length/", "rollout_corr/",
                     "training/rollout_probs_diff")
-
-
-def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> float:
-    """verl's custom reward: parity's `last_numbers` reward (the last integer of the reply is the sum). verl
-    hands over the decoded reply without its EOS, so a truncated reply is not told apart here."""
-    from parity.train.tasks import Problem, score
-
-    return score(Problem(prompt="", answer=str(ground_truth)), solution_str, "stop", "last_numbers")
 
 
 def write_data(out: Path, num_train: int, num_val: int, max_operand: int, seed: int) -> tuple[Path, Path]:
@@ -98,7 +91,7 @@ def overrides(args, model_dir: Path, train: Path, val: Path) -> list[str]:
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
         "actor_rollout_ref.rollout.agent.num_workers=4",
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16",
-        f"reward.custom_reward_function.path={Path(__file__).resolve()}",
+        f"reward.custom_reward_function.path={REWARD_FILE}",
         "reward.custom_reward_function.name=compute_score",
         "reward.num_workers=1",
         "trainer.logger=[console,file]", "trainer.val_before_train=False", "trainer.test_freq=-1",

@@ -268,8 +268,14 @@ def test_recipe_writes_verls_parquet_and_scores_locally(recipe, tmp_path):
     assert row["data_source"] == recipe.DATA_SOURCE and row["prompt"][0]["role"] == "user"
     a, b = map(int, row["extra_info"]["question"].removeprefix("What is ").split("?")[0].split(" + "))
     assert row["reward_model"]["ground_truth"] == str(a + b)
-    assert recipe.compute_score(recipe.DATA_SOURCE, f"{a} + {b} = {a + b}", str(a + b)) == 1.0
-    assert recipe.compute_score(recipe.DATA_SOURCE, f"{a + b + 1}", str(a + b)) == 0.0
+    # loaded as verl's reward workers load it: by the path and name the recipe's overrides give
+    from verl.utils.import_utils import load_extern_object
+
+    given = dict(o.split("=", 1) for o in recipe.overrides(recipe_args(tmp_path, "parity"), tmp_path, train, val))
+    compute_score = load_extern_object(module_path=given["reward.custom_reward_function.path"],
+                                       object_name=given["reward.custom_reward_function.name"])
+    assert compute_score(recipe.DATA_SOURCE, f"{a} + {b} = {a + b}", str(a + b)) == 1.0
+    assert compute_score(recipe.DATA_SOURCE, f"{a + b + 1}", str(a + b)) == 0.0
 
 
 def recipe_args(tmp_path: Path, rollout: str):
