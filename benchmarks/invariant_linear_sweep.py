@@ -5,8 +5,13 @@ number of rows, so one configuration has to serve decode (M = batch size) and pr
 tokens). For each weight shape of a model (Qwen3-0.6B by default) and each candidate configuration this
 times M in --rows, checks that a row's result is the same bits alone and inside the big batch, and prints
 each configuration's time relative to cuBLAS at the same M; `linear_config`'s choice is marked `*`.
+`same=1` marks a configuration whose results are the same bits as the choice's at every M: if every
+configuration with the choice's BLOCK_K agrees, the tiles could follow the number of rows after all (few, narrow
+tiles at decode batch sizes, where 64 x 128 tiles leave most SMs idle: N / 128 programs at M = 1).
 
   python -m benchmarks.invariant_linear_sweep --out DIR       # on the GPU (about 2 minutes on an H100)
+  python -m benchmarks.invariant_linear_sweep --out DIR --block-m 16 64 --block-n 32 64 128 --block-k 64 \
+      --stages 4 --rows 1 8 64 2048                           # narrow tiles for decode: same bits?
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ QWEN3_06B_SHAPES = [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 10
                     ("lm_head", 151936, 1024)]
 
 
-def candidates() -> list[dict]:
+def candidates(block_m, block_n, block_k, stages_list) -> list[dict]:
     out = []
-    for bm, bn, bk, stages in itertools.product((64, 128), (64, 128), (64, 128), (3, 4)):
+    for bm, bn, bk, stages in itertools.product(block_m, block_n, block_k, stages_list):
         if bm == 128 and bn == 128 and bk == 128:
             continue  # shared memory
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 128 * 128 else 4,
@@ -46,6 +51,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 64, 128, 256, 2048, 8192])
+    ap.add_argument("--block-m", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--block-n", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--block-k", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--stages", type=int, nargs="+", default=[3, 4])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -58,16 +67,19 @@ def main() -> None:
         peer = partial(mm_fp32_out, weight=w) if fp32 else partial(torch.nn.functional.linear, weight=w)  # fast mode's
         cublas = {m: bench(partial(peer, x)) for m, x in xs.items()}
         chosen = ti.linear_config(n, k)
-        for cfg in candidates():
+        chosen_out = {m: ti.linear(x, w, None, fp32, tiles=chosen) for m, x in xs.items()}
+        for cfg in candidates(args.block_m, args.block_n, args.block_k, args.stages):
             try:
                 times = {m: bench(partial(ti.linear, x, w, None, fp32, tiles=cfg)) for m, x in xs.items()}
-                big = ti.linear(xs[max(args.rows)], w, None, fp32, tiles=cfg)
+                outs = {m: ti.linear(x, w, None, fp32, tiles=cfg) for m, x in xs.items()}
+                big = outs[max(args.rows)]
                 invariant = bool(torch.equal(ti.linear(xs[max(args.rows)][:1].clone(), w, None, fp32, tiles=cfg), big[:1]))
+                same = all(torch.equal(outs[m], chosen_out[m]) for m in xs)
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.: report and go on
                 print(name, cfg, "failed:", type(e).__name__, str(e)[:80])
                 continue
             row = dict(shape=name, n=n, k=k, cfg=cfg, us=times, cublas_us=cublas, invariant=invariant,
-                       chosen=cfg == chosen)
+                       same_bits_as_chosen=same, chosen=cfg == chosen)
             results.append(row)
         rows = [r for r in results if r["shape"] == name]
         rows.sort(key=lambda r: sum(r["us"][m] / cublas[m] for m in args.rows))
@@ -76,7 +88,7 @@ def main() -> None:
             c = r["cfg"]
             tag = "*" if r["chosen"] else " "
             print(f" {tag} bm{c['BLOCK_M']} bn{c['BLOCK_N']} bk{c['BLOCK_K']} st{c['num_stages']} "
-                  f"w{c['num_warps']} inv={int(r['invariant'])} x cuBLAS: "
+                  f"w{c['num_warps']} inv={int(r['invariant'])} same={int(r['same_bits_as_chosen'])} x cuBLAS: "
                   + " ".join(f"M{m}={r['us'][m] / cublas[m]:.2f}" for m in args.rows))
     (args.out / "invariant_linear_sweep.json").write_text(json.dumps(results, indent=1))
 
