@@ -41,8 +41,12 @@
 #   call 6  carry [".vl2/3"]          bash tools/vllm_device.sh stage .vl2/3           (timeout_s 120)
 #   call 7  carry [".vl2/4", ".vlx"]  bash tools/vllm_device.sh install && bash tools/verl_device.sh run-vllm
 #                                                                                      (timeout_s 600)
-# Calls 4-7 add about 7 min: the stages ~10 s each, install ~40 s, run-vllm ~5-6 min (Ray and verl ~1 min,
-# vLLM's start ~70 s with torch.compile, verl turns its compile cache off, and CUDA graphs; 5 steps; teardown).
+# Calls 4-7 add about 9 min: the stages ~5 s each, install ~15-40 s, run-vllm ~7-8 min. Measured 12-01 on the H200:
+# from the call's start to verl's `fit` 265 s when an earlier call had imported vLLM from /tmp/vsite, and over 360 s
+# (vLLM's server still starting when RUN_S=320 ended it) on a fresh /tmp/vsite: ~135 s before Ray starts (the GGUF's
+# HF export if `run` has not done it, the .vlx install, the vLLM import probe), ~80 s to verl's workers, 130 s or more
+# for vLLM's server (torch.compile, verl turns its compile cache off, and CUDA graphs); then the steps and teardown.
+# So give run-vllm its own call with RUN_S=480 or more, and `run` its own with RUN_S=300 (STEPS=3).
 # VERL_OVERRIDES="key=value ..." adds Hydra overrides of verl's config to both runs (e.g. trainer.total_training_steps=3).
 # `run-vllm` is `run` with rollout.name=vllm (same overrides; the model exported by call 3): verl_vllm.json,
 # verl_vllm.jsonl, verl_vllm.log.
