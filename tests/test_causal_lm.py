@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import run_ranks
+from spawn_ranks import run_ranks
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from parity import Engine, SamplingParams

@@ -7,20 +7,15 @@ whose KV heads split over the ranks, with a vocabulary that does not divide by 2
 
 from __future__ import annotations
 
-import os
-import pickle
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from spawn_ranks import run_ranks
 from transformers import AutoModelForCausalLM
 
 from parity import Engine, SamplingParams
-from parity.distributed.comm import init_distributed
 from parity.distributed.data_parallel import DataParallelRollout, shard_bounds
 from parity.distributed.ray_actor import EngineActor
 from parity.distributed.tensor_parallel import TensorParallelDecoder, TPEngine, local_config
@@ -33,39 +28,7 @@ ENGINE_KW = dict(device="cpu", dtype="fp32", kv_cache_memory=1 << 21, max_model_
 PROMPTS = ["What is 12 + 34?", "Sort the list 5 3 9 1", "Hello", "The quick brown fox", "Once upon a time"]
 
 
-# --------------------------------------------------------------------------------- process harness
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(rank: int, world_size: int, port: int, fn, out_dir: Path, args: tuple) -> None:
-    """What torchrun does for each rank, then run `fn(rank, *args)` and save its result."""
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    init_distributed()
-    try:
-        result = fn(rank, *args)
-        # gloo's worker threads release a collective's Python-owned tensors after it completes; one still
-        # doing so when the interpreter shuts down aborts the process (torch PR 179291). A final barrier
-        # (no Python tensors) lets them finish first.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    (out_dir / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
-    # The barrier narrows that window but does not close it (seen once in ~20 clean runs); the result is
-    # saved, so leave without interpreter shutdown, where the abort happens.
-    os._exit(0)
-
-
-def run_ranks(fn, world_size: int, out_dir: Path, *args) -> list:
-    mp.spawn(_launch, args=(world_size, _free_port(), fn, out_dir, args), nprocs=world_size, join=True)
-    return [pickle.loads((out_dir / f"rank{r}.pkl").read_bytes()) for r in range(world_size)]
-
-
+# --------------------------------------------------------------------------------- rollout comparison
 def outcome(rollouts) -> list[tuple]:
     """What a rollout is, without the engine-local request id."""
     return [(r.prompt_index, r.sample_index, r.prompt_ids, r.output_ids, r.finish_reason) for r in rollouts]
