@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_reference import PROMPTS, hf_logprobs, rerouting_delta, spread_norms_and_routers
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from parity import Engine, SamplingParams
 from parity.kernels import invariant, reference
 from parity.testing.factory import train_tokenizer
 
-PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog. Once upon a time there was a small model"]
-
-
 TINY_MOE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
-
-
-@torch.no_grad()
-def spread_norms_and_routers(model):
-    """Non-trivial norm weights, and routers wide enough that each top-k is decided by clear margins."""
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.copy_(1.0 + 0.2 * torch.randn_like(p))
-        elif name.endswith("mlp.gate.weight"):
-            p.copy_(torch.randn_like(p))
-    return model
 
 
 def write_tiny_moe(path, *, mlp_only_layers=(1,), norm_topk_prob=True, decoder_sparse_step=1, seed=0, **shapes):
@@ -56,13 +43,6 @@ def moe_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_moe(moe_dir):
     return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
-
-
-def hf_logprobs(hf_model, prompt_ids, output_ids):
-    ids = torch.tensor([list(prompt_ids) + list(output_ids)])
-    with torch.no_grad():
-        logp = torch.log_softmax(hf_model(ids).logits[0].float(), dim=-1)[len(prompt_ids) - 1 : -1]
-    return logp.gather(1, torch.tensor(output_ids)[:, None])[:, 0], logp.argmax(dim=-1)
 
 
 def test_checkpoint_is_per_expert_and_layers_follow_hf(moe_dir, hf_moe):
@@ -275,32 +255,6 @@ def test_dense_model_refuses_return_routed_experts(model_dirs):
         engine.generate(PROMPTS[:1], SamplingParams(max_tokens=2, return_routed_experts=True))
 
 
-def _rerouting_delta(trainer, routed_rollouts) -> tuple[int, torch.Tensor]:
-    """(expert e, a change of e's row in the first MoE layer's router) that makes the router pick e for some
-    positions where the rollout did not, and leaves e's logit unchanged (to rounding) wherever the rollout
-    chose e. With norm_topk_prob the chosen experts' mixing weights depend on their own logits only, so a
-    replay of the rollout's experts is unaffected while the trainer's own top-k differs."""
-    from parity.trainer.parity_model import token_logprobs
-
-    router = trainer.layers[trainer.config.moe_layers[0]].mlp.gate
-    inputs = []
-    handle = router.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
-    token_logprobs(trainer, [r.prompt_ids for r in routed_rollouts], [r.output_ids for r in routed_rollouts])
-    handle.remove()
-    x = inputs[0].double()
-    chosen = torch.cat([r.routed_experts[:, 0].long() for r in routed_rollouts])
-    uses = torch.bincount(chosen.reshape(-1), minlength=trainer.config.num_experts)
-    e = int(uses.argmin())
-    kept = (chosen == e).any(-1)
-    basis = torch.linalg.qr(x[kept].T).Q if kept.any() else x.new_zeros(x.shape[1], 0)  # [H, |kept|]
-    logits = x @ router.weight.double().T
-    gap = logits.topk(2, dim=-1).values[:, -1] - logits[:, e]  # how far e is below the k-th choice
-    u = int(torch.where(kept, float("inf"), gap).argmin())
-    delta = x[u] - basis @ (basis.T @ x[u])
-    delta = delta * (gap[u] + 2.0) / (delta @ x[u])
-    return e, delta.float()
-
-
 def test_replay_reproduces_rollout_logprobs_when_trainer_routes_differently(det_engine, routed_rollouts):
     """Unperturbed, replay is bitwise the rollout. With a router changed so that its own top-k differs from
     the rollout's, the trainer's logprobs move; replaying the rollout's experts gives them back."""
@@ -314,7 +268,7 @@ def test_replay_reproduces_rollout_logprobs_when_trainer_routes_differently(det_
     assert replayed.tolist() == rollout_lp.tolist()
 
     with torch.no_grad():
-        e, delta = _rerouting_delta(trainer, routed_rollouts)
+        e, delta = rerouting_delta(trainer, routed_rollouts)
         trainer.layers[trainer.config.moe_layers[0]].mlp.gate.weight[e] += delta
         with trainer.routing.recording() as rec:
             own = torch.cat(token_logprobs(trainer, prompts, outputs, temperature=0.9))
@@ -336,7 +290,7 @@ def test_hf_trainer_logprobs_replay(moe_dir, det_engine, routed_rollouts):
     err = lambda t: (t.logprobs - t.rollout_logprobs)[t.mask].abs().max()
     assert err(trainer_logprobs(hf, routed_rollouts, params, replay_routing=True)) < 1e-4
     with torch.no_grad():
-        e, delta = _rerouting_delta(parity_model_from_engine(det_engine, trainable=False), routed_rollouts)
+        e, delta = rerouting_delta(parity_model_from_engine(det_engine, trainable=False), routed_rollouts)
         hf.model.layers[det_engine.model.config.moe_layers[0]].mlp.gate.weight[e] += delta
     assert err(trainer_logprobs(hf, routed_rollouts, params)) > 1e-2
     assert err(trainer_logprobs(hf, routed_rollouts, params, replay_routing=True)) < 1e-4

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_moe import PROMPTS, hf_logprobs, spread_norms_and_routers
+from moe_reference import PROMPTS, hf_logprobs, rerouting_delta, spread_norms_and_routers
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
 
 from parity import Engine, SamplingParams
@@ -126,8 +126,6 @@ def test_mixtral_window_as_wide_as_the_context_is_full_attention():
 def test_hf_mixtral_replay_routes_through_the_rollouts_experts(tmp_path):
     """trainer_logprobs on an HF Mixtral whose router picks other experts: its own routing moves the logprobs,
     replaying the engine's experts gives the rollout's back (Mixtral's router always renormalises)."""
-    from test_moe import _rerouting_delta
-
     from parity.trainer.logprobs import trainer_logprobs
     from parity.trainer.parity_model import parity_model_from_engine
 
@@ -139,7 +137,7 @@ def test_hf_mixtral_replay_routes_through_the_rollouts_experts(tmp_path):
     err = lambda t: (t.logprobs - t.rollout_logprobs)[t.mask].abs().max()
     assert err(trainer_logprobs(hf, rollouts, params, replay_routing=True)) < 1e-4
     with torch.no_grad():
-        e, delta = _rerouting_delta(parity_model_from_engine(engine, trainable=False), rollouts)
+        e, delta = rerouting_delta(parity_model_from_engine(engine, trainable=False), rollouts)
         hf.model.layers[0].mlp.gate.weight[e] += delta
     assert err(trainer_logprobs(hf, rollouts, params)) > 1e-2
     assert err(trainer_logprobs(hf, rollouts, params, replay_routing=True)) < 1e-4
