@@ -3,7 +3,7 @@ initialisation of tiny HF checkpoints, HF's own logprobs of a rollout and a rout
 route differently from the rollout.
 
 Not a test module (pytest collects test_*.py only); imported as `from moe_reference import ...`: pytest (prepend
-import mode, no tests/__init__.py) puts tests/ on sys.path, as it did for `from test_moe import ...`.
+import mode, no tests/__init__.py) puts tests/ on sys.path.
 """
 
 from __future__ import annotations

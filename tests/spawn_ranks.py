@@ -1,9 +1,9 @@
 """torch.distributed ranks for CPU tests: `run_ranks` spawns processes over gloo, joined through env:// like
 torchrun does, runs a function in each and returns what each rank returned.
 
-Not a test module (pytest collects test_*.py only); test modules import it as `from spawn_ranks import run_ranks`,
-which works as `from test_distributed import ...` did: pytest (rootdir-relative, prepend import mode, no
-tests/__init__.py) puts tests/ on sys.path, and spawned ranks inherit the parent's sys.path.
+Not a test module (pytest collects test_*.py only); test modules import it as `from spawn_ranks import run_ranks`:
+pytest (prepend import mode, no tests/__init__.py) puts tests/ on sys.path, and spawned ranks inherit the parent's
+sys.path. `free_port` also serves single-process gloo groups.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from parity.distributed.comm import init_distributed
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,5 +49,5 @@ def _launch(rank: int, world_size: int, port: int, fn, out_dir: Path, args: tupl
 
 def run_ranks(fn, world_size: int, out_dir: Path, *args) -> list:
     """Run `fn(rank, *args)` in `world_size` spawned ranks; each rank's result (pickled under out_dir)."""
-    mp.spawn(_launch, args=(world_size, _free_port(), fn, out_dir, args), nprocs=world_size, join=True)
+    mp.spawn(_launch, args=(world_size, free_port(), fn, out_dir, args), nprocs=world_size, join=True)
     return [pickle.loads((out_dir / f"rank{r}.pkl").read_bytes()) for r in range(world_size)]

@@ -51,7 +51,7 @@ def test_gguf_loads_from_its_cached_export(tmp_path, monkeypatch, capsys):
     """The first run dequantizes into $PARITY_CACHE, the second loads that export; both print what the
     GGUF itself gives."""
     pytest.importorskip("gguf")
-    from test_smollm2 import write_gguf
+    from gguf_writer import write_gguf
 
     from parity.testing.factory import TinyModelSpec, write_tiny_model
 

@@ -337,7 +337,7 @@ def _ddp_worker(rank: int, model_dir: str, out_dir: str) -> dict:
 
 @pytest.mark.slow
 def test_ddp_one_engine_per_process_synced_from_the_replica(llama_dir, tmp_path):
-    from test_distributed import run_ranks
+    from spawn_ranks import run_ranks
 
     ranks = run_ranks(_ddp_worker, 2, tmp_path, llama_dir, str(tmp_path))
     assert [r["wrapper"] for r in ranks] == ["DistributedDataParallel"] * 2

@@ -4,11 +4,11 @@ a bad update is refused whole; every source form (module, wrappers, DTensor, sta
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from spawn_ranks import free_port
 from transformers import AutoModelForCausalLM
 
 from parity import Engine, SamplingParams
@@ -147,15 +147,9 @@ def test_update_refused_with_requests_in_flight(llama_dir):
         engine.update_weights(trainer)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def process_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
