@@ -9,8 +9,20 @@ revive them (LRU order: the least recently freed block is handed out first).
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from parity.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class TakenBlock:
+    """A free block handed to a sequence by `take_free_head`, with the prefix-cache entry taking it evicted, so
+    that `untake` can put the block back as it was."""
+
+    block: int
+    old_hash: int | None
+    old_tokens: tuple[int, ...] | None
+    was_cached: bool  # the evicted hash pointed at this block
 
 
 class BlockManager:
@@ -83,6 +95,36 @@ class BlockManager:
             return False
         for _ in range(max(extra, 0)):
             seq.block_table.append(self._pop_free())
+        return True
+
+    def take_free_head(self, seq: Sequence) -> TakenBlock:
+        """Append the free list's head to `seq`'s block table (one more block), recording what it evicted."""
+        block = next(iter(self.free))
+        old = self.block_hash.get(block)
+        taken = TakenBlock(block, old, self.block_tokens.get(block), old is not None and self.cached.get(old) == block)
+        seq.block_table.append(self._pop_free())
+        return taken
+
+    def untake(self, seq: Sequence, taken: TakenBlock, restore_cache: bool) -> bool:
+        """Undo `take_free_head` for a sequence that never used the block: drop `seq`'s reference if it still holds
+        it, and if nobody else does, put the block back at the free list's head and (`restore_cache`, and the block
+        not re-hashed since) its evicted prefix-cache entry. True when the entry came back: the caller then restores
+        the K/V that entry describes."""
+        block = taken.block
+        if block in seq.block_table:
+            seq.block_table.remove(block)
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        if block not in self.free:
+            return False
+        self.free.move_to_end(block, last=False)
+        if not restore_cache or taken.old_hash is None or block in self.block_hash:
+            return False
+        self.block_hash[block] = taken.old_hash
+        self.block_tokens[block] = taken.old_tokens
+        if taken.was_cached and taken.old_hash not in self.cached:
+            self.cached[taken.old_hash] = block
         return True
 
     def register_full_blocks(self, seq: Sequence) -> None:

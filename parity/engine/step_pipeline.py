@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parity.engine.block_manager import BlockManager
+from parity.engine.block_manager import BlockManager, TakenBlock
 from parity.engine.config import EngineConfig
 from parity.engine.model_runner import ForwardOutput, ModelRunner
 from parity.engine.sampler import PendingSample, prompt_logprobs, sample_sequences, to_device
@@ -51,27 +51,21 @@ from parity.precision.policy import NonFiniteActivationError
 
 @dataclass
 class Reserved:
-    """A block a look-ahead step took from the free list's head for `seq`'s next slot, with the prefix-cache
-    entry that taking it evicted and (for a cached block) the K/V its first slot held before the look-ahead
-    wrote there, so that the block can go back exactly as it was if `seq` never uses it."""
+    """A block a look-ahead step took from the free list's head for `seq`'s next slot and (for a block that held a
+    cached prefix) the K/V its first slot held before the look-ahead wrote there, so that the block can go back
+    exactly as it was if `seq` never uses it."""
 
     seq: Sequence
-    block: int
-    old_hash: int | None
-    old_tokens: tuple[int, ...] | None
-    was_cached: bool
+    taken: TakenBlock
     saved: torch.Tensor | None  # kv_cache[:, :, block, 0] before the look-ahead step
     returned: bool = False
 
     @classmethod
-    def take(cls, bm: BlockManager, kv_cache: torch.Tensor, seq: Sequence, num_tokens: int) -> Reserved:
-        """Allocate `seq` the block its `num_tokens`-th token needs (the free list's head), recording it."""
-        block = next(iter(bm.free))
-        old = bm.block_hash.get(block)
-        saved = kv_cache[:, :, block, 0].clone() if old is not None else None
-        r = cls(seq, block, old, bm.block_tokens.get(block), old is not None and bm.cached.get(old) == block, saved)
-        bm.allocate(seq, num_tokens)
-        return r
+    def take(cls, bm: BlockManager, kv_cache: torch.Tensor, seq: Sequence) -> Reserved:
+        """Allocate `seq` the block its next token needs (the free list's head), recording it."""
+        taken = bm.take_free_head(seq)
+        saved = kv_cache[:, :, taken.block, 0].clone() if taken.old_hash is not None else None  # queued before the step
+        return cls(seq, taken, saved)
 
     def give_back(self, bm: BlockManager, kv_cache: torch.Tensor, restore_cache: bool) -> None:
         """Undo the reservation of a sequence that never used the block (it stopped, was aborted or failed, or the
@@ -80,20 +74,8 @@ class Reserved:
         if self.returned:
             return
         self.returned = True
-        if self.block in self.seq.block_table:  # still the sequence's (a look-ahead step not launched)
-            self.seq.block_table.remove(self.block)
-            bm.ref_counts[self.block] -= 1
-            if bm.ref_counts[self.block] == 0:
-                bm.free[self.block] = None
-        if self.block not in bm.free:
-            return
-        bm.free.move_to_end(self.block, last=False)
-        if restore_cache and self.saved is not None and self.block not in bm.block_hash:
-            kv_cache[:, :, self.block, 0].copy_(self.saved)
-            bm.block_hash[self.block] = self.old_hash
-            bm.block_tokens[self.block] = self.old_tokens
-            if self.was_cached and self.old_hash not in bm.cached:
-                bm.cached[self.old_hash] = self.block
+        if bm.untake(self.seq, self.taken, restore_cache):
+            kv_cache[:, :, self.taken.block, 0].copy_(self.saved)
 
 
 @dataclass
@@ -234,7 +216,7 @@ class StepPipeline:
             if bm.blocks_needed(position + 1) > len(seq.block_table):
                 if not bm.free:
                     return None
-                reserved.append(Reserved.take(bm, self.runner.kv_cache, seq, position + 1))
+                reserved.append(Reserved.take(bm, self.runner.kv_cache, seq))
             rows.append(i)
             positions.append(position)
         if not rows:
