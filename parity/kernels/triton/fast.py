@@ -16,8 +16,7 @@ from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
-           "moe_route", "rms_norm",
-           "rope_and_cache", "silu_and_mul"]
+           "moe_route", "rms_norm", "rope_and_cache", "silu_and_mul"]
 
 _MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=) on CUDA exists from torch 2.8; older builds upcast instead
 
