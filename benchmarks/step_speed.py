@@ -2,12 +2,12 @@
 buys, one engine, one process.
 
 Qwen3-0.6B shapes (random init, bf16, HF format), fast mode (`--deterministic`: the batch-invariant one),
-max_model_len 8192. With async scheduling off,
-then on (same engine: same KV pool, same compiled kernels; the order alternates per round, so drift within
-the process shows): workload A (256 prompts U[100, 1024], 512 greedy tokens, EOS ignored) and B (output
-lengths U[100, 1024], temperature 0.6) output tok/s, batch-1 ms per token (256 tokens after a 100-1024-token
-prompt), and decode steps at batch 1 and 256 at context 1024 (whole engine step against the CUDA graph's
-replay alone). Then the kernels of a batch-1 step by name (torch.profiler sees inside graphs).
+max_model_len 8192. With async scheduling off, then on (same engine: same KV pool, same compiled kernels; the
+order alternates per round, so drift within the process shows): workload A (256 prompts U[100, 1024], 512 greedy
+tokens, EOS ignored) and B (output lengths U[100, 1024], temperature 0.6) output tok/s, batch-1 ms per token
+(256 tokens after a 100-1024-token prompt), and decode steps at batch 1 and 256 at context 1024 (whole engine
+step against the CUDA graph's replay alone). Then the kernels of a batch-1 step by name (torch.profiler sees
+inside graphs).
 
   python -m benchmarks.step_speed --out $OUT            # on the GPU: about 100 s on an H200
   python -m benchmarks.step_speed --out $OUT --deterministic --rounds 0   # deterministic mode's batch-1 kernels

@@ -316,7 +316,6 @@ class ParityServer:
         pass
 
 
-
 def _wake(engine: Engine, tags: list[str] | None) -> None:
     """wake_up that is a no-op for what is already back (verl wakes weights and KV cache in two calls)."""
     if engine.sleep_state is not None:
