@@ -7,8 +7,8 @@
     python examples/verl_grpo_arith.py --out /tmp/verl_arith -- trainer.total_training_steps=2  # more overrides
 
 It writes the data as the parquet files verl reads (chat prompt, data_source, reward_model.ground_truth), points
-verl's custom reward at examples/verl_arith_reward.py (`compute_score`, local, no network), exports the model once as an HF
-directory (verl's FSDP trainer reads HF directories) and runs `python -m verl.trainer.main_ppo` with
+verl's custom reward at examples/verl_arith_reward.py (`compute_score`, local, no network), exports the model
+once as an HF directory (verl's FSDP trainer reads HF directories) and runs `python -m verl.trainer.main_ppo` with
 `actor_rollout_ref.rollout.name=parity` in verl's colocated (hybrid) mode: trainer and rollout share the GPU,
 the rollout sleeps while the actor trains. verl finds parity through its `verl.plugins` entry point.
 verl's file logger writes every step's metrics to `<out>/verl_<rollout>.jsonl`; `--metrics` (default
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{written['seconds_after_last_step']:.1f} s after the last one), mean after the first: "
               f"{json.dumps(written['mean_after_first_step'])}")
     return code
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
