@@ -50,12 +50,20 @@ def bench(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rows", type=int, nargs="*", default=[1, 64, 128, 256, 2048, 8192])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 128, 256, 2048, 8192])
     ap.add_argument("--block-m", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--block-n", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--block-k", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--stages", type=int, nargs="+", default=[3, 4])
     args = ap.parse_args()
+    for name in ("block_m", "block_n", "block_k"):  # tl.arange and tl.dot need powers of two of at least 16
+        bad = [b for b in getattr(args, name) if b < 16 or b & (b - 1)]
+        if bad:
+            ap.error(f"--{name.replace('_', '-')}: each must be a power of two >= 16, got {bad}")
+    if bad := [s for s in args.stages if s < 1]:
+        ap.error(f"--stages: each must be >= 1, got {bad}")
+    if bad := [m for m in args.rows if m < 1]:
+        ap.error(f"--rows: each must be >= 1, got {bad}")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     dtype = torch.bfloat16
