@@ -1,17 +1,19 @@
 """Tile sweep for deterministic mode's batch-invariant matmul, beside cuBLAS (torch.matmul) in the same run.
 
-The invariant kernel may choose its tiles and K splits from the weight's shape only, never from the
-number of rows, so one configuration has to serve decode (M = batch size) and prefill (M = thousands of
-tokens). For each weight shape of a model (Qwen3-0.6B by default) and each candidate configuration this
-times M in --rows, checks that a row's result is the same bits alone and inside the big batch, and prints
-each configuration's time relative to cuBLAS at the same M; `linear_config`'s choice is marked `*`.
-`same=1` marks a configuration whose results are the same bits as the choice's at every M: if every
-configuration with the choice's BLOCK_K agrees, the tiles could follow the number of rows after all (few, narrow
-tiles at decode batch sizes, where 64 x 128 tiles leave most SMs idle: N / 128 programs at M = 1).
+A row's result may not depend on the batch it is in; the question this answers is whether it depends on the
+tiles at all. For each weight shape of a model (Qwen3-0.6B by default) and each candidate configuration this
+times M in --rows (CUDA-graph replays), checks that a row's result is the same bits alone and inside the big
+batch (`inv`), and whether it is the same bits as `linear_config`'s choice at every M (`same`), and prints
+each configuration's time relative to cuBLAS at the same M; a configuration the choice uses at some M is
+marked `*`. If every configuration agrees, the tiles may follow the number of rows: narrow tiles and deep K
+steps at decode batch sizes (where 64 x 128 tiles leave most SMs idle: N / 128 programs at M = 1), wide ones
+for prefill and the trainer. On the H200 (2026-12-01, bf16) they all agreed; `linear_config` follows M since.
 
   python -m benchmarks.invariant_linear_sweep --out DIR       # on the GPU (about 2 minutes on an H100)
   python -m benchmarks.invariant_linear_sweep --out DIR --block-m 16 64 --block-n 32 64 128 --block-k 64 \
       --stages 4 --rows 1 8 64 2048                           # narrow tiles for decode: same bits?
+  python -m benchmarks.invariant_linear_sweep --out DIR --block-m 16 64 --block-n 32 64 128 --block-k 64 128 256 \
+      --stages 4 --rows 1 8 32 128 2048 --shapes qkv o gate_up down   # and deeper K steps?
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def candidates(block_m, block_n, block_k, stages_list) -> list[dict]:
 
 
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=5, rep=25) * 1e3  # microseconds
+    """Microseconds per call, from CUDA-graph replays: the engine's decode runs in graphs, where launch
+    overhead is gone and a small-M kernel's own latency is what is left."""
+    fn()
+    return triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3
 
 
 def main() -> None:
@@ -55,6 +60,8 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--block-k", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--stages", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--shapes", nargs="+", choices=[name for name, _, _ in QWEN3_06B_SHAPES],
+                    default=[name for name, _, _ in QWEN3_06B_SHAPES])
     args = ap.parse_args()
     for name in ("block_m", "block_n", "block_k"):  # tl.arange and tl.dot need powers of two of at least 16
         bad = [b for b in getattr(args, name) if b < 16 or b & (b - 1)]
@@ -68,14 +75,14 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = torch.bfloat16
     results = []
-    for name, n, k in QWEN3_06B_SHAPES:
+    for name, n, k in (shape for shape in QWEN3_06B_SHAPES if shape[0] in args.shapes):
         fp32 = name == "lm_head"
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         xs = {m: torch.randn(m, k, device="cuda", dtype=dtype) for m in args.rows}
         peer = partial(mm_fp32_out, weight=w) if fp32 else partial(torch.nn.functional.linear, weight=w)  # fast mode's
         cublas = {m: bench(partial(peer, x)) for m, x in xs.items()}
-        chosen = ti.linear_config(n, k)
-        chosen_out = {m: ti.linear(x, w, None, fp32, tiles=chosen) for m, x in xs.items()}
+        chosen = {m: ti.linear_config(n, k, m) for m in args.rows}
+        chosen_out = {m: ti.linear(x, w, None, fp32, tiles=chosen[m]) for m, x in xs.items()}
         for cfg in candidates(args.block_m, args.block_n, args.block_k, args.stages):
             try:
                 times = {m: bench(partial(ti.linear, x, w, None, fp32, tiles=cfg)) for m, x in xs.items()}
@@ -87,14 +94,14 @@ def main() -> None:
                 print(name, cfg, "failed:", type(e).__name__, str(e)[:80])
                 continue
             row = dict(shape=name, n=n, k=k, cfg=cfg, us=times, cublas_us=cublas, invariant=invariant,
-                       same_bits_as_chosen=same, chosen=cfg == chosen)
+                       same_bits_as_chosen=same, chosen_at=[m for m in args.rows if cfg == chosen[m]])
             results.append(row)
         rows = [r for r in results if r["shape"] == name]
         rows.sort(key=lambda r: sum(r["us"][m] / cublas[m] for m in args.rows))
         print(f"== {name} N={n} K={k}  cuBLAS us: " + " ".join(f"M{m}={cublas[m]:.1f}" for m in args.rows))
-        for r in rows[:12] + [r for r in rows[12:] if r["chosen"]]:
+        for r in rows[:12] + [r for r in rows[12:] if r["chosen_at"]]:
             c = r["cfg"]
-            tag = "*" if r["chosen"] else " "
+            tag = "*" if r["chosen_at"] else " "
             print(f" {tag} bm{c['BLOCK_M']} bn{c['BLOCK_N']} bk{c['BLOCK_K']} st{c['num_stages']} "
                   f"w{c['num_warps']} inv={int(r['invariant'])} same={int(r['same_bits_as_chosen'])} x cuBLAS: "
                   + " ".join(f"M{m}={r['us'][m] / cublas[m]:.2f}" for m in args.rows))

@@ -160,6 +160,21 @@ def test_rms_norm_wrapper_is_row_invariant_with_reference_gradients():
 
 
 # ------------------------------------------------------------------------------------ on the GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_linear_rows_alone_equal_a_2048_row_batch_at_model_shapes(dtype):
+    """`linear_config` gives decode batch sizes narrower tiles and deeper K steps than prefill and the trainer:
+    a row's bits must not move. Qwen3-0.6B's qkv and down projections, SmolLM2's gate/up (K = 576: 64-deep
+    steps), the LM head's float32 output."""
+    for n, k, fp32 in ((4096, 1024, False), (1024, 3072, False), (3072, 576, False), (65536, 1024, True)):
+        w = _randn(n, k, dtype=dtype, seed=1) * 0.02
+        x = _randn(2048, k, dtype=dtype)
+        big = ti.linear(x, w, None, fp32)
+        for m in (1, 5, 16, 17, 64, 128, 129):
+            assert torch.equal(ti.linear(x[:m].clone(), w, None, fp32), big[:m]), (n, k, m)
+    assert ti.linear_config(4096, 1024, 1) != ti.linear_config(4096, 1024, 2048)
+
+
 def _gpu_deterministic_run(model_dir, dtype: str, params):
     """A batch of 8 mixed-length prompts (chunked prefill, CUDA-graph decode), then prompts 0, 4, 7 alone."""
     from parity.engine.engine import Engine

@@ -166,7 +166,7 @@ def _prefill_kernel(
 
 
 def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int,
-            tokens: int, heads: int) -> None:
+            tokens: int, heads: int, num_warps: int = 4, num_stages: int = 2) -> None:
     """Causal attention of the ragged batch q into `out`, `tokens` query tokens x `heads` heads per program;
     K/V from the paged cache (`block_tables`) or, with `block_tables=None`, packed like q."""
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -180,7 +180,7 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens, HEADS=heads,
-        BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2,
+        BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=num_warps, num_stages=num_stages,
     )
 
 

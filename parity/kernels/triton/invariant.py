@@ -1,9 +1,12 @@
 """Batch-invariant Triton kernels for deterministic mode on CUDA (see `invariant.py` for why).
 
 Each kernel's reduction order is fixed by the shapes of one token's own work, never by the batch:
-- `linear`: tiled matmul with one tile configuration per weight shape (BLOCK_M, BLOCK_N, BLOCK_K chosen
-  from N and K only) and no split-K; a row's dot products run over K in the same BLOCK_K steps
-  whatever M is, whichever tile the row lands in. With `fp32=True` (the LM head under logits_fp32)
+- `linear`: tiled matmul, no split-K: a row's dot products are one chain of tensor-core MMA steps over K in
+  order (Triton folds `acc += dot(a, b)` into the MMA's accumulator), whichever tile the row lands in.
+  Measured on the H200 (benchmarks/invariant_linear_sweep.py, bf16): every BLOCK_M / BLOCK_N / BLOCK_K tried
+  gives the same bits at every M, so `linear_config` may give decode batch sizes narrow tiles and deeper K
+  steps (with K a multiple of them: no masked tail) and keep wide tiles for prefill and the trainer; a GPU test
+  checks rows alone against a 2048-row batch at real shapes. With `fp32=True` (the LM head under logits_fp32)
   half-precision operands go through the tensor cores as they are (their products are exact in
   float32) with float32 sums and a float32 output, like the fast path's cuBLAS call: no fp32 weight copy.
 - `attention`: `triton_attention.prefill` for prefill chunks, decode steps and the trainer's packed
@@ -74,16 +77,21 @@ def _linear_kernel(
              mask=m_mask & n_mask)
 
 
-def linear_config(n: int, k: int) -> dict:
-    """Tile sizes from the weight's shape only (never from the number of rows).
+def linear_config(n: int, k: int, m: int, half: bool = True) -> dict:
+    """Tile sizes for an [m, k] x [k, n] product with 16-bit (`half`) or float32 operands.
 
-    From the sweep in benchmarks/invariant_linear_sweep.py (H100, Qwen3-0.6B shapes, bf16): 64 x 128 tiles,
-    4 stages, are within ~1.1-1.6x of cuBLAS at decode batch sizes for the layer weights; the wide LM head
-    prefers 64 x 64 tiles. A fixed split-K (invariant too) measured no better once its extra pass is counted."""
+    From the CUDA-graph sweep in benchmarks/invariant_linear_sweep.py (H200, Qwen3-0.6B shapes, bf16): up to
+    128 rows, 32 output columns and 128-deep K steps per program (16 rows at most 16) take the layer GEMMs of a
+    batch-1 step from 44 to 22 us, within ~1-1.3x of cuBLAS (the o projection 0.44x); from there on 64 x 128
+    tiles, 4 stages (1.4-1.6x of cuBLAS at 2048 rows). The wide LM head prefers 64 x 64 tiles at any M.
+    float32 operands (IEEE FMA dots, not swept) keep one configuration for every M."""
     if INTERPRET:  # few, large programs: the CPU interpreter's cost is per program and per op
         return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
     if n >= 64 * 1024:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    if half and m <= 128:
+        return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=32, BLOCK_K=128 if k % 128 == 0 else 64, num_warps=4,
+                    num_stages=4)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 
 
@@ -97,7 +105,7 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
     if m == 0:
         return y
-    cfg = cfg or linear_config(n, k)
+    cfg = cfg or linear_config(n, k, m, half=x2.dtype != torch.float32)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
@@ -132,7 +140,11 @@ def attention_tile(num_heads: int, num_kv_heads: int) -> dict:
 def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> torch.Tensor:
     out = torch.zeros_like(q)
     if q.shape[0]:
-        prefill(q, k, v, out, meta, scale, block_tables, page_size, **attention_tile(q.shape[1], k.shape[-2]))
+        # A decode step pipelines one stage deeper: 23.0 vs 24.8 us at batch 1 on the H200, prefill 93 vs 87 us;
+        # the same bits at every depth (benchmarks/invariant_attention_sweep.py).
+        stages = 3 if meta.max_query_len == 1 else 2
+        prefill(q, k, v, out, meta, scale, block_tables, page_size, **attention_tile(q.shape[1], k.shape[-2]),
+                num_stages=stages)
     return out
 
 

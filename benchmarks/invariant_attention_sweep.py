@@ -1,0 +1,118 @@
+"""Launch sweep for deterministic mode's attention (`triton_attention.prefill` with `attention_tile`'s rows).
+
+Its key tiles (BLOCK_N = 64, from position 0, one online softmax) fix a row's numbers; warps per program and
+software-pipelining depth only decide how fast they come, unless a layout change moves a reduction. For each
+(num_warps, num_stages) this times a decode step over the paged cache (batch 1 and 32, context 1024: at batch 1
+eight programs walk 16 key tiles each, the chain the batch-1 profile names) and the trainer's packed prefill
+(2 x 1024 tokens), and checks that every output is the same bits as the default launch's and that a decode row
+equals the packed batch's row at the same position. The reference launch is 4 warps, 2 stages (prefill's). Qwen3-0.6B heads (16 query, 8 KV, head_dim 128), bf16;
+times from CUDA-graph replays (`triton.testing.do_bench_cudagraph`), as the engine runs them.
+
+  python -m benchmarks.invariant_attention_sweep --out DIR     # on the GPU (about a minute)
+  TRITON_INTERPRET=1 python -m benchmarks.invariant_attention_sweep --out /tmp/ias --smoke   # CPU: the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+
+from parity.kernels.metadata import AttentionMetadata
+from parity.kernels.triton import invariant as ti
+from parity.kernels.triton.attention import prefill
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter, for --smoke
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 8, 128, 16
+
+
+def paged_decode_case(batch: int, context: int, k_all, v_all, q_last):
+    """Sequences of `context` tokens in shuffled cache blocks, one query each (the last position)."""
+    blocks_per_seq = context // PAGE
+    perm = torch.randperm(batch * blocks_per_seq, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    tables = perm.view(batch, blocks_per_seq).to(torch.int32)
+    k_cache = torch.empty(batch * blocks_per_seq, PAGE, KV_HEADS, HEAD_DIM, dtype=k_all.dtype, device=DEVICE)
+    v_cache = torch.empty_like(k_cache)
+    k_cache[tables.long().flatten()] = k_all[:batch].reshape(-1, PAGE, KV_HEADS, HEAD_DIM)
+    v_cache[tables.long().flatten()] = v_all[:batch].reshape(-1, PAGE, KV_HEADS, HEAD_DIM)
+    starts = list(range(batch + 1))
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.full((batch,), context, dtype=torch.int32, device=DEVICE), max_query_len=1,
+        max_seq_len=context, query_start_loc_cpu=starts, seq_lens_cpu=[context] * batch, block_tables=tables)
+    q = q_last[:batch].contiguous()
+    return q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta, tables
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--smoke", action="store_true", help="context 64, one launch, no timing: checks the script")
+    args = ap.parse_args()
+    if args.smoke:
+        args.context, args.warps, args.stages = 64, [4], [2]
+    if bad := [w for w in args.warps if w not in (1, 2, 4, 8, 16)]:
+        ap.error(f"--warps: each must be 1, 2, 4, 8 or 16, got {bad}")
+    if bad := [s for s in args.stages if s < 1]:
+        ap.error(f"--stages: each must be >= 1, got {bad}")
+    if args.context < PAGE or args.context % PAGE:
+        ap.error(f"--context: a positive multiple of {PAGE}, got {args.context}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    ctx, dtype, scale = args.context, torch.bfloat16, HEAD_DIM**-0.5
+    k_all = torch.randn(32, ctx, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
+    v_all = torch.randn_like(k_all)
+    q_all = torch.randn(32, ctx, HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
+    decode = {b: paged_decode_case(b, ctx, k_all, v_all, q_all[:, -1]) for b in (1, 32)}
+    packed_meta = AttentionMetadata.for_packed_sequences([ctx, ctx], DEVICE)
+    packed = (q_all[:2].flatten(0, 1), k_all[:2].flatten(0, 1), v_all[:2].flatten(0, 1))
+    tile = ti.attention_tile(HEADS, KV_HEADS)
+
+    def run(case: str, launch: dict) -> tuple:
+        if case == "packed":
+            q, k, v = packed
+            out = torch.zeros_like(q)
+            return out, partial(prefill, q, k, v, out, packed_meta, scale, None, 1, **launch)
+        q, k, v, meta, tables = decode[int(case)]
+        out = torch.zeros_like(q)
+        return out, partial(prefill, q, k, v, out, meta, scale, tables, PAGE, **launch)
+
+    default = {**tile, "num_warps": 4, "num_stages": 2}
+    reference = {}
+    for case in ("1", "32", "packed"):
+        out, fn = run(case, default)
+        fn()
+        reference[case] = out.clone()
+    # The engine's property, under the default launch: a decode row = the packed batch's row at that position.
+    packed_last = reference["packed"].view(2, ctx, HEADS, HEAD_DIM)[:, -1]
+    print("default launch: decode row == packed row:", bool(torch.equal(reference["32"][:2], packed_last)))
+    results = []
+    for warps, stages in itertools.product(args.warps, args.stages):
+        launch = {**tile, "num_warps": warps, "num_stages": stages}
+        row = dict(num_warps=warps, num_stages=stages, default=launch == default, us={}, same_bits_as_default={})
+        try:
+            for case in ("1", "32", "packed"):
+                out, fn = run(case, launch)
+                fn()
+                row["same_bits_as_default"][case] = bool(torch.equal(out, reference[case]))
+                row["us"][case] = 0.0 if args.smoke else triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3
+        except Exception as e:  # noqa: BLE001 -- out of shared memory or registers: report and go on
+            print(f"w{warps} st{stages} failed: {type(e).__name__} {str(e)[:80]}")
+            continue
+        results.append(row)
+        tag = "*" if row["default"] else " "
+        print(f" {tag} w{warps} st{stages} same={int(all(row['same_bits_as_default'].values()))} us: "
+              f"decode b1 {row['us']['1']:.1f}  decode b32 {row['us']['32']:.1f}  packed 2x{ctx} {row['us']['packed']:.1f}")
+    (args.out / "invariant_attention_sweep.json").write_text(json.dumps(dict(context=ctx, tile=tile, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()
