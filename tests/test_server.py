@@ -15,15 +15,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
-from parity import Engine, SamplingParams
-from parity.engine.async_engine import AsyncEngine
-from parity.server.app import create_app
-from parity.server.launch import ServerThread, build_app
-from parity.testing.factory import TinyModelSpec, write_tiny_model
+# The server's packages and the client come with the dev extra; the GPU machine's image has neither.
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
 
-openai = pytest.importorskip("openai")  # the dev extra has it; the GPU machine's image does not
+from transformers import AutoTokenizer  # noqa: E402
+
+from parity import Engine, SamplingParams  # noqa: E402
+from parity.engine.async_engine import AsyncEngine  # noqa: E402
+from parity.server.app import create_app  # noqa: E402
+from parity.server.launch import ServerThread, build_app  # noqa: E402
+from parity.testing.factory import TinyModelSpec, write_tiny_model  # noqa: E402
 
 OPTIONS = dict(dtype="fp32", device="cpu", deterministic=True, block_size=4, max_model_len=512)
 KEY = "test-key"
