@@ -4,9 +4,9 @@ Its key tiles (BLOCK_N = 64, from position 0, one online softmax) fix a row's nu
 software-pipelining depth only decide how fast they come, unless a layout change moves a reduction. For each
 (num_warps, num_stages) this times a decode step over the paged cache (batch 1 and 32, context 1024: at batch 1
 eight programs walk 16 key tiles each, the chain the batch-1 profile names) and the trainer's packed prefill
-(2 x 1024 tokens), and checks that every output is the same bits as the default launch's and that a decode row
-equals the packed batch's row at the same position. The reference launch is 4 warps, 2 stages (prefill's). Qwen3-0.6B heads (16 query, 8 KV, head_dim 128), bf16;
-times from CUDA-graph replays (`triton.testing.do_bench_cudagraph`), as the engine runs them.
+(2 x 1024 tokens), and checks that every output is the same bits as the reference launch's (4 warps, 2 stages:
+prefill's) and that a decode row equals the packed batch's row at the same position. Qwen3-0.6B heads (16 query,
+8 KV, head_dim 128), bf16; times from CUDA-graph replays (`triton.testing.do_bench_cudagraph`), as the engine runs them.
 
   python -m benchmarks.invariant_attention_sweep --out DIR     # on the GPU (about a minute)
   TRITON_INTERPRET=1 python -m benchmarks.invariant_attention_sweep --out /tmp/ias --smoke   # CPU: the script only
@@ -85,7 +85,7 @@ def main() -> None:
         out = torch.zeros_like(q)
         return out, partial(prefill, q, k, v, out, meta, scale, tables, PAGE, **launch)
 
-    default = {**tile, "num_warps": 4, "num_stages": 2}
+    default = {**tile, "num_warps": 4, "num_stages": 2}  # the reference launch
     reference = {}
     for case in ("1", "32", "packed"):
         out, fn = run(case, default)
