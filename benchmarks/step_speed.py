@@ -11,6 +11,7 @@ inside graphs).
 
   python -m benchmarks.step_speed --out $OUT            # on the GPU: about 100 s on an H200
   python -m benchmarks.step_speed --out $OUT --deterministic --rounds 0   # deterministic mode's batch-1 kernels
+  python -m benchmarks.step_speed --out $OUT --fused-small-batch           # norms and SiLU fused into the GEMMs
   python -m benchmarks.step_speed --smoke --out /tmp/ss  # tiny model on CPU: checks the script only
 """
 
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--batch1-tokens", type=int, default=256)
     ap.add_argument("--deterministic", action="store_true",
                     help="the batch-invariant kernels (with --rounds 0: only their batch-1 kernel table)")
+    ap.add_argument("--fused-small-batch", action="store_true",
+                    help="EngineConfig.fused_small_batch: steps of <= 16 tokens fuse each norm and SiLU into a GEMM")
     args = ap.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
     spec = replace(tp.SMOKE if args.smoke else tp.QWEN3_06B, max_position_embeddings=40960)
@@ -107,7 +110,8 @@ def main() -> None:
         path = write_tiny_model(Path(tmp) / "model", spec)
         t0 = time.perf_counter()
         engine = Engine.from_pretrained(path, device=args.device, dtype="bf16", max_num_seqs=args.max_num_seqs,
-                                        max_model_len=args.max_model_len, deterministic=args.deterministic)
+                                        max_model_len=args.max_model_len, deterministic=args.deterministic,
+                                        fused_small_batch=args.fused_small_batch)
         results["init_s"] = time.perf_counter() - t0
         vocab = engine.model_config.vocab_size
         prompts = tp.random_prompts(args.num_prompts, vocab, lo, hi, seed=0)
