@@ -1,15 +1,18 @@
 """Launch sweep for deterministic mode's attention (`triton_attention.prefill` with `attention_tile`'s rows).
 
-Its key tiles (BLOCK_N = 64, from position 0, one online softmax) fix a row's numbers; warps per program and
-software-pipelining depth only decide how fast they come, unless a layout change moves a reduction. For each
-(num_warps, num_stages) this times a decode step over the paged cache (batch 1 and 32, context 1024: at batch 1
-eight programs walk 16 key tiles each, the chain the batch-1 profile names) and the trainer's packed prefill
-(2 x 1024 tokens), and checks that every output is the same bits as the reference launch's (4 warps, 2 stages:
-prefill's) and that a decode row equals the packed batch's row at the same position. Qwen3-0.6B heads (16 query,
-8 KV, head_dim 128), bf16; times from CUDA-graph replays (`triton.testing.do_bench_cudagraph`), as the engine runs them.
+Its key tiles (BLOCK_N = 64, from position 0) and key segments (`--segment` positions each, its own online softmax,
+merged in order; 0: one softmax over all keys, deterministic mode's path until this has run) fix a row's numbers;
+warps per program and software-pipelining depth only decide how fast they come, unless a layout change moves a
+reduction. For each (num_warps, num_stages) this times a decode step over the paged cache (batch 1 and 32,
+context 1024: at batch 1 eight programs walk 16 key tiles each, the chain the batch-1 profile names; with
+segments also split, a program per segment) and the trainer's packed prefill (2 x 1024 tokens), and checks that
+every output is the same bits as the reference launch's (4 warps, 2 stages: prefill's; a split step owes the
+unsplit one's bits) and that a decode row equals the packed batch's row at the same position. Qwen3-0.6B heads
+(16 query, 8 KV, head_dim 128), bf16; times from CUDA-graph replays (`triton.testing.do_bench_cudagraph`).
 
-  python -m benchmarks.invariant_attention_sweep --out DIR     # on the GPU (about a minute)
-  TRITON_INTERPRET=1 python -m benchmarks.invariant_attention_sweep --out /tmp/ias --smoke   # CPU: the script only
+  python -m benchmarks.invariant_attention_sweep --out DIR                 # on the GPU (about a minute)
+  python -m benchmarks.invariant_attention_sweep --out DIR --segment 0     # the unsegmented path, as on 2026-12-01
+  TRITON_INTERPRET=1 python -m benchmarks.invariant_attention_sweep --out /tmp/ias --smoke --segment 64   # CPU: the script
 """
 
 from __future__ import annotations
@@ -55,14 +58,18 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--smoke", action="store_true", help="context 64, one launch, no timing: checks the script")
+    ap.add_argument("--segment", type=int, default=256,
+                    help="keys per softmax segment; 0: one online softmax over all keys (KEY_SEGMENT's default)")
+    ap.add_argument("--smoke", action="store_true", help="context 128, one launch, no timing: checks the script")
     args = ap.parse_args()
     if args.smoke:
-        args.context, args.warps, args.stages = 64, [4], [2]
+        args.context, args.warps, args.stages = 128, [4], [2]
     if bad := [w for w in args.warps if w not in (1, 2, 4, 8, 16)]:
         ap.error(f"--warps: each must be 1, 2, 4, 8 or 16, got {bad}")
     if bad := [s for s in args.stages if s < 1]:
         ap.error(f"--stages: each must be >= 1, got {bad}")
+    if args.segment < 0 or args.segment % 64:
+        ap.error(f"--segment: 0 or a positive multiple of 64, got {args.segment}")
     if args.context < PAGE or args.context % PAGE:
         ap.error(f"--context: a positive multiple of {PAGE}, got {args.context}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -74,16 +81,19 @@ def main() -> None:
     decode = {b: paged_decode_case(b, ctx, k_all, v_all, q_all[:, -1]) for b in (1, 32)}
     packed_meta = AttentionMetadata.for_packed_sequences([ctx, ctx], DEVICE)
     packed = (q_all[:2].flatten(0, 1), k_all[:2].flatten(0, 1), v_all[:2].flatten(0, 1))
-    tile = ti.attention_tile(HEADS, KV_HEADS)
+    tile = {**ti.attention_tile(HEADS, KV_HEADS), "segment": args.segment}
+    # decode at batch 1 and 32, each in one program per row and with its segments split, and the packed prefill
+    cases = ["1", "32", "packed"] + (["1 split", "32 split"] if args.segment and ctx > args.segment else [])
 
     def run(case: str, launch: dict) -> tuple:
         if case == "packed":
             q, k, v = packed
             out = torch.zeros_like(q)
             return out, partial(prefill, q, k, v, out, packed_meta, scale, None, 1, **launch)
-        q, k, v, meta, tables = decode[int(case)]
+        batch, _, split = case.partition(" ")
+        q, k, v, meta, tables = decode[int(batch)]
         out = torch.zeros_like(q)
-        return out, partial(prefill, q, k, v, out, meta, scale, tables, PAGE, **launch)
+        return out, partial(prefill, q, k, v, out, meta, scale, tables, PAGE, **launch, split=bool(split))
 
     default = {**tile, "num_warps": 4, "num_stages": 2}  # the reference launch
     reference = {}
@@ -91,6 +101,8 @@ def main() -> None:
         out, fn = run(case, default)
         fn()
         reference[case] = out.clone()
+    for case in cases[3:]:
+        reference[case] = reference[case.split()[0]]  # a split step owes the unsplit one's bits
     # The engine's property, under the default launch: a decode row = the packed batch's row at that position.
     packed_last = reference["packed"].view(2, ctx, HEADS, HEAD_DIM)[:, -1]
     print("default launch: decode row == packed row:", bool(torch.equal(reference["32"][:2], packed_last)))
@@ -99,7 +111,7 @@ def main() -> None:
         launch = {**tile, "num_warps": warps, "num_stages": stages}
         row = dict(num_warps=warps, num_stages=stages, default=launch == default, us={}, same_bits_as_default={})
         try:
-            for case in ("1", "32", "packed"):
+            for case in cases:
                 out, fn = run(case, launch)
                 fn()
                 row["same_bits_as_default"][case] = bool(torch.equal(out, reference[case]))
@@ -110,7 +122,7 @@ def main() -> None:
         results.append(row)
         tag = "*" if row["default"] else " "
         print(f" {tag} w{warps} st{stages} same={int(all(row['same_bits_as_default'].values()))} us: "
-              f"decode b1 {row['us']['1']:.1f}  decode b32 {row['us']['32']:.1f}  packed 2x{ctx} {row['us']['packed']:.1f}")
+              + "  ".join(f"{'decode b' + c if c != 'packed' else f'packed 2x{ctx}'} {row['us'][c]:.1f}" for c in cases))
     (args.out / "invariant_attention_sweep.json").write_text(json.dumps(dict(context=ctx, tile=tile, results=results), indent=1))
 
 

@@ -95,6 +95,59 @@ def test_attention_same_bits_from_paged_cache_and_packed_batch(dtype):
     assert torch.equal(torch.cat(out), packed[:20])
 
 
+SEGMENT = 256  # the key segment the split decode is checked with (ti.KEY_SEGMENT is 0 until measured on a GPU)
+
+
+def _check_split_decode(dtype, num_heads: int, num_kv: int, head_dim: int, lens: list[int], steps: list[list[int]],
+                        monkeypatch):
+    """A decode step (one query per sequence, at the positions `steps` gives) whose key segments run in programs
+    of their own gives the bits of the same step in one program per row and of the packed (trainer) batch's row
+    at that position; the packed batch matches the float64 reference."""
+    from parity.kernels.triton.attention import prefill
+
+    monkeypatch.setattr(ti, "KEY_SEGMENT", SEGMENT)  # the engine's and the trainer's path, with segments
+    block, scale = 16, head_dim**-0.5
+    q, k, v = (_randn(sum(lens), h, head_dim, dtype=dtype, seed=s) for s, h in ((3, num_heads), (4, num_kv), (5, num_kv)))
+    packed_meta = AttentionMetadata.for_packed_sequences(lens, DEVICE)
+    packed = ti.attention(q, k, v, None, packed_meta, scale)
+    assert _rel(packed, reference.varlen_attention(q, k, v, packed_meta, scale)) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+    pages = [(n + block - 1) // block for n in lens]
+    order = torch.randperm(sum(pages) + 3, generator=torch.Generator().manual_seed(7))[: sum(pages)].tolist()
+    tables = torch.zeros(len(lens), max(pages), dtype=torch.int32)
+    for i, first in enumerate([sum(pages[:i]) for i in range(len(lens))]):
+        tables[i, : pages[i]] = torch.tensor(order[first : first + pages[i]])
+    tables = tables.to(DEVICE)
+    k_cache = torch.full((sum(pages) + 3, block, num_kv, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = [int(tables[i, p // block]) * block + p % block for i, n in enumerate(lens) for p in range(n)]
+    store_kvcache(k, v, k_cache, v_cache, torch.tensor(slots, device=DEVICE))
+
+    starts = list(range(len(lens) + 1))
+    for seq_lens in steps:
+        rows = [sum(lens[:i]) + n - 1 for i, n in enumerate(seq_lens)]
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), max_query_len=1,
+            max_seq_len=max(seq_lens), query_start_loc_cpu=starts, seq_lens_cpu=seq_lens, block_tables=tables,
+        )
+        q_step = q[rows].contiguous()
+        one_program, split = torch.zeros_like(q_step), torch.zeros_like(q_step)
+        for out, is_split in ((one_program, False), (split, True)):
+            prefill(q_step, k_cache.flatten(0, 1), v_cache.flatten(0, 1), out, meta, scale, tables, block,
+                    **ti.attention_tile(num_heads, num_kv), segment=SEGMENT, split=is_split)
+        assert torch.equal(split, one_program), seq_lens
+        assert torch.equal(split, packed[rows]), seq_lens
+        assert ti.split_decode(len(lens), num_kv, meta.max_seq_len)  # the engine's path splits this step too
+        assert torch.equal(ti.attention(q_step, None, None, (k_cache, v_cache), meta, scale), packed[rows]), seq_lens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_key_segments_split_decode_equals_one_program_and_the_packed_batch(dtype, monkeypatch):
+    """Contexts over several 256-key segments (600 and 300 keys), at their last positions and inside them."""
+    _check_split_decode(dtype, 4, 2, 32, [600, 300], [[600, 300], [401, 300], [257, 256]], monkeypatch)
+
+
 def test_attention_padding_rows_give_zeros():
     """CUDA-graph padding: a sequence with one query row, context length 0 and slot -1 attends to nothing."""
     k_cache = torch.zeros(4, 4, 2, 16, device=DEVICE)
@@ -175,14 +228,23 @@ def test_gpu_linear_rows_alone_equal_a_2048_row_batch_at_model_shapes(dtype):
     assert ti.linear_config(4096, 1024, 1) != ti.linear_config(4096, 1024, 2048)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_attention_split_decode_equals_the_packed_batch_at_model_shapes(dtype, monkeypatch):
+    """Qwen3-0.6B's heads (16 query, 8 KV, head_dim 128), contexts of 1,500, 700 and 90 keys."""
+    _check_split_decode(dtype, 16, 8, 128, [1500, 700, 90], [[1500, 700, 90], [1024, 513, 1], [256, 257, 64]],
+                        monkeypatch)
+
+
 def _gpu_deterministic_run(model_dir, dtype: str, params):
-    """A batch of 8 mixed-length prompts (chunked prefill, CUDA-graph decode), then prompts 0, 4, 7 alone."""
+    """A batch of 8 mixed-length prompts (chunked prefill, CUDA-graph decode; prompt 4 longer than a 256-key segment),
+    then prompts 0, 4, 7 alone."""
     from parity.engine.engine import Engine
 
     engine = Engine.from_pretrained(model_dir, dtype=dtype, deterministic=True, max_model_len=512,
                                     max_num_batched_tokens=64, kv_cache_memory=64 << 20)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 90, 41, 9, 130, 3, 60, 17)]
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 90, 41, 9, 290, 3, 60, 17)]
     batch = engine.generate(prompts, params)
     for i in (0, 4, 7):
         alone = engine.generate([prompts[i]], params)[0]

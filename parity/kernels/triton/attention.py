@@ -50,11 +50,24 @@ def _dot(a, b):
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc):
     """Fold one key tile (log2-scaled scores s [rows, keys], values v [keys, D]) into the running max,
-    sum and float32 accumulator of flash attention."""
+    sum and float32 accumulator of flash attention. A row whose keys so far are all masked keeps (-inf, 0, 0)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _merge_segment(m_a, l_a, acc_a, m_b, l_b, acc_b):
+    """Running (max, sum, accumulator) a followed by one key segment's b. Explicit FMAs, so that the merge in a
+    prefill program's registers and the one of a split decode (from memory) are the same operations; an empty
+    segment (-inf, 0, 0) leaves a unchanged, exactly."""
+    m = tl.maximum(m_a, m_b)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    alpha = tl.exp2(m_a - m_safe)
+    beta = tl.exp2(m_b - m_safe)
+    return m, tl.fma(l_b, beta, l_a * alpha), tl.fma(acc_b, beta[:, None], acc_a * alpha[:, None])
 
 
 # ------------------------------------------------------------------------------------------ cache write
@@ -95,18 +108,47 @@ def store_kvcache(
 
 
 # -------------------------------------------------------------------------------------------- prefill
+@triton.jit
+def _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, lo, hi,
+                 stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax of the rows' queries over keys [lo, hi), in BLOCK_N tiles from lo. Keys past a row's own
+    position (q_pos) are masked for it; a tile with none of its keys left leaves its numbers unchanged."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        if PAGED:
+            page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+            kv_rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        else:
+            kv_rows = (q_start + offs_n).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask
+        k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
 # The batch's sequence count and block-table width change every step: not specialised on (each new
 # divisibility class would compile a variant mid-run).
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, part_ptr, counter_ptr,
     num_seqs, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    TOKENS: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, TOKENS: tl.constexpr, HEADS: tl.constexpr, SEGMENT: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # The program's rows: TOKENS consecutive query tokens of one sequence x HEADS query heads of one
-    # GQA group (HEADS > 1 reads each K/V tile once for several heads).
+    # The program's rows: TOKENS consecutive query tokens of one sequence x HEADS query heads of one GQA
+    # group (HEADS > 1 reads each K/V tile once for several heads).
     pid = tl.program_id(0)
     SUBS: tl.constexpr = (GROUP + HEADS - 1) // HEADS  # programs per KV head
     kv_head = tl.program_id(1) // SUBS
@@ -129,58 +171,107 @@ def _prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
 
-    rows = tl.arange(0, TOKENS * HEADS)
+    ROWS: tl.constexpr = TOKENS * HEADS
+    rows = tl.arange(0, ROWS)
     tok = tile * TOKENS + rows // HEADS  # index among the sequence's query rows
     in_group = first_head + rows % HEADS
     head = kv_head * GROUP + in_group
-    row_mask = ((tok < q_len) & (in_group < GROUP))[:, None]
+    row_ok = (tok < q_len) & (in_group < GROUP)
     q_pos = context + tok  # each row attends to keys 0..q_pos
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
+    out_mask = row_ok[:, None] & d_mask
     q = tl.load(q_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_mask & d_mask, other=0.0)
-
-    m_i = tl.full([TOKENS * HEADS], float("-inf"), tl.float32)
-    l_i = tl.zeros([TOKENS * HEADS], tl.float32)
-    acc = tl.zeros([TOKENS * HEADS, BLOCK_D], tl.float32)
+                mask=out_mask, other=0.0)
     kv_end = tl.minimum(seq_len, context + (tile + 1) * TOKENS)
-    # Key tiles start at position 0 in BLOCK_N steps; tiles past a row's own position are fully masked
-    # for it and leave its numbers unchanged (deterministic mode relies on this).
-    for start_n in range(0, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < kv_end
-        if PAGED:
-            page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-            kv_rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
-        else:
-            kv_rows = (q_start + offs_n).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask
-        k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no keys (CUDA-graph padding) gives zeros
+    if SEGMENT == 0:  # one online softmax over all keys from position 0 (fast mode)
+        m_t, l_t, acc_t = _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
+                                       0, kv_end, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+                                       ROWS, HEAD_DIM, PAGE_SIZE, PAGED, BLOCK_N, BLOCK_D)
+    elif not SPLIT:
+        # Fixed key segments from position 0, each an online softmax of its own, merged in order: the numbers a
+        # split decode gets from the same segments computed by separate programs.
+        m_t = tl.full([ROWS], float("-inf"), tl.float32)
+        l_t = tl.zeros([ROWS], tl.float32)
+        acc_t = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        for seg_lo in range(0, kv_end, SEGMENT):
+            m_s, l_s, acc_s = _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
+                                           seg_lo, tl.minimum(seg_lo + SEGMENT, kv_end),
+                                           stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+                                           ROWS, HEAD_DIM, PAGE_SIZE, PAGED, BLOCK_N, BLOCK_D)
+            m_t, l_t, acc_t = _merge_segment(m_t, l_t, acc_t, m_s, l_s, acc_s)
+    else:
+        # Split decode (one query per sequence): this program takes segment program_id(2) and stores its
+        # (max, sum, accumulator) per (token, head); the last of the sequence's segments to finish, counted by
+        # an atomic, merges them in order with the prefill programs' merge.
+        seg = tl.program_id(2)
+        seg_lo = seg * SEGMENT
+        if seg_lo >= kv_end:
+            return
+        m_s, l_s, acc_s = _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
+                                       seg_lo, tl.minimum(seg_lo + SEGMENT, kv_end),
+                                       stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+                                       ROWS, HEAD_DIM, PAGE_SIZE, PAGED, BLOCK_N, BLOCK_D)
+        max_segs = tl.num_programs(2)
+        part = ((q_start + tok).to(tl.int64) * NUM_HEADS + head) * max_segs  # segment 0's slot of each row
+        slot_stride: tl.constexpr = BLOCK_D + 2  # per slot: max, sum, accumulator
+        tl.store(part_ptr + (part + seg) * slot_stride, m_s, mask=row_ok)
+        tl.store(part_ptr + (part + seg) * slot_stride + 1, l_s, mask=row_ok)
+        tl.store(part_ptr + ((part + seg) * slot_stride + 2)[:, None] + offs_d[None, :], acc_s, mask=out_mask)
+        tl.debug_barrier()  # every thread's stores, then one release/acquire count (threadfence reduction)
+        num_segs = tl.cdiv(kv_end, SEGMENT)
+        counter = counter_ptr + pid * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel") != num_segs - 1:
+            return
+        tl.store(counter, 0)  # ready for the next launch (the counters are kept between launches)
+        m_t = tl.full([ROWS], float("-inf"), tl.float32)
+        l_t = tl.zeros([ROWS], tl.float32)
+        acc_t = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        for i in range(0, num_segs):
+            m_s = tl.load(part_ptr + (part + i) * slot_stride, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(part_ptr + (part + i) * slot_stride + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+            acc_s = tl.load(part_ptr + ((part + i) * slot_stride + 2)[:, None] + offs_d[None, :], mask=out_mask,
+                            other=0.0, cache_modifier=".cg")
+            m_t, l_t, acc_t = _merge_segment(m_t, l_t, acc_t, m_s, l_s, acc_s)
+    out = acc_t / tl.where(l_t > 0, l_t, 1.0)[:, None]  # a row with no keys (CUDA-graph padding) gives zeros
     tl.store(out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask & d_mask)
+             out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int,
-            tokens: int, heads: int, num_warps: int = 4, num_stages: int = 2) -> None:
+            tokens: int, heads: int, segment: int = 0, split: bool = False, num_warps: int = 4,
+            num_stages: int = 2) -> None:
     """Causal attention of the ragged batch q into `out`, `tokens` query tokens x `heads` heads per program;
-    K/V from the paged cache (`block_tables`) or, with `block_tables=None`, packed like q."""
+    K/V from the paged cache (`block_tables`) or, with `block_tables=None`, packed like q.
+
+    `segment` > 0 (a multiple of 64): the keys in fixed segments of that many positions from 0, each its own online
+    softmax, merged in order; `split` (decode steps only: one query per sequence, paged): the segments run in
+    programs of their own, up to `meta.max_seq_len`, and give the same bits as one program walking them."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[-2]
     group = num_heads // num_kv_heads
     paged = block_tables is not None
-    grid = (q.shape[0] // tokens + meta.num_seqs, num_kv_heads * triton.cdiv(group, heads))
-    _prefill_kernel[grid](
-        q, k, v, out, meta.query_start_loc, meta.seq_lens, block_tables if paged else meta.seq_lens,
+    if segment % 64 or segment < 0:
+        raise ValueError(f"segment must be 0 or a positive multiple of the 64-key tile, got {segment}")
+    if split and not (segment and paged and meta.max_query_len == 1 and q.shape[0] == meta.num_seqs):
+        raise ValueError("split attention needs segment > 0, a paged cache and one query per sequence")
+    grid0 = q.shape[0] // tokens + meta.num_seqs
+    grid1 = num_kv_heads * triton.cdiv(group, heads)
+    max_segs = triton.cdiv(meta.max_seq_len, segment) if split else 1
+    if split:
+        part = torch.empty(q.shape[0] * num_heads * max_segs * (triton.next_power_of_2(head_dim) + 2),
+                           dtype=torch.float32, device=q.device)
+        counters = _split_counters(q.device, grid0 * grid1)
+    else:
+        part = counters = out
+    _prefill_kernel[(grid0, grid1, max_segs)](
+        q, k, v, out, meta.query_start_loc, meta.seq_lens, block_tables if paged else meta.seq_lens, part, counters,
         meta.num_seqs, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
-        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens, HEADS=heads,
-        BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=num_warps, num_stages=num_stages,
+        GROUP=group, NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens,
+        HEADS=heads, SEGMENT=segment, SPLIT=split, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 

@@ -11,11 +11,15 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
   float32) with float32 sums and a float32 output, like the fast path's cuBLAS call: no fp32 weight copy.
 - `attention`: `triton_attention.prefill` for prefill chunks, decode steps and the trainer's packed
   batch alike, with tiles fixed by the head layout (`attention_tile`: 16 rows = the GQA group x
-  consecutive tokens; one token per tile at decode). Key tiles always start at position 0 in BLOCK_N
-  steps with an online softmax in float32; a row's numbers depend on its own query and keys only (rows
-  of an MMA are independent, and key tiles past a row's position are fully masked no-ops), so they do
-  not depend on which tokens share its program. K/V come from the paged cache (through the block
-  table) or from the packed tensors, the same values either way. No split-KV.
+  consecutive tokens; one token per tile at decode). Key tiles start at position 0 in BLOCK_N steps with
+  an online softmax in float32; with KEY_SEGMENT > 0 (not yet on: see there) the keys fall in fixed
+  segments of that many positions, each its own online softmax, merged in order with explicit FMAs. A
+  row's numbers depend on its own query and keys only (rows of an MMA are independent; key tiles and
+  segments past a row's position are exact no-ops), so they do not depend on which tokens share its
+  program. With segments, a small decode batch runs them in separate programs (split-KV with the split
+  fixed by position, not by the batch) and merges them in the same order: the same bits as one program
+  walking them. K/V come from the paged cache (through the block table) or from the packed tensors,
+  the same values either way.
 - `log_softmax`: one program per row, fixed chunks of the vocabulary.
 - RMSNorm, RoPE and SiLU-and-mul reuse `triton_norm` / `triton_elementwise`, whose programs own
   whole rows (RMSNorm) or single elements (RoPE, SiLU), so they are invariant already.
@@ -137,14 +141,31 @@ def attention_tile(num_heads: int, num_kv_heads: int) -> dict:
     return dict(tokens=max(1, 16 // heads), heads=heads)
 
 
+# Keys per softmax segment in every path (0: one online softmax over all keys). Segments let a small decode batch
+# split its keys across programs with the bits of one program walking them (tests/test_determinism_triton.py
+# checks it in the interpreter; `pytest -m gpu` has the compiled check). 0 until that check and
+# benchmarks/invariant_attention_sweep.py (`--segment 256` against `--segment 0`: the split decode's gain, the
+# prefill's cost of restarting its pipeline every segment) have run on a GPU.
+KEY_SEGMENT = 0
+SPLIT_BELOW_PROGRAMS = 256  # (sequence, KV head) pairs: at batch 1, 8 programs walk the whole context
+
+
+def split_decode(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> bool:
+    """Whether a decode step runs its key segments in programs of their own: with segments, while fewer than
+    SPLIT_BELOW_PROGRAMS (sequence, KV head) programs would exist otherwise and the context can exceed one
+    segment. Either way the bits are the same."""
+    return bool(KEY_SEGMENT) and num_seqs * num_kv_heads < SPLIT_BELOW_PROGRAMS and max_seq_len > KEY_SEGMENT
+
+
 def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> torch.Tensor:
     out = torch.zeros_like(q)
     if q.shape[0]:
+        decode = block_tables is not None and meta.max_query_len == 1 and q.shape[0] == meta.num_seqs
         # A decode step pipelines one stage deeper: 23.0 vs 24.8 us at batch 1 on the H200, prefill 93 vs 87 us;
         # the same bits at every depth (benchmarks/invariant_attention_sweep.py).
-        stages = 3 if meta.max_query_len == 1 else 2
         prefill(q, k, v, out, meta, scale, block_tables, page_size, **attention_tile(q.shape[1], k.shape[-2]),
-                num_stages=stages)
+                segment=KEY_SEGMENT, split=decode and split_decode(meta.num_seqs, k.shape[-2], meta.max_seq_len),
+                num_stages=3 if decode else 2)
     return out
 
 
