@@ -14,6 +14,7 @@ Freed memory is measured, not assumed: on CUDA `memory_allocated` / `memory_rese
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -31,6 +32,8 @@ from parity.kernels.metadata import AttentionMetadata
 from parity.models.decoder import DecoderModel
 from parity.models.weights import WeightMap
 from parity.precision.policy import NonFiniteActivationError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -300,7 +303,11 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         from parity.engine.cuda_graphs import DecodeGraphs
 
+        start = time.perf_counter()
         self.graphs = DecodeGraphs(self.model, self.layer_caches, *self._graph_config, self.block_size)
+        # Logged: after every sleep/wake cycle (the KV cache is re-allocated) the next decode step captures again.
+        logger.info("captured decode CUDA graphs for %d batch sizes (up to %d) in %.2f s", len(self.graphs.sizes),
+                    self.graphs.sizes[-1], time.perf_counter() - start)
 
     def _graphs_for(self, batch: ScheduledBatch):
         """The decode graphs, if they can run this batch (every sequence computes exactly one token)."""
