@@ -17,7 +17,11 @@ pytest.importorskip("triton")
 from parity import Engine, EngineConfig, SamplingParams
 from parity.kernels import dispatch
 from parity.kernels.dispatch import Kernels
+from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton import small_batch as sb
+from parity.models.config import ModelConfig
+from parity.models.decoder import DecoderModel
+from parity.precision.policy import PrecisionPolicy
 from parity.testing.factory import TinyModelSpec, write_tiny_model
 
 ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs without a GPU")
@@ -158,6 +162,64 @@ def count_fused_calls(monkeypatch) -> dict[str, int]:
     for name in calls:
         monkeypatch.setattr(sb, name, counting(name))
     return calls
+
+
+class StandInRowParallel(torch.nn.Module):
+    """A down projection that is not a plain Linear, as tensor parallelism's RowParallelLinear (whose all-reduce
+    must follow the matmul): counts its calls."""
+
+    def __init__(self, linear: torch.nn.Module):
+        super().__init__()
+        self.linear = linear
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(x)
+
+
+def random_model(hf_config) -> DecoderModel:
+    """A fast-mode float32 DecoderModel of `hf_config` with random weights (norm weights near 1)."""
+    model = DecoderModel(ModelConfig.from_hf_config(hf_config), PrecisionPolicy("fp32", deterministic=False), "cpu", 64)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        p.data.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.3 * noise)
+    return model
+
+
+@ON_CPU
+@pytest.mark.parametrize("layout", ["dense, row-parallel down projection", "mixture of experts"])
+def test_layers_the_fusion_cannot_take_keep_their_unfused_kernels(monkeypatch, layout):
+    """A down projection that is not a plain Linear (tensor parallelism's) keeps SiLU-and-mul and itself apart; a
+    sparse MoE block gets the post-attention norm's output as it is. Hidden states equal the unfused forward's to
+    float32 rounding."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    shapes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6)
+    if layout == "mixture of experts":
+        hf = Qwen3MoeConfig(**shapes, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                            mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
+    else:
+        hf = Qwen3Config(**shapes, architectures=["Qwen3ForCausalLM"])
+    model = random_model(hf)
+    stand_ins = [StandInRowParallel(layer.mlp.down_proj) for layer in model.layers if layout.startswith("dense")]
+    for layer, stand_in in zip(model.layers, stand_ins):
+        layer.mlp.down_proj = stand_in
+    monkeypatch.setattr(dispatch, "device_kind", lambda x: "cuda")
+    calls = count_fused_calls(monkeypatch)
+    ids, positions = torch.tensor([5, 9, 2, 7, 3]), torch.arange(5)
+    meta = AttentionMetadata.for_packed_sequences([5], "cpu")
+    with torch.no_grad():
+        unfused = model(ids, positions, meta)
+        model.kernels.fused_small_batch = True
+        fused = model(ids, positions, meta)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    if stand_ins:  # each layer: both norms fused into their projections, SiLU-and-mul left to the stand-in
+        assert calls == {"norm_linear": 4, "silu_mul_linear": 0} and all(s.calls == 2 for s in stand_ins)
+    else:  # layer 0 sparse (input norm fused only), layer 1 dense (all three)
+        assert calls == {"norm_linear": 3, "silu_mul_linear": 1}
 
 
 def generate_on_and_off(path, prompts, params, **kwargs):
