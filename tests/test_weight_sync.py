@@ -12,6 +12,7 @@ from spawn_ranks import free_port
 from transformers import AutoModelForCausalLM
 
 from parity import Engine, SamplingParams
+from parity.engine.weight_sync import _all_finite
 from parity.models.weights import WeightError
 from parity.trainer.logprobs import trainer_logprobs
 
@@ -19,8 +20,8 @@ PROMPTS = ["What is 3 + 4?", "Sort the list 5 3 9 1", "Hello"]
 PARAMS = SamplingParams(n=2, temperature=0.9, top_k=50, max_tokens=12, seed=7, raw_logprobs=True)
 
 
-def make_engine(model_dir: str, **kw) -> Engine:
-    return Engine.from_pretrained(model_dir, device="cpu", kv_cache_memory=1 << 21, max_model_len=128, **kw)
+def make_engine(model_dir: str, device: str = "cpu", **kw) -> Engine:
+    return Engine.from_pretrained(model_dir, device=device, kv_cache_memory=1 << 21, max_model_len=128, **kw)
 
 
 def hf_raw_logprobs(model, rollout) -> torch.Tensor:
@@ -134,6 +135,55 @@ def test_bad_update_is_refused_whole(llama_dir, where):
     again = engine.generate(PROMPTS, params)
     assert [r.output_ids for r in again] == [r.output_ids for r in reference]
     assert [r.output_logprobs for r in again] == [r.output_logprobs for r in reference]
+
+
+def test_finite_check_on_the_engine_device_gives_the_plain_verdicts():
+    """Host tensors checked on a given device (here the CPU, where a CPU engine checks them) get the verdicts
+    of isfinite over the tensors themselves, for every float dtype, a strided view and an empty tensor."""
+    finite = torch.randn(5, 7)
+    with_nan = finite.clone().to(torch.bfloat16)
+    with_nan[2, 3] = float("nan")
+    fp16_max = torch.full((4,), torch.finfo(torch.float16).max, dtype=torch.float16)
+    with_inf = fp16_max.clone()
+    with_inf[1] = float("inf")
+    strided = finite.clone()
+    strided[4, 6] = -float("inf")
+    tensors = [finite, with_nan, fp16_max, with_inf, strided.t()[::2], strided.t()[1::2], torch.empty(0, 3),
+               finite.double()]
+    expected = [True, False, True, False, False, True, True, True]
+    assert [bool(torch.isfinite(t).all()) for t in tensors] == expected
+    assert _all_finite(tensors, torch.device("cpu")) == expected
+
+
+@pytest.mark.gpu
+def test_host_tensors_into_a_cuda_engine_are_checked_on_the_gpu(llama_dir, monkeypatch):
+    """A trainer's CPU tensors into a CUDA engine: the inf/nan check reads them on the engine's GPU, a nan
+    (in the last tensor) is still refused before anything is copied, and a good update lands rounded."""
+    engine = make_engine(llama_dir, device="cuda", dtype="bf16")
+    trainer = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    source = {k: v * 2.0 for k, v in trainer.state_dict().items()}
+    assert all(t.device.type == "cpu" for t in source.values())
+    last = "model.layers.1.mlp.down_proj.weight"
+    bad = dict(source)
+    bad[last] = source[last].clone()
+    bad[last][3, 5] = float("nan")
+    state_before = engine_state(engine)
+    checked_on: list[str] = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: checked_on.append(t.device.type) or isfinite(t))
+    with pytest.raises(WeightError, match="inf or nan"):
+        engine.update_weights(bad)
+    assert checked_on and set(checked_on) == {"cuda"}
+    assert engine.weight_version == 0
+    for k, v in engine_state(engine).items():
+        assert torch.equal(v, state_before[k]), k
+
+    stats = engine.update_weights(source)
+    assert stats.weight_version == engine.weight_version == 1
+    inter = trainer.config.intermediate_size
+    fused = engine.model.layers[1].mlp.gate_up_proj.weight
+    assert torch.equal(fused[inter:].cpu(), source["model.layers.1.mlp.up_proj.weight"].to(torch.bfloat16))
+    assert torch.equal(engine.model.layers[1].mlp.down_proj.weight.cpu(), source[last].to(torch.bfloat16))
 
 
 def test_update_refused_with_requests_in_flight(llama_dir):

@@ -534,7 +534,7 @@ class Engine:
         self.runner.check_weights_resident()
         start = time.perf_counter()
         pairs = weight_sync.named_tensors(source)
-        weight_sync.validate_update(self.weights, pairs, partial)
+        weight_sync.validate_update(self.weights, pairs, partial, self.device)
         loaded = self.runner.load_weights(self.weights, pairs, complete=not partial)
         self.weight_version += 1
         self.scheduler.weights_updated(recompute=in_flight == "recompute")
