@@ -9,6 +9,7 @@ offline `Engine` (same options) for token ids, an HF transformers forward in flo
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -27,7 +28,13 @@ from verl.workers.rollout.base import _ROLLOUT_REGISTRY, get_rollout_class  # no
 from verl.workers.rollout.replica import RolloutReplicaRegistry, TokenOutput  # noqa: E402
 
 from parity import Engine, SamplingParams  # noqa: E402
-from parity.integrations.verl import ParityReplica, ServerAdapter, sampling_params_from_verl  # noqa: E402
+from parity.integrations.verl import (  # noqa: E402
+    ParityReplica,
+    ServerAdapter,
+    engine_dtype,
+    host_copy,
+    sampling_params_from_verl,
+)
 from parity.testing.factory import write_tiny_model  # noqa: E402
 
 ENGINE = dict(dtype="fp32", device="cpu", deterministic=True, block_size=4)
@@ -244,6 +251,88 @@ def test_release_then_sync_as_verl_calls_it(cluster, model_dir, tmp_path):
     ray.get(worker.train_step_and_sync.remote(1.0, 8))  # the same weights again
     asyncio.run(replica.wake_up())
     assert generate(server, PROMPTS[4], "after-wake", max_tokens=10, ignore_eos=True).token_ids == expected.output_ids
+
+
+def test_sync_logs_each_phase_with_the_engines_side(cluster, model_dir, offline, caplog):
+    """verl's sync order from an adapter in this process: release, resume, update_weights and resume each log
+    one timing line with what was sent, the Ray call's seconds and the engine's own seconds and sizes."""
+    server = cluster[0].server_handle
+    adapter = ServerAdapter(config=rollout_config(), model_config=HFModelConfig(path=str(model_dir)), replica_rank=0)
+    state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()  # the checkpoint's
+
+    async def release_and_sync() -> None:
+        await adapter.release()
+        await adapter.resume(tags=["weights"])
+        await adapter.update_weights(iter(state.items()), global_steps=11)
+        await adapter.resume(tags=["kv_cache"])
+
+    with caplog.at_level(logging.INFO, logger="parity.integrations.verl"):
+        asyncio.run(release_and_sync())
+    records = [r for r in caplog.records if hasattr(r, "timing")]
+    timings = [r.timing for r in records]
+    assert [t["phase"] for t in timings] == ["release", "resume", "update_weights.host_copy",
+                                             "update_weights.ray_call", "resume"]
+    release, wake_weights, host, call, wake_kv = timings
+    param_bytes = sum(p.numel() * p.element_size() for p in offline.model.parameters())
+    assert release["engine_level"] == 2 and release["engine_weight_bytes"] == param_bytes
+    assert release["engine_kv_cache_bytes"] > 0
+    assert (wake_weights["tags"], list(wake_weights["engine_tags"])) == (["weights"], ["weights"])
+    assert wake_weights["engine_restored_bytes"] == param_bytes
+    assert list(wake_kv["engine_tags"]) == ["kv_cache"] and wake_kv["engine_restored_bytes"] > 0
+    sent_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    assert host["num_tensors"] == call["num_tensors"] == len(state)
+    assert host["bytes"] == call["bytes"] == sent_bytes and host["dtypes"] == ["float32"]  # an fp32 engine: no cast
+    assert call["engine_num_tensors"] == len(offline.weights.targets) and call["engine_bytes_copied"] == param_bytes
+    assert host["seconds"] >= host["to_host_seconds"] >= 0
+    assert call["seconds"] >= call["server_seconds"] >= call["engine_seconds"] >= 0
+    for t in (release, wake_weights, wake_kv):
+        assert t["seconds"] >= t["engine_seconds"] >= 0
+    assert all(r.levelno == logging.INFO and r.getMessage().startswith(f"parity rollout timing: phase={t['phase']} ")
+               for r, t in zip(records, timings))
+    assert f"num_tensors={len(state)} mb={sent_bytes / 1e6:.1f} dtypes=float32 seconds=" in records[2].getMessage()
+
+    # the checkpoint's weights landed, under the synced step
+    expected = offline.generate([PROMPTS[4]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    out = generate(server, PROMPTS[4], "after-logged-sync", max_tokens=10, ignore_eos=True)
+    assert out.token_ids == expected.output_ids and out.extra_fields["global_steps"] == 11
+
+
+def test_host_copy_casts_wider_floats_as_the_engine_would(model_dir):
+    """The adapter sends floats in the engine's dtype when the rollout config names it; what lands is what the
+    engine's own cast of the wider tensors gives, bit for bit."""
+    assert engine_dtype(rollout_config()) == torch.float32
+    assert engine_dtype(rollout_config(dtype="bfloat16")) == torch.bfloat16
+    assert engine_dtype(rollout_config(dtype="bfloat16", engine_kwargs={"parity": {"dtype": "fp16"}})) == torch.float16
+    assert engine_dtype(rollout_config(dtype="auto")) is None  # resolved by the engine from its device
+    engine = Engine.from_pretrained(model_dir, **(ENGINE | {"dtype": "bf16"}))
+    state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    sent = {name: host_copy(t, torch.bfloat16) for name, t in state.items()}
+    assert {t.dtype for t in sent.values()} == {torch.bfloat16}
+    engine.update_weights(state)
+    cast_by_engine = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    engine.update_weights(sent)
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, cast_by_engine[k]), k
+
+    weight = state["model.norm.weight"]
+    assert host_copy(weight, None).dtype == torch.float32  # engine dtype unknown: sent as it is
+    assert host_copy(weight.to(torch.bfloat16), torch.float32).dtype == torch.bfloat16  # never widened
+    assert host_copy(torch.arange(3), torch.bfloat16).dtype == torch.int64  # not a float: the engine refuses it
+    assert host_copy(weight, torch.float32).data_ptr() != weight.data_ptr()  # a copy, not the live tensor
+
+
+@pytest.mark.gpu
+def test_host_copy_casts_on_the_gpu_with_the_engines_rounding():
+    """The adapter casts on the trainer's GPU, the engine casts a host tensor as `WeightMap.copy` does: every
+    non-nan fp32 bit pattern (ties, subnormals, values beyond the target's range) rounds to the same bits."""
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 22,), dtype=torch.int32)
+    values = bits.view(torch.float32)
+    values = values[~values.isnan()]
+    for dtype in (torch.bfloat16, torch.float16):
+        by_adapter = host_copy(values.cuda(), dtype)
+        by_engine = values.to(device="cuda", dtype=dtype).cpu()
+        assert torch.equal(by_adapter.view(torch.int16), by_engine.view(torch.int16)), dtype
+        assert torch.equal(by_adapter.view(torch.int16), values.to(dtype).view(torch.int16)), dtype
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ rollouts drive them unchanged:
 - `ServerAdapter(BaseRollout)` lives in each trainer worker: verl's weight sync calls resume(["weights"]),
   update_weights(generator of (HF name, tensor), global_steps=...), resume(["kv_cache"]); release() after
   generation. Every rank consumes the generator (FSDP gathers inside it); rank 0 of the replica sends the
-  tensors, copied to CPU, through Ray to its server, which validates all of them before the first copy.
+  tensors, copied to CPU (floats wider than the engine's dtype cast to it first), through Ray to its server,
+  which validates all of them before the first copy. Each of these calls logs one INFO line
+  `parity rollout timing: phase=... seconds=...` with the engine's own seconds and sizes beside it.
 - `ParityReplica(RolloutReplica).launch_servers()` starts the server on the node of the replica's first
   trainer worker, seeing the same GPU (colocated, verl's "hybrid" mode, is the tested path).
 
@@ -33,8 +35,11 @@ inputs, LoRA adapters synced unmerged (use `lora.merge=True`), verl's delta_flus
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
@@ -50,11 +55,15 @@ from verl.workers.rollout.utils import ensure_async_iterator
 from parity.engine.async_engine import AsyncEngine
 from parity.engine.engine import Engine
 from parity.engine.sampling_params import SamplingParams
+from parity.engine.sleep import SleepStats, WakeStats
+from parity.engine.weight_sync import WeightSyncStats
 from parity.integrations.verl_plugin import ROLLOUT_NAME
 from parity.precision.checks import check_int, check_int_list
+from parity.precision.dtypes import resolve_dtype
 from parity.server.app import create_app
 
 logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))  # verl's modules' convention
 
 # verl's dtype names -> EngineConfig.dtype
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
@@ -99,6 +108,13 @@ def engine_options(config: RolloutConfig) -> dict[str, Any]:
         enforce_eager=config.enforce_eager,
         seed=config.seed,
     ) | extra
+
+
+def engine_dtype(config: RolloutConfig) -> torch.dtype | None:
+    """The dtype the server's engine holds its weights in, read from the options it is built with (no call
+    to the server); None for "auto", which the engine resolves from its device and the checkpoint."""
+    dtype = engine_options(config)["dtype"]
+    return None if dtype == "auto" else resolve_dtype(dtype)
 
 
 def sampling_params_from_verl(params: dict[str, Any], config: RolloutConfig, prompt_len: int, max_model_len: int,
@@ -257,26 +273,32 @@ class ParityServer:
     async def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], global_steps: int | None = None
                              ) -> dict[str, Any]:
         """Copy the trainer's (HF name, tensor) pairs in; all are validated before the first copy. The
-        engine empties its prefix cache and bumps its weight version."""
+        engine empties its prefix cache and bumps its weight version. Returns the engine's WeightSyncStats
+        (`seconds`: validation and copies) and `server_seconds`, this method's wall time, which adds the
+        wait for the engine thread: the caller's round trip minus it is Ray's serialisation and transport."""
+        start = time.perf_counter()
         stats = await self.engine.update_weights(named_tensors)
         if global_steps is not None:
             self.global_steps = global_steps
-        return {"weight_version": stats.weight_version, "num_tensors": stats.num_tensors, "seconds": stats.seconds}
+        return _stats_summary(stats) | {"server_seconds": time.perf_counter() - start}
 
-    async def wake_up(self, tags: list[str] | None = None) -> None:
+    async def wake_up(self, tags: list[str] | None = None) -> dict[str, Any] | None:
         """Hybrid: bring back what `tags` names ("weights", "kv_cache"; default both). Colocated: both.
-        Standalone servers never sleep."""
+        Standalone servers never sleep. Returns the engine's WakeStats, None where nothing was asleep."""
         if self.rollout_mode == RolloutMode.STANDALONE:
-            return
-        await self.engine.call(lambda engine: _wake(engine, None if self.rollout_mode == RolloutMode.COLOCATED else tags))
+            return None
+        tags = None if self.rollout_mode == RolloutMode.COLOCATED else tags
+        return _stats_summary(await self.engine.call(lambda engine: _wake(engine, tags)))
 
-    async def sleep(self) -> None:
+    async def sleep(self) -> dict[str, Any] | None:
         """Free the KV cache and the weights while the trainer trains (rollout.free_cache_engine). Hybrid: the
-        weights are discarded (the next sync writes them all); colocated: offloaded to host memory."""
+        weights are discarded (the next sync writes them all); colocated: offloaded to host memory. Returns
+        the engine's SleepStats, None where it did not sleep now."""
         if self.rollout_mode == RolloutMode.STANDALONE or not self.config.free_cache_engine:
-            return
+            return None
         level = 2 if self.rollout_mode == RolloutMode.HYBRID else 1
-        await self.engine.call(lambda engine: engine.sleep(level) if engine.sleep_state is None else None)
+        return _stats_summary(await self.engine.call(
+            lambda engine: engine.sleep(level) if engine.sleep_state is None else None))
 
     async def clear_kv_cache(self) -> None:
         """Drop the prefix cache (blocks computed under older weights must not be served)."""
@@ -316,10 +338,17 @@ class ParityServer:
         pass
 
 
-def _wake(engine: Engine, tags: list[str] | None) -> None:
-    """wake_up that is a no-op for what is already back (verl wakes weights and KV cache in two calls)."""
-    if engine.sleep_state is not None:
-        engine.wake_up(tags)
+def _wake(engine: Engine, tags: list[str] | None) -> WakeStats | None:
+    """wake_up that is a no-op (None) for what is already back (verl wakes weights and KV cache in two calls)."""
+    return None if engine.sleep_state is None else engine.wake_up(tags)
+
+
+def _stats_summary(stats: WeightSyncStats | WakeStats | SleepStats | None) -> dict[str, Any] | None:
+    """The engine's stats as a small plain dict for the trainer's log: sizes, seconds and flags (the memory
+    snapshots left out)."""
+    if stats is None:
+        return None
+    return {key: value for key, value in dataclasses.asdict(stats).items() if not isinstance(value, dict)}
 
 
 def _node_and_devices() -> tuple[str, str | None]:
@@ -368,6 +397,53 @@ def _platform_env_vars() -> dict[str, str]:
     return {**{var: "1" for var in platform.ray_noset_envvars()}, **platform.rollout_env_vars()}
 
 
+def _format_field(key: str, value: Any) -> str:
+    """`key=value` for a timing line: sizes in MB, seconds to the millisecond, lists comma-joined."""
+    if "bytes" in key and isinstance(value, int):
+        return f"{key.replace('bytes', 'mb')}={value / 1e6:.1f}"
+    if isinstance(value, float):
+        return f"{key}={value:.3f}"
+    if isinstance(value, (list, tuple)):
+        return f"{key}={','.join(map(str, value))}"
+    return f"{key}={value}"
+
+
+def _log_timing(phase: str, **fields: Any) -> None:
+    """One INFO line per phase of verl's weight sync and memory calls, so a run's console log shows where
+    `timing_s/update_weights` goes; the raw fields ride on the record as `timing` for tests and log readers."""
+    shown = " ".join(_format_field(key, value) for key, value in fields.items())
+    logger.info("parity rollout timing: phase=%s %s", phase, shown, extra={"timing": {"phase": phase, **fields}})
+
+
+def _engine_fields(stats: dict[str, Any] | None) -> dict[str, Any]:
+    """The server's engine stats as log fields named `engine_<stat>`; `engine=idle` where the engine had
+    nothing to do (already awake or asleep, or a standalone server)."""
+    if stats is None:
+        return {"engine": "idle"}
+    return {f"engine_{key}": value for key, value in stats.items()}
+
+
+async def _timed(submit: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
+    """What a remote call returns and its wall seconds, from submission (argument serialisation included)."""
+    start = time.perf_counter()
+    result = await submit()
+    return result, time.perf_counter() - start
+
+
+def host_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A host copy of one trainer tensor for the Ray call (a DTensor gathered first). A float wider than the
+    engine's `dtype` is cast on its own device before the copy: half the bytes through Ray for an fp32
+    trainer, and exactly the engine's own cast in `WeightMap.copy` (a plain `.to(dtype)`, round to nearest
+    even), so what lands is unchanged; the inf/nan check then sees those values, so an fp32 value beyond
+    fp16's range is refused as inf instead of landing as inf."""
+    if hasattr(tensor, "full_tensor"):  # a DTensor shard
+        tensor = tensor.full_tensor()
+    tensor = tensor.detach()
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype.itemsize > dtype.itemsize:
+        tensor = tensor.to(dtype)
+    return tensor.to("cpu", copy=True)
+
+
 class ServerAdapter(BaseRollout):
     """The trainer worker's side of the rollout: sleep/wake and weight sync of its replica's server."""
 
@@ -376,6 +452,7 @@ class ServerAdapter(BaseRollout):
         check_supported(self.config)
         # one trainer rank per replica (check_supported), so the rank is the replica's
         self.replica_rank = int(os.environ.get("RANK", "0")) if replica_rank == -1 else replica_rank
+        self.engine_dtype = engine_dtype(self.config)
         self._server = None
 
     def _server_handle(self):
@@ -385,11 +462,13 @@ class ServerAdapter(BaseRollout):
 
     async def resume(self, tags: list[str]) -> None:
         if self.config.free_cache_engine:
-            await self._server_handle().wake_up.remote(tags=tags)
+            stats, seconds = await _timed(lambda: self._server_handle().wake_up.remote(tags=tags))
+            _log_timing("resume", tags=tags, seconds=seconds, **_engine_fields(stats))
 
     async def release(self) -> None:
         if self.config.free_cache_engine:
-            await self._server_handle().sleep.remote()
+            stats, seconds = await _timed(lambda: self._server_handle().sleep.remote())
+            _log_timing("release", seconds=seconds, **_engine_fields(stats))
 
     @torch.no_grad()
     async def update_weights(self, weights, global_steps: int | None = None, wire_format: str = "named_tensors",
@@ -398,9 +477,26 @@ class ServerAdapter(BaseRollout):
             raise NotImplementedError(f"wire_format: parity takes 'named_tensors', got {wire_format!r}")
         if peft_config is not None:
             raise NotImplementedError("peft_config: parity syncs merged weights; set actor_rollout_ref.model.lora.merge=True")
+        pairs, sent_bytes = await self._host_copies(weights)
+        reply, seconds = await _timed(
+            lambda: self._server_handle().update_weights.remote(pairs, global_steps=global_steps))
+        server_seconds = reply.pop("server_seconds")
+        _log_timing("update_weights.ray_call", num_tensors=len(pairs), bytes=sent_bytes, seconds=seconds,
+                    server_seconds=server_seconds, **_engine_fields(reply))
+
+    async def _host_copies(self, weights) -> tuple[list[tuple[str, torch.Tensor]], int]:
+        """Drain verl's generator into host copies (and their total bytes), logging its phase: `seconds` is
+        the whole drain (the trainer's gathers inside the generator included), `to_host_seconds` the casts
+        and device-to-host copies, which also wait for GPU work the generator queued."""
         pairs = []
+        to_host_seconds = 0.0
+        start = time.perf_counter()
         async for name, tensor in ensure_async_iterator(weights):
-            if hasattr(tensor, "full_tensor"):  # a DTensor shard
-                tensor = tensor.full_tensor()
-            pairs.append((name, tensor.detach().to("cpu", copy=True)))
-        await self._server_handle().update_weights.remote(pairs, global_steps=global_steps)
+            copy_start = time.perf_counter()
+            pairs.append((name, host_copy(tensor, self.engine_dtype)))
+            to_host_seconds += time.perf_counter() - copy_start
+        sent_bytes = sum(t.numel() * t.element_size() for _, t in pairs)
+        _log_timing("update_weights.host_copy", num_tensors=len(pairs), bytes=sent_bytes,
+                    dtypes=sorted({str(t.dtype).removeprefix("torch.") for _, t in pairs}),
+                    seconds=time.perf_counter() - start, to_host_seconds=to_host_seconds)
+        return pairs, sent_bytes
