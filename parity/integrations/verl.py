@@ -64,6 +64,8 @@ from parity.server.app import create_app
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))  # verl's modules' convention
+# The engine's decode-graph capture, which follows every wake and falls in verl's generation time, logs there too.
+logging.getLogger("parity.engine.model_runner").setLevel(logger.level)
 
 # verl's dtype names -> EngineConfig.dtype
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
