@@ -16,8 +16,8 @@ The fix: every reduction runs in an order fixed by the token's own shapes.
   (trainer). Slow (a Python loop per row): the CPU reference. Under autograd the trainer runs these
   forwards with analytic backwards (`invariant_autograd.py`); autograd through the loops would cost
   rows x parameters.
-- CUDA: Triton kernels with fixed tiles (`triton/invariant.py`): matmul with tiles chosen from the
-  weight's shape only and no split-K, one-pass RMSNorm per row, attention with one fixed key order
+- CUDA: Triton kernels (`triton/invariant.py`): matmul with no split-K (a row is one chain of MMA steps
+  over K, so its tiles may follow the batch size), one-pass RMSNorm per row, attention with one fixed key order
   for prefill, decode and the trainer path, and a fixed-chunk log-softmax; under autograd with the same
   analytic backwards (`triton/invariant_autograd.py`). Cost vs fast mode: benchmarks/RESULTS.md.
 Ops that are exact elementwise IEEE arithmetic (RoPE's multiply-adds, the residual add) are
