@@ -110,7 +110,8 @@ def _check_split_decode(dtype, num_heads: int, num_kv: int, head_dim: int, lens:
     q, k, v = (_randn(sum(lens), h, head_dim, dtype=dtype, seed=s) for s, h in ((3, num_heads), (4, num_kv), (5, num_kv)))
     packed_meta = AttentionMetadata.for_packed_sequences(lens, DEVICE)
     packed = ti.attention(q, k, v, None, packed_meta, scale)
-    assert _rel(packed, reference.varlen_attention(q, k, v, packed_meta, scale)) < (1e-5 if dtype == torch.float32 else 2e-3)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # the reference rounds to dtype too
+    assert _rel(packed, reference.varlen_attention(q, k, v, packed_meta, scale)) < tol
 
     pages = [(n + block - 1) // block for n in lens]
     order = torch.randperm(sum(pages) + 3, generator=torch.Generator().manual_seed(7))[: sum(pages)].tolist()
