@@ -255,10 +255,15 @@ def _gpu_deterministic_run(model_dir, dtype: str, params):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype):
+@pytest.mark.parametrize("dtype, segment", [("bf16", 0), ("fp16", 0), ("bf16", SEGMENT)])
+def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype, segment, monkeypatch):
+    """segment 256 (KEY_SEGMENT is 0 until this passes and the sweep has run): chunked prefill over a segment
+    boundary, split decode steps in the CUDA graphs (captured for max_model_len 512), the trainer's packed
+    forward unsplit."""
     from parity.engine.sampling_params import SamplingParams
     from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
+
+    monkeypatch.setattr(ti, "KEY_SEGMENT", segment)
 
     params = SamplingParams(temperature=0.9, max_tokens=40, seed=3, ignore_eos=True)
     engine, prompts, batch = _gpu_deterministic_run(llama_dir, dtype, params)
@@ -280,10 +285,12 @@ def test_gpu_filtered_sampling_is_batch_invariant(llama_dir):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu test runs the compiled kernels")
-def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("segment, prompt_lens, max_num_batched_tokens", [(0, (4, 13), 8), (SEGMENT, (4, 270), 64)])
+def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch, segment, prompt_lens, max_num_batched_tokens):
     """The whole deterministic engine on the Triton kernels (interpreted, on CPU tensors): a request
     alone == in a batch with chunked prefill, and == the parity forward on the same kernels. A one-layer
-    model with two heads keeps the interpreter (seconds per hundred programs) fast enough."""
+    model with two heads keeps the interpreter (seconds per hundred programs) fast enough. With key segments:
+    prefill chunks across a segment boundary and split decode steps."""
     from parity.engine.engine import Engine
     from parity.engine.sampling_params import SamplingParams
     from parity.kernels import dispatch
@@ -293,10 +300,15 @@ def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch):
     spec = TinyModelSpec(architecture="qwen2", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                          num_kv_heads=1, vocab_size=300)
     monkeypatch.setattr(dispatch, "device_kind", lambda x: "cuda")
+    monkeypatch.setattr(ti, "KEY_SEGMENT", segment)
+    splits = []  # the split flag of every attention launch
+    launch = ti.prefill
+    monkeypatch.setattr(ti, "prefill", lambda *a, split=False, **kw: splits.append(split) or launch(*a, split=split, **kw))
     engine = Engine.from_pretrained(write_tiny_model(tmp_path / "m", spec), dtype="fp32", deterministic=True,
-                                    max_model_len=128, max_num_batched_tokens=8, kv_cache_memory=1 << 20)
+                                    max_model_len=512, max_num_batched_tokens=max_num_batched_tokens,
+                                    kv_cache_memory=1 << 20)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (4, 13)]
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in prompt_lens]
     params = SamplingParams(temperature=0.8, max_tokens=3, seed=3, ignore_eos=True)
     batch = engine.generate(prompts, params)
     alone = engine.generate([prompts[1]], params)[0]
@@ -304,3 +316,4 @@ def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch):
     scored = token_logprobs(parity_model_from_engine(engine), prompts, [r.output_ids for r in batch], temperature=0.8)
     for r, lp in zip(batch, scored):
         assert lp.tolist() == r.output_logprobs
+    assert any(splits) == bool(segment)  # with segments the decode steps past 256 keys ran split
