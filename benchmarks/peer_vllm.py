@@ -30,15 +30,10 @@ from pathlib import Path
 
 from benchmarks import throughput
 from benchmarks.common import run_worker, workload_parser
-from benchmarks.throughput import QWEN3_06B, SMOKE, output_lengths, random_prompts
+from benchmarks.throughput import LONG_CONTEXT_SPECS, SMOKE, output_lengths, random_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
-QWEN3_8B = replace(QWEN3_06B, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
-                   tie_word_embeddings=False)
-# Qwen3's own context length (the throughput specs stop at 4096, and the loader refuses a longer max_model_len)
-SPECS = {name: replace(spec, max_position_embeddings=40960) for name, spec in
-         (("qwen3-0.6b", QWEN3_06B), ("qwen3-8b", QWEN3_8B))}
 VLLM_SETTINGS = dict(skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.85, max_num_seqs=256, seed=0)
 B_TEMPERATURE = 0.6
 
@@ -269,7 +264,7 @@ def table(results: dict, lens: list[int], modes: list[str]) -> str:
 def main() -> None:
     ap = workload_parser(__doc__, "tiny model on CPU, parity alone: checks the script")
     ap.add_argument("--vllm-path", help="a folder to put first on vLLM workers' PYTHONPATH (e.g. /tmp/vsite)")
-    ap.add_argument("--spec", choices=sorted(SPECS), default="qwen3-0.6b")
+    ap.add_argument("--spec", choices=sorted(LONG_CONTEXT_SPECS), default="qwen3-0.6b")
     ap.add_argument("--max-model-lens", type=int, nargs="+", default=[8192, 2048])
     ap.add_argument("--modes", nargs="+", choices=["fast", "deterministic"], default=["fast", "deterministic"])
     ap.add_argument("--deterministic-lens", type=int, nargs="*",
@@ -284,7 +279,7 @@ def main() -> None:
         return
     t_start = time.perf_counter()
     deadline = t_start + args.time_budget
-    spec = SPECS[args.spec]
+    spec = LONG_CONTEXT_SPECS[args.spec]
     device = "cuda"
     lo, hi, latency_len, latency_new = 100, 1024, 1024, 512
     if args.smoke:

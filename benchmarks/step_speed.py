@@ -1,17 +1,18 @@
 """What an engine step costs at small and large batch, and what async scheduling (parity.engine.step_pipeline)
 buys, one engine, one process.
 
-Qwen3-0.6B shapes (random init, bf16, HF format), fast mode (`--deterministic`: the batch-invariant one),
-max_model_len 8192. With async scheduling off, then on (same engine: same KV pool, same compiled kernels; the
-order alternates per round, so drift within the process shows): workload A (256 prompts U[100, 1024], 512 greedy
-tokens, EOS ignored) and B (output lengths U[100, 1024], temperature 0.6) output tok/s, batch-1 ms per token
-(256 tokens after a 100-1024-token prompt), and decode steps at batch 1 and 256 at context 1024 (whole engine
-step against the CUDA graph's replay alone). Then the kernels of a batch-1 step by name (torch.profiler sees
-inside graphs).
+Qwen3-0.6B shapes (`--spec qwen3-8b`: Qwen3-8B's; random init, bf16, HF format), fast mode (`--deterministic`:
+the batch-invariant one), max_model_len 8192. With async scheduling off, then on (same engine: same KV pool, same
+compiled kernels; the order alternates per round, so drift within the process shows): workload A (256 prompts
+U[100, 1024], 512 greedy tokens, EOS ignored) and B (output lengths U[100, 1024], temperature 0.6) output tok/s,
+batch-1 ms per token (256 tokens after a 100-1024-token prompt), and decode steps at batch 1 and 256 at context
+1024 (whole engine step against the CUDA graph's replay alone). Then the kernels of a decode step by name at each
+of --kernel-batches (default: batch 1; torch.profiler sees inside graphs).
 
   python -m benchmarks.step_speed --out $OUT            # on the GPU: about 100 s on an H200
   python -m benchmarks.step_speed --out $OUT --deterministic --rounds 0   # deterministic mode's batch-1 kernels
   python -m benchmarks.step_speed --out $OUT --fused-small-batch           # norms and SiLU fused into the GEMMs
+  python -m benchmarks.step_speed --out $OUT --spec qwen3-8b --rounds 0 --kernel-batches 1 256   # 8B's kernels
   python -m benchmarks.step_speed --smoke --out /tmp/ss  # tiny model on CPU: checks the script only
 """
 
@@ -46,13 +47,13 @@ def batch1_ms_per_token(engine: Engine, prompt: list[int], new_tokens: int, cloc
     return (timed(new_tokens) - first) / (new_tokens - 1) * 1e3
 
 
-def batch1_kernels(engine: Engine, context: int, steps: int, top: int) -> dict:
-    """Kernels of a batch-1 decode step (graph replay, sampler; torch.profiler sees inside graphs): launches and
-    device microseconds per step, by kernel name."""
+def step_kernels(engine: Engine, batch: int, context: int, steps: int, top: int) -> dict:
+    """Kernels of a decode step of `batch` sequences (graph replay, sampler; torch.profiler sees inside graphs):
+    launches and device microseconds per step, by kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
     clock = tp.Clock(engine.device)
-    tp.start_decoding(engine, 1, context)
+    tp.start_decoding(engine, batch, context)
     for _ in range(3):
         engine.step()
     cuda = engine.device.type == "cuda"
@@ -64,8 +65,8 @@ def batch1_kernels(engine: Engine, context: int, steps: int, top: int) -> dict:
     engine.abort_all()
     kernel_s, rows = kernel_table(prof, 1000)
     return {
-        "steps": steps, "wall_ms_per_step_traced": wall / steps * 1e3, "kernel_us_per_step": kernel_s / steps * 1e6,
-        "launches_per_step": sum(r["calls"] for r in rows) / steps,
+        "batch": batch, "steps": steps, "wall_ms_per_step_traced": wall / steps * 1e3,
+        "kernel_us_per_step": kernel_s / steps * 1e6, "launches_per_step": sum(r["calls"] for r in rows) / steps,
         "top": [{"name": r["name"], "us_per_step": r["ms"] * 1e3 / steps, "per_step": r["calls"] / steps}
                 for r in rows[:top]],
     }
@@ -94,11 +95,16 @@ def main() -> None:
     ap.add_argument("--batch1-tokens", type=int, default=256)
     ap.add_argument("--deterministic", action="store_true",
                     help="the batch-invariant kernels (with --rounds 0: only their batch-1 kernel table)")
+    ap.add_argument("--spec", choices=sorted(tp.LONG_CONTEXT_SPECS), default="qwen3-0.6b")
+    ap.add_argument("--kernel-batches", type=int, nargs="+", default=[1],
+                    help="decode batch sizes whose kernels are listed (each at most --max-num-seqs)")
     ap.add_argument("--fused-small-batch", action="store_true",
                     help="EngineConfig.fused_small_batch: steps of <= 16 tokens fuse each norm and SiLU into a GEMM")
     args = ap.parse_args()
+    if bad := [b for b in args.kernel_batches if not 1 <= b <= args.max_num_seqs]:
+        ap.error(f"--kernel-batches: each must be in [1, --max-num-seqs={args.max_num_seqs}], got {bad}")
     args.device = "cpu" if args.smoke else "cuda"
-    spec = replace(tp.SMOKE if args.smoke else tp.QWEN3_06B, max_position_embeddings=40960)
+    spec = replace(tp.SMOKE, max_position_embeddings=40960) if args.smoke else tp.LONG_CONTEXT_SPECS[args.spec]
     if args.smoke:
         args.num_prompts, args.output_len, args.max_model_len, args.max_num_seqs, args.batch1_tokens = 6, 6, 256, 4, 4
     args.context = 1024 if not args.smoke else 32
@@ -126,13 +132,14 @@ def main() -> None:
                 row = {"async_scheduling": enabled, **measure(engine, enabled, args, prompts, lens_b, clock)}
                 results["runs"].append(row)
                 (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
-        results["batch1_kernels"] = batch1_kernels(engine, args.context, 20, 25)  # on CPU: no kernels listed
+        batches = [min(b, 2) for b in args.kernel_batches] if args.smoke else args.kernel_batches
+        # on CPU: no kernels listed
+        results["step_kernels"] = [step_kernels(engine, b, args.context, 20, 25) for b in batches]
         (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
     print(summary(results["runs"]))
-    if results.get("batch1_kernels"):
-        k = results["batch1_kernels"]
-        print(f"batch-1 step: {k['launches_per_step']:.0f} launches, {k['kernel_us_per_step']:.0f} us of kernels, "
-              f"{k['wall_ms_per_step_traced']:.3f} ms wall (traced)")
+    for k in results["step_kernels"]:
+        print(f"batch-{k['batch']} step: {k['launches_per_step']:.0f} launches, {k['kernel_us_per_step']:.0f} us of "
+              f"kernels, {k['wall_ms_per_step_traced']:.3f} ms wall (traced)")
         for r in k["top"]:
             print(f"  {r['us_per_step']:8.1f} us {r['per_step']:6.1f}x  {r['name']}")
 

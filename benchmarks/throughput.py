@@ -40,7 +40,12 @@ QWEN3_06B = TinyModelSpec(
 QWEN25_15B = replace(
     QWEN3_06B, architecture="qwen2", hidden_size=1536, intermediate_size=8960, num_heads=12, num_kv_heads=2,
 )
+QWEN3_8B = replace(QWEN3_06B, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
+                   tie_word_embeddings=False)
 SMOKE = TinyModelSpec(architecture="qwen3", padded_vocab_size=1000, initializer_range=0.02)
+# Qwen3's own context length (the specs above stop at 4096, and the loader refuses a longer max_model_len)
+LONG_CONTEXT_SPECS = {name: replace(spec, max_position_embeddings=40960) for name, spec in
+                      (("qwen3-0.6b", QWEN3_06B), ("qwen3-8b", QWEN3_8B))}
 
 
 class Clock:
