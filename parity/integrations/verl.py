@@ -39,9 +39,11 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 import uvicorn
@@ -272,14 +274,14 @@ class ParityServer:
         self.global_steps = global_steps
 
     # ------------------------------------------------------------------------------ weights, memory
-    async def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], global_steps: int | None = None
+    async def update_weights(self, named_tensors: list[tuple[str, WireTensor]], global_steps: int | None = None
                              ) -> dict[str, Any]:
-        """Copy the trainer's (HF name, tensor) pairs in; all are validated before the first copy. The
-        engine empties its prefix cache and bumps its weight version. Returns the engine's WeightSyncStats
-        (`seconds`: validation and copies) and `server_seconds`, this method's wall time, which adds the
-        wait for the engine thread: the caller's round trip minus it is Ray's serialisation and transport."""
+        """Copy the trainer's (HF name, tensor) pairs in, each as `to_wire` sent it; all are validated before the
+        first copy. The engine empties its prefix cache and bumps its weight version. Returns the engine's
+        WeightSyncStats (`seconds`: validation and copies) and `server_seconds`, this method's wall time, which
+        adds the wait for the engine thread: the caller's round trip minus it is Ray's serialisation and transport."""
         start = time.perf_counter()
-        stats = await self.engine.update_weights(named_tensors)
+        stats = await self.engine.update_weights([(name, from_wire(wire)) for name, wire in named_tensors])
         if global_steps is not None:
             self.global_steps = global_steps
         return _stats_summary(stats) | {"server_seconds": time.perf_counter() - start}
@@ -432,6 +434,26 @@ async def _timed(submit: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+# A host tensor as its raw bytes (a numpy array), its dtype's name and its shape: Ray pickles numpy arrays out of
+# band (one copy into its object store, read back as a view) but a torch tensor in band. Measured on a 2-core box
+# with SmolLM2-135M's bf16 weights (271 tensors): 1.0-1.4 s as torch tensors, 0.06 s as numpy arrays.
+WireTensor = tuple[np.ndarray, str, tuple[int, ...]]
+
+
+def to_wire(tensor: torch.Tensor) -> WireTensor:
+    """A host tensor's bytes, dtype and shape, for the Ray call (any dtype: the bytes are viewed, not converted)."""
+    t = tensor.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."), tuple(t.shape)
+
+
+def from_wire(wire: WireTensor) -> torch.Tensor:
+    """`to_wire`'s tensor again, a view of the bytes Ray delivered (read-only: the engine only copies from it)."""
+    data, dtype, shape = wire
+    with warnings.catch_warnings():  # torch warns that the array is not writable; nothing writes to it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(data).view(getattr(torch, dtype)).view(shape)
+
+
 def host_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A host copy of one trainer tensor for the Ray call (a DTensor gathered first). A float wider than the
     engine's `dtype` is cast on its own device before the copy: half the bytes through Ray for an fp32
@@ -480,8 +502,9 @@ class ServerAdapter(BaseRollout):
         if peft_config is not None:
             raise NotImplementedError("peft_config: parity syncs merged weights; set actor_rollout_ref.model.lora.merge=True")
         pairs, sent_bytes = await self._host_copies(weights)
+        wire = [(name, to_wire(t)) for name, t in pairs]
         reply, seconds = await _timed(
-            lambda: self._server_handle().update_weights.remote(pairs, global_steps=global_steps))
+            lambda: self._server_handle().update_weights.remote(wire, global_steps=global_steps))
         server_seconds = reply.pop("server_seconds")
         _log_timing("update_weights.ray_call", num_tensors=len(pairs), bytes=sent_bytes, seconds=seconds,
                     server_seconds=server_seconds, **_engine_fields(reply))
