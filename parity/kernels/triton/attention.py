@@ -109,6 +109,12 @@ def store_kvcache(
 
 # -------------------------------------------------------------------------------------------- prefill
 @triton.jit
+def _no_keys(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (max, sum, accumulator) of rows that have seen no key yet: (-inf, 0, 0)."""
+    return tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32), tl.zeros([ROWS, BLOCK_D], tl.float32)
+
+
+@triton.jit
 def _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, lo, hi,
                  stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -116,9 +122,7 @@ def _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_star
     position (q_pos) are masked for it; a tile with none of its keys left leaves its numbers unchanged."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _no_keys(ROWS, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
@@ -191,9 +195,7 @@ def _prefill_kernel(
     elif not SPLIT:
         # Fixed key segments from position 0, each an online softmax of its own, merged in order: the numbers a
         # split decode gets from the same segments computed by separate programs.
-        m_t = tl.full([ROWS], float("-inf"), tl.float32)
-        l_t = tl.zeros([ROWS], tl.float32)
-        acc_t = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        m_t, l_t, acc_t = _no_keys(ROWS, BLOCK_D)
         for seg_lo in range(0, kv_end, SEGMENT):
             m_s, l_s, acc_s = _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
                                            seg_lo, tl.minimum(seg_lo + SEGMENT, kv_end),
@@ -224,9 +226,7 @@ def _prefill_kernel(
         if tl.atomic_add(counter, 1, sem="acq_rel") != num_segs - 1:
             return
         tl.store(counter, 0)  # ready for the next launch (the counters are kept between launches)
-        m_t = tl.full([ROWS], float("-inf"), tl.float32)
-        l_t = tl.zeros([ROWS], tl.float32)
-        acc_t = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        m_t, l_t, acc_t = _no_keys(ROWS, BLOCK_D)
         for i in range(0, num_segs):
             m_s = tl.load(part_ptr + (part + i) * slot_stride, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
             l_s = tl.load(part_ptr + (part + i) * slot_stride + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
@@ -257,10 +257,10 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
         raise ValueError("split attention needs segment > 0, a paged cache and one query per sequence")
     grid0 = q.shape[0] // tokens + meta.num_seqs
     grid1 = num_kv_heads * triton.cdiv(group, heads)
+    block_d = triton.next_power_of_2(head_dim)
     max_segs = triton.cdiv(meta.max_seq_len, segment) if split else 1
-    if split:
-        part = torch.empty(q.shape[0] * num_heads * max_segs * (triton.next_power_of_2(head_dim) + 2),
-                           dtype=torch.float32, device=q.device)
+    if split:  # per (token, head, segment): max, sum and the BLOCK_D accumulator
+        part = torch.empty(q.shape[0] * num_heads * max_segs * (block_d + 2), dtype=torch.float32, device=q.device)
         counters = _split_counters(q.device, grid0 * grid1)
     else:
         part = counters = out
@@ -270,7 +270,7 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
         GROUP=group, NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens,
-        HEADS=heads, SEGMENT=segment, SPLIT=split, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
+        HEADS=heads, SEGMENT=segment, SPLIT=split, BLOCK_N=64, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -306,20 +306,11 @@ def _decode_kernel(
     d_mask = offs_d[None, :] < HEAD_DIM
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask & d_mask, other=0.0)
 
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-        rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
-        kv_mask = n_mask[:, None] & d_mask
-        k = tl.load(k_cache_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    # The one query sees every key of the sequence: its position is the last one.
+    q_pos = tl.full([BLOCK_H], 0, tl.int32) + seq_len - 1
+    m_i, l_i, acc = _attend_keys(q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, 0, kv_head,
+                                 start, end, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+                                 BLOCK_H, HEAD_DIM, PAGE_SIZE, True, BLOCK_N, BLOCK_D)
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty range (padding row, or split past the end) gives 0
     out_offs = token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
