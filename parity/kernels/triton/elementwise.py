@@ -11,7 +11,7 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.triton.attention import store_kvcache
-from parity.kernels.triton.norm import rms_norm
+from parity.kernels.triton.norm import rms_norm, scale_normalised
 
 
 @triton.jit
@@ -31,8 +31,8 @@ def _norm_rotate(x_ptr, w_ptr, t, stride_t, stride_h, c1, c2, s1, s2, eps, dt: t
         inv = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
         w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
-        x1 = (w1 * (x1 * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        x2 = (w2 * (x2 * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x1 = scale_normalised(x1, inv, w1, dt).to(dt).to(tl.float32)
+        x2 = scale_normalised(x2, inv, w2, dt).to(dt).to(tl.float32)
     o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
     o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
     return o1, o2
@@ -124,15 +124,21 @@ def rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_ma
 
 
 @triton.jit
+def silu_mul(gate, up, dt: tl.constexpr):
+    """silu(gate) * up as torch computes it in `dt`: the SiLU rounded to `dt`, then the product rounded."""
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (silu * up.to(tl.float32)).to(dt)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, I, BLOCK: tl.constexpr):  # noqa: E741
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
-    gate = tl.load(x_ptr + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + t * stride_xt + I + cols, mask=mask, other=0.0).to(tl.float32)
-    dt = out_ptr.dtype.element_ty
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    tl.store(out_ptr + t * I + cols, (silu * up).to(dt), mask=mask)
+    gate = tl.load(x_ptr + t * stride_xt + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + t * stride_xt + I + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + t * I + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

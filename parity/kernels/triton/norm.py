@@ -10,6 +10,19 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def add_residual(x, r):
+    """x + r rounded to x's dtype, as torch's add rounds it."""
+    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def scale_normalised(h, inv, w, dt: tl.constexpr):
+    """w * (h * inv) in float32, the normalised value rounded to `dt` first (`reference.rms_norm`'s cast order;
+    the caller rounds the product). h, inv and w in float32."""
+    return w * (h * inv).to(dt).to(tl.float32)
+
+
 # Row counts are never specialised on: Triton compiles a new variant for an int equal to 1 or divisible by 16,
 # and a variant first met inside a timed run (an 8192-token chunk) costs a compile of a second or more.
 @triton.jit(do_not_specialize=["num_rows"])
@@ -26,13 +39,13 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + a * stride_xa + b * stride_xb + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + a * stride_ra + b * stride_rb + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        x = add_residual(x, r)
         tl.store(res_out_ptr + rows.to(tl.int64)[:, None] * N + cols, x, mask=mask)
     h = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)
-    normed = (h * inv[:, None]).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols,
+             scale_normalised(h, inv[:, None], w, x.dtype).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.triton.attention import _dot
+from parity.kernels.triton.elementwise import silu_mul
+from parity.kernels.triton.norm import add_residual, scale_normalised
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -31,8 +33,7 @@ def _residual_sum(x_ptr, r_ptr, rows, kk, mask, stride_xm, stride_rm, HAS_RESIDU
     """x (+ residual) of rows x columns kk, rounded to x's dtype as torch's add rounds it."""
     x = tl.load(x_ptr + rows * stride_xm + kk, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + rows * stride_rm + kk, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        x = add_residual(x, tl.load(r_ptr + rows * stride_rm + kk, mask=mask, other=0.0))
     return x
 
 
@@ -40,10 +41,8 @@ def _residual_sum(x_ptr, r_ptr, rows, kk, mask, stride_xm, stride_rm, HAS_RESIDU
 def _silu_mul_chunk(g_ptr, rows, kk, mask, stride_gm, K):
     """silu(gate) * up of rows x columns kk, gate in columns [0, K) and up in [K, 2K), rounded as `silu_and_mul`."""
     gate = tl.load(g_ptr + rows * stride_gm + kk, mask=mask, other=0.0)
-    up = tl.load(g_ptr + rows * stride_gm + K + kk, mask=mask, other=0.0).to(tl.float32)
-    g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    return (silu * up).to(gate.dtype)
+    up = tl.load(g_ptr + rows * stride_gm + K + kk, mask=mask, other=0.0)
+    return silu_mul(gate, up, gate.dtype)
 
 
 # Row counts are never specialised on: Triton compiles a separate variant for an int equal to 1 or divisible by 16.
@@ -79,9 +78,8 @@ def _prologue_linear_kernel(
             if HAS_RESIDUAL:
                 if pid_n == 0:
                     tl.store(res_out_ptr + rows * K + kk, h, mask=a_mask)
-            normed = (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)
             nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            a = (nw * normed).to(h.dtype)
+            a = scale_normalised(h.to(tl.float32), rstd, nw, h.dtype).to(h.dtype)
         else:
             a = _silu_mul_chunk(a_ptr, rows, kk, a_mask, stride_am, K)
         kt = k0 + offs_k[:, None]
