@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The faster-than-vLLM work's device calls with parity alone; each stage fits one `run` call (< 10 min) and
+# everything it writes lands under $OUT/STAGE.
+#   check:   the GPU suite, then deterministic attention's launch sweep with key segments of 256 and without
+#   kernels: decode-step kernel tables: fast, fast with fused_small_batch, deterministic with KEY_SEGMENT 256
+#            patched in, and the Qwen3-8B shapes at batch 1 and 256
+set -uo pipefail
+stage=${1:?usage: speed_device.sh check | kernels}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+res=$OUT/$stage
+mkdir -p "$res"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$res/gpu.txt"
+step_speed_with_segment() {  # KEY_SEGMENT is a module constant: set it before the engine builds its kernels
+  python3 - "$@" <<'PY'
+import runpy, sys
+import parity.kernels.triton.invariant as inv
+inv.KEY_SEGMENT = int(sys.argv[1])
+sys.argv = ["step_speed", *sys.argv[2:]]
+runpy.run_module("benchmarks.step_speed", run_name="__main__")
+PY
+}
+case $stage in
+check)
+  timeout 230 python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$res/pytest_gpu.log" 2>&1
+  tail -5 "$res/pytest_gpu.log"
+  timeout 120 python3 -m benchmarks.invariant_attention_sweep --out "$res/sweep256" --segment 256 > "$res/sweep256.log" 2>&1
+  tail -25 "$res/sweep256.log"
+  timeout 100 python3 -m benchmarks.invariant_attention_sweep --out "$res/sweep0" --segment 0 > "$res/sweep0.log" 2>&1
+  tail -25 "$res/sweep0.log"
+  ;;
+kernels)
+  timeout 100 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 0 > "$res/fast.log" 2>&1; tail -30 "$res/fast.log"
+  timeout 100 python3 -m benchmarks.step_speed --out "$res/fused" --rounds 0 --fused-small-batch > "$res/fused.log" 2>&1; tail -30 "$res/fused.log"
+  timeout 100 step_speed_with_segment 256 --out "$res/det256" --rounds 0 --deterministic > "$res/det256.log" 2>&1; tail -30 "$res/det256.log"
+  timeout 200 python3 -m benchmarks.step_speed --out "$res/8b" --spec qwen3-8b --rounds 0 --kernel-batches 1 256 > "$res/8b.log" 2>&1; tail -60 "$res/8b.log"
+  ;;
+*) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
