@@ -11,7 +11,7 @@ res=$OUT/$stage
 mkdir -p "$res"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$res/gpu.txt"
 step_speed_with_segment() {  # KEY_SEGMENT is a module constant: set it before the engine builds its kernels
-  python3 - "$@" <<'PY'
+  timeout 100 python3 - "$@" <<'PY'
 import runpy, sys
 import parity.kernels.triton.invariant as inv
 inv.KEY_SEGMENT = int(sys.argv[1])
@@ -31,7 +31,7 @@ check)
 kernels)
   timeout 100 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 0 > "$res/fast.log" 2>&1; tail -30 "$res/fast.log"
   timeout 100 python3 -m benchmarks.step_speed --out "$res/fused" --rounds 0 --fused-small-batch > "$res/fused.log" 2>&1; tail -30 "$res/fused.log"
-  timeout 100 step_speed_with_segment 256 --out "$res/det256" --rounds 0 --deterministic > "$res/det256.log" 2>&1; tail -30 "$res/det256.log"
+  step_speed_with_segment 256 --out "$res/det256" --rounds 0 --deterministic > "$res/det256.log" 2>&1; tail -30 "$res/det256.log"
   timeout 200 python3 -m benchmarks.step_speed --out "$res/8b" --spec qwen3-8b --rounds 0 --kernel-batches 1 256 > "$res/8b.log" 2>&1; tail -60 "$res/8b.log"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
