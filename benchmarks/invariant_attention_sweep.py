@@ -1,7 +1,7 @@
 """Launch sweep for deterministic mode's attention (`triton_attention.prefill` with `attention_tile`'s rows).
 
 Its key tiles (BLOCK_N = 64, from position 0) and key segments (`--segment` positions each, its own online softmax,
-merged in order; 0: one softmax over all keys, deterministic mode's path until this has run) fix a row's numbers;
+merged in order; 0: one softmax over all keys, deterministic mode's path before KEY_SEGMENT became 256) fix a row's numbers;
 warps per program and software-pipelining depth only decide how fast they come, unless a layout change moves a
 reduction. For each (num_warps, num_stages) this times a decode step over the paged cache (batch 1 and 32,
 context 1024: at batch 1 eight programs walk 16 key tiles each, the chain the batch-1 profile names; with
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--segment", type=int, default=256,
-                    help="keys per softmax segment; 0: one online softmax over all keys (KEY_SEGMENT's default)")
+                    help="keys per softmax segment (default: KEY_SEGMENT's 256); 0: one online softmax over all keys")
     ap.add_argument("--smoke", action="store_true", help="context 128, one launch, no timing: checks the script")
     args = ap.parse_args()
     if args.smoke:

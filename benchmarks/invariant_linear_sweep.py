@@ -35,13 +35,14 @@ QWEN3_06B_SHAPES = [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 10
                     ("lm_head", 151936, 1024)]
 
 
-def candidates(block_m, block_n, block_k, stages_list) -> list[dict]:
+def candidates(block_m, block_n, block_k, stages_list, warps_list=None) -> list[dict]:
+    """Every combination; without `warps_list`, 8 warps for tiles of 128 x 128 outputs or more, else 4."""
     out = []
     for bm, bn, bk, stages in itertools.product(block_m, block_n, block_k, stages_list):
         if bm == 128 and bn == 128 and bk == 128:
             continue  # shared memory
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 128 * 128 else 4,
-                        num_stages=stages))
+        for warps in warps_list or [8 if bm * bn >= 128 * 128 else 4]:
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--block-k", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--stages", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--warps", type=int, nargs="+", default=None,
+                    help="warps per program (default: 8 for tiles of 128 x 128 outputs or more, else 4)")
     ap.add_argument("--shapes", nargs="+", choices=[name for name, _, _ in QWEN3_06B_SHAPES],
                     default=[name for name, _, _ in QWEN3_06B_SHAPES])
     args = ap.parse_args()
@@ -83,7 +86,7 @@ def main() -> None:
         cublas = {m: bench(partial(peer, x)) for m, x in xs.items()}
         chosen = {m: ti.linear_config(n, k, m) for m in args.rows}
         chosen_out = {m: ti.linear(x, w, None, fp32, tiles=chosen[m]) for m, x in xs.items()}
-        for cfg in candidates(args.block_m, args.block_n, args.block_k, args.stages):
+        for cfg in candidates(args.block_m, args.block_n, args.block_k, args.stages, args.warps):
             try:
                 times = {m: bench(partial(ti.linear, x, w, None, fp32, tiles=cfg)) for m, x in xs.items()}
                 outs = {m: ti.linear(x, w, None, fp32, tiles=cfg) for m, x in xs.items()}

@@ -95,7 +95,7 @@ def test_attention_same_bits_from_paged_cache_and_packed_batch(dtype):
     assert torch.equal(torch.cat(out), packed[:20])
 
 
-SEGMENT = 256  # the key segment the split decode is checked with (ti.KEY_SEGMENT is 0 until measured on a GPU)
+SEGMENT = 256  # the key segment the split decode is checked with (ti.KEY_SEGMENT's value)
 
 
 def _check_split_decode(dtype, num_heads: int, num_kv: int, head_dim: int, lens: list[int], steps: list[list[int]],
@@ -255,11 +255,11 @@ def _gpu_deterministic_run(model_dir, dtype: str, params):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, segment", [("bf16", 0), ("fp16", 0), ("bf16", SEGMENT)])
+@pytest.mark.parametrize("dtype, segment", [("bf16", SEGMENT), ("fp16", SEGMENT), ("bf16", 0)])
 def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype, segment, monkeypatch):
-    """segment 256 (KEY_SEGMENT is 0 until this passes and the sweep has run): chunked prefill over a segment
-    boundary, split decode steps in the CUDA graphs (captured for max_model_len 512), the trainer's packed
-    forward unsplit."""
+    """With key segments (KEY_SEGMENT's 256): chunked prefill over a segment boundary, split decode steps in the
+    CUDA graphs (captured for max_model_len 512), the trainer's packed forward unsplit; without (0), one online
+    softmax over all keys."""
     from parity.engine.sampling_params import SamplingParams
     from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
