@@ -33,6 +33,9 @@ from parity.kernels.triton.fast import mm_fp32_out
 # (name, N, K) of Qwen3-0.6B: fused qkv, o_proj, fused gate_up, down, LM head (tied, float32 output).
 QWEN3_06B_SHAPES = [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072),
                     ("lm_head", 151936, 1024)]
+QWEN3_8B_SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 24576, 4096), ("down", 4096, 12288),
+                   ("lm_head", 151936, 4096)]
+SHAPES = {"qwen3-0.6b": QWEN3_06B_SHAPES, "qwen3-8b": QWEN3_8B_SHAPES}
 
 
 def candidates(block_m, block_n, block_k, stages_list, warps_list=None) -> list[dict]:
@@ -65,6 +68,7 @@ def main() -> None:
                     help="warps per program (default: 8 for tiles of 128 x 128 outputs or more, else 4)")
     ap.add_argument("--shapes", nargs="+", choices=[name for name, _, _ in QWEN3_06B_SHAPES],
                     default=[name for name, _, _ in QWEN3_06B_SHAPES])
+    ap.add_argument("--spec", choices=sorted(SHAPES), default="qwen3-0.6b", help="whose weight shapes")
     args = ap.parse_args()
     for name in ("block_m", "block_n", "block_k"):  # tl.arange and tl.dot need powers of two of at least 16
         bad = [b for b in getattr(args, name) if b < 16 or b & (b - 1)]
@@ -78,7 +82,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = torch.bfloat16
     results = []
-    for name, n, k in (shape for shape in QWEN3_06B_SHAPES if shape[0] in args.shapes):
+    for name, n, k in (shape for shape in SHAPES[args.spec] if shape[0] in args.shapes):
         fp32 = name == "lm_head"
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         xs = {m: torch.randn(m, k, device="cuda", dtype=dtype) for m in args.rows}

@@ -3,7 +3,7 @@
 Each kernel's reduction order is fixed by the shapes of one token's own work, never by the batch:
 - `linear`: tiled matmul, no split-K: a row's dot products are one chain of tensor-core MMA steps over K in
   order (Triton folds `acc += dot(a, b)` into the MMA's accumulator), whichever tile the row lands in.
-  Measured on the H200 (benchmarks/invariant_linear_sweep.py, bf16): every BLOCK_M / BLOCK_N / BLOCK_K tried
+  Measured on the H200 (benchmarks/invariant_linear_sweep.py, bf16): every BLOCK_M / BLOCK_N / BLOCK_K / warps tried
   gives the same bits at every M, so `linear_config` may give decode batch sizes narrow tiles and deeper K
   steps (with K a multiple of them: no masked tail) and keep wide tiles for prefill and the trainer; a GPU test
   checks rows alone against a 2048-row batch at real shapes. With `fp32=True` (the LM head under logits_fp32)
@@ -84,19 +84,26 @@ def _linear_kernel(
 def linear_config(n: int, k: int, m: int, half: bool = True) -> dict:
     """Tile sizes for an [m, k] x [k, n] product with 16-bit (`half`) or float32 operands.
 
-    From the CUDA-graph sweep in benchmarks/invariant_linear_sweep.py (H200, Qwen3-0.6B shapes, bf16): up to
-    128 rows, 32 output columns and 128-deep K steps per program (16 rows at most 16) take the layer GEMMs of a
-    batch-1 step from 44 to 22 us, within ~1-1.3x of cuBLAS (the o projection 0.44x); from there on 64 x 128
-    tiles, 4 stages (1.4-1.6x of cuBLAS at 2048 rows). The wide LM head prefers 64 x 64 tiles at any M.
+    From the CUDA-graph sweeps in benchmarks/invariant_linear_sweep.py (H200, bf16; every configuration gave the
+    same bits): up to 128 rows, 32 output columns per program (16 rows at most 16) with 128-deep K steps, 256-deep
+    for K >= 8192 at <= 16 rows (Qwen3-8B's down projection at batch 1: 1.12 -> 0.92x cuBLAS), take the layer GEMMs
+    of a Qwen3-0.6B batch-1 step from 44 to 22 us. From 129 rows on, 8 warps and 3 stages: 128 x 128 tiles where
+    at least 96 of them cover the output (1.5-1.6 -> 1.2-1.3x cuBLAS at 1024-4096 rows), else 64 x 128 (fewer, larger
+    programs would leave SMs idle; 256 rows: 1.7-2.7 -> 1.4-2.4x). The wide LM head prefers 64 x 64 tiles at any M.
     float32 operands (IEEE FMA dots, not swept) keep one configuration for every M."""
     if INTERPRET:  # few, large programs: the CPU interpreter's cost is per program and per op
         return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
     if n >= 64 * 1024:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
-    if half and m <= 128:
+    if not half:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+    if m <= 16 and k >= 8192 and k % 256 == 0:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5)
+    if m <= 128:
         return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=32, BLOCK_K=128 if k % 128 == 0 else 64, num_warps=4,
                     num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+    wide = triton.cdiv(m, 128) * triton.cdiv(n, 128) >= 96
+    return dict(BLOCK_M=128 if wide else 64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
