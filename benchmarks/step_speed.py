@@ -11,7 +11,6 @@ of --kernel-batches (default: batch 1; torch.profiler sees inside graphs).
 
   python -m benchmarks.step_speed --out $OUT            # on the GPU: about 100 s on an H200
   python -m benchmarks.step_speed --out $OUT --deterministic --rounds 0   # deterministic mode's batch-1 kernels
-  python -m benchmarks.step_speed --out $OUT --fused-small-batch           # norms and SiLU fused into the GEMMs
   python -m benchmarks.step_speed --out $OUT --spec qwen3-8b --rounds 0 --kernel-batches 1 256   # 8B's kernels
   python -m benchmarks.step_speed --smoke --out /tmp/ss  # tiny model on CPU: checks the script only
 """
@@ -98,8 +97,6 @@ def main() -> None:
     ap.add_argument("--spec", choices=sorted(tp.LONG_CONTEXT_SPECS), default="qwen3-0.6b")
     ap.add_argument("--kernel-batches", type=int, nargs="+", default=[1],
                     help="decode batch sizes whose kernels are listed (each at most --max-num-seqs)")
-    ap.add_argument("--fused-small-batch", action="store_true",
-                    help="EngineConfig.fused_small_batch: steps of <= 16 tokens fuse each norm and SiLU into a GEMM")
     args = ap.parse_args()
     if bad := [b for b in args.kernel_batches if not 1 <= b <= args.max_num_seqs]:
         ap.error(f"--kernel-batches: each must be in [1, --max-num-seqs={args.max_num_seqs}], got {bad}")
@@ -116,8 +113,7 @@ def main() -> None:
         path = write_tiny_model(Path(tmp) / "model", spec)
         t0 = time.perf_counter()
         engine = Engine.from_pretrained(path, device=args.device, dtype="bf16", max_num_seqs=args.max_num_seqs,
-                                        max_model_len=args.max_model_len, deterministic=args.deterministic,
-                                        fused_small_batch=args.fused_small_batch)
+                                        max_model_len=args.max_model_len, deterministic=args.deterministic)
         results["init_s"] = time.perf_counter() - t0
         vocab = engine.model_config.vocab_size
         prompts = tp.random_prompts(args.num_prompts, vocab, lo, hi, seed=0)

@@ -2,7 +2,7 @@
 # The faster-than-vLLM work's device calls with parity alone; each stage fits one `run` call (< 10 min) and
 # everything it writes lands under $OUT/STAGE.
 #   check:   the GPU suite, then deterministic attention's launch sweep with key segments of 256 and without
-#   kernels: decode-step kernel tables: fast, fast with fused_small_batch, deterministic with KEY_SEGMENT 256
+#   kernels: decode-step kernel tables: fast, deterministic with KEY_SEGMENT 256
 #            patched in, and the Qwen3-8B shapes at batch 1 and 256
 set -uo pipefail
 stage=${1:?usage: speed_device.sh check | kernels}
@@ -30,7 +30,6 @@ check)
   ;;
 kernels)
   timeout 100 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 0 > "$res/fast.log" 2>&1; tail -30 "$res/fast.log"
-  timeout 100 python3 -m benchmarks.step_speed --out "$res/fused" --rounds 0 --fused-small-batch > "$res/fused.log" 2>&1; tail -30 "$res/fused.log"
   step_speed_with_segment 256 --out "$res/det256" --rounds 0 --deterministic > "$res/det256.log" 2>&1; tail -30 "$res/det256.log"
   timeout 200 python3 -m benchmarks.step_speed --out "$res/8b" --spec qwen3-8b --rounds 0 --kernel-batches 1 256 > "$res/8b.log" 2>&1; tail -60 "$res/8b.log"
   ;;

@@ -46,12 +46,6 @@ class EngineConfig:
     max_model_len tokens could ever use.
     logits_fp32: run the LM head in float32 (MiniMax-M1's fix for train/rollout probability gaps).
     deterministic: batch-invariant kernels, so logprobs do not depend on batch composition.
-    fused_small_batch: fast mode on CUDA, forwards of at most 16 tokens (batch-1 to -16 decode steps): each RMSNorm
-        (with its residual add) runs in the prologue of the projection after it (qkv, gate/up) and SiLU-and-mul in
-        the down projection's, three launches fewer per layer (parity.kernels.triton.small_batch). Numbers move by
-        rounding only (tl.dot tiles instead of cuBLAS). Off until its speed is measured on a GPU; refused with
-        `deterministic` (whose kernels are batch-invariant); no effect on CPU. MoE layers fuse the input norm only;
-        under tensor parallelism SiLU-and-mul stays apart from the row-parallel down projection.
     check_finite: raise NonFiniteActivationError, naming the layer, when a forward produces inf/nan
         (e.g. fp16 overflow). Every precision switch is documented in parity.precision.policy.
     enforce_eager: no CUDA graphs.
@@ -70,7 +64,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     logits_fp32: bool = True
     deterministic: bool = False
-    fused_small_batch: bool = False
     check_finite: bool = True
     enforce_eager: bool = False
     async_scheduling: bool = True
@@ -92,12 +85,9 @@ class EngineConfig:
         self.max_num_batched_tokens = check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         if self.max_model_len is not None:
             self.max_model_len = check_int("max_model_len", self.max_model_len, 1)
-        for name in ("enable_prefix_caching", "logits_fp32", "deterministic", "fused_small_batch", "check_finite",
-                     "enforce_eager", "async_scheduling"):
+        for name in ("enable_prefix_caching", "logits_fp32", "deterministic", "check_finite", "enforce_eager",
+                     "async_scheduling"):
             setattr(self, name, check_bool(name, getattr(self, name)))
-        if self.fused_small_batch and self.deterministic:
-            raise ValueError("fused_small_batch=True needs fast mode, but deterministic=True: deterministic mode keeps "
-                             "its batch-invariant kernels; set one of them to False")
         self.seed = check_int("seed", self.seed, 0, 2**63, high_open=True)
 
     def precision_policy(self, device: torch.device, model: ModelConfig) -> PrecisionPolicy:

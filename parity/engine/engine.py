@@ -72,7 +72,6 @@ class Engine:
         self.max_model_len = max_model_len
         self.weights = WeightMap(model, model.config)
         self.weight_version = 0
-        model.kernels.fused_small_batch = config.fused_small_batch  # before the runner captures its CUDA graphs
         self.runner = self.runner_class(model, config, max_model_len)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=self.runner.num_blocks,

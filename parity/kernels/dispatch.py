@@ -7,10 +7,6 @@ call (a trainer-side forward: fast mode then runs the torch reference; determini
 forward kernels with a backward). Every implementation is a module with the same functions, signatures
 as in `reference.py`. Every module of a model holds the same `Kernels` instance, so flipping the mode on
 the model flips it everywhere.
-
-Beside the table, `Kernels.fused_small_batch` (`EngineConfig.fused_small_batch`) lets fast mode on CUDA run a
-forward of at most 16 tokens with each RMSNorm fused into the projection after it and SiLU-and-mul into the down
-projection (`triton/small_batch.py`); `Kernels.fuses_small_batch` says whether a forward may.
 """
 
 from __future__ import annotations
@@ -42,8 +38,6 @@ IMPLEMENTATIONS: dict[tuple[Mode, Device, bool], str] = {
 }
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-SMALL_BATCH = "parity.kernels.triton.small_batch"
-SMALL_BATCH_MAX_ROWS = 16  # tokens of a forward up to which `fused_small_batch` applies (its kernels' BLOCK_M)
 
 
 def device_kind(x: torch.Tensor) -> Device:
@@ -76,27 +70,10 @@ def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tens
 @dataclass
 class Kernels:
     deterministic: bool = False
-    fused_small_batch: bool = False  # set before CUDA graphs are captured: they keep the kernels they saw
 
     @property
     def mode(self) -> Mode:
         return "deterministic" if self.deterministic else "fast"
-
-    def fuses_small_batch(self, x: torch.Tensor) -> bool:
-        """Whether a forward over the hidden states `x` [T, H] runs `norm_linear` / `silu_mul_linear`: asked for,
-        fast mode (deterministic mode keeps its batch-invariant kernels), Triton on x's device, at most 16 tokens
-        (T is fixed when a CUDA graph is captured) and no autograd (the fused kernels have no backward)."""
-        return (self.fused_small_batch and not self.deterministic and x.shape[0] <= SMALL_BATCH_MAX_ROWS
-                and device_kind(x) == "cuda" and not torch.is_grad_enabled())
-
-    def norm_linear(self, x, residual, norm_weight, eps, weight, bias=None):
-        """(RMSNorm(x + residual) @ weight^T (+ bias), x + residual) in one kernel (x itself without a residual);
-        only where `fuses_small_batch`."""
-        return _module(SMALL_BATCH).norm_linear(x, residual, norm_weight, eps, weight, bias)
-
-    def silu_mul_linear(self, gate_up, weight, bias=None):
-        """(silu(gate) * up) @ weight^T (+ bias) in one kernel; only where `fuses_small_batch`."""
-        return _module(SMALL_BATCH).silu_mul_linear(gate_up, weight, bias)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return implementation(self.mode, x, weight, bias).linear(x, weight, bias)

@@ -36,11 +36,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param(size, dtype=dtype, device=device)
 
-    def forward(self, x, residual=None, into: Linear | None = None):
-        """RMSNorm of x (+ residual: then also returns the sum). With `into`: (that projection of the normalised
-        value, the sum or x itself), add, norm and projection in one kernel (`Kernels.norm_linear`)."""
-        if into is not None:
-            return self.kernels.norm_linear(x, residual, self.weight, self.eps, into.weight, into.bias)
+    def forward(self, x, residual=None):
         return self.kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -76,10 +72,9 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, fused: bool = False):
-        """`fused`: x is the qkv projection already (the input norm's kernel made it)."""
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
         num_tokens = x.shape[0]
-        q, k, v = (x if fused else self.qkv_proj(x)).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.norm_projection:
             q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -100,13 +95,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, kernels, dtype, device)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, kernels, dtype, device)
 
-    def forward(self, x, fused: bool = False):
-        """`fused`: x is the gate/up projection already (the norm's kernel made it), and SiLU-and-mul runs in the
-        down projection's kernel, unless that is tensor parallelism's RowParallelLinear (its all-reduce follows)."""
-        gate_up = x if fused else self.gate_up_proj(x)
-        if fused and isinstance(self.down_proj, Linear):
-            return self.kernels.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
-        return self.down_proj(self.kernels.silu_and_mul(gate_up))
+    def forward(self, x):
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -122,22 +112,15 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg, kernels, dtype, device)
 
-    def forward(self, x, residual, cos, sin, kv_cache, meta, fused: bool = False):
-        """`fused` (`Kernels.fuses_small_batch`): each norm runs in the kernel of the projection after it (qkv,
-        gate/up) and SiLU-and-mul in the down projection's; a sparse MoE block routes the norm's output itself.
-        Every part is still called as a module, so the inf/nan locator's hooks see each (a norm's output is then
-        its projection)."""
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
         # The residual add is fused into the norm: (x + residual) then normalise, as HF orders it.
-        if fused:
-            x, residual = self.input_layernorm(x, residual, into=self.self_attn.qkv_proj)
-        elif residual is None:
+        if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, kv_cache, meta, fused)
-        fused_mlp = fused and isinstance(self.mlp, MLP)
-        x, residual = self.post_attention_layernorm(x, residual, into=self.mlp.gate_up_proj if fused_mlp else None)
-        return (self.mlp(x, fused=True) if fused_mlp else self.mlp(x)), residual
+        x = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -177,9 +160,8 @@ class DecoderModel(nn.Module):
         x = self.embed(input_ids)
         cos, sin = self.cos_table[positions], self.sin_table[positions]
         residual = None
-        fused = self.kernels.fuses_small_batch(x)
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, None if kv_caches is None else kv_caches[i], meta, fused)
+            x, residual = layer(x, residual, cos, sin, None if kv_caches is None else kv_caches[i], meta)
         x, _ = self.norm(x, residual)
         if self.check_finite:  # one isfinite + sync; on inf/nan, re-run to name the layer
             check_activations(self, x, lambda: self.forward(input_ids, positions, meta, kv_caches))
