@@ -3,15 +3,17 @@
 Its key tiles (BLOCK_N = 64, from position 0) and key segments (`--segment` positions each, its own online softmax,
 merged in order; 0: one softmax over all keys, deterministic mode's path before KEY_SEGMENT became 256) fix a row's numbers;
 warps per program and software-pipelining depth only decide how fast they come, unless a layout change moves a
-reduction. For each (num_warps, num_stages) this times a decode step over the paged cache (batch 1 and 32,
-context 1024: at batch 1 eight programs walk 16 key tiles each, the chain the batch-1 profile names; with
-segments also split, a program per segment) and the trainer's packed prefill (2 x 1024 tokens), and checks that
+reduction. For each (num_warps, num_stages, register cap) this times a decode step over the paged cache (batch 1,
+32 and 256, context 1024: at batch 1 eight programs walk 16 key tiles each, the chain the batch-1 profile names;
+with segments also split, a program per segment; at 256 the cache's bandwidth decides, and with it how many
+programs an SM holds: `benchmarks.kernel_resources`) and the trainer's packed prefill (2 x 1024 tokens), and checks that
 every output is the same bits as the reference launch's (4 warps, 2 stages: prefill's; a split step owes the
 unsplit one's bits) and that a decode row equals the packed batch's row at the same position. Qwen3-0.6B heads
 (16 query, 8 KV, head_dim 128), bf16; times from CUDA-graph replays (`triton.testing.do_bench_cudagraph`).
 
   python -m benchmarks.invariant_attention_sweep --out DIR                 # on the GPU (about a minute)
   python -m benchmarks.invariant_attention_sweep --out DIR --segment 0     # the unsegmented path, as on 2026-12-01
+  python -m benchmarks.invariant_attention_sweep --out DIR --warps 4 --stages 2 3 --maxnreg 0 128   # register caps
   TRITON_INTERPRET=1 python -m benchmarks.invariant_attention_sweep --out /tmp/ias --smoke --segment 64   # CPU: the script
 """
 
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--maxnreg", type=int, nargs="+", default=[0],
+                    help="register caps per thread to try (0: none, ptxas's choice)")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--segment", type=int, default=256,
                     help="keys per softmax segment (default: KEY_SEGMENT's 256); 0: one online softmax over all keys")
@@ -68,6 +72,8 @@ def main() -> None:
         ap.error(f"--warps: each must be 1, 2, 4, 8 or 16, got {bad}")
     if bad := [s for s in args.stages if s < 1]:
         ap.error(f"--stages: each must be >= 1, got {bad}")
+    if bad := [r for r in args.maxnreg if r and not 24 <= r <= 255]:
+        ap.error(f"--maxnreg: each must be 0 or in [24, 255], got {bad}")
     if args.segment < 0 or args.segment % 64:
         ap.error(f"--segment: 0 or a positive multiple of 64, got {args.segment}")
     if args.context < PAGE or args.context % PAGE:
@@ -78,12 +84,15 @@ def main() -> None:
     k_all = torch.randn(32, ctx, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
     v_all = torch.randn_like(k_all)
     q_all = torch.randn(32, ctx, HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
-    decode = {b: paged_decode_case(b, ctx, k_all, v_all, q_all[:, -1]) for b in (1, 32)}
+    batches = (1, 32) if args.smoke else (1, 32, 256)  # 256: the 32 sequences' keys 8 times over
+    k_many, v_many, q_many = (t.repeat(8, 1, 1, 1) for t in (k_all, v_all, q_all[:, -1:]))
+    decode = {b: paged_decode_case(b, ctx, k_many, v_many, q_many[:, -1]) for b in batches}
     packed_meta = AttentionMetadata.for_packed_sequences([ctx, ctx], DEVICE)
     packed = (q_all[:2].flatten(0, 1), k_all[:2].flatten(0, 1), v_all[:2].flatten(0, 1))
     tile = {**ti.attention_tile(HEADS, KV_HEADS), "segment": args.segment}
-    # decode at batch 1 and 32, each in one program per row and with its segments split, and the packed prefill
-    cases = ["1", "32", "packed"] + (["1 split", "32 split"] if args.segment and ctx > args.segment else [])
+    # decode at batch 1, 32 (and 256), each in one program per row and with its segments split, and the packed prefill
+    cases = [str(b) for b in batches] + ["packed"] + (["1 split", "32 split"] if args.segment and ctx > args.segment
+                                                       else [])
 
     def run(case: str, launch: dict) -> tuple:
         if case == "packed":
@@ -97,19 +106,20 @@ def main() -> None:
 
     default = {**tile, "num_warps": 4, "num_stages": 2}  # the reference launch
     reference = {}
-    for case in ("1", "32", "packed"):
+    for case in [str(b) for b in batches] + ["packed"]:
         out, fn = run(case, default)
         fn()
         reference[case] = out.clone()
-    for case in cases[3:]:
+    for case in cases[len(batches) + 1:]:
         reference[case] = reference[case.split()[0]]  # a split step owes the unsplit one's bits
     # The engine's property, under the default launch: a decode row = the packed batch's row at that position.
     packed_last = reference["packed"].view(2, ctx, HEADS, HEAD_DIM)[:, -1]
     print("default launch: decode row == packed row:", bool(torch.equal(reference["32"][:2], packed_last)))
     results = []
-    for warps, stages in itertools.product(args.warps, args.stages):
-        launch = {**tile, "num_warps": warps, "num_stages": stages}
-        row = dict(num_warps=warps, num_stages=stages, default=launch == default, us={}, same_bits_as_default={})
+    for warps, stages, maxnreg in itertools.product(args.warps, args.stages, args.maxnreg):
+        launch = {**tile, "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or None}
+        row = dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg, default=launch == {**default, "maxnreg": None},
+                   us={}, same_bits_as_default={})
         try:
             for case in cases:
                 out, fn = run(case, launch)
@@ -117,11 +127,11 @@ def main() -> None:
                 row["same_bits_as_default"][case] = bool(torch.equal(out, reference[case]))
                 row["us"][case] = 0.0 if args.smoke else triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3
         except Exception as e:  # noqa: BLE001 -- out of shared memory or registers: report and go on
-            print(f"w{warps} st{stages} failed: {type(e).__name__} {str(e)[:80]}")
+            print(f"w{warps} st{stages} r{maxnreg} failed: {type(e).__name__} {str(e)[:80]}")
             continue
         results.append(row)
         tag = "*" if row["default"] else " "
-        print(f" {tag} w{warps} st{stages} same={int(all(row['same_bits_as_default'].values()))} us: "
+        print(f" {tag} w{warps} st{stages} r{maxnreg} same={int(all(row['same_bits_as_default'].values()))} us: "
               + "  ".join(f"{'decode b' + c if c != 'packed' else f'packed 2x{ctx}'} {row['us'][c]:.1f}" for c in cases))
     (args.out / "invariant_attention_sweep.json").write_text(json.dumps(dict(context=ctx, tile=tile, results=results), indent=1))
 

@@ -240,13 +240,14 @@ def _prefill_kernel(
 
 def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int,
             tokens: int, heads: int, segment: int = 0, split: bool = False, num_warps: int = 4,
-            num_stages: int = 2) -> None:
+            num_stages: int = 2, maxnreg: int | None = None) -> None:
     """Causal attention of the ragged batch q into `out`, `tokens` query tokens x `heads` heads per program;
     K/V from the paged cache (`block_tables`) or, with `block_tables=None`, packed like q.
 
     `segment` > 0 (a multiple of 64): the keys in fixed segments of that many positions from 0, each its own online
     softmax, merged in order; `split` (decode steps only: one query per sequence, paged): the segments run in
-    programs of their own, up to `meta.max_seq_len`, and give the same bits as one program walking them."""
+    programs of their own, up to `meta.max_seq_len`, and give the same bits as one program walking them.
+    `maxnreg` caps the registers per thread (ptxas spills the rest), for launch sweeps."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[-2]
     group = num_heads // num_kv_heads
@@ -271,7 +272,7 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
         GROUP=group, NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens,
         HEADS=heads, SEGMENT=segment, SPLIT=split, BLOCK_N=64, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
 
 
