@@ -36,19 +36,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpr
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 8, 128, 16
 
 
-def paged_decode_case(batch: int, context: int, k_all, v_all, q_last):
-    """Sequences of `context` tokens in shuffled cache blocks, one query each (the last position)."""
-    blocks_per_seq = context // PAGE
-    perm = torch.randperm(batch * blocks_per_seq, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+def paged_decode_case(batch: int, context: int, k_all, v_all, q_last, page: int = PAGE):
+    """Sequences of `context` tokens in shuffled cache blocks of `page` tokens, one query each (the last position);
+    K/V [sequences, tokens, KV heads, head_dim]. The cache comes back flat: [blocks * page, KV heads, head_dim]."""
+    blocks_per_seq = context // page
+    kv_heads, head_dim = k_all.shape[-2:]
+    device = k_all.device
+    perm = torch.randperm(batch * blocks_per_seq, generator=torch.Generator().manual_seed(1)).to(device)
     tables = perm.view(batch, blocks_per_seq).to(torch.int32)
-    k_cache = torch.empty(batch * blocks_per_seq, PAGE, KV_HEADS, HEAD_DIM, dtype=k_all.dtype, device=DEVICE)
+    k_cache = torch.empty(batch * blocks_per_seq, page, kv_heads, head_dim, dtype=k_all.dtype, device=device)
     v_cache = torch.empty_like(k_cache)
-    k_cache[tables.long().flatten()] = k_all[:batch].reshape(-1, PAGE, KV_HEADS, HEAD_DIM)
-    v_cache[tables.long().flatten()] = v_all[:batch].reshape(-1, PAGE, KV_HEADS, HEAD_DIM)
+    k_cache[tables.long().flatten()] = k_all[:batch, :context].reshape(-1, page, kv_heads, head_dim)
+    v_cache[tables.long().flatten()] = v_all[:batch, :context].reshape(-1, page, kv_heads, head_dim)
     starts = list(range(batch + 1))
     meta = AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.full((batch,), context, dtype=torch.int32, device=DEVICE), max_query_len=1,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.full((batch,), context, dtype=torch.int32, device=device), max_query_len=1,
         max_seq_len=context, query_start_loc_cpu=starts, seq_lens_cpu=[context] * batch, block_tables=tables)
     q = q_last[:batch].contiguous()
     return q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta, tables

@@ -4,8 +4,10 @@
 #   check:   the GPU suite, then deterministic attention's launch sweep with key segments of 256 and without
 #   kernels: decode-step kernel tables: fast, deterministic with KEY_SEGMENT 256
 #            patched in, and the Qwen3-8B shapes at batch 1 and 256
+#   sweeps:  deterministic attention with register caps (segments' batch-256 cost: benchmarks.kernel_resources
+#            counts 154 registers with segments, 121 without), fast decode attention's split counts (0.6B, 8B heads)
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels}
+stage=${1:?usage: speed_device.sh check | kernels | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -32,6 +34,13 @@ kernels)
   timeout 100 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 0 > "$res/fast.log" 2>&1; tail -30 "$res/fast.log"
   step_speed_with_segment 256 --out "$res/det256" --rounds 0 --deterministic > "$res/det256.log" 2>&1; tail -30 "$res/det256.log"
   timeout 200 python3 -m benchmarks.step_speed --out "$res/8b" --spec qwen3-8b --rounds 0 --kernel-batches 1 256 > "$res/8b.log" 2>&1; tail -60 "$res/8b.log"
+  ;;
+sweeps)
+  timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/caps" --warps 4 --stages 2 3 --maxnreg 0 128 \
+    > "$res/caps.log" 2>&1; tail -6 "$res/caps.log"
+  timeout 150 python3 -m benchmarks.decode_attention_sweep --out "$res/split06" > "$res/split06.log" 2>&1; cat "$res/split06.log"
+  timeout 150 python3 -m benchmarks.decode_attention_sweep --out "$res/split8b" --spec qwen3-8b --contexts 1024 8192 \
+    > "$res/split8b.log" 2>&1; cat "$res/split8b.log"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

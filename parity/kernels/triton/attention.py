@@ -377,12 +377,13 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float) -> None:
+def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, splits: int | None = None) -> None:
+    """Fast mode's split-KV decode step; `splits` overrides `decode_num_splits` (benchmarks/decode_attention_sweep.py)."""
     num_seqs = meta.num_seqs
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    splits = decode_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
+    splits = splits or decode_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
     if splits > 1:
         part_out = torch.empty(num_seqs * num_heads * splits * head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs * num_heads * splits, dtype=torch.float32, device=q.device)
