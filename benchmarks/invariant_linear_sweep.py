@@ -88,6 +88,8 @@ def main() -> None:
         xs = {m: torch.randn(m, k, device="cuda", dtype=dtype) for m in args.rows}
         peer = partial(mm_fp32_out, weight=w) if fp32 else partial(torch.nn.functional.linear, weight=w)  # fast mode's
         cublas = {m: bench(partial(peer, x)) for m, x in xs.items()}
+        # fast mode's alternative at one row: cuBLAS's matrix-vector kernel instead of its GEMM's M = 1 choice
+        gemv = bench(partial(torch.mv, w, xs[1][0])) if 1 in xs and not fp32 else None
         chosen = {m: ti.linear_config(n, k, m) for m in args.rows}
         chosen_out = {m: ti.linear(x, w, None, fp32, tiles=chosen[m]) for m, x in xs.items()}
         for cfg in candidates(args.block_m, args.block_n, args.block_k, args.stages, args.warps):
@@ -100,12 +102,13 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.: report and go on
                 print(name, cfg, "failed:", type(e).__name__, str(e)[:80])
                 continue
-            row = dict(shape=name, n=n, k=k, cfg=cfg, us=times, cublas_us=cublas, invariant=invariant,
+            row = dict(shape=name, n=n, k=k, cfg=cfg, us=times, cublas_us=cublas, cublas_gemv_us=gemv, invariant=invariant,
                        same_bits_as_chosen=same, chosen_at=[m for m in args.rows if cfg == chosen[m]])
             results.append(row)
         rows = [r for r in results if r["shape"] == name]
         rows.sort(key=lambda r: sum(r["us"][m] / cublas[m] for m in args.rows))
-        print(f"== {name} N={n} K={k}  cuBLAS us: " + " ".join(f"M{m}={cublas[m]:.1f}" for m in args.rows))
+        print(f"== {name} N={n} K={k}  cuBLAS us: " + " ".join(f"M{m}={cublas[m]:.1f}" for m in args.rows)
+              + (f"  (torch.mv at M1: {gemv:.1f})" if gemv is not None else ""))
         for r in rows[:12] + [r for r in rows[12:] if r["chosen_at"]]:
             c = r["cfg"]
             tag = "*" if r["chosen_at"] else " "
