@@ -213,6 +213,36 @@ def test_rms_norm_wrapper_is_row_invariant_with_reference_gradients():
     torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("qk_norm", [True, False, pytest.param(True, id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the compiled kernel")])])
+def test_rope_and_cache_wrapper_is_the_engine_kernel_with_reference_gradients(qk_norm):
+    """The trainer's q/k norm + RoPE under autograd (no cache) gives the bits of the engine's call, which also
+    writes the cache, for every token and for a token alone; gradients as autograd through the reference ops."""
+    tokens, heads, kv_heads, head_dim = 7, 4, 2, 32
+    q = _randn(tokens, heads, head_dim).requires_grad_()
+    k = _randn(tokens, kv_heads, head_dim, seed=1).requires_grad_()
+    v = _randn(tokens, kv_heads, head_dim, seed=2)
+    angles = torch.arange(tokens, dtype=torch.float32)[:, None] * torch.linspace(0.1, 1.0, head_dim // 2)[None]
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(DEVICE) for f in (torch.cos, torch.sin))
+    weights = [(1 + 0.1 * _randn(head_dim, seed=s)).requires_grad_() for s in (3, 4)] if qk_norm else [None, None]
+    q_out, k_out = tia.rope_and_cache(q, k, v, cos, sin, *weights, 1e-6, None, None)
+    plain = [None if w is None else w.detach() for w in weights]
+    cache = (torch.zeros(8, 4, kv_heads, head_dim, device=DEVICE), torch.zeros(8, 4, kv_heads, head_dim, device=DEVICE))
+    slots = torch.arange(tokens, device=DEVICE) + 3
+    engine_q, engine_k = ti.rope_and_cache(q.detach(), k.detach(), v, cos, sin, *plain, 1e-6, cache, slots)
+    assert torch.equal(q_out.detach(), engine_q) and torch.equal(k_out.detach(), engine_k)
+    alone_q, alone_k = ti.rope_and_cache(q.detach()[5:6], k.detach()[5:6], v[5:6], cos[5:6], sin[5:6], *plain, 1e-6,
+                                         None, None)
+    assert torch.equal(alone_q, engine_q[5:6]) and torch.equal(alone_k, engine_k[5:6])
+    ref_q, ref_k = reference.rope_and_cache(q, k, v, cos, sin, *weights, 1e-6, None, None)
+    projection = [_randn(*t.shape, seed=9 + i) for i, t in enumerate((ref_q, ref_k))]
+    wrt = [q, k] + [w for w in weights if w is not None]
+    got = torch.autograd.grad(sum((o * p).sum() for o, p in zip((q_out, k_out), projection)), wrt)
+    want = torch.autograd.grad(sum((o * p).sum() for o, p in zip((ref_q, ref_k), projection)), wrt)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ on the GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -257,18 +287,19 @@ def _gpu_deterministic_run(model_dir, dtype: str, params):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, segment", [("bf16", SEGMENT), ("fp16", SEGMENT), ("bf16", 0)])
-def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(llama_dir, dtype, segment, monkeypatch):
+@pytest.mark.parametrize("architecture, dtype, segment", [("llama", "bf16", SEGMENT), ("llama", "fp16", SEGMENT),
+                                                          ("llama", "bf16", 0), ("qwen3", "bf16", SEGMENT)])
+def test_gpu_engine_batch_invariant_and_equal_to_parity_forward(model_dirs, architecture, dtype, segment, monkeypatch):
     """With key segments (KEY_SEGMENT's 256): chunked prefill over a segment boundary, split decode steps in the
     CUDA graphs (captured for max_model_len 512), the trainer's packed forward unsplit; without (0), one online
-    softmax over all keys."""
+    softmax over all keys. Qwen3: its q/k norm runs in the RoPE kernel, the engine's and the trainer's."""
     from parity.engine.sampling_params import SamplingParams
     from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
     monkeypatch.setattr(ti, "KEY_SEGMENT", segment)
 
     params = SamplingParams(temperature=0.9, max_tokens=40, seed=3, ignore_eos=True)
-    engine, prompts, batch = _gpu_deterministic_run(llama_dir, dtype, params)
+    engine, prompts, batch = _gpu_deterministic_run(model_dirs[architecture], dtype, params)
     trainer = parity_model_from_engine(engine)
     scored = token_logprobs(trainer, prompts, [r.output_ids for r in batch], temperature=0.9)
     for r, lp in zip(batch, scored):
@@ -287,19 +318,21 @@ def test_gpu_filtered_sampling_is_batch_invariant(llama_dir):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu test runs the compiled kernels")
-@pytest.mark.parametrize("segment, prompt_lens, max_num_batched_tokens", [(0, (4, 13), 8), (SEGMENT, (4, 270), 64)])
-def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch, segment, prompt_lens, max_num_batched_tokens):
+@pytest.mark.parametrize("architecture, segment, prompt_lens, max_num_batched_tokens",
+                         [("qwen2", 0, (4, 13), 8), ("qwen2", SEGMENT, (4, 270), 64), ("qwen3", 0, (4, 13), 8)])
+def test_engine_on_triton_kernels_in_the_interpreter(tmp_path, monkeypatch, architecture, segment, prompt_lens,
+                                                     max_num_batched_tokens):
     """The whole deterministic engine on the Triton kernels (interpreted, on CPU tensors): a request
     alone == in a batch with chunked prefill, and == the parity forward on the same kernels. A one-layer
     model with two heads keeps the interpreter (seconds per hundred programs) fast enough. With key segments:
-    prefill chunks across a segment boundary and split decode steps."""
+    prefill chunks across a segment boundary and split decode steps; Qwen3: its q/k norm in the RoPE kernel."""
     from parity.engine.engine import Engine
     from parity.engine.sampling_params import SamplingParams
     from parity.kernels import dispatch
     from parity.testing.factory import TinyModelSpec, write_tiny_model
     from parity.trainer.parity_model import parity_model_from_engine, token_logprobs
 
-    spec = TinyModelSpec(architecture="qwen2", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+    spec = TinyModelSpec(architecture=architecture, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                          num_kv_heads=1, vocab_size=300)
     monkeypatch.setattr(dispatch, "device_kind", lambda x: "cuda")
     monkeypatch.setattr(ti, "KEY_SEGMENT", segment)

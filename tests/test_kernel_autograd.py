@@ -58,6 +58,26 @@ def test_rotary_backward():
                       lambda q, k: reference.apply_rotary(q, k, cos, sin), (q, k))
 
 
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_norm_rotary_backward(qk_norm):
+    """Qwen3's q/k norm + RoPE as one forward op (`rope_and_cache` without a cache): the gradients of q, k and the
+    norm weights through the rotation's adjoint, then each norm's, against autograd through the two reference ops."""
+    q, k, v = leaf(6, HEADS, HEAD_DIM, seed=3), leaf(6, KV_HEADS, HEAD_DIM, seed=4), leaf(6, KV_HEADS, HEAD_DIM, seed=8)
+    angles = torch.arange(6, dtype=torch.float64)[:, None] * torch.linspace(0.1, 1.0, HEAD_DIM // 2)[None]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    weights = (leaf(HEAD_DIM, seed=6), leaf(HEAD_DIM, seed=7)) if qk_norm else ()
+    tol = dict(rtol=1e-5, atol=1e-6) if qk_norm else {}  # the reference norm's float32 maths, as above
+
+    def ours(q, k, *w):
+        return autograd.rope_and_cache(reference.rope_and_cache, q, k, v, cos, sin, *(w or (None, None)), 1e-6,
+                                       None, None)
+
+    def want(q, k, *w):
+        return reference.rope_and_cache(q, k, v, cos, sin, *(w or (None, None)), 1e-6, None, None)
+
+    assert_same_grads(ours, want, (q, k, *weights), **tol)
+
+
 def test_silu_and_mul_backward():
     x = leaf(6, 2 * 16, seed=5)
     assert_same_grads(lambda x: autograd.silu_and_mul(reference.silu_and_mul, x), reference.silu_and_mul, (x,))

@@ -6,6 +6,7 @@ written here, in plain torch, from the op's derivative (no recomputation of a re
 - RMSNorm (optionally fused with the residual add): y = h / rms(h), h = x (+ residual) in float32, out = w * y
   cast as HF casts; dh = (dy - y * mean(dy * y)) / rms(h), dw = sum(dout * y).
 - RoPE: a rotation by fixed cos/sin; its adjoint rotates the gradient back: dq = g * cos + rotate_half^T(g * sin).
+  Qwen3's per-head q/k RMSNorm and RoPE in one kernel (`rope_and_cache`): the rotation's adjoint, then the norm's.
 - SiLU-and-mul: d gate = g * up * s (1 + gate (1 - s)), s = sigmoid(gate); d up = g * silu(gate).
 - Linear: grad_x = g W, grad_W = g^T x, grad_b = sum(g), one matmul each over all rows (in float32 for the LM
   head under logits_fp32, else in x's dtype).
@@ -61,6 +62,17 @@ def linear(impl: Callable, x, weight, bias=None, fp32: bool = False):
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm
+def _rms_norm_grads(h, weight, eps: float, grad_out, weight_grad: bool):
+    """(d h, d weight or None) of out = weight * (h / rms(h)) over the last dimension, in float32 maths."""
+    hw = _wide(h)
+    inv_rms = torch.rsqrt(hw.pow(2).mean(-1, keepdim=True) + eps)
+    y = hw * inv_rms
+    g = _wide(grad_out)
+    grad_w = (g * y.to(h.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype) if weight_grad else None
+    gy = g * weight
+    return (inv_rms * (gy - y * (gy * y).mean(-1, keepdim=True))).to(h.dtype), grad_w
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, x, weight, eps, residual):
@@ -76,15 +88,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_summed=None):
         h, weight = ctx.saved_tensors
-        hw = _wide(h)
-        inv_rms = torch.rsqrt(hw.pow(2).mean(-1, keepdim=True) + ctx.eps)
-        y = hw * inv_rms
-        g = _wide(grad_out)
-        grad_w = None
-        if ctx.needs_input_grad[2]:
-            grad_w = (g * y.to(h.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
-        gy = g * weight
-        grad_h = (inv_rms * (gy - y * (gy * y).mean(-1, keepdim=True))).to(h.dtype)
+        grad_h, grad_w = _rms_norm_grads(h, weight, ctx.eps, grad_out, ctx.needs_input_grad[2])
         if grad_summed is not None:
             grad_h = grad_h + grad_summed
         return None, grad_h, grad_w, None, grad_h if ctx.fused else None
@@ -102,6 +106,14 @@ def _rotate_half_adjoint(y: torch.Tensor) -> torch.Tensor:
     return torch.cat((y2, -y1), dim=-1)
 
 
+def _rotary_adjoint(grad, cos, sin):
+    """The gradient of RoPE's input from its output's (None stays None); cos/sin [T, D] for [T, heads, D]."""
+    if grad is None:
+        return None
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return grad * cos + _rotate_half_adjoint(grad * sin)
+
+
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, q, k, cos, sin):
@@ -110,14 +122,45 @@ class _Rotary(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
-        cos, sin = (t.unsqueeze(1) for t in ctx.saved_tensors)
-        back = lambda g: None if g is None else g * cos + _rotate_half_adjoint(g * sin)
-        return None, back(grad_q), back(grad_k), None, None
+        cos, sin = ctx.saved_tensors
+        return None, _rotary_adjoint(grad_q, cos, sin), _rotary_adjoint(grad_k, cos, sin), None, None
 
 
 def apply_rotary(impl: Callable, q, k, cos, sin):
     """`impl(q, k, cos, sin)` with the analytic backward for q and k (cos/sin are constant tables)."""
     return _Rotary.apply(impl, q, k, cos, sin)
+
+
+class _NormRotary(torch.autograd.Function):
+    """Per-head RMSNorm of q and k (when the weights are given), then RoPE, in one forward kernel: the backward
+    rotates the gradients back, then takes them through each norm."""
+
+    @staticmethod
+    def forward(ctx, impl, q, k, v, cos, sin, q_weight, k_weight, eps):
+        ctx.eps, ctx.norm = eps, q_weight is not None
+        ctx.save_for_backward(q, k, cos, sin, q_weight, k_weight)
+        return impl(q, k, v, cos, sin, q_weight, k_weight, eps, None, None)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        q, k, cos, sin, q_weight, k_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = {}
+        for name, x, weight, grad, weight_grad in (("q", q, q_weight, grad_q, need[6]), ("k", k, k_weight, grad_k, need[7])):
+            grad = _rotary_adjoint(grad, cos, sin)
+            if ctx.norm and grad is not None:
+                grads[name], grads[name + "_weight"] = _rms_norm_grads(x, weight, ctx.eps, grad, weight_grad)
+            else:
+                grads[name], grads[name + "_weight"] = grad, None
+        return None, grads["q"], grads["k"], None, None, None, grads["q_weight"], grads["k_weight"], None
+
+
+def rope_and_cache(impl: Callable, q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping):
+    """`impl`'s one-kernel q/k norm + RoPE (+ cache write): differentiable for the trainer (no cache); with the
+    engine's paged cache it is the forward alone."""
+    if kv_cache is not None:
+        return impl(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping)
+    return _NormRotary.apply(impl, q, k, v, cos, sin, q_weight, k_weight, eps)
 
 
 # ------------------------------------------------------------------------------------- SiLU and mul

@@ -110,11 +110,18 @@ def apply_rotary(
     return q_out, k_out
 
 
+def fuses(q, k, v, cos, q_weight, k_weight) -> bool:
+    """Whether `rope_and_cache` runs its one kernel: every operand in one dtype (mixed ones promote, as the
+    separate kernels do)."""
+    dtypes = {q.dtype, k.dtype, v.dtype, cos.dtype} | ({q_weight.dtype, k_weight.dtype} if q_weight is not None else set())
+    return len(dtypes) == 1
+
+
 def rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping):
     """`reference.rope_and_cache` in one launch: per-head RMSNorm of q and k (when the weights are given),
-    RoPE, and k (rotated) / v written into the paged cache (when given) at `slot_mapping`."""
-    dtypes = {q.dtype, k.dtype, v.dtype, cos.dtype} | ({q_weight.dtype, k_weight.dtype} if q_weight is not None else set())
-    if len(dtypes) != 1:  # mixed dtypes promote: leave those to the separate kernels
+    RoPE, and k (rotated) / v written into the paged cache (when given) at `slot_mapping`. One program per token,
+    whatever the batch: batch-invariant, so deterministic mode runs it too."""
+    if not fuses(q, k, v, cos, q_weight, k_weight):
         return reference.rope_and_cache_from(rms_norm, apply_rotary, store_kvcache)(
             q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -21,8 +21,9 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
   walking them. K/V come from the paged cache (through the block table) or from the packed tensors,
   the same values either way.
 - `log_softmax`: one program per row, fixed chunks of the vocabulary.
-- RMSNorm, RoPE and SiLU-and-mul reuse `triton_norm` / `triton_elementwise`, whose programs own
-  whole rows (RMSNorm) or single elements (RoPE, SiLU), so they are invariant already.
+- RMSNorm, RoPE (with Qwen3's q/k norm and the cache write in one kernel) and SiLU-and-mul reuse `triton_norm` /
+  `triton_elementwise`, whose programs own whole rows (RMSNorm), one token's heads (q/k norm + RoPE) or single
+  elements (SiLU), so they are invariant already.
 These are forward-only; `triton/invariant_autograd.py` wraps them for the trainer's parity forward.
 """
 
@@ -36,7 +37,8 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
-from parity.kernels.triton.attention import _dot, prefill, store_kvcache
+from parity.kernels.triton import elementwise as triton_elementwise
+from parity.kernels.triton.attention import _dot, prefill
 from parity.kernels.triton.elementwise import apply_rotary, silu_and_mul
 from parity.kernels.triton.moe import fused_moe  # fixed tiles: a token's experts never see the batch
 from parity.kernels.triton.norm import rms_norm
@@ -46,9 +48,9 @@ __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", 
            "moe_route", "rms_norm",
            "rope_and_cache", "silu_and_mul"]
 
-# The separate norm and RoPE kernels, not the fused one of fast mode: the trainer's forward under autograd runs
-# these same kernels, so engine and trainer get the same bits.
-rope_and_cache = reference.rope_and_cache_from(rms_norm, apply_rotary, store_kvcache)
+# Fast mode's one kernel for q/k norm, RoPE and the cache write: one program per token, so batch-invariant; the
+# trainer's forward under autograd runs it too (without the cache write: the same q and k, tests/test_kernels.py).
+rope_and_cache = triton_elementwise.rope_and_cache
 
 # The router's softmax and top-k in torch (a row's kernel follows the row length E): the engine and the trainer,
 # which needs their gradient, get the same bits.
