@@ -5,7 +5,8 @@
 #   kernels: decode-step kernel tables: fast, deterministic with KEY_SEGMENT 256
 #            patched in, and the Qwen3-8B shapes at batch 1 and 256
 #   sweeps:  deterministic attention with register caps (segments' batch-256 cost: benchmarks.kernel_resources
-#            counts 154 registers with segments, 121 without), fast decode attention's split counts (0.6B, 8B heads)
+#            counts 154 registers with segments, 121 without), fast decode attention's split counts (0.6B, 8B heads),
+#            one-row GEMMs: cuBLAS's GEMM, its matrix-vector kernel (torch.mv) and narrow Triton tiles
 set -uo pipefail
 stage=${1:?usage: speed_device.sh check | kernels | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -41,6 +42,8 @@ sweeps)
   timeout 150 python3 -m benchmarks.decode_attention_sweep --out "$res/split06" > "$res/split06.log" 2>&1; cat "$res/split06.log"
   timeout 150 python3 -m benchmarks.decode_attention_sweep --out "$res/split8b" --spec qwen3-8b --contexts 1024 8192 \
     > "$res/split8b.log" 2>&1; cat "$res/split8b.log"
+  timeout 120 python3 -m benchmarks.invariant_linear_sweep --out "$res/gemv" --block-m 16 --block-n 16 32 --block-k 128 \
+    --stages 4 --rows 1 8 --shapes qkv o gate_up down > "$res/gemv.log" 2>&1; grep "==" "$res/gemv.log"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
