@@ -144,15 +144,16 @@ class _NormRotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         q, k, cos, sin, q_weight, k_weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grads = {}
-        for name, x, weight, grad, weight_grad in (("q", q, q_weight, grad_q, need[6]), ("k", k, k_weight, grad_k, need[7])):
+
+        def back(x, weight, grad, weight_grad: bool):
             grad = _rotary_adjoint(grad, cos, sin)
-            if ctx.norm and grad is not None:
-                grads[name], grads[name + "_weight"] = _rms_norm_grads(x, weight, ctx.eps, grad, weight_grad)
-            else:
-                grads[name], grads[name + "_weight"] = grad, None
-        return None, grads["q"], grads["k"], None, None, None, grads["q_weight"], grads["k_weight"], None
+            if not ctx.norm or grad is None:
+                return grad, None
+            return _rms_norm_grads(x, weight, ctx.eps, grad, weight_grad)
+
+        grad_q, grad_q_weight = back(q, q_weight, grad_q, ctx.needs_input_grad[6])
+        grad_k, grad_k_weight = back(k, k_weight, grad_k, ctx.needs_input_grad[7])
+        return None, grad_q, grad_k, None, None, None, grad_q_weight, grad_k_weight, None
 
 
 def rope_and_cache(impl: Callable, q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping):

@@ -37,9 +37,8 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
-from parity.kernels.triton import elementwise as triton_elementwise
 from parity.kernels.triton.attention import _dot, prefill
-from parity.kernels.triton.elementwise import apply_rotary, silu_and_mul
+from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul  # one program per token
 from parity.kernels.triton.moe import fused_moe  # fixed tiles: a token's experts never see the batch
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
@@ -47,10 +46,6 @@ from parity.kernels.triton.sampling import gumbel_argmax
 __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
            "moe_route", "rms_norm",
            "rope_and_cache", "silu_and_mul"]
-
-# Fast mode's one kernel for q/k norm, RoPE and the cache write: one program per token, so batch-invariant; the
-# trainer's forward under autograd runs it too (without the cache write: the same q and k, tests/test_kernels.py).
-rope_and_cache = triton_elementwise.rope_and_cache
 
 # The router's softmax and top-k in torch (a row's kernel follows the row length E): the engine and the trainer,
 # which needs their gradient, get the same bits.

@@ -10,9 +10,9 @@ import functools
 import torch
 
 from parity.kernels import autograd, reference
-from parity.kernels.triton import elementwise as triton_elementwise
 from parity.kernels.triton import invariant
 from parity.kernels.triton.attention import store_kvcache
+from parity.kernels.triton.elementwise import fuses
 from parity.kernels.triton.invariant import gumbel_argmax, moe_route
 from parity.kernels.triton.moe import fused_moe_autograd as fused_moe
 
@@ -42,7 +42,7 @@ _separate_rope_and_cache = reference.rope_and_cache_from(rms_norm, apply_rotary,
 
 def rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping):
     """The engine's choice, with a backward: its one kernel where it fuses (one dtype), else the separate kernels."""
-    if triton_elementwise.fuses(q, k, v, cos, q_weight, k_weight):
+    if fuses(q, k, v, cos, q_weight, k_weight):
         return autograd.rope_and_cache(invariant.rope_and_cache, q, k, v, cos, sin, q_weight, k_weight, eps,
                                        kv_cache, slot_mapping)
     return _separate_rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping)

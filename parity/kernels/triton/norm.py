@@ -11,12 +11,6 @@ import triton.language as tl
 
 
 @triton.jit
-def add_residual(x, r):
-    """x + r rounded to x's dtype, as torch's add rounds it."""
-    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-
-
-@triton.jit
 def scale_normalised(h, inv, w, dt: tl.constexpr):
     """w * (h * inv) in float32, the normalised value rounded to `dt` first (`reference.rms_norm`'s cast order;
     the caller rounds the product). h, inv and w in float32."""
@@ -39,7 +33,7 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + a * stride_xa + b * stride_xb + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + a * stride_ra + b * stride_rb + cols, mask=mask, other=0.0)
-        x = add_residual(x, r)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(res_out_ptr + rows.to(tl.int64)[:, None] * N + cols, x, mask=mask)
     h = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)
