@@ -298,6 +298,38 @@ def test_store_kvcache_skips_padding(device, dtype):
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
+# --------------------------------------------------------------------------------------------- matmul
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 8, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_linear_few_rows_either_kernel_matches_float64_and_replays(rows, bias):
+    """Fast mode's matmul at decode-sized row counts: the narrow Triton tile and cuBLAS (whichever was timed
+    faster, and each one forced) both match float64; a CUDA-graph replay gives the eager call's bits."""
+    from parity.kernels.triton import fast
+
+    gen = torch.Generator().manual_seed(11)
+    for n, k in [(1024, 2048), (4096, 1024)]:
+        x = randn(rows, k, dtype=torch.bfloat16, device="cuda", gen=gen)
+        w = (randn(n, k, dtype=torch.float32, device="cuda", gen=gen) * k**-0.5).bfloat16()
+        b = randn(n, dtype=torch.bfloat16, device="cuda", gen=gen) if bias else None
+        ref = x.double() @ w.double().T + (b.double() if bias else 0)
+        eager = fast.linear(x, w, b)
+        assert rel_err(eager, ref) < TOL[torch.bfloat16]
+        key = (rows, (n, k), w.dtype, w.device, bias)
+        assert (key in fast._NARROW_FASTER) == (rows <= fast.NARROW_ROWS)
+        if rows <= fast.NARROW_ROWS:
+            chosen = fast._NARROW_FASTER[key]
+            for forced in (True, False):
+                fast._NARROW_FASTER[key] = forced
+                assert rel_err(fast.linear(x, w, b), ref) < TOL[torch.bfloat16]
+            fast._NARROW_FASTER[key] = chosen
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = fast.linear(x, w, b)
+        graph.replay()
+        assert torch.equal(replayed, eager)
+
+
 # ------------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_gumbel_argmax_equals_torch_definition(device):

@@ -247,7 +247,7 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
     `segment` > 0 (a multiple of 64): the keys in fixed segments of that many positions from 0, each its own online
     softmax, merged in order; `split` (decode steps only: one query per sequence, paged): the segments run in
     programs of their own, up to `meta.max_seq_len`, and give the same bits as one program walking them.
-    `maxnreg` caps the registers per thread (ptxas spills the rest), for launch sweeps."""
+    `maxnreg` caps the registers per thread (ptxas spills the rest; deterministic mode caps its segmented launches)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[-2]
     group = num_heads // num_kv_heads
@@ -354,9 +354,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Split the context until about 4 programs per SM exist, keeping every split >= 128 keys, at most 16."""
+    """Split the context until about 2 programs per SM exist, keeping every split >= 128 keys, at most 16.
+
+    benchmarks/decode_attention_sweep.py on the H200 (8 KV heads, contexts 1024-8192): the best split count at
+    batch 1, 4, 16 and 64 is 16, 8-16, 4 and 1, what 2 programs per SM gives (4 per SM gave 8 at batch 16 and
+    2 at batch 64, 5-7% slower); at batch 256 one split is within 1-4% of the best."""
     splits = 1
-    while splits < 16 and num_seqs * num_kv_heads * splits < 4 * num_sms and max_seq_len >= 128 * splits * 2:
+    while splits < 16 and num_seqs * num_kv_heads * splits < 2 * num_sms and max_seq_len >= 128 * splits * 2:
         splits *= 2
     return splits
 

@@ -152,6 +152,12 @@ def attention_tile(num_heads: int, num_kv_heads: int) -> dict:
 # 48.6 -> 43.8 us, the trainer's packed 2 x 1024 prefill 86.8 -> 105.8 us (each segment restarts its pipeline).
 KEY_SEGMENT = 256
 SPLIT_BELOW_PROGRAMS = 256  # (sequence, KV head) pairs: at batch 1, 8 programs walk the whole context
+# Segments take the kernel from 121 to 154 registers a thread (benchmarks/kernel_resources.py: 3 programs per SM
+# instead of 4). Capped at 128 (ptxas spills the rest) the H200 sweep gave the same bits and a batch-256 decode
+# step 287 -> 279 us, the packed 2 x 1024 prefill 105 -> 102 us, but batch 32 48.5 -> 50.7 and batch 1 (unsplit)
+# 25.8 -> 27.2 us: the cap is for prefill and for decode batches of at least CAP_REGISTERS_FROM sequences.
+SEGMENT_MAXNREG = 128
+CAP_REGISTERS_FROM = 128
 
 
 def split_decode(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> bool:
@@ -167,9 +173,11 @@ def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tab
         decode = block_tables is not None and meta.max_query_len == 1 and q.shape[0] == meta.num_seqs
         # A decode step pipelines one stage deeper: 23.0 vs 24.8 us at batch 1 on the H200, prefill 93 vs 87 us;
         # the same bits at every depth (benchmarks/invariant_attention_sweep.py).
+        split = decode and split_decode(meta.num_seqs, k.shape[-2], meta.max_seq_len)
+        capped = KEY_SEGMENT and not split and (not decode or meta.num_seqs >= CAP_REGISTERS_FROM)
         prefill(q, k, v, out, meta, scale, block_tables, page_size, **attention_tile(q.shape[1], k.shape[-2]),
-                segment=KEY_SEGMENT, split=decode and split_decode(meta.num_seqs, k.shape[-2], meta.max_seq_len),
-                num_stages=3 if decode else 2)
+                segment=KEY_SEGMENT, split=split, num_stages=3 if decode else 2,
+                maxnreg=SEGMENT_MAXNREG if capped else None)
     return out
 
 
