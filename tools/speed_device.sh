@@ -4,11 +4,13 @@
 #   check:   the GPU suite, then deterministic attention's launch sweep with key segments of 256 and without
 #   kernels: decode-step kernel tables: fast, deterministic with KEY_SEGMENT 256
 #            patched in, and the Qwen3-8B shapes at batch 1 and 256
+#   measure: the kernel, Triton-determinism and engine GPU tests, then step_speed in both modes (workloads A and B,
+#            batch 1, kernel tables at batch 1 and 256)
 #   sweeps:  deterministic attention with register caps (segments' batch-256 cost: benchmarks.kernel_resources
 #            counts 154 registers with segments, 121 without), fast decode attention's split counts (0.6B, 8B heads),
 #            one-row GEMMs: cuBLAS's GEMM, its matrix-vector kernel (torch.mv) and narrow Triton tiles
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | sweeps}
+stage=${1:?usage: speed_device.sh check | kernels | measure | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -35,6 +37,15 @@ kernels)
   timeout 100 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 0 > "$res/fast.log" 2>&1; tail -30 "$res/fast.log"
   step_speed_with_segment 256 --out "$res/det256" --rounds 0 --deterministic > "$res/det256.log" 2>&1; tail -30 "$res/det256.log"
   timeout 200 python3 -m benchmarks.step_speed --out "$res/8b" --spec qwen3-8b --rounds 0 --kernel-batches 1 256 > "$res/8b.log" 2>&1; tail -60 "$res/8b.log"
+  ;;
+measure)
+  timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_determinism_triton.py \
+    tests/test_gpu_engine.py > "$res/pytest_gpu.log" 2>&1; tail -4 "$res/pytest_gpu.log"
+  for mode in fast deterministic; do
+    flag=$([ $mode = deterministic ] && echo --deterministic)
+    timeout 170 python3 -m benchmarks.step_speed --out "$res/$mode" --rounds 1 --kernel-batches 1 256 $flag \
+      > "$res/$mode.log" 2>&1; grep -v "^ " "$res/$mode.log" | tail -14
+  done
   ;;
 sweeps)
   timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/caps" --warps 4 --stages 2 3 --maxnreg 0 128 \
