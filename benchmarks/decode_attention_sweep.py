@@ -1,13 +1,13 @@
 """Split sweep for fast mode's decode attention (`triton_attention._decode`: split-KV, the last split of a
 (sequence, KV head) to finish merges them).
 
-`decode_num_splits` splits the context until ~2 programs per SM exist (4 before this sweep), from `max_seq_len`, which a CUDA graph
-captures as max_model_len: at batch 1 and max_model_len 8192 every step runs 16 splits, so at context 1024 each
-program reads one 64-key tile and the step is a chain of dependent round trips (8.1 us a layer on the H200 for
-4 MB of KV, 2026-12-01). This times the step at each forced split count per batch size and context (CUDA-graph
-replays), beside the choice the engine's graphs make, and checks every output against a float64 reference
-(batch <= 32) or the unsplit launch (larger batches). Heads of Qwen3-0.6B (16 query, 8 KV) or Qwen3-8B (32, 8),
-head_dim 128, 16-token pages, bf16.
+`decode_num_splits` splits the context until ~2 programs per SM exist (4 before this sweep), from `max_seq_len`,
+which a CUDA graph captures as max_model_len: at batch 1 and max_model_len 8192 every step runs 16 splits, so at
+context 1024 each program reads one 64-key tile and the step is a chain of dependent round trips (8.1 us a layer on
+the H200 for 4 MB of KV, 2026-12-01). This times the step at each forced split count per batch size and context
+(CUDA-graph replays), beside the choice the engine's graphs make, and checks every output against a float64
+reference (batch <= 32) or the unsplit launch (larger batches). Heads of Qwen3-0.6B (16 query, 8 KV) or Qwen3-8B
+(32, 8), head_dim 128, 16-token pages, bf16.
 
   python -m benchmarks.decode_attention_sweep --out DIR                  # on the GPU (about a minute)
   python -m benchmarks.decode_attention_sweep --out DIR --spec qwen3-8b --contexts 1024 8192

@@ -248,7 +248,8 @@ def test_rope_and_cache_wrapper_is_the_engine_kernel_with_reference_gradients(qk
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_linear_rows_alone_equal_a_2048_row_batch_at_model_shapes(dtype):
     """`linear_config` gives decode batch sizes narrower tiles and deeper K steps than prefill and the trainer,
-    and 64- or 128-row tiles from 129 rows on by how many cover the output: a row's bits must not move.
+    and from 129 rows on 128 x 128, 64 x 128, 64 x 64 or 64 x 32 tiles by how many cover the output: a row's bits
+    must not move.
     Qwen3-0.6B's qkv and down projections, Qwen3-8B's down (K = 12288: 256-deep steps at <= 16 rows), SmolLM2's
     gate/up (K = 576: 64-deep steps), the LM head's float32 output."""
     for n, k, fp32 in ((4096, 1024, False), (1024, 3072, False), (4096, 12288, False), (3072, 576, False),
@@ -256,7 +257,7 @@ def test_gpu_linear_rows_alone_equal_a_2048_row_batch_at_model_shapes(dtype):
         w = _randn(n, k, dtype=dtype, seed=1) * 0.02
         x = _randn(2048, k, dtype=dtype)
         big = ti.linear(x, w, None, fp32)
-        for m in (1, 5, 16, 17, 64, 128, 129, 256, 1024):
+        for m in (1, 5, 16, 17, 64, 128, 129, 256, 320, 512, 1024):
             assert torch.equal(ti.linear(x[:m].clone(), w, None, fp32), big[:m]), (n, k, m)
     assert ti.linear_config(4096, 1024, 1) != ti.linear_config(4096, 1024, 2048) != ti.linear_config(4096, 1024, 256)
 

@@ -78,6 +78,9 @@ def _linear_kernel(
              mask=m_mask & n_mask)
 
 
+FULL_GRID = 96  # output tiles from which a wider tile keeps the H200's 132 SMs busy enough (linear_config)
+
+
 def linear_config(n: int, k: int, m: int, half: bool = True) -> dict:
     """Tile sizes for an [m, k] x [k, n] product with 16-bit (`half`) or float32 operands.
 
@@ -85,8 +88,11 @@ def linear_config(n: int, k: int, m: int, half: bool = True) -> dict:
     same bits): up to 128 rows, 32 output columns per program (16 rows at most 16) with 128-deep K steps, 256-deep
     for K >= 8192 at <= 16 rows (Qwen3-8B's down projection at batch 1: 1.12 -> 0.92x cuBLAS), take the layer GEMMs
     of a Qwen3-0.6B batch-1 step from 44 to 22 us. From 129 rows on, 8 warps and 3 stages: 128 x 128 tiles where
-    at least 96 of them cover the output (1.5-1.6 -> 1.2-1.3x cuBLAS at 1024-4096 rows), else 64 x 128 (fewer, larger
-    programs would leave SMs idle; 256 rows: 1.7-2.7 -> 1.4-2.4x). The wide LM head prefers 64 x 64 tiles at any M.
+    at least 96 of them cover the output (1.5-1.6 -> 1.2-1.3x cuBLAS at 1024-4096 rows), else 64 x 128 where 96 of
+    those do. Where neither does (the 1024-column o and down projections of Qwen3-0.6B up to ~700 rows: 32-64
+    programs), 64 x 64 tiles with 128-deep K steps, 4 warps, 3 stages, else the <= 128-row tile: at 256 rows the
+    o projection 2.01 -> 1.00x cuBLAS and down 2.39 -> 1.18x, at 512 rows 1.34x and 1.45x (sweep of 2026-12-01,
+    evening). The wide LM head prefers 64 x 64 tiles at any M.
     float32 operands (IEEE FMA dots, not swept) keep one configuration for every M."""
     if INTERPRET:  # few, large programs: the CPU interpreter's cost is per program and per op
         return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
@@ -96,11 +102,14 @@ def linear_config(n: int, k: int, m: int, half: bool = True) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
     if m <= 16 and k >= 8192 and k % 256 == 0:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5)
-    if m <= 128:
-        return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=32, BLOCK_K=128 if k % 128 == 0 else 64, num_warps=4,
-                    num_stages=4)
-    wide = triton.cdiv(m, 128) * triton.cdiv(n, 128) >= 96
-    return dict(BLOCK_M=128 if wide else 64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    deep_k = 128 if k % 128 == 0 else 64
+    if m > 128:
+        for block_m in (128, 64):
+            if triton.cdiv(m, block_m) * triton.cdiv(n, 128) >= FULL_GRID:
+                return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        if triton.cdiv(m, 64) * triton.cdiv(n, 64) >= FULL_GRID:
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=deep_k, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=32, BLOCK_K=deep_k, num_warps=4, num_stages=4)
 
 
 def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
