@@ -5,7 +5,8 @@ merged in order; 0: one softmax over all keys, deterministic mode's path before 
 warps per program and software-pipelining depth only decide how fast they come, unless a layout change moves a
 reduction. For each (num_warps, num_stages, register cap) this times a decode step over the paged cache (batch 1,
 32 and 256, context 1024: at batch 1 eight programs walk 16 key tiles each, the chain the batch-1 profile names;
-with segments also split, a program per segment; at 256 the cache's bandwidth decides, and with it how many
+with segments also split, a program per segment, at 256 too, and as the engine's graphs launch it, with a program for
+every segment up to max_model_len; at 256 the cache's bandwidth decides, and with it how many
 programs an SM holds: `benchmarks.kernel_resources`) and the trainer's packed prefill (2 x 1024 tokens), and checks that
 every output is the same bits as the reference launch's (4 warps, 2 stages: prefill's; a split step owes the
 unsplit one's bits) and that a decode row equals the packed batch's row at the same position. Qwen3-0.6B heads
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, nargs="+", default=[0],
                     help="register caps per thread to try (0: none, ptxas's choice)")
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--graph-len", type=int, default=8192, help="max_model_len of the '256 graph' split case")
     ap.add_argument("--segment", type=int, default=256,
                     help="keys per softmax segment (default: KEY_SEGMENT's 256); 0: one online softmax over all keys")
     ap.add_argument("--smoke", action="store_true", help="context 128, one launch, no timing: checks the script")
@@ -94,8 +97,10 @@ def main() -> None:
     packed = (q_all[:2].flatten(0, 1), k_all[:2].flatten(0, 1), v_all[:2].flatten(0, 1))
     tile = {**ti.attention_tile(HEADS, KV_HEADS), "segment": args.segment}
     # decode at batch 1, 32 (and 256), each in one program per row and with its segments split, and the packed prefill
-    cases = [str(b) for b in batches] + ["packed"] + (["1 split", "32 split"] if args.segment and ctx > args.segment
-                                                       else [])
+    # "graph": split as in the engine's CUDA graphs, whose metadata says max_model_len (--graph-len) and so launch a
+    # program for every segment up to it; those past a row's context return at once.
+    splits = ["1 split", "32 split", "256 split", "256 graph"] if not args.smoke else ["1 split", "32 split"]
+    cases = [str(b) for b in batches] + ["packed"] + (splits if args.segment and ctx > args.segment else [])
 
     def run(case: str, launch: dict) -> tuple:
         if case == "packed":
@@ -104,6 +109,8 @@ def main() -> None:
             return out, partial(prefill, q, k, v, out, packed_meta, scale, None, 1, **launch)
         batch, _, split = case.partition(" ")
         q, k, v, meta, tables = decode[int(batch)]
+        if split == "graph":
+            meta = replace(meta, max_seq_len=args.graph_len)
         out = torch.zeros_like(q)
         return out, partial(prefill, q, k, v, out, meta, scale, tables, PAGE, **launch, split=bool(split))
 

@@ -12,6 +12,7 @@ of --kernel-batches (default: batch 1; torch.profiler sees inside graphs).
   python -m benchmarks.step_speed --out $OUT            # on the GPU: about 100 s on an H200
   python -m benchmarks.step_speed --out $OUT --deterministic --rounds 0   # deterministic mode's batch-1 kernels
   python -m benchmarks.step_speed --out $OUT --spec qwen3-8b --rounds 0 --kernel-batches 1 256   # 8B's kernels
+  python -m benchmarks.step_speed --out $OUT --rounds 0 --ttft   # and one uncached prefill's kernels and host calls
   python -m benchmarks.step_speed --smoke --out /tmp/ss  # tiny model on CPU: checks the script only
 """
 
@@ -71,6 +72,34 @@ def step_kernels(engine: Engine, batch: int, context: int, steps: int, top: int)
     }
 
 
+def prefill_kernels(engine: Engine, vocab: int, prompt_len: int, top: int) -> dict:
+    """Time to first token of uncached prompts (median of 3, untraced), then one more traced: device time of its
+    kernels against the wall time (far apart: the host decides) and the host's busiest calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clock = tp.Clock(engine.device)
+    fresh = tp.random_prompts(4, vocab, prompt_len, prompt_len, seed=7000)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def first_token(prompt: list[int]) -> float:
+        start = clock.now()
+        engine.generate([prompt], params)
+        return clock.now() - start
+
+    untraced = sorted(first_token(p) for p in fresh[:3])[1]
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        traced = first_token(fresh[3])
+    kernel_s, rows = kernel_table(prof, 1000)
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return {
+        "prompt_len": prompt_len, "ttft_ms": untraced * 1e3, "ttft_ms_traced": traced * 1e3,
+        "kernel_ms": kernel_s * 1e3, "launches": sum(r["calls"] for r in rows),
+        "top": [{"name": r["name"], "us": r["ms"] * 1e3, "calls": r["calls"]} for r in rows[:top]],
+        "host_top": [{"name": e.key[:90], "self_us": e.self_cpu_time_total, "calls": e.count} for e in host],
+    }
+
+
 def measure(engine: Engine, enabled: bool, args, prompts, lens_b, clock: tp.Clock) -> dict:
     engine.pipeline.enabled = enabled
     used, discarded = engine.pipeline.num_ahead_used, engine.pipeline.num_ahead_discarded
@@ -97,6 +126,8 @@ def main() -> None:
     ap.add_argument("--spec", choices=sorted(tp.LONG_CONTEXT_SPECS), default="qwen3-0.6b")
     ap.add_argument("--kernel-batches", type=int, nargs="+", default=[1],
                     help="decode batch sizes whose kernels are listed (each at most --max-num-seqs)")
+    ap.add_argument("--ttft", action="store_true",
+                    help="also trace one uncached 1024-token prefill (time to first token: device vs host)")
     args = ap.parse_args()
     if bad := [b for b in args.kernel_batches if not 1 <= b <= args.max_num_seqs]:
         ap.error(f"--kernel-batches: each must be in [1, --max-num-seqs={args.max_num_seqs}], got {bad}")
@@ -131,6 +162,8 @@ def main() -> None:
         batches = [min(b, 2) for b in args.kernel_batches] if args.smoke else args.kernel_batches
         # on CPU: no kernels listed
         results["step_kernels"] = [step_kernels(engine, b, args.context, 20, 25) for b in batches]
+        if args.ttft:
+            results["ttft"] = prefill_kernels(engine, vocab, args.context, 25)
         (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
     print(summary(results["runs"]))
     for k in results["step_kernels"]:
@@ -138,6 +171,14 @@ def main() -> None:
               f"kernels, {k['wall_ms_per_step_traced']:.3f} ms wall (traced)")
         for r in k["top"]:
             print(f"  {r['us_per_step']:8.1f} us {r['per_step']:6.1f}x  {r['name']}")
+    if ttft := results.get("ttft"):
+        print(f"TTFT {ttft['prompt_len']} tokens: {ttft['ttft_ms']:.1f} ms ({ttft['ttft_ms_traced']:.1f} traced), "
+              f"{ttft['launches']} launches, {ttft['kernel_ms']:.2f} ms of kernels")
+        for r in ttft["top"]:
+            print(f"  {r['us']:8.1f} us {r['calls']:5d}x  {r['name']}")
+        print("host, by own time:")
+        for r in ttft["host_top"]:
+            print(f"  {r['self_us']:8.1f} us {r['calls']:5d}x  {r['name']}")
 
 
 def summary(runs: list[dict]) -> str:
