@@ -122,6 +122,8 @@ class Engine:
                 f"{label}: a list of strings is not one prompt; pass one string, token ids, or a chat as "
                 "{'role': ..., 'content': ...} dicts"
             )
+        if all(type(t) is int for t in prompt):  # the common case, ~30x cheaper than the ABC check below
+            return list(prompt)
         bad = next(((i, t) for i, t in enumerate(prompt) if isinstance(t, bool) or not isinstance(t, numbers.Integral)),
                    None)
         if bad is not None:
@@ -244,9 +246,9 @@ class Engine:
             raise ValueError(f"{label}: return_routed_experts=True needs a mixture-of-experts model; "
                              f"{self.model_config.architecture} has no MoE layers")
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{label}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:  # min/max loop in C; then find the first offender
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise ValueError(f"{label}: token id {bad} outside the vocabulary [0, {vocab})")
         try:
             params.check_vocab(vocab)
             if params.stop:
