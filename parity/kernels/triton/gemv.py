@@ -1,0 +1,119 @@
+"""Matrix-vector products for fast mode's decode matmuls of very few rows (at most `MAX_ROWS`).
+
+A tensor-core tile wastes most of its rows on a one-token batch, and with 32 output columns per program a
+1024-column projection runs on only 32 programs. Here each program owns `BLOCK_N` output columns (rows of W),
+walks K in `BLOCK_K` chunks, loads each W tile once and uses it for every x row: plain float32 products and sums
+(no tensor cores), so the work is streaming W from memory across many programs. Whether this kernel, the narrow
+matmul tile or cuBLAS serves a given (rows, weight shape) is decided by timing elsewhere; this module only
+computes the product.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_ROWS", "gemv", "gemv_config"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+MAX_ROWS = 4  # rows of x after flattening its leading dims
+# Programs from which the wider 16-column tile is taken (about two per SM of a 132-SM H200); below it, 8 columns.
+WIDE_TILE_PROGRAMS = 256
+
+
+@triton.jit
+def _row_dot(w, x_row_ptr, kk, mask):
+    """One x row's chunk against the [BLOCK_N, BLOCK_K] W tile (float32): BLOCK_N partial dot products."""
+    x = tl.load(x_row_ptr + kk, mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(w * x[None, :], axis=1)
+
+
+# ROWS (the row count padded to 1, 2 or 4) is a constexpr: one compiled variant per padded count. The row count M
+# itself is a runtime argument and never specialised on (Triton would compile another variant for M == 1), so 3
+# rows run the 4-row variant with the fourth row masked.
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    # A row past M reads and writes nothing: its K and N bounds are 0 (bounds rather than `mask & (M > r)`, which
+    # the interpreter turns into an int32 mask).
+    k1, k2, k3 = tl.where(M > 1, K, 0), tl.where(M > 2, K, 0), tl.where(M > 3, K, 0)
+    acc0 = tl.zeros([BLOCK_N], tl.float32)
+    acc1 = tl.zeros([BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+        acc0 += _row_dot(w, x_ptr, kk, kk < K)  # M >= 1 whenever the kernel runs
+        if ROWS > 1:
+            acc1 += _row_dot(w, x_ptr + stride_xm, kk, kk < k1)
+        if ROWS > 2:
+            acc2 += _row_dot(w, x_ptr + 2 * stride_xm, kk, kk < k2)
+            acc3 += _row_dot(w, x_ptr + 3 * stride_xm, kk, kk < k3)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc0 += b
+        acc1 += b
+        acc2 += b
+        acc3 += b
+    out_ty = y_ptr.dtype.element_ty
+    tl.store(y_ptr + offs_n, acc0.to(out_ty), mask=n_mask)
+    if ROWS > 1:
+        tl.store(y_ptr + stride_ym + offs_n, acc1.to(out_ty), mask=offs_n < tl.where(M > 1, N, 0))
+    if ROWS > 2:
+        tl.store(y_ptr + 2 * stride_ym + offs_n, acc2.to(out_ty), mask=offs_n < tl.where(M > 2, N, 0))
+        tl.store(y_ptr + 3 * stride_ym + offs_n, acc3.to(out_ty), mask=offs_n < tl.where(M > 3, N, 0))
+
+
+def _device_config(n: int, k: int, rows: int) -> dict:
+    block_n = 16 if triton.cdiv(n, 16) >= WIDE_TILE_PROGRAMS else 8
+    block_k = 512 if block_n == 8 and k >= 2048 else 256
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+
+
+def gemv_config(n: int, k: int, rows: int) -> dict:
+    """Launch configuration for `rows` (<= MAX_ROWS) rows against an [n, k] weight.
+
+    These are untuned first choices, to be swept on the GPU: 8 output columns per program (16 where that still
+    leaves at least WIDE_TILE_PROGRAMS programs), so a 1024-column projection runs on 128 programs; 256-deep K
+    chunks, 512-deep for K >= 2048 with the 8-column tile (no deeper than K needs); 4 warps, 3 stages. `rows` does
+    not change the choice yet. Under TRITON_INTERPRET: few large programs, since the CPU interpreter's cost is per
+    program and per op."""
+    if INTERPRET:
+        return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)
+    return _device_config(n, k, rows)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         tiles: dict | None = None) -> torch.Tensor:
+    """y = x W^T (+ b) for x [..., K] of at most MAX_ROWS rows and W [N, K] (fp16/bf16/fp32): float32 products
+    and sums, output in x's dtype, shape [..., N]. `tiles` overrides `gemv_config` (for sweeps)."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"gemv: weight of shape {tuple(weight.shape)} does not match x's last dim {k}")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {m} (x of shape {tuple(x.shape)})")
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m and n:
+        cfg = tiles or gemv_config(n, k, m)
+        _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, ROWS=triton.next_power_of_2(m), **cfg,
+        )
+    return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,129 @@
+"""The few-row matrix-vector kernel (`triton/gemv.py`) against float64 truth on random inputs.
+
+Without a GPU it runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py) at small sizes;
+`pytest -m gpu` runs the same checks on CUDA at Qwen3-0.6B's projection shapes. Error bounds as in
+test_kernels.py: ||out - ref|| / ||ref|| under 1e-2 for bf16, 2e-3 for fp16, 1e-5 for fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from parity.kernels.triton import gemv as tg  # noqa: E402
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs without a GPU")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+# (N, K): odd sizes that fill no block, and projection-like shapes (qkv, o, gate_up, down); on CUDA Qwen3-0.6B's own.
+CPU_SHAPES = [(100, 300), (512, 128), (128, 256), (768, 128), (128, 384)]
+CUDA_SHAPES = [(100, 300), (4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def randn(*shape, dtype, device, gen):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def operands(rows, n, k, dtype, device, gen, bias):
+    x = randn(rows, k, dtype=dtype, device=device, gen=gen)
+    w = (randn(n, k, dtype=torch.float32, device=device, gen=gen) * k**-0.5).to(dtype)
+    b = randn(n, dtype=dtype, device=device, gen=gen) if bias else None
+    return x, w, b
+
+
+def truth(x, w, b):
+    return x.double() @ w.double().T + (b.double() if b is not None else 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_float64(device, dtype, rows, bias):
+    gen = torch.Generator().manual_seed(21 + rows)
+    for n, k in CPU_SHAPES if device == "cpu" else CUDA_SHAPES:
+        x, w, b = operands(rows, n, k, dtype, device, gen, bias)
+        out = tg.gemv(x, w, b)
+        assert out.dtype == dtype and out.shape == (rows, n)
+        assert rel_err(out, truth(x, w, b)) < TOL[dtype], (n, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemv_leading_dims_and_strided_rows(device):
+    """x [..., K] flattens to its rows; rows with a stride wider than K (a view of a wider tensor) are read in place;
+    a 1-D x is one row."""
+    gen = torch.Generator().manual_seed(30)
+    n, k = 100, 300
+    wide = randn(4, 2 * k, dtype=torch.bfloat16, device=device, gen=gen)
+    _, w, b = operands(1, n, k, torch.bfloat16, device, gen, True)
+    x = wide[:, :k]
+    assert x.stride(0) == 2 * k
+    assert rel_err(tg.gemv(x, w, b), truth(x, w, b)) < TOL[torch.bfloat16]
+    x3 = x.reshape(2, 2, k)
+    out = tg.gemv(x3, w, b)
+    assert out.shape == (2, 2, n) and rel_err(out, truth(x3, w, b)) < TOL[torch.bfloat16]
+    out = tg.gemv(x[0], w)
+    assert out.shape == (n,) and rel_err(out, truth(x[0], w, None)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemv_masked_rows_leave_the_rest_alone(device):
+    """3 rows run the 4-row variant with the fourth masked: they get the bits they get next to a real fourth row,
+    and the output has exactly 3 rows."""
+    gen = torch.Generator().manual_seed(31)
+    x, w, b = operands(4, 100, 300, torch.float32, device, gen, True)
+    three = tg.gemv(x[:3], w, b)
+    assert three.shape == (3, 100)
+    assert torch.equal(three, tg.gemv(x, w, b)[:3])
+
+
+def test_gemv_rejects_more_than_max_rows():
+    gen = torch.Generator().manual_seed(32)
+    x, w, _ = operands(tg.MAX_ROWS + 1, 16, 32, torch.float32, "cpu", gen, False)
+    with pytest.raises(ValueError, match=r"at most 4 rows, got 5"):
+        tg.gemv(x, w)
+    with pytest.raises(ValueError, match=r"got 6"):
+        tg.gemv(x[:3].repeat(2, 1).reshape(2, 3, 32), w)
+    with pytest.raises(ValueError, match="does not match"):
+        tg.gemv(x[:1], w[:, :16])
+
+
+def test_gemv_config_spreads_qwen3_06b_projections_over_programs():
+    """The GPU choices (whatever the interpreter takes): even a 1024-column projection gets >= 64 programs; blocks
+    are powers of two no deeper than K needs."""
+    for n, k in [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (100, 40)]:
+        for rows in range(1, tg.MAX_ROWS + 1):
+            cfg = tg._device_config(n, k, rows)
+            assert (n < 1024 or -(-n // cfg["BLOCK_N"]) >= 64), (n, k, cfg)
+            for block in (cfg["BLOCK_N"], cfg["BLOCK_K"]):
+                assert block & (block - 1) == 0
+            assert cfg["BLOCK_K"] <= max(16, triton_next_pow2(k))
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gpu_gemv_replays_in_a_cuda_graph(rows):
+    """Fast mode's decode steps run as CUDA-graph replays: a captured call gives the eager call's bits."""
+    gen = torch.Generator().manual_seed(33)
+    x, w, b = operands(rows, 1024, 2048, torch.bfloat16, "cuda", gen, True)
+    eager = tg.gemv(x, w, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = tg.gemv(x, w, b)
+    graph.replay()
+    assert torch.equal(replayed, eager)
