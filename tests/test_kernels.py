@@ -300,12 +300,12 @@ def test_store_kvcache_skips_padding(device, dtype):
 
 # --------------------------------------------------------------------------------------------- matmul
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 8, 17])
+@pytest.mark.parametrize("rows", [1, 3, 8, 17])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fast_linear_few_rows_either_kernel_matches_float64_and_replays(rows, bias):
-    """Fast mode's matmul at decode-sized row counts: the narrow Triton tile and cuBLAS (whichever was timed
-    faster, and each one forced) both match float64; a CUDA-graph replay gives the eager call's bits."""
-    from parity.kernels.triton import fast
+def test_fast_linear_few_rows_every_kernel_matches_float64_and_replays(rows, bias):
+    """Fast mode's matmul at decode-sized row counts: the kernel timed fastest, and each candidate forced, match
+    float64; a CUDA-graph replay gives the eager call's bits."""
+    from parity.kernels.triton import fast, gemv
 
     gen = torch.Generator().manual_seed(11)
     for n, k in [(1024, 2048), (4096, 1024)]:
@@ -316,13 +316,14 @@ def test_fast_linear_few_rows_either_kernel_matches_float64_and_replays(rows, bi
         eager = fast.linear(x, w, b)
         assert rel_err(eager, ref) < TOL[torch.bfloat16]
         key = (rows, (n, k), w.dtype, w.device, bias)
-        assert (key in fast._NARROW_FASTER) == (rows <= fast.NARROW_ROWS)
-        if rows <= fast.NARROW_ROWS:
-            chosen = fast._NARROW_FASTER[key]
-            for forced in (True, False):
-                fast._NARROW_FASTER[key] = forced
-                assert rel_err(fast.linear(x, w, b), ref) < TOL[torch.bfloat16]
-            fast._NARROW_FASTER[key] = chosen
+        assert (key in fast._FEW_ROW_CHOICE) == (rows <= fast.FEW_ROWS)
+        if rows <= fast.FEW_ROWS:
+            chosen = fast._FEW_ROW_CHOICE[key]
+            for name in fast.FEW_ROW_KERNELS:
+                if name != "gemv" or rows <= gemv.MAX_ROWS:
+                    fast._FEW_ROW_CHOICE[key] = name
+                    assert rel_err(fast.linear(x, w, b), ref) < TOL[torch.bfloat16], name
+            fast._FEW_ROW_CHOICE[key] = chosen
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             replayed = fast.linear(x, w, b)

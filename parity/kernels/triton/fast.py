@@ -1,6 +1,6 @@
 """Fast mode on CUDA without autograd: Triton kernels for the norm, RoPE (fused with the per-head q/k norm
 and the KV-cache write), SiLU, attention, sampling and the MoE routing and experts (`moe.py`); cuBLAS (torch)
-for the matmuls (a few-row matmul takes the deterministic kernel's narrow tile where that measures faster)
+for the matmuls (a few-row matmul takes a Triton kernel where one measures faster)
 and the log-softmax.
 Same signatures as `reference.py`."""
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from parity.kernels import reference
 from parity.kernels.reference import log_softmax
-from parity.kernels.triton import invariant
+from parity.kernels.triton import gemv, invariant
 from parity.kernels.triton.attention import attention
 from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul
 from parity.kernels.triton.moe import fused_moe, moe_route
@@ -23,14 +23,17 @@ from parity.kernels.triton.sampling import gumbel_argmax
 __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
            "moe_route", "rms_norm", "rope_and_cache", "silu_and_mul"]
 
-# Up to this many rows a matmul may take the deterministic kernel's narrow tile (its 16-row BLOCK_M) instead of
-# cuBLAS. benchmarks/invariant_linear_sweep.py on the H200 (bf16, Qwen3-0.6B shapes, CUDA-graph replays): at
-# M = 1 cuBLAS runs the o projection (1024 x 2048) in 12.5 us against 5.2 us at M = 8, the narrow tile in 5.5 us;
-# for the other projections the two are within 0.96-1.14x. Which one is faster depends on the shape and the GPU,
-# so each (rows, weight shape) is timed once, outside any capture, and the tile taken only when clearly faster.
-NARROW_ROWS = 16
-NARROW_MARGIN = 0.8  # the narrow tile's time / cuBLAS's below which it is taken (a near tie keeps cuBLAS)
-_NARROW_FASTER: dict[tuple, bool] = {}
+# Up to this many rows a matmul may leave cuBLAS for a Triton kernel: the deterministic kernel's narrow tile (its
+# 16-row BLOCK_M) or, up to gemv.MAX_ROWS rows, the matrix-vector kernel. benchmarks/invariant_linear_sweep.py on
+# the H200 (bf16, Qwen3-0.6B shapes, CUDA-graph replays): at M = 1 cuBLAS runs the o projection (1024 x 2048) in
+# 12.5 us against 5.2 us at M = 8, the narrow tile in 5.5 us (in the engine: the batch-1 step's o projections
+# 258 -> 175 us); for the other projections the two are within 0.96-1.14x. Which kernel is fastest depends on the
+# shape and the GPU, so each (rows, weight shape) is timed once, outside any capture, and a Triton kernel is taken
+# only when clearly faster than cuBLAS.
+FEW_ROWS = 16
+FASTER_MARGIN = 0.8  # a Triton kernel's time / cuBLAS's below which it is taken (a near tie keeps cuBLAS)
+FEW_ROW_KERNELS: dict[str, Callable] = {"cublas": F.linear, "narrow_tile": invariant.linear, "gemv": gemv.gemv}
+_FEW_ROW_CHOICE: dict[tuple, str] = {}
 
 
 def _graph_time(fn: Callable[[], object], reps: int = 20) -> float:
@@ -51,26 +54,27 @@ def _graph_time(fn: Callable[[], object], reps: int = 20) -> float:
     return start.elapsed_time(end)
 
 
-def narrow_tile_is_faster(m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether [m, K] x weight^T runs faster on the narrow Triton tile than on cuBLAS, timed on first sight
-    of the shape (the engine runs each CUDA-graph batch size once uncaptured before capturing it)."""
+def few_row_kernel(m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """The name in FEW_ROW_KERNELS of the fastest kernel for [m, K] x weight^T, timed on first sight of the shape
+    (the engine runs each CUDA-graph batch size once uncaptured before capturing it)."""
     key = (m, tuple(weight.shape), weight.dtype, weight.device, bias is not None)
-    if key not in _NARROW_FASTER:
+    if key not in _FEW_ROW_CHOICE:
         if torch.cuda.is_current_stream_capturing():
-            return False  # cannot time here; cuBLAS, without caching the answer
+            return "cublas"  # cannot time here; cuBLAS, without caching the answer
         x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        cublas = _graph_time(lambda: F.linear(x, weight, bias))
-        narrow = _graph_time(lambda: invariant.linear(x, weight, bias))
-        _NARROW_FASTER[key] = narrow < NARROW_MARGIN * cublas
-    return _NARROW_FASTER[key]
+        names = [name for name in FEW_ROW_KERNELS if name != "gemv" or m <= gemv.MAX_ROWS]
+        times = {name: _graph_time(lambda f=FEW_ROW_KERNELS[name]: f(x, weight, bias)) for name in names}
+        best = min(times, key=times.get)
+        _FEW_ROW_CHOICE[key] = best if times[best] < FASTER_MARGIN * times["cublas"] else "cublas"
+    return _FEW_ROW_CHOICE[key]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b): cuBLAS, or for at most NARROW_ROWS rows the narrow Triton tile where it was timed faster."""
+    """x W^T (+ b): cuBLAS, or for at most FEW_ROWS rows the Triton kernel timed fastest for the shape."""
     rows = x.numel() // x.shape[-1]
-    if (0 < rows <= NARROW_ROWS and x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
-            and x.dtype == weight.dtype and narrow_tile_is_faster(rows, weight, bias)):
-        return invariant.linear(x, weight, bias)
+    if (0 < rows <= FEW_ROWS and x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+            and x.dtype == weight.dtype):
+        return FEW_ROW_KERNELS[few_row_kernel(rows, weight, bias)](x, weight, bias)
     return F.linear(x, weight, bias)
 
 
