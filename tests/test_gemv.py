@@ -127,3 +127,15 @@ def test_gpu_gemv_replays_in_a_cuda_graph(rows):
         replayed = tg.gemv(x, w, b)
     graph.replay()
     assert torch.equal(replayed, eager)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_at_the_device_launches_matches_float64(rows):
+    """The GPU's block choices (`_device_config`: 8- or 16-column programs, 256- or 512-deep K chunks) at sizes
+    that fill no block, so their masks are checked here too, in the interpreter or compiled."""
+    gen = torch.Generator().manual_seed(31)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for n, k in [(4100, 300), (1030, 2100), (100, 3000)]:
+        x, w, b = operands(rows, n, k, torch.bfloat16, device, gen, bias=True)
+        out = tg.gemv(x, w, b, tg._device_config(n, k, rows))
+        assert rel_err(out, truth(x, w, b)) < TOL[torch.bfloat16], (n, k)

@@ -331,6 +331,18 @@ def test_fast_linear_few_rows_every_kernel_matches_float64_and_replays(rows, bia
         assert torch.equal(replayed, eager)
 
 
+@pytest.mark.gpu
+def test_fast_linear_never_takes_a_kernel_that_disagrees_with_cublas(monkeypatch):
+    from parity.kernels.triton import fast
+
+    monkeypatch.setitem(fast.FEW_ROW_KERNELS, "narrow_tile", lambda x, w, b: torch.zeros_like(fast.F.linear(x, w, b)))
+    monkeypatch.setattr(fast, "_FEW_ROW_CHOICE", {})
+    monkeypatch.setattr(fast, "FASTER_MARGIN", 1e9)  # any time would do: only the disagreement may refuse it
+    w = torch.randn(1024, 2048, device="cuda").bfloat16()
+    with pytest.warns(RuntimeWarning, match="narrow_tile differs from cuBLAS"):
+        assert fast.few_row_kernel(8, w, None) == "cublas"  # 8 rows: the GEMV is no candidate
+
+
 # ------------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_gumbel_argmax_equals_torch_definition(device):

@@ -6,6 +6,7 @@ Same signatures as `reference.py`."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,7 @@ __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", 
 # only when clearly faster than cuBLAS.
 FEW_ROWS = 16
 FASTER_MARGIN = 0.8  # a Triton kernel's time / cuBLAS's below which it is taken (a near tie keeps cuBLAS)
+AGREEMENT = 1e-2  # relative L2 distance from cuBLAS's output above which a kernel is refused (bf16: ~1e-3)
 FEW_ROW_KERNELS: dict[str, Callable] = {"cublas": F.linear, "narrow_tile": invariant.linear, "gemv": gemv.gemv}
 _FEW_ROW_CHOICE: dict[tuple, str] = {}
 
@@ -63,6 +65,13 @@ def few_row_kernel(m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> s
             return "cublas"  # cannot time here; cuBLAS, without caching the answer
         x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
         names = [name for name in FEW_ROW_KERNELS if name != "gemv" or m <= gemv.MAX_ROWS]
+        expected = F.linear(x, weight, bias).float()
+        for name in names[1:]:  # a kernel that disagrees with cuBLAS on this shape is never taken
+            err = ((FEW_ROW_KERNELS[name](x, weight, bias).float() - expected).norm() / expected.norm()).item()
+            if not err < AGREEMENT:
+                warnings.warn(f"fast linear: {name} differs from cuBLAS by {err:.2e} (relative) at {m} rows x "
+                              f"{tuple(weight.shape)}; not used for this shape", RuntimeWarning, stacklevel=2)
+                names.remove(name)
         times = {name: _graph_time(lambda f=FEW_ROW_KERNELS[name]: f(x, weight, bias)) for name in names}
         best = min(times, key=times.get)
         _FEW_ROW_CHOICE[key] = best if times[best] < FASTER_MARGIN * times["cublas"] else "cublas"
