@@ -6,11 +6,13 @@
 #            patched in, and the Qwen3-8B shapes at batch 1 and 256
 #   measure: the kernel, Triton-determinism and engine GPU tests, then step_speed in both modes (workloads A and B,
 #            batch 1, kernel tables at batch 1 and 256)
+#   gemv:    the GEMV's and the few-row choice's GPU tests, its launch sweep at 1, 2 and 4 rows (0.6B, 8B shapes),
+#            then fast mode's workloads and batch-1 kernels with the choice in the engine
 #   sweeps:  deterministic attention with register caps (segments' batch-256 cost: benchmarks.kernel_resources
 #            counts 154 registers with segments, 121 without), fast decode attention's split counts (0.6B, 8B heads),
 #            one-row GEMMs: cuBLAS's GEMM, its matrix-vector kernel (torch.mv) and narrow Triton tiles
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | sweeps}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -46,6 +48,16 @@ measure)
     timeout 170 python3 -m benchmarks.step_speed --out "$res/$mode" --rounds 1 --kernel-batches 1 256 $flag \
       > "$res/$mode.log" 2>&1; grep -v "^ " "$res/$mode.log" | tail -14
   done
+  ;;
+gemv)
+  timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gemv.py tests/test_kernels.py -k "gemv or fast_linear" \
+    > "$res/pytest_gpu.log" 2>&1; tail -4 "$res/pytest_gpu.log"
+  for spec in qwen3-0.6b qwen3-8b; do
+    timeout 120 python3 -m benchmarks.gemv_sweep --out "$res/$spec" --spec $spec --rows 1 2 4 --block-n 4 8 16 \
+      --block-k 256 512 --warps 2 4 --stages 3 > "$res/$spec.log" 2>&1; grep "==" "$res/$spec.log"
+  done
+  timeout 170 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 --kernel-batches 1 > "$res/fast.log" 2>&1
+  grep -v "^ " "$res/fast.log" | tail -6; grep -A16 "batch-1 step" "$res/fast.log"
   ;;
 sweeps)
   timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/caps" --warps 4 --stages 2 3 --maxnreg 0 128 \
