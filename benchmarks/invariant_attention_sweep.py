@@ -15,6 +15,7 @@ unsplit one's bits) and that a decode row equals the packed batch's row at the s
   python -m benchmarks.invariant_attention_sweep --out DIR                 # on the GPU (about a minute)
   python -m benchmarks.invariant_attention_sweep --out DIR --segment 0     # the unsegmented path, as on 2026-12-01
   python -m benchmarks.invariant_attention_sweep --out DIR --warps 4 --stages 2 3 --maxnreg 0 128   # register caps
+  python -m benchmarks.invariant_attention_sweep --out DIR --tokens 8 32 --warps 1 4 --stages 2   # taller tiles: same bits?
   TRITON_INTERPRET=1 python -m benchmarks.invariant_attention_sweep --out /tmp/ias --smoke --segment 64   # CPU: the script
 """
 
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--maxnreg", type=int, nargs="+", default=[0],
                     help="register caps per thread to try (0: none, ptxas's choice)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None,
+                    help="query tokens per program to try (default: attention_tile's); rows = tokens x the padded group")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--graph-len", type=int, default=8192, help="max_model_len of the '256 graph' split case")
     ap.add_argument("--segment", type=int, default=256,
@@ -80,6 +83,8 @@ def main() -> None:
         ap.error(f"--stages: each must be >= 1, got {bad}")
     if bad := [r for r in args.maxnreg if r and not 24 <= r <= 255]:
         ap.error(f"--maxnreg: each must be 0 or in [24, 255], got {bad}")
+    if bad := [t for t in args.tokens or [] if t < 1 or t & (t - 1)]:
+        ap.error(f"--tokens: each must be a power of two, got {bad}")
     if args.segment < 0 or args.segment % 64:
         ap.error(f"--segment: 0 or a positive multiple of 64, got {args.segment}")
     if args.context < PAGE or args.context % PAGE:
@@ -126,10 +131,11 @@ def main() -> None:
     packed_last = reference["packed"].view(2, ctx, HEADS, HEAD_DIM)[:, -1]
     print("default launch: decode row == packed row:", bool(torch.equal(reference["32"][:2], packed_last)))
     results = []
-    for warps, stages, maxnreg in itertools.product(args.warps, args.stages, args.maxnreg):
-        launch = {**tile, "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or None}
-        row = dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg, default=launch == {**default, "maxnreg": None},
-                   us={}, same_bits_as_default={})
+    for tokens, warps, stages, maxnreg in itertools.product(args.tokens or [tile["tokens"]], args.warps, args.stages,
+                                                             args.maxnreg):
+        launch = {**tile, "tokens": tokens, "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg or None}
+        row = dict(tokens=tokens, num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+                   default=launch == {**default, "maxnreg": None}, us={}, same_bits_as_default={})
         try:
             for case in cases:
                 out, fn = run(case, launch)
@@ -137,11 +143,11 @@ def main() -> None:
                 row["same_bits_as_default"][case] = bool(torch.equal(out, reference[case]))
                 row["us"][case] = 0.0 if args.smoke else triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3
         except Exception as e:  # noqa: BLE001 -- out of shared memory or registers: report and go on
-            print(f"w{warps} st{stages} r{maxnreg} failed: {type(e).__name__} {str(e)[:80]}")
+            print(f"t{tokens} w{warps} st{stages} r{maxnreg} failed: {type(e).__name__} {str(e)[:80]}")
             continue
         results.append(row)
         tag = "*" if row["default"] else " "
-        print(f" {tag} w{warps} st{stages} r{maxnreg} same={int(all(row['same_bits_as_default'].values()))} us: "
+        print(f" {tag} t{tokens} w{warps} st{stages} r{maxnreg} same={int(all(row['same_bits_as_default'].values()))} us: "
               + "  ".join(f"{'decode b' + c if c != 'packed' else f'packed 2x{ctx}'} {row['us'][c]:.1f}" for c in cases))
     (args.out / "invariant_attention_sweep.json").write_text(json.dumps(dict(context=ctx, tile=tile, results=results), indent=1))
 

@@ -8,9 +8,9 @@
 #            batch 1, kernel tables at batch 1 and 256)
 #   gemv:    the GEMV's and the few-row choice's GPU tests, its launch sweep at 1, 2 and 4 rows (0.6B, 8B shapes),
 #            then fast mode's workloads and batch-1 kernels with the choice in the engine
-#   sweeps:  deterministic attention with register caps (segments' batch-256 cost: benchmarks.kernel_resources
-#            counts 154 registers with segments, 121 without), fast decode attention's split counts (0.6B, 8B heads),
-#            one-row GEMMs: cuBLAS's GEMM, its matrix-vector kernel (torch.mv) and narrow Triton tiles
+#   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
+#            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
+#            at 256 and 512 rows (still 1.34-1.43x cuBLAS there)
 set -uo pipefail
 stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -60,13 +60,11 @@ gemv)
   grep -v "^ " "$res/fast.log" | tail -6; grep -A16 "batch-1 step" "$res/fast.log"
   ;;
 sweeps)
-  timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/caps" --warps 4 --stages 2 3 --maxnreg 0 128 \
-    > "$res/caps.log" 2>&1; tail -6 "$res/caps.log"
-  timeout 150 python3 -m benchmarks.decode_attention_sweep --out "$res/split06" > "$res/split06.log" 2>&1; cat "$res/split06.log"
-  timeout 150 python3 -m benchmarks.decode_attention_sweep --out "$res/split8b" --spec qwen3-8b --contexts 1024 8192 \
-    > "$res/split8b.log" 2>&1; cat "$res/split8b.log"
-  timeout 120 python3 -m benchmarks.invariant_linear_sweep --out "$res/gemv" --block-m 16 --block-n 16 32 --block-k 128 \
-    --stages 4 --rows 1 8 --shapes qkv o gate_up down > "$res/gemv.log" 2>&1; grep "==" "$res/gemv.log"
+  timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --tokens 8 16 32 --warps 1 2 4 \
+    --stages 2 3 > "$res/tiles.log" 2>&1; tail -20 "$res/tiles.log"
+  timeout 200 python3 -m benchmarks.invariant_linear_sweep --out "$res/lin256" --rows 256 512 --block-m 64 128 \
+    --block-n 64 128 --block-k 64 --stages 3 4 5 --warps 4 8 --shapes qkv gate_up > "$res/lin256.log" 2>&1
+  grep -A8 "==" "$res/lin256.log"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
