@@ -38,7 +38,7 @@ def sweep_case(name: str, w: torch.Tensor, m: int, args) -> dict:
         return bench(fn) if err < 1e-2 else None  # None: a wrong result, never a time
 
     row = {"shape": name, "n": n, "k": k, "rows": m, "cublas_us": timed(lambda: F.linear(x, w)),
-           "narrow_tile_us": timed(lambda: ti.linear(x, w)), "gemv_default": gemv.gemv_config(n, k, m),
+           "narrow_tile_us": timed(lambda: ti.linear(x, w)), "gemv_default": gemv.gemv_config(n, k),
            "gemv_default_us": timed(lambda: gemv.gemv(x, w)), "engine_pick": fast.few_row_kernel(m, w, None),
            "gemv": []}
     for bn, bk, warps, stages in itertools.product(args.block_n, args.block_k, args.warps, args.stages):

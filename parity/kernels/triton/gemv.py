@@ -75,24 +75,23 @@ def _gemv_kernel(
         tl.store(y_ptr + 3 * stride_ym + offs_n, acc3.to(out_ty), mask=offs_n < tl.where(M > 3, N, 0))
 
 
-def _device_config(n: int, k: int, rows: int) -> dict:
+def _device_config(n: int, k: int) -> dict:
     block_n = 16 if triton.cdiv(n, 16) >= WIDE_TILE_PROGRAMS else 8
     block_k = 512 if block_n == 8 and k >= 2048 else 256
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
 
-def gemv_config(n: int, k: int, rows: int) -> dict:
-    """Launch configuration for `rows` (<= MAX_ROWS) rows against an [n, k] weight.
+def gemv_config(n: int, k: int) -> dict:
+    """Launch configuration for up to MAX_ROWS rows against an [n, k] weight (the same for every row count).
 
     These are untuned first choices, to be swept on the GPU: 8 output columns per program (16 where that still
     leaves at least WIDE_TILE_PROGRAMS programs), so a 1024-column projection runs on 128 programs; 256-deep K
-    chunks, 512-deep for K >= 2048 with the 8-column tile (no deeper than K needs); 4 warps, 3 stages. `rows` does
-    not change the choice yet. Under TRITON_INTERPRET: few large programs, since the CPU interpreter's cost is per
-    program and per op."""
+    chunks, 512-deep for K >= 2048 with the 8-column tile (no deeper than K needs); 4 warps, 3 stages. Under
+    TRITON_INTERPRET: few large programs, since the CPU interpreter's cost is per program and per op."""
     if INTERPRET:
         return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)
-    return _device_config(n, k, rows)
+    return _device_config(n, k)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -111,7 +110,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
-        cfg = tiles or gemv_config(n, k, m)
+        cfg = tiles or gemv_config(n, k)
         _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, ROWS=triton.next_power_of_2(m), **cfg,
