@@ -183,17 +183,21 @@ def test_attention_gradients_come_from_the_reference():
 
 
 def test_log_softmax_rows_invariant_close_and_differentiable():
-    logits = 5 * _randn(6, 2500)
-    logits[1, 100:] = float("-inf")  # filtered tokens, including whole chunks
-    out = ti.log_softmax(logits)
-    torch.testing.assert_close(out, torch.log_softmax(logits, -1), rtol=1e-6, atol=1e-5)
-    assert torch.equal(ti.log_softmax(logits[1:2]), out[1:2]) and torch.equal(ti.log_softmax(logits[4:]), out[4:])
+    """Several vocabulary chunks a row (a real vocabulary on the GPU), whole chunks of filtered tokens, a row that
+    is one token; then the trainer's wrapper and its gradient."""
+    for vocab in (2500, 151936 if DEVICE == "cuda" else 9000):
+        logits = 5 * _randn(6, vocab)
+        logits[1, 100:] = float("-inf")  # filtered tokens, including whole chunks
+        logits[3, 1:] = float("-inf")
+        out = ti.log_softmax(logits)
+        torch.testing.assert_close(out, torch.log_softmax(logits, -1), rtol=1e-6, atol=1e-5)
+        assert torch.equal(ti.log_softmax(logits[1:2]), out[1:2]) and torch.equal(ti.log_softmax(logits[4:]), out[4:])
     x = logits[2:4].clone().requires_grad_()
     assert torch.equal(tia.log_softmax(x).detach(), out[2:4])
-    (tia.log_softmax(x) * torch.linspace(0, 1, 2500, device=DEVICE)).sum().backward()
+    (tia.log_softmax(x) * torch.linspace(0, 1, vocab, device=DEVICE)).sum().backward()
     g = x.grad.clone()
     x.grad = None
-    (torch.log_softmax(x, -1) * torch.linspace(0, 1, 2500, device=DEVICE)).sum().backward()
+    (torch.log_softmax(x, -1) * torch.linspace(0, 1, vocab, device=DEVICE)).sum().backward()
     torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-6)
 
 

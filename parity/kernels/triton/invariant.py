@@ -20,7 +20,7 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
   fixed by position, not by the batch) and merges them in the same order: the same bits as one program
   walking them. K/V come from the paged cache (through the block table) or from the packed tensors,
   the same values either way.
-- `log_softmax`: one program per row, fixed chunks of the vocabulary.
+- `log_softmax`: fixed chunks of each row's vocabulary, a program each, their partials merged in a fixed order.
 - RMSNorm, RoPE (with Qwen3's q/k norm and the cache write in one kernel) and SiLU-and-mul reuse `triton_norm` /
   `triton_elementwise`, whose programs own whole rows (RMSNorm), one token's heads (q/k norm + RoPE) or single
   elements (SiLU), so they are invariant already.
@@ -203,31 +203,63 @@ def attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch
 
 
 # ---------------------------------------------------------------------------------------- log-softmax
+# A row's vocabulary falls in fixed chunks of LOG_SOFTMAX_CHUNK positions, one program each: their (max, sum of
+# exponentials) are merged in one fixed order, so a row's numbers follow its own values and V only. One program per
+# row left a batch-1 step with a single busy SM (46 us on the H200 for 151,936 logits).
+LOG_SOFTMAX_CHUNK = 2048 if INTERPRET else 8192
+LOG_SOFTMAX_BLOCK = 1024 if INTERPRET else 2048
+
+
 @triton.jit
-def _log_softmax_kernel(x_ptr, out_ptr, V, stride_x, stride_o, BLOCK: tl.constexpr):
+def _chunk_max_sum_kernel(x_ptr, part_ptr, V, stride_x, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(max, sum of exp(x - max)) of one chunk of one row; a chunk that is all -inf (filtered tokens) gives (-inf, 0)."""
     row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     m = float("-inf")
     total = 0.0
-    for start in range(0, V, BLOCK):
+    for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, V), BLOCK):
         x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # A chunk (or everything so far) may be all -inf (filtered tokens): keep exp(-inf - -inf) out.
-        scale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+        scale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))  # keeps exp(-inf - -inf) out
         total = total * scale + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new)), axis=0)
         m = m_new
-    lse = m + tl.log(total)
-    for start in range(0, V, BLOCK):
+    part = part_ptr + (row * tl.num_programs(1) + chunk) * 2
+    tl.store(part, m)
+    tl.store(part + 1, total)
+
+
+@triton.jit
+def _chunk_log_softmax_kernel(x_ptr, part_ptr, out_ptr, V, stride_x, stride_o, NUM_CHUNKS: tl.constexpr,
+                              CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """x - logsumexp(row) over one chunk, the row's logsumexp merged from all its chunks' partials."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    c = tl.arange(0, CHUNKS_P2)
+    part = part_ptr + (row * NUM_CHUNKS + c) * 2
+    m_c = tl.load(part, mask=c < NUM_CHUNKS, other=float("-inf"))
+    s_c = tl.load(part + 1, mask=c < NUM_CHUNKS, other=0.0)
+    m = tl.max(m_c, axis=0)
+    lse = m + tl.log(tl.sum(tl.where(s_c == 0.0, 0.0, s_c * tl.exp(m_c - m)), axis=0))
+    offs = tl.arange(0, BLOCK)
+    for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, V), BLOCK):
         mask = start + offs < V
         x = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + start + offs, x - lse, mask=mask)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """float32 log-softmax over the last dim of [N, V], each row in the same fixed chunk order."""
+    """float32 log-softmax over the last dim of [N, V]: each row in fixed vocabulary chunks merged in a fixed order."""
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    if x.shape[0]:
-        block = 1024 if INTERPRET else 4096
-        _log_softmax_kernel[(x.shape[0],)](x, out, x.shape[-1], x.stride(0), out.stride(0), BLOCK=block, num_warps=8)
+    rows, vocab = x.shape
+    if rows and vocab:
+        chunks = triton.cdiv(vocab, LOG_SOFTMAX_CHUNK)
+        part = torch.empty(rows, chunks, 2, dtype=torch.float32, device=x.device)
+        grid = (rows, chunks)
+        _chunk_max_sum_kernel[grid](x, part, vocab, x.stride(0), CHUNK=LOG_SOFTMAX_CHUNK, BLOCK=LOG_SOFTMAX_BLOCK,
+                                    num_warps=4)
+        _chunk_log_softmax_kernel[grid](x, part, out, vocab, x.stride(0), out.stride(0), NUM_CHUNKS=chunks,
+                                        CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=LOG_SOFTMAX_CHUNK,
+                                        BLOCK=LOG_SOFTMAX_BLOCK, num_warps=4)
     return out
