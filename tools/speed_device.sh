@@ -6,7 +6,7 @@
 #            patched in, and the Qwen3-8B shapes at batch 1 and 256
 #   measure: the kernel, Triton-determinism and engine GPU tests, then step_speed in both modes (workloads A and B,
 #            batch 1, kernel tables at batch 1 and 256)
-#   gemv:    the GEMV's and the few-row choice's GPU tests, its launch sweep at 1, 2 and 4 rows (0.6B, 8B shapes),
+#   gemv:    the GEMV's, the few-row choice's and the chunked log-softmax's GPU tests, the GEMV's launch sweep at 1, 2 and 4 rows (0.6B, 8B shapes),
 #            then fast mode's workloads and batch-1 kernels with the choice in the engine
 #   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
 #            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
@@ -50,8 +50,9 @@ measure)
   done
   ;;
 gemv)
-  timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gemv.py tests/test_kernels.py -k "gemv or fast_linear" \
-    > "$res/pytest_gpu.log" 2>&1; tail -4 "$res/pytest_gpu.log"
+  timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gemv.py tests/test_kernels.py \
+    tests/test_determinism_triton.py -k "gemv or fast_linear or log_softmax" > "$res/pytest_gpu.log" 2>&1
+  tail -4 "$res/pytest_gpu.log"
   for spec in qwen3-0.6b qwen3-8b; do
     timeout 120 python3 -m benchmarks.gemv_sweep --out "$res/$spec" --spec $spec --rows 1 2 4 --block-n 4 8 16 \
       --block-k 256 512 --warps 2 4 --stages 3 > "$res/$spec.log" 2>&1; grep "==" "$res/$spec.log"
