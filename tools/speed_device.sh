@@ -7,7 +7,8 @@
 #   measure: the kernel, Triton-determinism and engine GPU tests, then step_speed in both modes (workloads A and B,
 #            batch 1, kernel tables at batch 1 and 256)
 #   gemv:    the GEMV's, the few-row choice's and the chunked log-softmax's GPU tests, the GEMV's launch sweep at 1, 2 and 4 rows (0.6B, 8B shapes),
-#            then fast mode's workloads and batch-1 kernels with the choice in the engine
+#            what programmatic dependent launch saves between small kernels (benchmarks.pdl_chain), then fast mode's
+#            workloads and batch-1 kernels with the choice in the engine
 #   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
 #            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
 #            at 256 and 512 rows (still 1.34-1.43x cuBLAS there); key segments of 128 and 64
@@ -57,6 +58,7 @@ gemv)
     timeout 120 python3 -m benchmarks.gemv_sweep --out "$res/$spec" --spec $spec --rows 1 2 4 --block-n 4 8 16 \
       --block-k 256 512 --warps 2 4 --stages 3 > "$res/$spec.log" 2>&1; grep "==" "$res/$spec.log"
   done
+  timeout 60 python3 -m benchmarks.pdl_chain --out "$res/pdl" > "$res/pdl.log" 2>&1; cat "$res/pdl.log"
   timeout 170 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 --kernel-batches 1 > "$res/fast.log" 2>&1
   grep -v "^ " "$res/fast.log" | tail -6; grep -A16 "batch-1 step" "$res/fast.log"
   ;;
