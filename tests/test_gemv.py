@@ -1,8 +1,8 @@
 """The few-row matrix-vector kernel (`triton/gemv.py`) against float64 truth on random inputs.
 
 Without a GPU it runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py) at small sizes;
-`pytest -m gpu` runs the same checks on CUDA at Qwen3-0.6B's projection shapes. Error bounds as in
-test_kernels.py: ||out - ref|| / ||ref|| under 1e-2 for bf16, 2e-3 for fp16, 1e-5 for fp32.
+`pytest -m gpu` runs the same checks on CUDA at Qwen3-0.6B's projection shapes. Error bounds (kernel_checks.TOL, as in
+test_kernels.py): ||out - ref|| / ||ref|| under 1e-2 for bf16, 2e-3 for fp16, 1e-5 for fp32.
 """
 
 from __future__ import annotations
@@ -12,38 +12,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_checks import DEVICES, TOL, operands, randn, rel_err, truth  # noqa: E402
+
 from parity.kernels.triton import gemv as tg  # noqa: E402
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs without a GPU")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 # (N, K): odd sizes that fill no block, and projection-like shapes (qkv, o, gate_up, down); on CUDA Qwen3-0.6B's own.
 CPU_SHAPES = [(100, 300), (512, 128), (128, 256), (768, 128), (128, 384)]
 CUDA_SHAPES = [(100, 300), (4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def randn(*shape, dtype, device, gen):
-    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-
-
-def operands(rows, n, k, dtype, device, gen, bias):
-    x = randn(rows, k, dtype=dtype, device=device, gen=gen)
-    w = (randn(n, k, dtype=torch.float32, device=device, gen=gen) * k**-0.5).to(dtype)
-    b = randn(n, dtype=dtype, device=device, gen=gen) if bias else None
-    return x, w, b
-
-
-def truth(x, w, b):
-    return x.double() @ w.double().T + (b.double() if b is not None else 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,6 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_checks import DEVICES, TOL, operands, randn, rel_err, truth  # noqa: E402
+
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton import attention as ta
@@ -21,29 +23,14 @@ from parity.kernels.triton import elementwise as te
 from parity.kernels.triton import norm as tn
 from parity.kernels.triton import sampling as ts
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs without a GPU")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
 DTYPES = [torch.float16, torch.bfloat16]
 ATTENTION_DTYPES = DTYPES + [torch.float32]  # fp32 models: full-precision dots, not tf32
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
 def same_rounding_tol(dtype, device) -> float:
     """On CUDA the pointwise kernels round each intermediate like torch does, so they sit far closer to
     the same-dtype reference than to float64. The interpreter rounds float32 -> bf16 by truncation."""
     return TOL[dtype] / 4 if device == "cuda" else TOL[dtype]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def randn(*shape, dtype, device, gen):
-    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------ pointwise
@@ -309,10 +296,8 @@ def test_fast_linear_few_rows_every_kernel_matches_float64_and_replays(rows, bia
 
     gen = torch.Generator().manual_seed(11)
     for n, k in [(1024, 2048), (4096, 1024)]:
-        x = randn(rows, k, dtype=torch.bfloat16, device="cuda", gen=gen)
-        w = (randn(n, k, dtype=torch.float32, device="cuda", gen=gen) * k**-0.5).bfloat16()
-        b = randn(n, dtype=torch.bfloat16, device="cuda", gen=gen) if bias else None
-        ref = x.double() @ w.double().T + (b.double() if bias else 0)
+        x, w, b = operands(rows, n, k, torch.bfloat16, "cuda", gen, bias)
+        ref = truth(x, w, b)
         eager = fast.linear(x, w, b)
         assert rel_err(eager, ref) < TOL[torch.bfloat16]
         key = (rows, (n, k), w.dtype, w.device, bias)
