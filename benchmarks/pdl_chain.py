@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from benchmarks.invariant_linear_sweep import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -73,19 +76,8 @@ def main() -> None:
             # bf16 rounding: the interpreter truncates where the GPU rounds to nearest
             correct = bool(torch.allclose(result.float(), expected(x0, args.length), rtol=1e-2, atol=1e-2))
             row = {"programs": programs, "pdl": pdl, "correct": correct}
-            if not args.smoke:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    chain(a, b, args.length, programs, pdl)
-                graph.replay()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                row["us_per_kernel"] = start.elapsed_time(end) / 20 / args.length * 1e3
+            if not args.smoke:  # the chain as one CUDA graph, replayed (us per chain)
+                row["us_per_kernel"] = bench(partial(chain, a, b, args.length, programs, pdl)) / args.length
             rows.append(row)
             print(f"programs {programs:3d} pdl {int(pdl)}: correct {int(correct)}"
                   + (f", {row['us_per_kernel']:.2f} us per kernel in a graph" if "us_per_kernel" in row else ""))

@@ -66,7 +66,7 @@ def few_row_kernel(m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> s
         x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
         names = [name for name in FEW_ROW_KERNELS if name != "gemv" or m <= gemv.MAX_ROWS]
         expected = F.linear(x, weight, bias).float()
-        for name in names[1:]:  # a kernel that disagrees with cuBLAS on this shape is never taken
+        for name in [name for name in names if name != "cublas"]:  # one that disagrees with cuBLAS is never taken
             err = ((FEW_ROW_KERNELS[name](x, weight, bias).float() - expected).norm() / expected.norm()).item()
             if not err < AGREEMENT:
                 warnings.warn(f"fast linear: {name} differs from cuBLAS by {err:.2e} (relative) at {m} rows x "
