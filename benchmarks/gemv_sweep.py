@@ -3,6 +3,9 @@ BLOCK_K x warps x stages, beside cuBLAS (`F.linear`) and the deterministic kerne
 of each projection of Qwen3-0.6B (or `--spec qwen3-8b`), and the kernel the engine picks (`fast.few_row_kernel`,
 which times the three on first sight of a shape). Times from CUDA-graph replays; every output is checked against
 float64. Prints each shape's cuBLAS time, the narrow tile's, the GEMV's default configuration and its best one.
+Each timed call reads a different copy of the weight, cycling through `fast.cold_copies` (more bytes than the L2
+holds), as a decode step reads every layer's weights from HBM; `--hot` times one weight, L2-resident after the
+first call.
 
   python -m benchmarks.gemv_sweep --out DIR                     # on the GPU (about a minute)
   python -m benchmarks.gemv_sweep --out DIR --spec qwen3-8b
@@ -32,19 +35,22 @@ def sweep_case(name: str, w: torch.Tensor, m: int, args) -> dict:
     n, k = w.shape
     x = torch.randn(m, k, device=w.device).bfloat16()
     ref = x.double() @ w.double().T
+    weights = [w] if args.hot else fast.cold_copies(w)
 
     def timed(fn) -> float | None:
-        err = ((fn().double() - ref).norm() / ref.norm()).item()
-        return bench(fn) if err < 1e-2 else None  # None: a wrong result, never a time
+        err = ((fn(x, w).double() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            return None  # a wrong result, never a time
+        return bench(lambda: [fn(x, wc) for wc in weights]) / len(weights)
 
-    row = {"shape": name, "n": n, "k": k, "rows": m, "cublas_us": timed(lambda: F.linear(x, w)),
-           "narrow_tile_us": timed(lambda: ti.linear(x, w)), "gemv_default": gemv.gemv_config(n, k),
-           "gemv_default_us": timed(lambda: gemv.gemv(x, w)), "engine_pick": fast.few_row_kernel(m, w, None),
+    row = {"shape": name, "n": n, "k": k, "rows": m, "hot": args.hot, "cublas_us": timed(F.linear),
+           "narrow_tile_us": timed(ti.linear), "gemv_default": gemv.gemv_config(n, k),
+           "gemv_default_us": timed(gemv.gemv), "engine_pick": fast.few_row_kernel(m, w, None),
            "gemv": []}
     for bn, bk, warps, stages in itertools.product(args.block_n, args.block_k, args.warps, args.stages):
         cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         try:
-            row["gemv"].append({**cfg, "us": timed(lambda cfg=cfg: gemv.gemv(x, w, None, cfg))})
+            row["gemv"].append({**cfg, "us": timed(lambda x, w, cfg=cfg: gemv.gemv(x, w, None, cfg))})
         except Exception as e:  # noqa: BLE001 -- out of resources: report and go on
             print(f"  {cfg} failed: {type(e).__name__}")
     valid = [g for g in row["gemv"] if g["us"] is not None]
@@ -65,6 +71,7 @@ def main() -> None:
     ap.add_argument("--block-k", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--hot", action="store_true", help="time one weight (L2-resident) instead of cycling copies")
     args = ap.parse_args()
     if bad := [r for r in args.rows if not 1 <= r <= gemv.MAX_ROWS]:
         ap.error(f"--rows: each must be in [1, {gemv.MAX_ROWS}], got {bad}")

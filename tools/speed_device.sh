@@ -9,11 +9,14 @@
 #   gemv:    the GEMV's, the few-row choice's and the chunked log-softmax's GPU tests, the GEMV's launch sweep at 1, 2 and 4 rows (0.6B, 8B shapes),
 #            what programmatic dependent launch saves between small kernels (benchmarks.pdl_chain), then fast mode's
 #            workloads and batch-1 kernels with the choice in the engine
+#   pdl:     the kernel, GEMV, Triton-determinism and engine GPU tests with programmatic dependent launch on,
+#            the GEMV's launch sweep reading weights from HBM (fast.cold_copies), then step_speed in fast mode with
+#            PDL on and off (PARITY_PDL=0) and in deterministic mode with it on
 #   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
 #            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
 #            at 256 and 512 rows (still 1.34-1.43x cuBLAS there); key segments of 128 and 64
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | sweeps}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -61,6 +64,17 @@ gemv)
   timeout 60 python3 -m benchmarks.pdl_chain --out "$res/pdl" > "$res/pdl.log" 2>&1; cat "$res/pdl.log"
   timeout 170 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 --kernel-batches 1 > "$res/fast.log" 2>&1
   grep -v "^ " "$res/fast.log" | tail -6; grep -A16 "batch-1 step" "$res/fast.log"
+  ;;
+pdl)
+  timeout 230 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_gemv.py \
+    tests/test_determinism_triton.py tests/test_gpu_engine.py > "$res/pytest_gpu.log" 2>&1; tail -4 "$res/pytest_gpu.log"
+  timeout 90 python3 -m benchmarks.gemv_sweep --out "$res/gemv" --rows 1 2 4 --block-n 4 8 16 \
+    --block-k 512 1024 2048 --warps 4 --stages 1 3 > "$res/gemv.log" 2>&1; grep "==" "$res/gemv.log"
+  for run in fast nopdl det; do
+    flag=$([ $run = det ] && echo --deterministic); pdl=$([ $run = nopdl ] && echo 0 || echo 1)
+    PARITY_PDL=$pdl timeout 120 python3 -m benchmarks.step_speed --out "$res/$run" --rounds 1 $flag \
+      > "$res/$run.log" 2>&1; echo "== $run"; grep -v "^ " "$res/$run.log" | tail -5
+  done
   ;;
 sweeps)
   timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --tokens 8 16 32 --warps 1 2 4 \

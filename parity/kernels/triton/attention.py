@@ -31,6 +31,7 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
+from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw integers; in that mode the dots
 # upcast to float32 first (products of bf16/fp16 values are exact in float32, so the maths is the same).
@@ -77,6 +78,7 @@ def _store_kvcache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    wait_for_previous()
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     if slot < 0:
@@ -103,7 +105,7 @@ def store_kvcache(
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_kv_heads * head_dim, head_dim,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim), **LAUNCH,
     )
 
 
@@ -151,6 +153,7 @@ def _prefill_kernel(
     PAGED: tl.constexpr, TOKENS: tl.constexpr, HEADS: tl.constexpr, SEGMENT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    wait_for_previous()
     # The program's rows: TOKENS consecutive query tokens of one sequence x HEADS query heads of one GQA
     # group (HEADS > 1 reads each K/V tile once for several heads).
     pid = tl.program_id(0)
@@ -272,7 +275,7 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
         GROUP=group, NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens,
         HEADS=heads, SEGMENT=segment, SPLIT=split, BLOCK_N=64, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}), **LAUNCH,
     )
 
 
@@ -291,6 +294,7 @@ def _decode_kernel(
     PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    wait_for_previous()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -401,7 +405,7 @@ def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, spl
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2, **LAUNCH,
     )
 
 

@@ -12,6 +12,7 @@ import triton.language as tl
 from parity.kernels import reference
 from parity.kernels.triton.attention import store_kvcache
 from parity.kernels.triton.norm import rms_norm, scale_normalised
+from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 
 
 @triton.jit
@@ -45,6 +46,7 @@ def _rope_and_cache_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr, CACHE: tl.constexpr,
 ):
+    wait_for_previous()
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)[None, :]
     jm = j < HALF
@@ -96,7 +98,7 @@ def _launch(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping, 
         cos.stride(0), sin.stride(0), num_kv_heads * head_dim, head_dim,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KV=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=triton.next_power_of_2(half), NORM=norm,
-        CACHE=kv_cache is not None,
+        CACHE=kv_cache is not None, **LAUNCH,
     )
 
 
@@ -132,6 +134,7 @@ def rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_ma
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, I, BLOCK: tl.constexpr):  # noqa: E741
+    wait_for_previous()
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -151,5 +154,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(inter))
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, x2.stride(0), inter, BLOCK=block)
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, x2.stride(0), inter, BLOCK=block, **LAUNCH)
     return out.reshape(*x.shape[:-1], inter)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
+
 __all__ = ["MAX_ROWS", "gemv", "gemv_config"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -40,6 +42,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    wait_for_previous()
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -113,6 +116,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         cfg = tiles or gemv_config(n, k)
         _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, ROWS=triton.next_power_of_2(m), **cfg,
+            HAS_BIAS=bias is not None, ROWS=triton.next_power_of_2(m), **cfg, **LAUNCH,
         )
     return y.reshape(*x.shape[:-1], n)

@@ -41,6 +41,7 @@ from parity.kernels.triton.attention import _dot, prefill
 from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul  # one program per token
 from parity.kernels.triton.moe import fused_moe  # fixed tiles: a token's experts never see the batch
 from parity.kernels.triton.norm import rms_norm
+from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
@@ -61,6 +62,7 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    wait_for_previous()
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -126,7 +128,7 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, **cfg,
+        HAS_BIAS=bias is not None, **cfg, **LAUNCH,
     )
     return y
 
@@ -216,6 +218,7 @@ LOG_SOFTMAX_BLOCK = 1024 if INTERPRET else 2048
 @triton.jit
 def _chunk_max_sum_kernel(x_ptr, part_ptr, V, stride_x, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """(max, sum of exp(x - max)) of one chunk of one row; a chunk that is all -inf (filtered tokens) gives (-inf, 0)."""
+    wait_for_previous()
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -236,6 +239,7 @@ def _chunk_max_sum_kernel(x_ptr, part_ptr, V, stride_x, CHUNK: tl.constexpr, BLO
 def _chunk_log_softmax_kernel(x_ptr, part_ptr, out_ptr, V, stride_x, stride_o, NUM_CHUNKS: tl.constexpr,
                               CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """x - logsumexp(row) over one chunk, the row's logsumexp merged from all its chunks' partials."""
+    wait_for_previous()
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     c = tl.arange(0, CHUNKS_P2)
@@ -261,8 +265,8 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
         part = torch.empty(rows, chunks, 2, dtype=torch.float32, device=x.device)
         grid = (rows, chunks)
         _chunk_max_sum_kernel[grid](x, part, vocab, x.stride(0), CHUNK=LOG_SOFTMAX_CHUNK, BLOCK=LOG_SOFTMAX_BLOCK,
-                                    num_warps=4)
+                                    num_warps=4, **LAUNCH)
         _chunk_log_softmax_kernel[grid](x, part, out, vocab, x.stride(0), out.stride(0), NUM_CHUNKS=chunks,
                                         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=LOG_SOFTMAX_CHUNK,
-                                        BLOCK=LOG_SOFTMAX_BLOCK, num_warps=4)
+                                        BLOCK=LOG_SOFTMAX_BLOCK, num_warps=4, **LAUNCH)
     return out

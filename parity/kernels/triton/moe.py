@@ -23,6 +23,7 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.triton.attention import _dot  # fp32: full-precision products; the interpreter: fp32
+from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 
 BLOCK_M = 16  # pair rows per tile; small because a decode batch gives each expert only a few tokens
 
@@ -35,6 +36,7 @@ def _block(n: int, cap: int) -> int:
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, K: tl.constexpr, RENORM: tl.constexpr,
                   BLOCK_E: tl.constexpr):
+    wait_for_previous()
     t = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     mask = offs < E
@@ -66,7 +68,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool, chosen
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens:
         _route_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0), K=top_k,
-                                     RENORM=renormalize, BLOCK_E=triton.next_power_of_2(num_experts))
+                                     RENORM=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), **LAUNCH)
     return weights.to(router_logits.dtype), ids
 
 
@@ -121,6 +123,7 @@ def _k_tiles(a_rows, valid, w_cols, n_mask, k0, Kdim, BLOCK_K: tl.constexpr):
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, tile_expert_ptr, num_pairs, E, N, Kdim,
                     stride_x, stride_we, stride_wn, stride_h,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    wait_for_previous()
     expert, rows, pairs, valid, offs_n, n_mask, w_cols = _tile(
         pairs_ptr, tile_expert_ptr, w_ptr, num_pairs, N, stride_we, stride_wn, BLOCK_M, BLOCK_N)
     if expert >= E:
@@ -141,6 +144,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, tile_expert_ptr, num_pairs, 
 def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, tile_expert_ptr, num_pairs, E, N, Kdim,
                  stride_h, stride_we, stride_wn, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    wait_for_previous()
     expert, rows, pairs, valid, offs_n, n_mask, w_cols = _tile(
         pairs_ptr, tile_expert_ptr, w_ptr, num_pairs, N, stride_we, stride_wn, BLOCK_M, BLOCK_N)
     if expert >= E:
@@ -157,6 +161,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, tile_expert_ptr, num_pairs, E, 
 
 @triton.jit
 def _combine_kernel(y_ptr, w_ptr, out_ptr, H, stride_y, stride_out, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    wait_for_previous()
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
@@ -185,16 +190,16 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_w
     _gate_up_kernel[(num_tiles, triton.cdiv(inter, bn))](
         x, gate_up, h, pairs, tile_expert, num_pairs, num_experts, inter, hidden,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
-        TOP_K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
+        TOP_K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, **LAUNCH)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     bn, bk = _block(hidden, 64), _block(inter, 64)
     _down_kernel[(num_tiles, triton.cdiv(hidden, bn))](
         h, down, y, pairs, tile_expert, num_pairs, num_experts, hidden, inter,
         h.stride(0), down.stride(0), down.stride(1), y.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
+        BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, **LAUNCH)
     bh = _block(hidden, 1024)
     _combine_kernel[(num_tokens, triton.cdiv(hidden, bh))](
-        y, topk_weights.contiguous(), out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_H=bh)
+        y, topk_weights.contiguous(), out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_H=bh, **LAUNCH)
     return out
 
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
+
 
 @triton.jit
 def scale_normalised(h, inv, w, dt: tl.constexpr):
@@ -25,6 +27,7 @@ def _rms_norm_kernel(
     num_rows, rows_per_a, stride_xa, stride_xb, stride_ra, stride_rb, eps,
     N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    wait_for_previous()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     a = (rows // rows_per_a).to(tl.int64)[:, None]
     b = (rows % rows_per_a).to(tl.int64)[:, None]
@@ -68,6 +71,6 @@ def rms_norm(
             x3, r3, weight, out, res_out,
             num_rows, x3.shape[1], x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1), eps,
             N=n, HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_N=block_n,
-            num_warps=4 if block_n * block_r <= 4096 else 8,
+            num_warps=4 if block_n * block_r <= 4096 else 8, **LAUNCH,
         )
     return out if residual is None else (out, res_out)

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from parity.kernels.reference import noise_keys
+from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 
 
 @triton.jit
@@ -24,6 +25,7 @@ def _mix64(x):
 @triton.jit
 def _gumbel_argmax_kernel(logprobs_ptr, keys_ptr, best_val_ptr, best_idx_ptr, vocab_size, stride_row, num_chunks,
                           BLOCK: tl.constexpr):
+    wait_for_previous()
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -51,7 +53,7 @@ def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tens
     if logprobs.stride(-1) != 1:
         logprobs = logprobs.contiguous()
     _gumbel_argmax_kernel[(batch, num_chunks)](
-        logprobs, keys, best_val, best_idx, vocab, logprobs.stride(0), num_chunks, BLOCK=block, num_warps=8
+        logprobs, keys, best_val, best_idx, vocab, logprobs.stride(0), num_chunks, BLOCK=block, num_warps=8, **LAUNCH
     )
     chunk = best_val.argmax(dim=1, keepdim=True)  # first chunk holding the maximum
     return best_idx.gather(1, chunk).squeeze(1).long()
