@@ -44,7 +44,7 @@ def sweep_case(name: str, w: torch.Tensor, m: int, args) -> dict:
         return bench(lambda: [fn(x, wc) for wc in weights]) / len(weights)
 
     row = {"shape": name, "n": n, "k": k, "rows": m, "hot": args.hot, "cublas_us": timed(F.linear),
-           "narrow_tile_us": timed(ti.linear), "gemv_default": gemv.gemv_config(n, k),
+           "narrow_tile_us": timed(ti.linear), "gemv_default": gemv.gemv_config(n, k, m),
            "gemv_default_us": timed(gemv.gemv), "engine_pick": fast.few_row_kernel(m, w, None),
            "gemv": []}
     for bn, bk, warps, stages in itertools.product(args.block_n, args.block_k, args.warps, args.stages):

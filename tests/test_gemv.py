@@ -7,6 +7,8 @@ test_kernels.py): ||out - ref|| / ||ref|| under 1e-2 for bf16, 2e-3 for fp16, 1e
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -78,8 +80,8 @@ def test_gemv_rejects_more_than_max_rows():
 def test_gemv_config_spreads_qwen3_06b_projections_over_programs():
     """The GPU choices (whatever the interpreter takes): even a 1024-column projection gets >= 64 programs; blocks
     are powers of two no deeper than K needs."""
-    for n, k in [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (100, 40)]:
-        cfg = tg._device_config(n, k)
+    for (n, k), rows in itertools.product([(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (100, 40)], [1, 4]):
+        cfg = tg._device_config(n, k, rows)
         assert (n < 1024 or -(-n // cfg["BLOCK_N"]) >= 64), (n, k, cfg)
         for block in (cfg["BLOCK_N"], cfg["BLOCK_K"]):
             assert block & (block - 1) == 0
@@ -106,11 +108,42 @@ def test_gpu_gemv_replays_in_a_cuda_graph(rows):
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_gemv_at_the_device_launches_matches_float64(rows):
-    """The GPU's block choices (`_device_config`: 8- or 16-column programs, 256- or 512-deep K chunks) at sizes
+    """The GPU's block choices (`_device_config`: 4-column programs, K chunks up to 2048 deep) at sizes
     that fill no block, so their masks are checked here too, in the interpreter or compiled."""
     gen = torch.Generator().manual_seed(31)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for n, k in [(4100, 300), (1030, 2100), (100, 3000)]:
         x, w, b = operands(rows, n, k, torch.bfloat16, device, gen, bias=True)
-        out = tg.gemv(x, w, b, tg._device_config(n, k))
+        out = tg.gemv(x, w, b, tg._device_config(n, k, rows))
         assert rel_err(out, truth(x, w, b)) < TOL[torch.bfloat16], (n, k)
+
+
+@pytest.mark.gpu
+def test_gpu_dependent_launches_in_a_graph_give_the_eager_bits():
+    """A chain of kernels where each reads the previous one's output (norm -> GEMV -> SiLU -> GEMV), captured with
+    programmatic dependent launch as the small-batch decode graphs are: the replay gives the eager bits, so every
+    kernel waited for its input."""
+    from parity.kernels.dispatch import dependent_launches
+    from parity.kernels.triton import elementwise as te
+    from parity.kernels.triton import norm as tn
+
+    gen = torch.Generator().manual_seed(35)
+    x, w_up, _ = operands(1, 6144, 1024, torch.bfloat16, "cuda", gen, False)
+    w_down = (randn(1024, 3072, dtype=torch.float32, device="cuda", gen=gen) * 3072**-0.5).bfloat16()
+    norm_w = randn(1024, dtype=torch.bfloat16, device="cuda", gen=gen)
+    x0 = x.clone()
+
+    def chain():
+        h = tn.rms_norm(x, norm_w, 1e-6)
+        return tg.gemv(te.silu_and_mul(tg.gemv(h, w_up)), w_down)
+
+    eager = chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), dependent_launches():
+        replayed = chain()
+    x.zero_()  # the replay reads the input as it is now
+    graph.replay()
+    assert not torch.equal(replayed, eager)
+    x.copy_(x0)
+    graph.replay()
+    assert torch.equal(replayed, eager)

@@ -11,6 +11,7 @@ the model flips it everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -65,6 +66,14 @@ def gumbel_argmax(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tens
     same bits in every implementation, so the mode does not enter; on CUDA one fused kernel makes the
     noise in registers (the float64 [B, V] tensors cost ~1 GB of traffic at B=256, V=152k)."""
     return implementation("fast", logprobs).gumbel_argmax(logprobs, seeds, steps)
+
+
+def dependent_launches(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """A block whose Triton kernels launch with programmatic dependent launch (`triton/pdl.py`; Hopper and later):
+    each kernel starts while the previous one drains, then waits for it. A no-op without Triton or when not enabled."""
+    if not (enabled and HAVE_TRITON and torch.cuda.is_available()):
+        return contextlib.nullcontext()
+    return _module("parity.kernels.triton.pdl").dependent_launches()
 
 
 @dataclass

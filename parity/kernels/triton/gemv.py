@@ -23,8 +23,6 @@ __all__ = ["MAX_ROWS", "gemv", "gemv_config"]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 MAX_ROWS = 4  # rows of x after flattening its leading dims
-# Programs from which the wider 16-column tile is taken (about two per SM of a 132-SM H200); below it, 8 columns.
-WIDE_TILE_PROGRAMS = 256
 
 
 @triton.jit
@@ -78,23 +76,23 @@ def _gemv_kernel(
         tl.store(y_ptr + 3 * stride_ym + offs_n, acc3.to(out_ty), mask=offs_n < tl.where(M > 3, N, 0))
 
 
-def _device_config(n: int, k: int) -> dict:
-    block_n = 16 if triton.cdiv(n, 16) >= WIDE_TILE_PROGRAMS else 8
-    block_k = 512 if block_n == 8 and k >= 2048 else 256
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+def _device_config(n: int, k: int, rows: int) -> dict:
+    """4 output columns a program; K chunks half as deep as K at one row (at most 1024), all of K at more rows (at
+    most 2048). From `benchmarks/gemv_sweep.py` on the H200, weights read from HBM as in a decode step (Qwen3-0.6B's
+    projections at 1, 2 and 4 rows): a read of a few MB is latency-bound, so what counts is bytes in flight per
+    program; these were the best or within 10% of it at every shape (e.g. the o projection at 2 rows 3.2 us against
+    cuBLAS's 13.2), where the 8-16-column, 256-512-deep first guess ran 1.2-2x slower."""
+    kp2 = triton.next_power_of_2(k)
+    block_k = min(kp2 // 2, 1024) if rows == 1 else min(kp2, 2048)
+    return dict(BLOCK_N=4, BLOCK_K=max(16, block_k), num_warps=4, num_stages=3)
 
 
-def gemv_config(n: int, k: int) -> dict:
-    """Launch configuration for up to MAX_ROWS rows against an [n, k] weight (the same for every row count).
-
-    These are untuned first choices, to be swept on the GPU: 8 output columns per program (16 where that still
-    leaves at least WIDE_TILE_PROGRAMS programs), so a 1024-column projection runs on 128 programs; 256-deep K
-    chunks, 512-deep for K >= 2048 with the 8-column tile (no deeper than K needs); 4 warps, 3 stages. Under
-    TRITON_INTERPRET: few large programs, since the CPU interpreter's cost is per program and per op."""
+def gemv_config(n: int, k: int, rows: int) -> dict:
+    """Launch configuration for `rows` (at most MAX_ROWS) rows against an [n, k] weight. Under TRITON_INTERPRET:
+    few large programs, since the CPU interpreter's cost is per program and per op."""
     if INTERPRET:
         return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)
-    return _device_config(n, k)
+    return _device_config(n, k, rows)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -113,7 +111,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
-        cfg = tiles or gemv_config(n, k)
+        cfg = tiles or gemv_config(n, k, m)
         _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, ROWS=triton.next_power_of_2(m), **cfg, **LAUNCH,

@@ -8,19 +8,27 @@ visible. `benchmarks/pdl_chain.py` measured 1.09 -> 0.72 us per kernel boundary 
 Every kernel of `parity.kernels.triton` calls `wait_for_previous()` before it touches memory, and every launch passes
 `**LAUNCH`. The two go together: a kernel launched with PDL that read its inputs before `gdc_wait` would read them
 before they are written. Waiting first keeps the order of every read and write exactly as without PDL; only the
-launch overlaps. Off under TRITON_INTERPRET (no inline assembly), before sm_90, and with PARITY_PDL=0.
+launch overlaps (`gdc_wait` in a kernel launched without PDL returns at once).
+
+LAUNCH is empty except inside `dependent_launches()`, which the engine wraps around the capture of its small-batch
+decode graphs. Measured on the H200 (`tools/speed_device.sh pdl`, Qwen3-0.6B shapes, one process each): PDL for
+every launch took the batch-1 graph from 1.27 to 1.20 ms and left batch 256's at 9.3 ms, but workload A (prefill
+and decode at every batch size) fell from 32,511 to 30,569 tok/s; where that loss comes from was not measured.
+Off under TRITON_INTERPRET (no inline assembly), before sm_90, and with PARITY_PDL=0.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["ENABLED", "LAUNCH", "wait_for_previous"]
+__all__ = ["ENABLED", "LAUNCH", "dependent_launches", "wait_for_previous"]
 
 
 def _supported() -> bool:
@@ -31,7 +39,19 @@ def _supported() -> bool:
 
 _ON = _supported()
 ENABLED = tl.constexpr(_ON)
-LAUNCH: dict = {"launch_pdl": True} if _ON else {}  # launch options for every kernel that waits
+LAUNCH: dict = {}  # launch options for every kernel that waits; filled in place by `dependent_launches`
+
+
+@contextmanager
+def dependent_launches() -> Iterator[None]:
+    """Kernels launched inside this block use PDL (where supported)."""
+    saved = dict(LAUNCH)
+    LAUNCH.update({"launch_pdl": True} if _ON else {})
+    try:
+        yield
+    finally:
+        LAUNCH.clear()
+        LAUNCH.update(saved)
 
 
 @triton.jit
