@@ -101,7 +101,10 @@ def prefill_kernels(engine: Engine, vocab: int, prompt_len: int, top: int) -> di
 
 
 def measure(engine: Engine, enabled: bool, args, prompts, lens_b, clock: tp.Clock) -> dict:
+    """A, B, batch 1 and the decode steps with async scheduling `enabled`. Each call starts from an empty prefix
+    cache, so every round's A prefills its prompts (B then reuses A's, as in benchmarks.peer_vllm for both engines)."""
     engine.pipeline.enabled = enabled
+    engine.scheduler.reset_prefix_cache()
     used, discarded = engine.pipeline.num_ahead_used, engine.pipeline.num_ahead_discarded
     res = {
         "A": tp.run_parity(engine, prompts, [args.output_len] * len(prompts), clock),

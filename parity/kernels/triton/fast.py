@@ -37,6 +37,7 @@ AGREEMENT = 1e-2  # relative L2 distance from cuBLAS's output above which a kern
 # The few-row kernels are timed reading weights from HBM, as a decode step does (every layer's weights pass through
 # once; an H100/H200 L2 holds 50 MB): each timed call reads another copy of the weight, `COLD_BYTES` of copies in all.
 COLD_BYTES = 96 * 2**20
+MAX_COLD_COPIES = 32  # a weight of a few KB (a test model's) stays in cache whatever the count; 32 keeps timing quick
 FEW_ROW_KERNELS: dict[str, Callable] = {"cublas": F.linear, "narrow_tile": invariant.linear, "gemv": gemv.gemv}
 _FEW_ROW_CHOICE: dict[tuple, str] = {}
 
@@ -63,7 +64,7 @@ def cold_copies(weight: torch.Tensor, total_bytes: int = COLD_BYTES) -> list[tor
     """`weight` and enough copies of it to pass `total_bytes`, so cycling through them reads HBM (a weight larger
     than that alone). Where memory is short (the KV cache took it), fewer copies: the timing is then L2-warm, never
     a failure."""
-    count = -(-total_bytes // max(1, weight.numel() * weight.element_size()))
+    count = min(MAX_COLD_COPIES, -(-total_bytes // max(1, weight.numel() * weight.element_size())))
     copies = [weight]
     try:
         copies += [weight.clone() for _ in range(count - 1)]
