@@ -1,4 +1,5 @@
-"""The few-row matrix-vector kernel (`triton/gemv.py`) against float64 truth on random inputs.
+"""The few-row matrix-vector kernel (`triton/gemv.py`) and its fused variants (RMSNorm before, SiLU-and-mul after)
+against float64 truth on random inputs, the fused ones also against the unfused Triton kernels they replace.
 
 Without a GPU it runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py) at small sizes;
 `pytest -m gpu` runs the same checks on CUDA at Qwen3-0.6B's projection shapes. Error bounds (kernel_checks.TOL, as in
@@ -16,7 +17,10 @@ pytest.importorskip("triton")
 
 from kernel_checks import DEVICES, TOL, operands, randn, rel_err, truth  # noqa: E402
 
+from parity.kernels import reference  # noqa: E402
+from parity.kernels.triton import elementwise as te  # noqa: E402
 from parity.kernels.triton import gemv as tg  # noqa: E402
+from parity.kernels.triton import norm as tn  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (N, K): odd sizes that fill no block, and projection-like shapes (qkv, o, gate_up, down); on CUDA Qwen3-0.6B's own.
@@ -147,3 +151,179 @@ def test_gpu_dependent_launches_in_a_graph_give_the_eager_bits():
     x.copy_(x0)
     graph.replay()
     assert torch.equal(replayed, eager)
+
+
+# The fused variants (`rms_norm_gemv`, `gemv_silu_and_mul`) against a float64 composition of the reference ops and
+# against the unfused Triton pair they replace. (N, K), N being 2I for gemv_silu_and_mul: under the interpreter's
+# 64 x 128 tiles (32 gate columns) one that fills no block; on CUDA also Qwen3-0.6B's qkv and gate_up projections
+# (hidden 1024, intermediate 3072).
+FUSED_DTYPES = [torch.bfloat16, torch.float16]
+FUSED_CPU_SHAPES = [(100, 300)]
+FUSED_CUDA_SHAPES = [(100, 300), (4096, 1024), (6144, 1024)]
+EPS = 1e-6
+
+
+def norm_operands(rows, k, dtype, device, gen, residual):
+    """An RMSNorm weight near 1 (as trained ones are) and, with `residual`, a residual [rows, k]."""
+    norm_w = (1 + 0.2 * randn(k, dtype=torch.float32, device=device, gen=gen)).to(dtype)
+    return norm_w, randn(rows, k, dtype=dtype, device=device, gen=gen) if residual else None
+
+
+def normed64(x, norm_w, res):
+    """`reference.rms_norm` in float64: no intermediate rounding."""
+    out = reference.rms_norm(x.double(), norm_w.double(), EPS, None if res is None else res.double())
+    return out if res is None else out[0]
+
+
+def near_unfused(out, unfused, dtype) -> bool:
+    """The fused and unfused paths round the same values in the same order and differ only where a float32 sum in
+    another order (the RMS over K chunks) moves a normalised value across a rounding boundary: one value in a few
+    thousand, which then flips the last bit of some outputs (rel. error ~1e-4 in fp16). A wrong cast order is off
+    by 3e-4 (fp16) to 5e-3 (bf16)."""
+    return rel_err(out, unfused) < TOL[dtype] / 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rms_norm_gemv_matches_float64_and_the_unfused_kernels(device, dtype, rows, residual, bias):
+    gen = torch.Generator().manual_seed(40 + rows)
+    for n, k in FUSED_CPU_SHAPES if device == "cpu" else FUSED_CUDA_SHAPES:
+        x, w, b = operands(rows, n, k, dtype, device, gen, bias)
+        norm_w, res = norm_operands(rows, k, dtype, device, gen, residual)
+        out = tg.rms_norm_gemv(x, norm_w, EPS, w, b, residual=res)
+        normed = tn.rms_norm(x, norm_w, EPS, res)
+        if residual:
+            (out, out_sum), (normed, normed_sum) = out, normed
+            assert out_sum.dtype == dtype and torch.equal(out_sum, normed_sum), (n, k)
+        assert out.dtype == dtype and out.shape == (rows, n)
+        assert rel_err(out, truth(normed64(x, norm_w, res), w, b)) < TOL[dtype], (n, k)
+        assert near_unfused(out, tg.gemv(normed, w, b), dtype), (n, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_gemv_rounds_the_normalised_value_as_rms_norm(device):
+    """bf16 x with a float32 norm weight: `rms_norm` returns float32 (the weight's product left unrounded), and so
+    does the fused kernel, so only the rounding of the normalised value to bf16 and the order of float32 sums are
+    left to differ: float32 agreement with the unfused pair checks that rounding (leaving it out is off by ~1e-3)."""
+    gen = torch.Generator().manual_seed(48)
+    x, w, b = operands(3, 100, 300, torch.bfloat16, device, gen, True)
+    norm_w, res = norm_operands(3, 300, torch.float32, device, gen, True)
+    res = res.bfloat16()
+    out, out_sum = tg.rms_norm_gemv(x, norm_w, EPS, w, b, residual=res)
+    normed, normed_sum = tn.rms_norm(x, norm_w, EPS, res)
+    assert out.dtype == torch.float32 and out_sum.dtype == torch.bfloat16 and torch.equal(out_sum, normed_sum)
+    assert rel_err(out, tg.gemv(normed, w, b)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_silu_and_mul_matches_float64_and_the_unfused_kernels(device, dtype, rows, bias):
+    """Against float64 the bound doubles for bf16 under the interpreter: Triton 3.9's interpreter rounds float32 to
+    bf16 towards zero (the GPU to nearest), and gate, up, silu and the product are four such roundings, biased
+    alike (the unfused pair is off by the same 1.0-1.5e-2)."""
+    gen = torch.Generator().manual_seed(50 + rows)
+    bound = TOL[dtype] * (2 if device == "cpu" and dtype == torch.bfloat16 else 1)
+    for n, k in FUSED_CPU_SHAPES if device == "cpu" else FUSED_CUDA_SHAPES:
+        x, w, b = operands(rows, n, k, dtype, device, gen, bias)
+        out = tg.gemv_silu_and_mul(x, w, b)
+        assert out.dtype == dtype and out.shape == (rows, n // 2)
+        assert rel_err(out, reference.silu_and_mul(truth(x, w, b))) < bound, (n, k)
+        assert near_unfused(out, te.silu_and_mul(tg.gemv(x, w, b)), dtype), (n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_at_the_device_launches_match_the_unfused_kernels(rows):
+    """The GPU's block choices (4 columns or 2 gate + 2 up columns a program, K chunks of 1024 at one row and 2048 at
+    more) at sizes that fill no block: the RMS prologue's and the K loop's masks, in the interpreter or compiled."""
+    gen = torch.Generator().manual_seed(55)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, k = 40, 2100
+    tiles = tg._device_config(n, k, rows)
+    x, w, b = operands(rows, n, k, torch.bfloat16, device, gen, bias=True)
+    norm_w, res = norm_operands(rows, k, torch.bfloat16, device, gen, True)
+    out, out_sum = tg.rms_norm_gemv(x, norm_w, EPS, w, b, residual=res, tiles=tiles)
+    normed, normed_sum = tn.rms_norm(x, norm_w, EPS, res)
+    assert torch.equal(out_sum, normed_sum)
+    assert near_unfused(out, tg.gemv(normed, w, b, tiles), torch.bfloat16)
+    out = tg.gemv_silu_and_mul(x, w, b, dict(tiles, BLOCK_N=tiles["BLOCK_N"] // 2))  # the default's halving
+    assert near_unfused(out, te.silu_and_mul(tg.gemv(x, w, b, tiles)), torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_leading_dims_and_strided_rows(device):
+    """x [..., K] (and the residual) flatten to their rows, read in place with a row stride wider than K; a 1-D x is
+    one row. The residual sum comes back in x's shape."""
+    gen = torch.Generator().manual_seed(56)
+    n, k = 100, 300
+    x = randn(4, 2 * k, dtype=torch.bfloat16, device=device, gen=gen)[:, :k].reshape(2, 2, k)
+    w = operands(1, n, k, torch.bfloat16, device, gen, False)[1]
+    norm_w, res = norm_operands(4, k, torch.bfloat16, device, gen, True)
+    out, out_sum = tg.rms_norm_gemv(x, norm_w, EPS, w, residual=res.reshape(2, 2, k))
+    normed, normed_sum = tn.rms_norm(x.reshape(4, k), norm_w, EPS, res)
+    assert out.shape == (2, 2, n) and out_sum.shape == (2, 2, k) and torch.equal(out_sum.reshape(4, k), normed_sum)
+    assert near_unfused(out.reshape(4, n), tg.gemv(normed, w), torch.bfloat16)
+    out = tg.gemv_silu_and_mul(x[0, 1], w)
+    assert out.shape == (n // 2,)
+    assert near_unfused(out, te.silu_and_mul(tg.gemv(x[0, 1], w)), torch.bfloat16)
+
+
+def test_fused_reject_bad_operands():
+    """Each error names the operand and its value."""
+    gen = torch.Generator().manual_seed(57)
+    x, w, b = operands(tg.MAX_ROWS + 1, 16, 32, torch.bfloat16, "cpu", gen, True)
+    norm_w, res = norm_operands(1, 32, torch.bfloat16, "cpu", gen, True)
+    with pytest.raises(ValueError, match=r"rms_norm_gemv takes at most 4 rows, got 5"):
+        tg.rms_norm_gemv(x, norm_w, EPS, w)
+    with pytest.raises(ValueError, match=r"norm_weight of shape \(31,\) does not match x's last dim 32"):
+        tg.rms_norm_gemv(x[:1], norm_w[:31], EPS, w)
+    with pytest.raises(ValueError, match=r"residual of shape \(2, 32\) does not match x's \(1, 32\)"):
+        tg.rms_norm_gemv(x[:1], norm_w, EPS, w, residual=x[:2])
+    with pytest.raises(ValueError, match=r"residual of dtype torch.float16 does not match x's torch.bfloat16"):
+        tg.rms_norm_gemv(x[:1], norm_w, EPS, w, residual=res.half())
+    with pytest.raises(ValueError, match=r"rms_norm_gemv: weight of shape \(16, 31\) does not match x's last dim 32"):
+        tg.rms_norm_gemv(x[:1], norm_w, EPS, w[:, :31])
+    with pytest.raises(ValueError, match=r"rms_norm_gemv: bias of shape \(15,\) does not match weight's 16 rows"):
+        tg.rms_norm_gemv(x[:1], norm_w, EPS, w, b[:15])
+    with pytest.raises(ValueError, match=r"gemv_silu_and_mul takes at most 4 rows, got 5"):
+        tg.gemv_silu_and_mul(x, w)
+    with pytest.raises(ValueError, match=r"weight of shape \(15, 32\) has an odd number of rows, 15"):
+        tg.gemv_silu_and_mul(x[:1], w[:15])
+    with pytest.raises(ValueError, match=r"gemv_silu_and_mul: bias of shape \(15,\) does not match weight's 16 rows"):
+        tg.gemv_silu_and_mul(x[:1], w, b[:15])
+
+
+@pytest.mark.gpu
+def test_gpu_fused_dependent_launches_in_a_graph_give_the_eager_bits():
+    """A decoder layer's MLP half at Qwen3-0.6B's sizes from the fused kernels, captured with programmatic dependent
+    launch as the small-batch decode graphs are: rms_norm_gemv (residual) -> gemv_silu_and_mul -> gemv -> rms_norm_gemv
+    reading the first one's residual sum. The replay gives the eager bits, so every kernel waited for its input, the
+    residual sum that program 0 alone writes included."""
+    from parity.kernels.dispatch import dependent_launches
+
+    gen = torch.Generator().manual_seed(58)
+    x, w_o, _ = operands(1, 1024, 1024, torch.bfloat16, "cuda", gen, False)
+    w_gate_up = operands(1, 6144, 1024, torch.bfloat16, "cuda", gen, False)[1]
+    w_down = operands(1, 1024, 3072, torch.bfloat16, "cuda", gen, False)[1]
+    norm_w, res = norm_operands(1, 1024, torch.bfloat16, "cuda", gen, True)
+    x0 = x.clone()
+
+    def chain():
+        h, hidden = tg.rms_norm_gemv(x, norm_w, EPS, w_o, residual=res)
+        d = tg.gemv(tg.gemv_silu_and_mul(h, w_gate_up), w_down)
+        return tg.rms_norm_gemv(d, norm_w, EPS, w_o, residual=hidden)
+
+    eager = chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), dependent_launches():
+        replayed = chain()
+    x.zero_()  # the replay reads the input as it is now
+    graph.replay()
+    assert not torch.equal(replayed[0], eager[0])
+    x.copy_(x0)
+    graph.replay()
+    assert torch.equal(replayed[0], eager[0]) and torch.equal(replayed[1], eager[1])
