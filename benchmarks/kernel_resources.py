@@ -31,7 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from parity.kernels.triton import attention, invariant
+from parity.kernels.triton import attention, gemv, invariant
 
 TARGET = GPUTarget("cuda", 90, 32)
 REGISTERS_PER_SM = 65536
@@ -136,6 +136,16 @@ def variants() -> list[Variant]:
         out.append(Variant(f"deterministic matmul {n}x{k}, {m} row(s): {tiles['BLOCK_M']}x{tiles['BLOCK_N']}"
                            f"x{tiles['BLOCK_K']}", invariant._linear_kernel, dict(tiles, HAS_BIAS=False),
                            cfg["num_warps"], cfg["num_stages"], ints=dict(N=n, K=k)))
+    for name, n, k, rows, parts in (("qkv", 4096, 1024, 1, {}), ("qkv", 4096, 1024, 1, dict(NORM=True, HAS_RESIDUAL=True)),
+                                    ("o", 1024, 2048, 4, {}), ("gate_up", 6144, 1024, 1, dict(GLU=True)),
+                                    ("gate_up", 6144, 1024, 4, dict(NORM=True, HAS_RESIDUAL=True, GLU=True))):
+        cfg = gemv._device_config(n, k, rows)
+        block_n = cfg["BLOCK_N"] // 2 if parts.get("GLU") else cfg["BLOCK_N"]  # as gemv._launch halves it
+        flags = {"HAS_BIAS": False, "NORM": False, "HAS_RESIDUAL": False, "GLU": False} | parts
+        label = "+".join(key.lower() for key, on in parts.items() if on) or "plain"
+        out.append(Variant(f"fast GEMV {name} {n}x{k}, {rows} row(s), {label}: {block_n}x{cfg['BLOCK_K']}", gemv._gemv_kernel,
+                           dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"],
+                           cfg["num_stages"], ints=dict(N=n // 2 if parts.get("GLU") else n, K=k)))
     return out
 
 

@@ -38,6 +38,9 @@ def test_the_decode_kernels_compile_for_sm90_and_report_their_resources(tmp_path
     assert len(rows) == len(kr.variants())
     for row in rows.values():
         assert 16 <= row["registers"] <= 255 and row["shared_bytes"] > 0 and row["programs_per_sm"] >= 1, row
-        assert row["async_copies"] > 0, row  # every key / K loop is software-pipelined (num_stages >= 2)
+        if not row["name"].startswith("fast GEMV"):  # the GEMV's loads feed no dot: plain loads into registers
+            assert row["async_copies"] > 0, row  # every tensor-core key / K loop is software-pipelined
+    fused = rows["fast GEMV gate_up 6144x1024, 4 row(s), norm+has_residual+glu: 2x1024"]
+    assert fused["stack_bytes"] == 0, fused  # the fused norm and SiLU parts spill nothing
     capped = rows["deterministic attention, decode, segment 256, maxnreg 128"]
     assert capped["registers"] <= 128

@@ -133,6 +133,14 @@ def rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_ma
 
 
 @triton.jit
+def silu_mul(gate, up, dt: tl.constexpr):
+    """silu(gate) * up as the reference rounds it: silu to `dt`, then the product. gate and up in float32, already
+    rounded to `dt` (also the epilogue of `gemv.gemv_silu_and_mul`)."""
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    return (silu * up).to(dt)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, I, BLOCK: tl.constexpr):  # noqa: E741
     wait_for_previous()
     t = tl.program_id(0).to(tl.int64)
@@ -140,9 +148,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, I, BLOCK: tl.constexpr):  # 
     mask = cols < I
     gate = tl.load(x_ptr + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + t * stride_xt + I + cols, mask=mask, other=0.0).to(tl.float32)
-    dt = out_ptr.dtype.element_ty
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    tl.store(out_ptr + t * I + cols, (silu * up).to(dt), mask=mask)
+    tl.store(out_ptr + t * I + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

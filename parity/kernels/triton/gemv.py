@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.kernels.triton.elementwise import silu_mul
 from parity.kernels.triton.norm import scale_normalised
 from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 
@@ -92,20 +93,12 @@ def _row_dot(w, x_row_ptr, r_row_ptr, kk, mask, norm_w, inv, dt: tl.constexpr, N
 
 
 @triton.jit
-def _silu_mul(gate, up, dt: tl.constexpr):
-    """silu(gate) * up rounded as `elementwise.silu_and_mul` rounds: silu to `dt`, then the product. gate and up in
-    float32, already rounded to `dt`."""
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    return (silu * up).to(dt)
-
-
-@triton.jit
 def _row_output(acc, dt: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr):
     """One row's BLOCK_N outputs in `dt`: its sums or, with GLU, silu(gate) * up of the tile's interleaved (gate, up)
     pairs, each rounded to `dt` first as the unfused GEMV's output is."""
     if GLU:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_N, 2)))
-        out = _silu_mul(gate.to(dt).to(tl.float32), up.to(dt).to(tl.float32), dt)
+        out = silu_mul(gate.to(dt).to(tl.float32), up.to(dt).to(tl.float32), dt)
     else:
         out = acc.to(dt)
     return out
@@ -181,8 +174,9 @@ def _device_config(n: int, k: int, rows: int) -> dict:
     """4 output columns a program; K chunks half as deep as K at one row (at most 1024), all of K at more rows (at
     most 2048). From `benchmarks/gemv_sweep.py` on the H200, weights read from HBM as in a decode step (Qwen3-0.6B's
     projections at 1, 2 and 4 rows): a read of a few MB is latency-bound, so what counts is bytes in flight per
-    program; these were the best or within 10% of it at every shape (e.g. the o projection at 2 rows 3.2 us against
-    cuBLAS's 13.2), where the 8-16-column, 256-512-deep first guess ran 1.2-2x slower."""
+    program. This rule has the best launch's columns and depth at 9 of the 12 (shape, rows) cases (e.g. the o
+    projection at 2 rows: 3.2 us against cuBLAS's 13.2), where the 8-16-column, 256-512-deep first guess ran 1.2-2x
+    slower; the rule's own launch was not timed at the other 3 (benchmarks/RESULTS.md)."""
     kp2 = triton.next_power_of_2(k)
     block_k = min(kp2 // 2, 1024) if rows == 1 else min(kp2, 2048)
     return dict(BLOCK_N=4, BLOCK_K=max(16, block_k), num_warps=4, num_stages=3)
