@@ -12,11 +12,14 @@
 #   pdl:     the kernel, GEMV, Triton-determinism and engine GPU tests with programmatic dependent launch on,
 #            the GEMV's launch sweep reading weights from HBM (fast.cold_copies), then step_speed in fast mode with
 #            PDL on and off (PARITY_PDL=0) and in deterministic mode with it on
+#   fused:   the GEMV GPU tests (plain, fused RMSNorm prologue, fused SiLU-and-mul epilogue, dependent-launch
+#            chains), `gemv_sweep --fused` (fused kernel against the unfused pair, weights from HBM, PDL on/off),
+#            the whole GPU suite (is it back to ~210 s with cold_copies capped?), and fast mode's step_speed
 #   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
 #            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
 #            at 256 and 512 rows (still 1.34-1.43x cuBLAS there); key segments of 128 and 64
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | sweeps}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -75,6 +78,16 @@ pdl)
     PARITY_PDL=$pdl timeout 120 python3 -m benchmarks.step_speed --out "$res/$run" --rounds 1 $flag \
       > "$res/$run.log" 2>&1; echo "== $run"; grep -v "^ " "$res/$run.log" | tail -5
   done
+  ;;
+fused)
+  timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gemv.py > "$res/pytest_gemv.log" 2>&1
+  tail -4 "$res/pytest_gemv.log"
+  timeout 90 python3 -m benchmarks.gemv_sweep --out "$res/fused" --fused > "$res/fused.log" 2>&1; cat "$res/fused.log"
+  start=$(date +%s)
+  timeout 260 python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$res/pytest_gpu.log" 2>&1
+  echo "GPU suite: $(( $(date +%s) - start )) s"; tail -4 "$res/pytest_gpu.log"
+  timeout 120 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 > "$res/fast.log" 2>&1
+  grep -v "^ " "$res/fast.log" | tail -5; grep -A12 "batch-1 step" "$res/fast.log"
   ;;
 sweeps)
   timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --tokens 8 16 32 --warps 1 2 4 \
