@@ -300,7 +300,7 @@ def test_fast_linear_few_rows_every_kernel_matches_float64_and_replays(rows, bia
         ref = truth(x, w, b)
         eager = fast.linear(x, w, b)
         assert rel_err(eager, ref) < TOL[torch.bfloat16]
-        key = (rows, (n, k), w.dtype, w.device, bias)
+        key = (rows, "linear", (n, k), w.dtype, w.device, bias)
         assert (key in fast._FEW_ROW_CHOICE) == (rows <= fast.FEW_ROWS)
         if rows <= fast.FEW_ROWS:
             chosen = fast._FEW_ROW_CHOICE[key]
@@ -324,8 +324,47 @@ def test_fast_linear_never_takes_a_kernel_that_disagrees_with_cublas(monkeypatch
     monkeypatch.setattr(fast, "_FEW_ROW_CHOICE", {})
     monkeypatch.setattr(fast, "FASTER_MARGIN", 1e9)  # any time would do: only the disagreement may refuse it
     w = torch.randn(1024, 2048, device="cuda").bfloat16()
-    with pytest.warns(RuntimeWarning, match="narrow_tile differs from cuBLAS"):
+    with pytest.warns(RuntimeWarning, match="narrow_tile differs from cublas"):
         assert fast.few_row_kernel(8, w, None) == "cublas"  # 8 rows: the GEMV is no candidate
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_fast_gate_up_silu_and_mul_every_kernel_matches_float64_and_replays(rows):
+    """Fast mode's gate_up projection + SiLU-and-mul: the pair or, at <= 4 rows, the GEMV with SiLU-and-mul as its
+    epilogue; the one timed fastest and each forced match float64, and a CUDA-graph replay gives the eager bits."""
+    from parity.kernels.triton import fast, gemv
+
+    gen = torch.Generator().manual_seed(13)
+    x, w, _ = operands(rows, 6144, 1024, torch.bfloat16, "cuda", gen, False)
+    y = truth(x, w, None)
+    ref = torch.nn.functional.silu(y[:, :3072]) * y[:, 3072:]
+    eager = fast.linear_silu_and_mul(x, w)
+    assert rel_err(eager, ref) < 2 * TOL[torch.bfloat16]  # two roundings to bf16 (the projection's, SiLU's)
+    key = (rows, "gate_up", (6144, 1024), w.dtype, w.device, False)
+    assert (key in fast._FEW_ROW_CHOICE) == (rows <= gemv.MAX_ROWS)
+    if rows <= gemv.MAX_ROWS:
+        chosen = fast._FEW_ROW_CHOICE[key]
+        for name in fast.GATE_UP_KERNELS:
+            fast._FEW_ROW_CHOICE[key] = name
+            assert rel_err(fast.linear_silu_and_mul(x, w), ref) < 2 * TOL[torch.bfloat16], name
+        fast._FEW_ROW_CHOICE[key] = chosen
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = fast.linear_silu_and_mul(x, w)
+    graph.replay()
+    assert torch.equal(replayed, eager)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_linear_silu_and_mul_is_the_pair_where_nothing_fuses(deterministic):
+    """On CPU (and in deterministic mode everywhere) nothing fuses: the same bits as linear then silu_and_mul."""
+    from parity.kernels.dispatch import Kernels
+
+    gen = torch.Generator().manual_seed(14)
+    x, w, b = operands(3, 64, 48, torch.bfloat16, "cpu", gen, True)
+    kernels = Kernels(deterministic=deterministic)
+    assert torch.equal(kernels.linear_silu_and_mul(x, w, b), kernels.silu_and_mul(kernels.linear(x, w, b)))
 
 
 # ------------------------------------------------------------------------------------------- sampling

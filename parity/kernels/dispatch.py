@@ -91,6 +91,14 @@ class Kernels:
         """x @ weight.T with float32 products, sums and output (the LM head under logits_fp32)."""
         return implementation(self.mode, x, weight).linear_fp32(x, weight)
 
+    def linear_silu_and_mul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """silu_and_mul(linear(x, weight, bias)) for a gate_up weight [2I, K] (gate rows, then up rows). An
+        implementation may fuse the two (fast mode's few-row GEMV); the others run the pair, op by op as before."""
+        fused = getattr(implementation(self.mode, x, weight, bias), "linear_silu_and_mul", None)
+        if fused is not None:
+            return fused(x, weight, bias)
+        return self.silu_and_mul(self.linear(x, weight, bias))
+
     def rms_norm(self, x, weight, eps, residual=None):
         return implementation(self.mode, x, weight, residual).rms_norm(x, weight, eps, residual)
 

@@ -96,7 +96,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, kernels, dtype, device)
 
     def forward(self, x):
-        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        return self.down_proj(self.kernels.linear_silu_and_mul(x, gate_up.weight, gate_up.bias))
 
 
 class DecoderLayer(nn.Module):

@@ -1,7 +1,7 @@
 """Fast mode on CUDA without autograd: Triton kernels for the norm, RoPE (fused with the per-head q/k norm
 and the KV-cache write), SiLU, attention, sampling and the MoE routing and experts (`moe.py`); cuBLAS (torch)
-for the matmuls (a few-row matmul takes a Triton kernel where one measures faster)
-and the log-softmax.
+for the matmuls (a few-row matmul takes a Triton kernel where one measures faster, and the gate_up projection of
+at most 4 rows may take the GEMV with SiLU-and-mul fused) and the log-softmax.
 Same signatures as `reference.py`."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from parity.kernels.triton.moe import fused_moe, moe_route
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
-__all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
-           "moe_route", "rms_norm", "rope_and_cache", "silu_and_mul"]
+__all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "linear_silu_and_mul",
+           "log_softmax", "moe_route", "rms_norm", "rope_and_cache", "silu_and_mul"]
 
 # Up to this many rows a matmul may leave cuBLAS for a Triton kernel: the deterministic kernel's narrow tile (its
 # 16-row BLOCK_M) or, up to gemv.MAX_ROWS rows, the matrix-vector kernel. benchmarks/invariant_linear_sweep.py on
@@ -73,37 +73,72 @@ def cold_copies(weight: torch.Tensor, total_bytes: int = COLD_BYTES) -> list[tor
     return copies
 
 
-def few_row_kernel(m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-    """The name in FEW_ROW_KERNELS of the fastest kernel for [m, K] x weight^T, timed on first sight of the shape
-    (the engine runs each CUDA-graph batch size once uncaptured before capturing it)."""
-    key = (m, tuple(weight.shape), weight.dtype, weight.device, bias is not None)
+def _timed_choice(key: tuple, candidates: dict[str, Callable], weight: torch.Tensor, bias: torch.Tensor | None,
+                  what: str) -> str:
+    """The name of the fastest of `candidates` (each fn(x, weight, bias); the first is the baseline) for [m, K] x
+    weight, m = key[0] (key: m, the op, the weight's shape, dtype and device, whether there is a bias), timed once
+    per key on cold copies of the weight. A candidate whose output differs from the
+    baseline's by more than AGREEMENT is never taken; another is taken only below FASTER_MARGIN x the baseline's
+    time. Inside a CUDA-graph capture nothing can be timed: the baseline, without caching the answer (the engine
+    runs each graph's batch size once uncaptured before capturing it)."""
+    baseline = next(iter(candidates))
     if key not in _FEW_ROW_CHOICE:
         if torch.cuda.is_current_stream_capturing():
-            return "cublas"  # cannot time here; cuBLAS, without caching the answer
-        x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        names = [name for name in FEW_ROW_KERNELS if name != "gemv" or m <= gemv.MAX_ROWS]
-        expected = F.linear(x, weight, bias).float()
-        for name in [name for name in names if name != "cublas"]:  # one that disagrees with cuBLAS is never taken
-            err = ((FEW_ROW_KERNELS[name](x, weight, bias).float() - expected).norm() / expected.norm()).item()
-            if not err < AGREEMENT:
-                warnings.warn(f"fast linear: {name} differs from cuBLAS by {err:.2e} (relative) at {m} rows x "
-                              f"{tuple(weight.shape)}; not used for this shape", RuntimeWarning, stacklevel=2)
-                names.remove(name)
+            return baseline
+        x = torch.randn(key[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
+        expected = candidates[baseline](x, weight, bias).float()  # eager first: nested choices are made here
+        names = [baseline]
+        for name in list(candidates)[1:]:
+            err = ((candidates[name](x, weight, bias).float() - expected).norm() / expected.norm()).item()
+            if err < AGREEMENT:
+                names.append(name)
+            else:
+                warnings.warn(f"fast {what}: {name} differs from {baseline} by {err:.2e} (relative) at {key[0]} rows "
+                              f"x {tuple(weight.shape)}; not used for this shape", RuntimeWarning, stacklevel=3)
         weights = cold_copies(weight)
-        times = {name: _graph_time(lambda f=FEW_ROW_KERNELS[name]: [f(x, w, bias) for w in weights]) for name in names}
+        times = {name: _graph_time(lambda f=candidates[name]: [f(x, w, bias) for w in weights]) for name in names}
         del weights
         best = min(times, key=times.get)
-        _FEW_ROW_CHOICE[key] = best if times[best] < FASTER_MARGIN * times["cublas"] else "cublas"
+        _FEW_ROW_CHOICE[key] = best if times[best] < FASTER_MARGIN * times[baseline] else baseline
     return _FEW_ROW_CHOICE[key]
+
+
+def few_row_kernel(m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """The name in FEW_ROW_KERNELS of the fastest kernel for [m, K] x weight^T, timed on first sight of the shape."""
+    names = [name for name in FEW_ROW_KERNELS if name != "gemv" or m <= gemv.MAX_ROWS]
+    key = (m, "linear", tuple(weight.shape), weight.dtype, weight.device, bias is not None)
+    return _timed_choice(key, {name: FEW_ROW_KERNELS[name] for name in names}, weight, bias, "linear")
+
+
+def _few_rows(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> int:
+    """x's row count where a few-row kernel may serve it (CUDA, fp16/bf16 operands alike), else 0."""
+    rows = x.numel() // x.shape[-1]
+    ok = x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16) and x.dtype == weight.dtype
+    return rows if ok and 0 < rows <= max_rows else 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b): cuBLAS, or for at most FEW_ROWS rows the Triton kernel timed fastest for the shape."""
-    rows = x.numel() // x.shape[-1]
-    if (0 < rows <= FEW_ROWS and x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
-            and x.dtype == weight.dtype):
+    if rows := _few_rows(x, weight, FEW_ROWS):
         return FEW_ROW_KERNELS[few_row_kernel(rows, weight, bias)](x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _linear_then_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return silu_and_mul(linear(x, weight, bias))
+
+
+# SiLU-and-mul after the gate_up projection: the unfused pair, or for at most gemv.MAX_ROWS rows the GEMV with it as
+# its epilogue (one launch fewer a layer), where timed faster.
+GATE_UP_KERNELS: dict[str, Callable] = {"pair": _linear_then_silu_and_mul, "fused_gemv": gemv.gemv_silu_and_mul}
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x, weight, bias)) for weight [2I, K] holding gate rows then up rows."""
+    if rows := _few_rows(x, weight, gemv.MAX_ROWS):
+        key = (rows, "gate_up", tuple(weight.shape), weight.dtype, weight.device, bias is not None)
+        return GATE_UP_KERNELS[_timed_choice(key, GATE_UP_KERNELS, weight, bias, "gate_up")](x, weight, bias)
+    return _linear_then_silu_and_mul(x, weight, bias)
 
 
 _MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=) on CUDA exists from torch 2.8; older builds upcast instead

@@ -10,8 +10,9 @@ computes the product.
 At batch 1 a decoder layer is ~10 kernels of a few us, and each boundary between two costs ~1-2 us. Two fused
 variants remove one boundary each: `rms_norm_gemv` normalises x (with the residual add) inside the GEMV that reads
 it (the qkv and gate_up projections), `gemv_silu_and_mul` applies SiLU-and-mul to the gate_up GEMV's output before
-storing it. Both round every intermediate as the unfused kernels do. Neither is used by the model yet: they await
-timing on the GPU (`benchmarks/gemv_sweep.py --fused`).
+storing it. Both round every intermediate as the unfused kernels do. Fast mode takes `gemv_silu_and_mul` for the
+gate_up projection where it times faster than the pair (`fast.linear_silu_and_mul`); `rms_norm_gemv` is not used
+by the model yet. Neither has been timed on a GPU so far (`benchmarks/gemv_sweep.py --fused`).
 """
 
 from __future__ import annotations
