@@ -77,10 +77,10 @@ def _timed_choice(key: tuple, candidates: dict[str, Callable], weight: torch.Ten
                   what: str) -> str:
     """The name of the fastest of `candidates` (each fn(x, weight, bias); the first is the baseline) for [m, K] x
     weight, m = key[0] (key: m, the op, the weight's shape, dtype and device, whether there is a bias), timed once
-    per key on cold copies of the weight. A candidate whose output differs from the
-    baseline's by more than AGREEMENT is never taken; another is taken only below FASTER_MARGIN x the baseline's
-    time. Inside a CUDA-graph capture nothing can be timed: the baseline, without caching the answer (the engine
-    runs each graph's batch size once uncaptured before capturing it)."""
+    per key on cold copies of the weight. A candidate whose output differs from the baseline's by more than
+    AGREEMENT, or that raises, is never taken; another is taken only below FASTER_MARGIN x the baseline's time.
+    Inside a CUDA-graph capture nothing can be timed: the baseline, without caching the answer (the engine runs
+    each graph's batch size once uncaptured before capturing it)."""
     baseline = next(iter(candidates))
     if key not in _FEW_ROW_CHOICE:
         if torch.cuda.is_current_stream_capturing():
@@ -89,12 +89,16 @@ def _timed_choice(key: tuple, candidates: dict[str, Callable], weight: torch.Ten
         expected = candidates[baseline](x, weight, bias).float()  # eager first: nested choices are made here
         names = [baseline]
         for name in list(candidates)[1:]:
-            err = ((candidates[name](x, weight, bias).float() - expected).norm() / expected.norm()).item()
-            if err < AGREEMENT:
+            try:
+                err = ((candidates[name](x, weight, bias).float() - expected).norm() / expected.norm()).item()
+                problem = None if err < AGREEMENT else f"differs from {baseline} by {err:.2e} (relative)"
+            except Exception as e:  # noqa: BLE001 -- e.g. a Triton that cannot compile it: the baseline serves
+                problem = f"failed ({type(e).__name__}: {e})"
+            if problem is None:
                 names.append(name)
             else:
-                warnings.warn(f"fast {what}: {name} differs from {baseline} by {err:.2e} (relative) at {key[0]} rows "
-                              f"x {tuple(weight.shape)}; not used for this shape", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"fast {what}: {name} {problem} at {key[0]} rows x {tuple(weight.shape)}; not used "
+                              "for this shape", RuntimeWarning, stacklevel=3)
         weights = cold_copies(weight)
         times = {name: _graph_time(lambda f=candidates[name]: [f(x, w, bias) for w in weights]) for name in names}
         del weights
