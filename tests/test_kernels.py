@@ -329,6 +329,21 @@ def test_fast_linear_never_takes_a_kernel_that_disagrees_with_cublas(monkeypatch
 
 
 @pytest.mark.gpu
+def test_fast_linear_never_takes_a_kernel_that_raises(monkeypatch):
+    from parity.kernels.triton import fast
+
+    def broken(x, w, b):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setitem(fast.FEW_ROW_KERNELS, "narrow_tile", broken)
+    monkeypatch.setattr(fast, "_FEW_ROW_CHOICE", {})
+    monkeypatch.setattr(fast, "FASTER_MARGIN", 1e9)
+    w = torch.randn(1024, 2048, device="cuda").bfloat16()
+    with pytest.warns(RuntimeWarning, match="narrow_tile failed .RuntimeError: cannot compile"):
+        assert fast.few_row_kernel(8, w, None) == "cublas"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_fast_gate_up_silu_and_mul_every_kernel_matches_float64_and_replays(rows):
     """Fast mode's gate_up projection + SiLU-and-mul: the pair or, at <= 4 rows, the GEMV with SiLU-and-mul as its
