@@ -127,7 +127,6 @@ def test_gpu_dependent_launches_in_a_graph_give_the_eager_bits():
     """A chain of kernels where each reads the previous one's output (norm -> GEMV -> SiLU -> GEMV), captured with
     programmatic dependent launch as the small-batch decode graphs are: the replay gives the eager bits, so every
     kernel waited for its input."""
-    from parity.kernels.dispatch import dependent_launches
     from parity.kernels.triton import elementwise as te
     from parity.kernels.triton import norm as tn
 
@@ -135,22 +134,33 @@ def test_gpu_dependent_launches_in_a_graph_give_the_eager_bits():
     x, w_up, _ = operands(1, 6144, 1024, torch.bfloat16, "cuda", gen, False)
     w_down = (randn(1024, 3072, dtype=torch.float32, device="cuda", gen=gen) * 3072**-0.5).bfloat16()
     norm_w = randn(1024, dtype=torch.bfloat16, device="cuda", gen=gen)
-    x0 = x.clone()
 
     def chain():
         h = tn.rms_norm(x, norm_w, 1e-6)
         return tg.gemv(te.silu_and_mul(tg.gemv(h, w_up)), w_down)
 
-    eager = chain()
+    replays_the_eager_bits_with_dependent_launches(chain, x)
+
+
+def replays_the_eager_bits_with_dependent_launches(chain, x: torch.Tensor) -> None:
+    """chain() (a tensor or a tuple of them) captured in a CUDA graph with dependent launches: a replay reads x as it
+    is at replay (zeroed: another first output) and, x restored, gives the eager call's bits."""
+    from parity.kernels.dispatch import dependent_launches
+
+    def outputs(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    x0 = x.clone()
+    eager = outputs(chain())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), dependent_launches():
-        replayed = chain()
-    x.zero_()  # the replay reads the input as it is now
+        replayed = outputs(chain())
+    x.zero_()
     graph.replay()
-    assert not torch.equal(replayed, eager)
+    assert not torch.equal(replayed[0], eager[0])
     x.copy_(x0)
     graph.replay()
-    assert torch.equal(replayed, eager)
+    assert all(torch.equal(r, e) for r, e in zip(replayed, eager))
 
 
 # The fused variants (`rms_norm_gemv`, `gemv_silu_and_mul`) against a float64 composition of the reference ops and
@@ -303,27 +313,16 @@ def test_gpu_fused_dependent_launches_in_a_graph_give_the_eager_bits():
     launch as the small-batch decode graphs are: rms_norm_gemv (residual) -> gemv_silu_and_mul -> gemv -> rms_norm_gemv
     reading the first one's residual sum. The replay gives the eager bits, so every kernel waited for its input, the
     residual sum that program 0 alone writes included."""
-    from parity.kernels.dispatch import dependent_launches
 
     gen = torch.Generator().manual_seed(58)
     x, w_o, _ = operands(1, 1024, 1024, torch.bfloat16, "cuda", gen, False)
     w_gate_up = operands(1, 6144, 1024, torch.bfloat16, "cuda", gen, False)[1]
     w_down = operands(1, 1024, 3072, torch.bfloat16, "cuda", gen, False)[1]
     norm_w, res = norm_operands(1, 1024, torch.bfloat16, "cuda", gen, True)
-    x0 = x.clone()
 
     def chain():
         h, hidden = tg.rms_norm_gemv(x, norm_w, EPS, w_o, residual=res)
         d = tg.gemv(tg.gemv_silu_and_mul(h, w_gate_up), w_down)
         return tg.rms_norm_gemv(d, norm_w, EPS, w_o, residual=hidden)
 
-    eager = chain()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), dependent_launches():
-        replayed = chain()
-    x.zero_()  # the replay reads the input as it is now
-    graph.replay()
-    assert not torch.equal(replayed[0], eager[0])
-    x.copy_(x0)
-    graph.replay()
-    assert torch.equal(replayed[0], eager[0]) and torch.equal(replayed[1], eager[1])
+    replays_the_eager_bits_with_dependent_launches(chain, x)
