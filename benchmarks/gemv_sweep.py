@@ -20,7 +20,6 @@ engine's small-batch decode graphs run (`triton/pdl.py`: PDL shortens the bounda
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 from pathlib import Path
@@ -30,9 +29,9 @@ import torch.nn.functional as F
 
 from benchmarks.invariant_linear_sweep import SHAPES, bench
 from parity.kernels import reference
+from parity.kernels.dispatch import dependent_launches
 from parity.kernels.triton import elementwise, fast, gemv, norm
 from parity.kernels.triton import invariant as ti
-from parity.kernels.triton.pdl import dependent_launches
 
 EPS = 1e-6  # Qwen3's rms_norm_eps
 
@@ -94,7 +93,7 @@ def fused_case(name: str, w: torch.Tensor, m: int, args) -> dict:
     weights = [w] if args.hot else fast.cold_copies(w)
     row = {"case": name, "n": w.shape[0], "k": k, "rows": m, "hot": args.hot}
     for pdl in (False, True):
-        with dependent_launches() if pdl else contextlib.nullcontext():
+        with dependent_launches(pdl):
             for kind, fn in (("unfused", unfused), ("fused", fused)):
                 row[f"{kind}{'_pdl' if pdl else ''}_us"] = timed(fn, w, ref, weights)
     print(f"== {name} N={w.shape[0]} K={k} rows={m}: unfused {_us(row['unfused_us'])} us, fused "

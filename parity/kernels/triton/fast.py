@@ -73,19 +73,20 @@ def cold_copies(weight: torch.Tensor, total_bytes: int = COLD_BYTES) -> list[tor
     return copies
 
 
-def _timed_choice(key: tuple, candidates: dict[str, Callable], weight: torch.Tensor, bias: torch.Tensor | None,
-                  what: str) -> str:
-    """The name of the fastest of `candidates` (each fn(x, weight, bias); the first is the baseline) for [m, K] x
-    weight, m = key[0] (key: m, the op, the weight's shape, dtype and device, whether there is a bias), timed once
-    per key on cold copies of the weight. A candidate whose output differs from the baseline's by more than
+def _timed_choice(op: str, m: int, candidates: dict[str, Callable], weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> str:
+    """The name of the fastest of `candidates` (each fn(x, weight, bias); the first is the baseline) for `op` on
+    [m, K] x weight, timed once per (m, op, the weight's shape, dtype and device, whether there is a bias) on cold
+    copies of the weight. A candidate whose output differs from the baseline's by more than
     AGREEMENT, or that raises, is never taken; another is taken only below FASTER_MARGIN x the baseline's time.
     Inside a CUDA-graph capture nothing can be timed: the baseline, without caching the answer (the engine runs
     each graph's batch size once uncaptured before capturing it)."""
     baseline = next(iter(candidates))
+    key = (m, op, tuple(weight.shape), weight.dtype, weight.device, bias is not None)
     if key not in _FEW_ROW_CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return baseline
-        x = torch.randn(key[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
+        x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
         expected = candidates[baseline](x, weight, bias).float()  # eager first: nested choices are made here
         names = [baseline]
         for name in list(candidates)[1:]:
@@ -97,7 +98,7 @@ def _timed_choice(key: tuple, candidates: dict[str, Callable], weight: torch.Ten
             if problem is None:
                 names.append(name)
             else:
-                warnings.warn(f"fast {what}: {name} {problem} at {key[0]} rows x {tuple(weight.shape)}; not used "
+                warnings.warn(f"fast {op}: {name} {problem} at {m} rows x {tuple(weight.shape)}; not used "
                               "for this shape", RuntimeWarning, stacklevel=3)
         weights = cold_copies(weight)
         times = {name: _graph_time(lambda f=candidates[name]: [f(x, w, bias) for w in weights]) for name in names}
@@ -110,8 +111,7 @@ def _timed_choice(key: tuple, candidates: dict[str, Callable], weight: torch.Ten
 def few_row_kernel(m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The name in FEW_ROW_KERNELS of the fastest kernel for [m, K] x weight^T, timed on first sight of the shape."""
     names = [name for name in FEW_ROW_KERNELS if name != "gemv" or m <= gemv.MAX_ROWS]
-    key = (m, "linear", tuple(weight.shape), weight.dtype, weight.device, bias is not None)
-    return _timed_choice(key, {name: FEW_ROW_KERNELS[name] for name in names}, weight, bias, "linear")
+    return _timed_choice("linear", m, {name: FEW_ROW_KERNELS[name] for name in names}, weight, bias)
 
 
 def _few_rows(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> int:
@@ -140,8 +140,7 @@ GATE_UP_KERNELS: dict[str, Callable] = {"pair": _linear_then_silu_and_mul, "fuse
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu_and_mul(linear(x, weight, bias)) for weight [2I, K] holding gate rows then up rows."""
     if rows := _few_rows(x, weight, gemv.MAX_ROWS):
-        key = (rows, "gate_up", tuple(weight.shape), weight.dtype, weight.device, bias is not None)
-        return GATE_UP_KERNELS[_timed_choice(key, GATE_UP_KERNELS, weight, bias, "gate_up")](x, weight, bias)
+        return GATE_UP_KERNELS[_timed_choice("gate_up", rows, GATE_UP_KERNELS, weight, bias)](x, weight, bias)
     return _linear_then_silu_and_mul(x, weight, bias)
 
 
