@@ -13,7 +13,8 @@ launch overlaps (`gdc_wait` in a kernel launched without PDL returns at once).
 LAUNCH is empty except inside `dependent_launches()`, which the engine wraps around the capture of its small-batch
 decode graphs. Measured on the H200 (`tools/speed_device.sh pdl`, Qwen3-0.6B shapes, one process each): PDL for
 every launch took the batch-1 graph from 1.27 to 1.20 ms and left batch 256's at 9.3 ms, but workload A (prefill
-and decode at every batch size) fell from 32,511 to 30,569 tok/s; where that loss comes from was not measured.
+and decode at every batch size) fell from 25,343 to 24,176 tok/s (30,569 against 32,511 in a second round whose
+prompts were prefix-cached); where that loss comes from was not measured.
 Off under TRITON_INTERPRET (no inline assembly), before sm_90, and with PARITY_PDL=0.
 """
 
