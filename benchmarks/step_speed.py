@@ -13,6 +13,7 @@ of --kernel-batches (default: batch 1; torch.profiler sees inside graphs).
   python -m benchmarks.step_speed --out $OUT --deterministic --rounds 0   # deterministic mode's batch-1 kernels
   python -m benchmarks.step_speed --out $OUT --spec qwen3-8b --rounds 0 --kernel-batches 1 256   # 8B's kernels
   python -m benchmarks.step_speed --out $OUT --rounds 0 --ttft   # and one uncached prefill's kernels and host calls
+  python -m benchmarks.step_speed --out $OUT --rounds 0 --prefill-phase 64   # and the steps that prefill 64 prompts
   python -m benchmarks.step_speed --smoke --out /tmp/ss  # tiny model on CPU: checks the script only
 """
 
@@ -100,6 +101,35 @@ def prefill_kernels(engine: Engine, vocab: int, prompt_len: int, top: int) -> di
     }
 
 
+def prefill_phase_kernels(engine: Engine, vocab: int, num_prompts: int, lengths: tuple[int, int], top: int) -> dict:
+    """Workload A's opening, traced: `num_prompts` fresh prompts U[lengths] admitted at once, stepped until none is
+    still prefilling (the steps that prefill, chunked to max_num_batched_tokens). Wall time and kernels by name, to
+    set against the step's ideal (its matmul FLOPs at the GPU's rate)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clock = tp.Clock(engine.device)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    prompts = tp.random_prompts(num_prompts, vocab, *lengths, seed=8000)
+    sched = engine.scheduler
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = clock.now()
+        for p in prompts:
+            engine.add_request(p, params)
+        steps = 0
+        while sched.waiting or any(s.in_prefill for s in sched.running):
+            engine.step()
+            steps += 1
+        wall = clock.now() - start
+    engine.abort_all()
+    kernel_s, rows = kernel_table(prof, 1000)
+    return {
+        "prompts": num_prompts, "prompt_tokens": sum(map(len, prompts)), "steps": steps, "wall_ms": wall * 1e3,
+        "kernel_ms": kernel_s * 1e3, "launches": sum(r["calls"] for r in rows),
+        "top": [{"name": r["name"], "us": r["ms"] * 1e3, "calls": r["calls"]} for r in rows[:top]],
+    }
+
+
 def measure(engine: Engine, enabled: bool, args, prompts, lens_b, clock: tp.Clock) -> dict:
     """A, B, batch 1 and the decode steps with async scheduling `enabled`. Each call starts from an empty prefix
     cache, so every round's A prefills its prompts (B then reuses A's, as in benchmarks.peer_vllm for both engines)."""
@@ -129,6 +159,8 @@ def main() -> None:
     ap.add_argument("--spec", choices=sorted(tp.LONG_CONTEXT_SPECS), default="qwen3-0.6b")
     ap.add_argument("--kernel-batches", type=int, nargs="+", default=[1],
                     help="decode batch sizes whose kernels are listed (each at most --max-num-seqs)")
+    ap.add_argument("--prefill-phase", type=int, default=0, metavar="N",
+                    help="also trace the steps that prefill N fresh workload-A prompts admitted at once")
     ap.add_argument("--ttft", action="store_true",
                     help="also trace one uncached 1024-token prefill (time to first token: device vs host)")
     args = ap.parse_args()
@@ -167,6 +199,8 @@ def main() -> None:
         results["step_kernels"] = [step_kernels(engine, b, args.context, 20, 25) for b in batches]
         if args.ttft:
             results["ttft"] = prefill_kernels(engine, vocab, args.context, 25)
+        if args.prefill_phase:
+            results["prefill_phase"] = prefill_phase_kernels(engine, vocab, args.prefill_phase, (lo, hi), 25)
         (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
     print(summary(results["runs"]))
     for k in results["step_kernels"]:
@@ -182,6 +216,11 @@ def main() -> None:
         print("host, by own time:")
         for r in ttft["host_top"]:
             print(f"  {r['self_us']:8.1f} us {r['calls']:5d}x  {r['name']}")
+    if pre := results.get("prefill_phase"):
+        print(f"prefill phase: {pre['prompts']} prompts, {pre['prompt_tokens']} tokens, {pre['steps']} steps, "
+              f"{pre['wall_ms']:.1f} ms wall (traced), {pre['launches']} launches, {pre['kernel_ms']:.2f} ms of kernels")
+        for r in pre["top"]:
+            print(f"  {r['us']:8.1f} us {r['calls']:5d}x  {r['name']}")
 
 
 def summary(runs: list[dict]) -> str:

@@ -14,7 +14,8 @@
 #            PDL on and off (PARITY_PDL=0) and in deterministic mode with it on
 #   fused:   the GEMV GPU tests (plain, fused RMSNorm prologue, fused SiLU-and-mul epilogue, dependent-launch
 #            chains), `gemv_sweep --fused` (fused kernel against the unfused pair, weights from HBM, PDL on/off),
-#            the whole GPU suite (is it back to ~210 s with cold_copies capped?), and fast mode's step_speed
+#            the whole GPU suite (is it back to ~210 s with cold_copies capped?), and fast mode's step_speed with
+#            the steps that prefill 64 fresh workload-A prompts traced
 #   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
 #            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
 #            at 256 and 512 rows (still 1.34-1.43x cuBLAS there); key segments of 128 and 64
@@ -86,8 +87,8 @@ fused)
   start=$(date +%s)
   timeout 260 python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$res/pytest_gpu.log" 2>&1
   echo "GPU suite: $(( $(date +%s) - start )) s"; tail -4 "$res/pytest_gpu.log"
-  timeout 120 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 > "$res/fast.log" 2>&1
-  grep -v "^ " "$res/fast.log" | tail -5; grep -A12 "batch-1 step" "$res/fast.log"
+  timeout 140 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 --prefill-phase 64 > "$res/fast.log" 2>&1
+  grep -v "^ " "$res/fast.log" | tail -6; grep -A12 "batch-1 step" "$res/fast.log"; grep -A25 "prefill phase" "$res/fast.log"
   ;;
 sweeps)
   timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --tokens 8 16 32 --warps 1 2 4 \
