@@ -1,5 +1,6 @@
 """The few-row matrix-vector kernel (`triton/gemv.py`) and its fused variants (RMSNorm before, SiLU-and-mul after)
-against float64 truth on random inputs, the fused ones also against the unfused Triton kernels they replace.
+against float64 truth on random inputs, the fused ones also against the unfused Triton kernels they replace; and fast
+mode's choice between the fused norm + projection and the unfused pair (`fast.rms_norm_linear`).
 
 Without a GPU it runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py) at small sizes;
 `pytest -m gpu` runs the same checks on CUDA at Qwen3-0.6B's projection shapes. Error bounds (kernel_checks.TOL, as in
@@ -260,8 +261,11 @@ def test_fused_at_the_device_launches_match_the_unfused_kernels(rows):
     normed, normed_sum = tn.rms_norm(x, norm_w, EPS, res)
     assert torch.equal(out_sum, normed_sum)
     assert near_unfused(out, tg.gemv(normed, w, b, tiles), torch.bfloat16)
-    out = tg.gemv_silu_and_mul(x, w, b, dict(tiles, BLOCK_N=tiles["BLOCK_N"] // 2))  # the default's halving
+    halved = dict(tiles, BLOCK_N=tiles["BLOCK_N"] // 2)  # the default's halving
+    out = tg.gemv_silu_and_mul(x, w, b, halved)
     assert near_unfused(out, te.silu_and_mul(tg.gemv(x, w, b, tiles)), torch.bfloat16)
+    out, _ = tg.rms_norm_gemv(x, norm_w, EPS, w, b, residual=res, tiles=halved, silu_and_mul=True)
+    assert near_unfused(out, te.silu_and_mul(tg.gemv(normed, w, b, tiles)), torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -303,6 +307,8 @@ def test_fused_reject_bad_operands():
         tg.gemv_silu_and_mul(x, w)
     with pytest.raises(ValueError, match=r"weight of shape \(15, 32\) has an odd number of rows, 15"):
         tg.gemv_silu_and_mul(x[:1], w[:15])
+    with pytest.raises(ValueError, match=r"rms_norm_gemv: weight of shape \(15, 32\) has an odd number of rows"):
+        tg.rms_norm_gemv(x[:1], norm_w, EPS, w[:15], silu_and_mul=True)
     with pytest.raises(ValueError, match=r"gemv_silu_and_mul: bias of shape \(15,\) does not match weight's 16 rows"):
         tg.gemv_silu_and_mul(x[:1], w, b[:15])
 
@@ -326,3 +332,117 @@ def test_gpu_fused_dependent_launches_in_a_graph_give_the_eager_bits():
         return tg.rms_norm_gemv(d, norm_w, EPS, w_o, residual=hidden)
 
     replays_the_eager_bits_with_dependent_launches(chain, x)
+
+
+# Fast mode's norm + projection (`fast.rms_norm_linear`): the unfused pair (Triton's RMSNorm, then fast mode's linear
+# or linear_silu_and_mul) or, at <= 4 rows, one `rms_norm_gemv` launch, timed against each other. On CPU in fp16: the
+# interpreter rounds float32 to bf16 towards zero and torch's CPU matmul (the pair's) to nearest, so in bf16 the two
+# would differ by the rounding mode alone; fp16 rounds to nearest in both. On CUDA both dtypes.
+NORM_LINEAR_CASES = [pytest.param("cpu", torch.float16, marks=DEVICES[0].marks)] + [
+    pytest.param("cuda", dtype, marks=DEVICES[1].marks) for dtype in FUSED_DTYPES]
+
+
+def norm_linear_truth(x, norm_w, res, w, b, silu_and_mul):
+    y = truth(normed64(x, norm_w, res), w, b)
+    return reference.silu_and_mul(y) if silu_and_mul else y
+
+
+@pytest.mark.parametrize(("device", "dtype"), NORM_LINEAR_CASES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("silu_and_mul", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_rms_norm_linear_every_kernel_matches_float64_and_the_pair(device, dtype, rows, residual, silu_and_mul,
+                                                                        bias):
+    """Each candidate matches float64 (twice the bound with SiLU-and-mul: two more roundings); the fused GEMV matches
+    the pair as closely as the fused kernels match their unfused pairs, in the pair's dtype and shape, and the
+    residual sum bitwise."""
+    from parity.kernels.triton import fast
+
+    gen = torch.Generator().manual_seed(60 + rows)
+    bound = TOL[dtype] * (2 if silu_and_mul else 1)
+    for n, k in FUSED_CPU_SHAPES if device == "cpu" else FUSED_CUDA_SHAPES:
+        x, w, b = operands(rows, n, k, dtype, device, gen, bias)
+        norm_w, res = norm_operands(rows, k, dtype, device, gen, residual)
+        ref = norm_linear_truth(x, norm_w, res, w, b, silu_and_mul)
+        outs = {name: fn(x, norm_w, EPS, w, b, res, silu_and_mul=silu_and_mul)
+                for name, fn in fast.NORM_LINEAR_KERNELS.items()}
+        if residual:
+            sums = {name: out[1] for name, out in outs.items()}
+            outs = {name: out[0] for name, out in outs.items()}
+            assert torch.equal(sums["fused_gemv"], sums["pair"]), (n, k)
+        pair = outs["pair"]
+        assert pair.dtype == dtype and pair.shape == (rows, n // 2 if silu_and_mul else n)
+        for name, out in outs.items():
+            assert out.dtype == pair.dtype and out.shape == pair.shape, name
+            assert rel_err(out, ref) < bound, (name, n, k)
+        assert near_unfused(outs["fused_gemv"], pair, dtype), (n, k)
+
+
+def test_fast_rms_norm_linear_keys_each_variant_apart_and_runs_the_choice(monkeypatch):
+    """fast.rms_norm_linear's few-row path on CPU (its CUDA conditions and the graph timing replaced; each timing
+    half the one before, so the last candidate, the fused GEMV, is taken): one choice per op, with a residual or
+    without, none reused for another; then each call runs the chosen kernel."""
+    from parity.kernels.triton import fast
+
+    def few_rows_on_cpu(x, weight, max_rows):  # fast._few_rows without its CUDA condition
+        rows = x.numel() // x.shape[-1]
+        return rows if rows <= max_rows else 0
+
+    timings = (2.0**-i for i in itertools.count())
+    monkeypatch.setattr(fast, "_few_rows", few_rows_on_cpu)
+    monkeypatch.setattr(fast, "_graph_time", lambda fn: next(timings))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build's raises
+    monkeypatch.setattr(fast, "_FEW_ROW_CHOICE", {})
+    gen = torch.Generator().manual_seed(61)
+    x, w, b = operands(2, 100, 300, torch.float16, "cpu", gen, True)
+    norm_w, res = norm_operands(2, 300, torch.float16, "cpu", gen, True)
+    variants = list(itertools.product([False, True], [None, res]))
+    for silu_and_mul, residual in variants:
+        out = fast.rms_norm_linear(x, norm_w, EPS, w, b, residual, silu_and_mul)
+        assert isinstance(out, tuple) == (residual is not None)
+    ops = {key[1]: name for key, name in fast._FEW_ROW_CHOICE.items() if key[1].startswith("norm_")}
+    assert ops == dict.fromkeys(["norm_linear", "norm_linear+residual", "norm_gate_up", "norm_gate_up+residual"],
+                                "fused_gemv")
+    monkeypatch.setitem(fast.NORM_LINEAR_KERNELS, "fused_gemv", lambda *args, **kwargs: "fused")
+    assert all(fast.rms_norm_linear(x, norm_w, EPS, w, b, r, s) == "fused" for s, r in variants)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("silu_and_mul", [False, True])
+def test_gpu_fast_rms_norm_linear_every_kernel_matches_float64_and_replays(rows, residual, silu_and_mul):
+    """Fast mode's norm + qkv projection and norm + gate_up projection + SiLU-and-mul at Qwen3-0.6B's shapes: the
+    pair or, at <= 4 rows, the fused GEMV; the one timed fastest and each forced match float64, and a CUDA-graph
+    replay gives the eager bits (the residual sum's too)."""
+    from parity.kernels.triton import fast
+
+    gen = torch.Generator().manual_seed(62)
+    n, k = (6144, 1024) if silu_and_mul else (4096, 1024)
+    x, w, _ = operands(rows, n, k, torch.bfloat16, "cuda", gen, False)
+    norm_w, res = norm_operands(rows, k, torch.bfloat16, "cuda", gen, residual)
+    ref = norm_linear_truth(x, norm_w, res, w, None, silu_and_mul)
+    bound = TOL[torch.bfloat16] * (2 if silu_and_mul else 1)
+
+    def call():
+        return fast._outputs(fast.rms_norm_linear(x, norm_w, EPS, w, None, res, silu_and_mul))
+
+    eager = call()
+    assert rel_err(eager[0], ref) < bound
+    op = ("norm_gate_up" if silu_and_mul else "norm_linear") + ("+residual" if residual else "")
+    key = (rows, op, (n, k), w.dtype, w.device, False)
+    assert (key in fast._FEW_ROW_CHOICE) == (rows <= tg.MAX_ROWS)
+    if rows <= tg.MAX_ROWS:
+        chosen = fast._FEW_ROW_CHOICE[key]
+        for name in fast.NORM_LINEAR_KERNELS:
+            fast._FEW_ROW_CHOICE[key] = name
+            out = call()
+            assert rel_err(out[0], ref) < bound, name
+            assert all(torch.equal(o, e) for o, e in zip(out[1:], eager[1:])), name  # the residual sum
+        fast._FEW_ROW_CHOICE[key] = chosen
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = call()
+    graph.replay()
+    assert all(torch.equal(r, e) for r, e in zip(replayed, eager, strict=True))

@@ -382,6 +382,36 @@ def test_linear_silu_and_mul_is_the_pair_where_nothing_fuses(deterministic):
     assert torch.equal(kernels.linear_silu_and_mul(x, w, b), kernels.silu_and_mul(kernels.linear(x, w, b)))
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("autograd", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("silu_and_mul", [False, True])
+def test_rms_norm_linear_is_the_pair_where_nothing_fuses(monkeypatch, deterministic, triton, autograd, residual,
+                                                         silu_and_mul):
+    """Kernels.rms_norm_linear where nothing fuses: the reference and deterministic kernels, with autograd or without,
+    in plain torch or (`triton`: the dispatch sees CUDA) the Triton kernels in the interpreter, fast mode's included
+    (its few-row path needs CUDA tensors). The same bits as rms_norm, then linear or linear_silu_and_mul."""
+    from parity.kernels import dispatch
+
+    if triton:
+        monkeypatch.setattr(dispatch, "device_kind", lambda x: "cuda")
+    gen = torch.Generator().manual_seed(15)
+    x, w, b = operands(3, 64, 48, torch.bfloat16, "cpu", gen, True)
+    norm_w = (1 + 0.3 * randn(48, dtype=torch.float32, device="cpu", gen=gen)).bfloat16()
+    res = randn(3, 48, dtype=torch.bfloat16, device="cpu", gen=gen) if residual else None
+    x.requires_grad_(autograd)
+    kernels = dispatch.Kernels(deterministic=deterministic)
+    out = kernels.rms_norm_linear(x, norm_w, 1e-6, w, b, res, silu_and_mul)
+    normed = kernels.rms_norm(x, norm_w, 1e-6, res)
+    linear = kernels.linear_silu_and_mul if silu_and_mul else kernels.linear
+    if residual:
+        (out, out_sum), (normed, normed_sum) = out, normed
+        assert torch.equal(out_sum, normed_sum)
+    assert torch.equal(out, linear(normed, w, b))
+    assert out.requires_grad == autograd
+
+
 # ------------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_gumbel_argmax_equals_torch_definition(device):

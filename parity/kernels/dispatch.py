@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -76,6 +77,17 @@ def dependent_launches(enabled: bool = True) -> contextlib.AbstractContextManage
     return _module("parity.kernels.triton.pdl").dependent_launches()
 
 
+def norm_then_linear(rms_norm: Callable, linear: Callable, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None):
+    """linear(rms_norm(x, norm_weight, eps, residual), weight, bias) from the given ops, returned as rms_norm returns:
+    y, or (y, x + residual) with a residual. The unfused `rms_norm_linear`."""
+    normed = rms_norm(x, norm_weight, eps, residual)
+    if residual is None:
+        return linear(normed, weight, bias)
+    h, summed = normed
+    return linear(h, weight, bias), summed
+
+
 @dataclass
 class Kernels:
     deterministic: bool = False
@@ -101,6 +113,17 @@ class Kernels:
 
     def rms_norm(self, x, weight, eps, residual=None):
         return implementation(self.mode, x, weight, residual).rms_norm(x, weight, eps, residual)
+
+    def rms_norm_linear(self, x, norm_weight, eps, weight, bias=None, residual=None, silu_and_mul: bool = False):
+        """linear(rms_norm(x, norm_weight, eps, residual), weight, bias), or with `silu_and_mul` linear_silu_and_mul
+        of the normalised x (weight a gate_up weight); returns y, or (y, x + residual) with a residual, as rms_norm
+        does. An implementation may fuse them (fast mode's few-row GEMV with the norm as its prologue); the others
+        run this object's rms_norm, then its linear or linear_silu_and_mul: the same ops and bits as calling them."""
+        fused = getattr(implementation(self.mode, x, norm_weight, weight, bias, residual), "rms_norm_linear", None)
+        if fused is not None:
+            return fused(x, norm_weight, eps, weight, bias, residual, silu_and_mul)
+        linear = self.linear_silu_and_mul if silu_and_mul else self.linear
+        return norm_then_linear(self.rms_norm, linear, x, norm_weight, eps, weight, bias, residual)
 
     def apply_rotary(self, q, k, cos, sin):
         return implementation(self.mode, q, k, cos, sin).apply_rotary(q, k, cos, sin)

@@ -36,8 +36,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param(size, dtype=dtype, device=device)
 
-    def forward(self, x, residual=None):
-        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x, residual=None, into: Linear | None = None, silu_and_mul: bool = False):
+        """RMSNorm of x (+ residual: then also returns the sum). With `into`, that projection of the normalised value
+        in its place (SiLU-and-mul of it with `silu_and_mul`): `Kernels.rms_norm_linear`, one kernel where fast mode
+        fuses them."""
+        if into is None:
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+        return self.kernels.rms_norm_linear(x, self.weight, self.eps, into.weight, into.bias, residual, silu_and_mul)
 
 
 class Linear(nn.Module):
@@ -72,9 +77,10 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, qkv, cos, sin, kv_cache, meta: AttentionMetadata):
+        """From `qkv_proj`'s output, which the input norm computes (`RMSNorm.forward(into=)`)."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.norm_projection:
             q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -91,13 +97,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: Kernels, dtype, device):
         super().__init__()
-        self.kernels = kernels
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, kernels, dtype, device)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, kernels, dtype, device)
 
-    def forward(self, x):
-        gate_up = self.gate_up_proj
-        return self.down_proj(self.kernels.linear_silu_and_mul(x, gate_up.weight, gate_up.bias))
+    def forward(self, h):
+        """From SiLU-and-mul of `gate_up_proj`'s output, which the post-attention norm computes
+        (`RMSNorm.forward(into=, silu_and_mul=True)`)."""
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -114,14 +120,21 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg, kernels, dtype, device)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
-        # The residual add is fused into the norm: (x + residual) then normalise, as HF orders it.
+        # The residual add is fused into the norm: (x + residual) then normalise, as HF orders it. Each norm also runs
+        # the projection that reads it (qkv; the dense MLP's gate_up with SiLU-and-mul), in one kernel where fast mode
+        # fuses them; a sparse MoE block routes the normalised value itself. Every part is still called as a module,
+        # so the inf/nan locator's hooks see each (a norm's output is then its projection).
+        qkv_proj = self.self_attn.qkv_proj
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, qkv = x, self.input_layernorm(x, into=qkv_proj)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+            qkv, residual = self.input_layernorm(x, residual, into=qkv_proj)
+        x = self.self_attn(qkv, cos, sin, kv_cache, meta)
+        if isinstance(self.mlp, MLP):
+            h, residual = self.post_attention_layernorm(x, residual, into=self.mlp.gate_up_proj, silu_and_mul=True)
+        else:
+            h, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):

@@ -1,8 +1,10 @@
 """Fast mode on CUDA without autograd: Triton kernels for the norm, RoPE (fused with the per-head q/k norm
 and the KV-cache write), SiLU, attention, sampling and the MoE routing and experts (`moe.py`); cuBLAS (torch)
-for the matmuls (a few-row matmul takes a Triton kernel where one measures faster, and the gate_up projection of
-at most 4 rows may take the GEMV with SiLU-and-mul fused) and the log-softmax.
-Same signatures as `reference.py`."""
+for the matmuls and the log-softmax. A matmul of a few rows takes a Triton kernel where one times faster, and at
+most 4 rows may take one GEMV launch (`gemv.py`) where it times faster than the unfused ops: a decoder layer's
+RMSNorm (with the residual add) and the qkv or gate_up projection after it (`rms_norm_linear`), the gate_up
+projection and SiLU-and-mul (`linear_silu_and_mul`), or all three. Same signatures as `reference.py`, plus these
+two fused ops, which `Kernels` takes from an implementation that has them."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from parity.kernels import reference
+from parity.kernels.dispatch import norm_then_linear
 from parity.kernels.reference import log_softmax
 from parity.kernels.triton import gemv, invariant
 from parity.kernels.triton.attention import attention
@@ -22,7 +25,7 @@ from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "linear_silu_and_mul",
-           "log_softmax", "moe_route", "rms_norm", "rope_and_cache", "silu_and_mul"]
+           "log_softmax", "moe_route", "rms_norm", "rms_norm_linear", "rope_and_cache", "silu_and_mul"]
 
 # Up to this many rows a matmul may leave cuBLAS for a Triton kernel: the deterministic kernel's narrow tile (its
 # 16-row BLOCK_M) or, up to gemv.MAX_ROWS rows, the matrix-vector kernel. benchmarks/invariant_linear_sweep.py on
@@ -73,25 +76,35 @@ def cold_copies(weight: torch.Tensor, total_bytes: int = COLD_BYTES) -> list[tor
     return copies
 
 
+def _outputs(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
 def _timed_choice(op: str, m: int, candidates: dict[str, Callable], weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> str:
-    """The name of the fastest of `candidates` (each fn(x, weight, bias); the first is the baseline) for `op` on
-    [m, K] x weight, timed once per (m, op, the weight's shape, dtype and device, whether there is a bias) on cold
-    copies of the weight. A candidate whose output differs from the baseline's by more than
+                  bias: torch.Tensor | None, residual: bool = False) -> str:
+    """The name of the fastest of `candidates` (each fn(x, weight, bias), or with `residual` fn(x, weight, bias,
+    residual) for a residual like x; the first is the baseline) for `op` on [m, K] x weight, timed once per (m, op,
+    the weight's shape, dtype and device, whether there is a bias) on random inputs and cold copies of the weight;
+    with `residual` the op is keyed as `op + "+residual"`, so a choice timed without a residual never serves a call
+    with one. A candidate whose output (each of them, for a tuple) differs from the baseline's by more than
     AGREEMENT, or that raises, is never taken; another is taken only below FASTER_MARGIN x the baseline's time.
     Inside a CUDA-graph capture nothing can be timed: the baseline, without caching the answer (the engine runs
     each graph's batch size once uncaptured before capturing it)."""
     baseline = next(iter(candidates))
+    op = f"{op}+residual" if residual else op
     key = (m, op, tuple(weight.shape), weight.dtype, weight.device, bias is not None)
     if key not in _FEW_ROW_CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return baseline
         x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        expected = candidates[baseline](x, weight, bias).float()  # eager first: nested choices are made here
+        extra = (torch.randn_like(x),) if residual else ()
+        # the baseline eagerly first: nested choices (its own few-row matmuls) are made here
+        expected = [t.float() for t in _outputs(candidates[baseline](x, weight, bias, *extra))]
         names = [baseline]
         for name in list(candidates)[1:]:
             try:
-                err = ((candidates[name](x, weight, bias).float() - expected).norm() / expected.norm()).item()
+                outputs = _outputs(candidates[name](x, weight, bias, *extra))
+                err = max(((got.float() - want).norm() / want.norm()).item() for got, want in zip(outputs, expected))
                 problem = None if err < AGREEMENT else f"differs from {baseline} by {err:.2e} (relative)"
             except Exception as e:  # noqa: BLE001 -- e.g. a Triton that cannot compile it: the baseline serves
                 problem = f"failed ({type(e).__name__}: {e})"
@@ -101,7 +114,8 @@ def _timed_choice(op: str, m: int, candidates: dict[str, Callable], weight: torc
                 warnings.warn(f"fast {op}: {name} {problem} at {m} rows x {tuple(weight.shape)}; not used "
                               "for this shape", RuntimeWarning, stacklevel=3)
         weights = cold_copies(weight)
-        times = {name: _graph_time(lambda f=candidates[name]: [f(x, w, bias) for w in weights]) for name in names}
+        times = {name: _graph_time(lambda f=candidates[name]: [f(x, w, bias, *extra) for w in weights])
+                 for name in names}
         del weights
         best = min(times, key=times.get)
         _FEW_ROW_CHOICE[key] = best if times[best] < FASTER_MARGIN * times[baseline] else baseline
@@ -142,6 +156,42 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if rows := _few_rows(x, weight, gemv.MAX_ROWS):
         return GATE_UP_KERNELS[_timed_choice("gate_up", rows, GATE_UP_KERNELS, weight, bias)](x, weight, bias)
     return _linear_then_silu_and_mul(x, weight, bias)
+
+
+def _rms_norm_then_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                          bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                          silu_and_mul: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return norm_then_linear(rms_norm, linear_silu_and_mul if silu_and_mul else linear, x, norm_weight, eps, weight,
+                            bias, residual)
+
+
+# RMSNorm (with the residual add) and the projection that reads it (with `silu_and_mul`: the gate_up projection and
+# SiLU-and-mul): the unfused pair, or for at most gemv.MAX_ROWS rows one GEMV launch with the norm as its prologue
+# (and SiLU-and-mul as its epilogue), where timed faster. Each fn(x, norm_weight, eps, weight, bias, residual,
+# silu_and_mul=).
+NORM_LINEAR_KERNELS: dict[str, Callable] = {"pair": _rms_norm_then_linear, "fused_gemv": gemv.rms_norm_gemv}
+
+
+def _norm_candidate(fn: Callable, norm_weight: torch.Tensor, eps: float, silu_and_mul: bool) -> Callable:
+    """A NORM_LINEAR_KERNELS entry as `_timed_choice` calls a candidate: fn(x, weight, bias[, residual])."""
+    return lambda x, weight, bias, residual=None: fn(x, norm_weight, eps, weight, bias, residual,
+                                                     silu_and_mul=silu_and_mul)
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                    silu_and_mul: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """linear (with `silu_and_mul`: linear_silu_and_mul) of rms_norm(x, norm_weight, eps, residual); y, or
+    (y, x + residual) with a residual, as rms_norm returns. The fused GEMV serves only operands of one dtype, so
+    its output's dtype is the pair's."""
+    same_dtype = norm_weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
+    if same_dtype and (rows := _few_rows(x, weight, gemv.MAX_ROWS)):
+        candidates = {name: _norm_candidate(fn, norm_weight, eps, silu_and_mul)
+                      for name, fn in NORM_LINEAR_KERNELS.items()}
+        op = "norm_gate_up" if silu_and_mul else "norm_linear"
+        name = _timed_choice(op, rows, candidates, weight, bias, residual=residual is not None)
+        return NORM_LINEAR_KERNELS[name](x, norm_weight, eps, weight, bias, residual, silu_and_mul=silu_and_mul)
+    return _rms_norm_then_linear(x, norm_weight, eps, weight, bias, residual, silu_and_mul)
 
 
 _MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=) on CUDA exists from torch 2.8; older builds upcast instead

@@ -10,9 +10,11 @@ computes the product.
 At batch 1 a decoder layer is ~10 kernels of a few us, and each boundary between two costs ~1-2 us. Two fused
 variants remove one boundary each: `rms_norm_gemv` normalises x (with the residual add) inside the GEMV that reads
 it (the qkv and gate_up projections), `gemv_silu_and_mul` applies SiLU-and-mul to the gate_up GEMV's output before
-storing it. Both round every intermediate as the unfused kernels do. Fast mode takes `gemv_silu_and_mul` for the
-gate_up projection where it times faster than the pair (`fast.linear_silu_and_mul`); `rms_norm_gemv` is not used
-by the model yet. Neither has been timed on a GPU so far (`benchmarks/gemv_sweep.py --fused`).
+storing it; `rms_norm_gemv(..., silu_and_mul=True)` does both in one launch. All round every intermediate as the
+unfused kernels do. Fast mode takes them where they time faster than the unfused pair: `gemv_silu_and_mul` for the
+gate_up projection alone (`fast.linear_silu_and_mul`), `rms_norm_gemv` for a decoder layer's input norm + qkv
+projection and its post-attention norm + gate_up projection with SiLU-and-mul (`fast.rms_norm_linear`). None has
+been timed on a GPU so far (`benchmarks/gemv_sweep.py --fused`).
 """
 
 from __future__ import annotations
@@ -241,15 +243,24 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return y.reshape(*x.shape[:-1], n)
 
 
+def _gate_columns(fn: str, weight: torch.Tensor) -> int:
+    """I, for a gate_up weight [2I, K] holding the I gate rows then the I up rows."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"{fn}: weight of shape {tuple(weight.shape)} has an odd number of rows, {weight.shape[0]}; "
+                         "it must hold I gate rows then I up rows")
+    return weight.shape[0] // 2
+
+
 def rms_norm_gemv(
     x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None, tiles: dict | None = None,
+    residual: torch.Tensor | None = None, tiles: dict | None = None, silu_and_mul: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`gemv(rms_norm(x, norm_weight, eps, residual), weight, bias)` in one launch, saving the boundary between a
     norm and the projection that reads it. Each program recomputes its rows' RMS from the whole of x (+ residual),
     then normalises each K chunk with `rms_norm`'s casts before its dot products; the normalised rows are never
     stored. With `residual`, returns (y, x + residual) as `rms_norm` does, the sum written by program 0 alone.
-    y is in the dtype `rms_norm` returns (x's and norm_weight's promoted)."""
+    y is in the dtype `rms_norm` returns (x's and norm_weight's promoted). With `silu_and_mul`, weight is a gate_up
+    weight and y [..., I] its SiLU-and-mul, as `gemv_silu_and_mul` applies it (and reads `tiles`)."""
     fn, k = "rms_norm_gemv", x.shape[-1]
     x2 = _rows(fn, x, weight, bias)
     if tuple(norm_weight.shape) != (k,):
@@ -262,10 +273,10 @@ def rms_norm_gemv(
             raise ValueError(f"{fn}: residual of dtype {residual.dtype} does not match x's {x.dtype}")
         r2 = _unit_stride(residual.reshape(-1, k))
         residual_sum = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    n = weight.shape[0]
+    n = _gate_columns(fn, weight) if silu_and_mul else weight.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=torch.promote_types(x.dtype, norm_weight.dtype), device=x.device)
     _launch(x2, weight, bias, y, tiles, norm_weight=norm_weight.contiguous(), eps=eps, residual=r2,
-            residual_sum=residual_sum)
+            residual_sum=residual_sum, glu=silu_and_mul)
     y = y.reshape(*x.shape[:-1], n)
     return y if residual is None else (y, residual_sum.reshape(x.shape))
 
@@ -278,10 +289,7 @@ def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     BLOCK_N counts gate columns a program computes (each with its matching up columns)."""
     fn = "gemv_silu_and_mul"
     x2 = _rows(fn, x, weight, bias)
-    if weight.shape[0] % 2:
-        raise ValueError(f"{fn}: weight of shape {tuple(weight.shape)} has an odd number of rows, {weight.shape[0]}; "
-                         "it must hold I gate rows then I up rows")
-    inter = weight.shape[0] // 2
+    inter = _gate_columns(fn, weight)
     y = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
     _launch(x2, weight, bias, y, tiles, glu=True)
     return y.reshape(*x.shape[:-1], inter)
