@@ -130,3 +130,50 @@ def test_overflow_inside_a_cuda_graph_decode_step_raises_naming_the_layer(gpu_mo
     assert NonFiniteActivationError.__name__ in failed[0].error
     assert re.search(r"layer 1 \(mlp\) produced inf/nan in fp16", failed[0].error)
     assert not engine.has_unfinished() and engine.kv_cache_usage()["used_blocks"] == 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_prefill_graphs_match_eager_with_chunks_and_decode_rows_beside_them(gpu_model_dirs, deterministic):
+    """Steps that prefill replay graphs padded to a token count on the ladder (every 64 up to 256, then 300 here), chunks of
+    several prompts with decode rows beside them. Deterministic mode gives the eager steps' bits exactly (padding
+    tokens and sequences are more batch, and its kernels are batch-invariant); fast mode only rounds differently."""
+    path = gpu_model_dirs["qwen3-d128"]
+    params = [greedy(24), SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=24, ignore_eos=True)] * 3
+    kw = dict(device="cuda", dtype="bf16", max_num_seqs=8, max_model_len=512, max_num_batched_tokens=300,
+              enable_prefix_caching=False, deterministic=deterministic)
+    eager = Engine.from_pretrained(path, enforce_eager=True, **kw)
+    assert eager.runner.prefill_graphs is None
+    ref = eager.generate(PROMPTS, params)
+    eng = Engine.from_pretrained(path, **kw)
+    assert eng.runner.prefill_graphs.sizes == [64, 128, 192, 256, 300]
+    out = eng.generate(PROMPTS, params)
+    assert eng.runner.prefill_graphs.replays >= 3  # 738 prompt tokens in chunks of at most 300
+    for r, o in zip(ref, out):
+        if deterministic:
+            assert o.output_ids == r.output_ids and o.output_logprobs == r.output_logprobs
+        else:
+            assert o.output_ids[:8] == r.output_ids[:8]
+            assert max(abs(x - y) for x, y in zip(o.output_logprobs[:8], r.output_logprobs[:8])) < 0.25
+
+
+def test_overflow_inside_a_prefill_graph_raises_naming_the_layer(gpu_model_dirs):
+    """The inf/nan flag of a prefill graph: layer 1's MLP output projection scaled before the first step, whose
+    prefill is a replay; the request fails alone, naming the layer (the eager re-run), and the next one runs."""
+    from parity.precision.policy import NonFiniteActivationError
+
+    engine = Engine.from_pretrained(gpu_model_dirs["llama"], device="cuda", dtype="fp16", max_num_seqs=4,
+                                    max_model_len=128, max_num_batched_tokens=64)
+    weight = engine.model.layers[1].mlp.down_proj.weight
+    kept = weight.clone()
+    with torch.no_grad():
+        weight.mul_(1e4)
+    engine.add_request([5, 6, 7, 8] * 4, greedy(4))
+    failed = engine.step()
+    assert engine.runner.prefill_graphs.replays == 1
+    assert [r.finish_reason for r in failed] == ["error"]
+    assert NonFiniteActivationError.__name__ in failed[0].error
+    assert re.search(r"layer 1 \(mlp\) produced inf/nan in fp16", failed[0].error)
+    assert not engine.has_unfinished() and engine.kv_cache_usage()["used_blocks"] == 0
+    with torch.no_grad():
+        weight.copy_(kept)
+    assert len(engine.generate([[5, 6, 7, 8] * 4], greedy(4))[0].output_ids) == 4

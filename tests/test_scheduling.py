@@ -117,3 +117,15 @@ def test_step_api_streams_finished_requests(engine):
     while engine.has_unfinished():
         finished.extend(r.request_id for r in engine.step())
     assert finished == ["short", "long"]
+
+
+@pytest.mark.parametrize("max_tokens", [8192, 300, 64, 40])
+def test_prefill_graph_token_counts_cover_every_step_with_bounded_padding(max_tokens):
+    """Every step size up to max_num_batched_tokens has a graph, padded by at most 64 tokens up to 512, then 25%."""
+    from parity.engine.cuda_graphs import token_count_ladder
+
+    sizes = token_count_ladder(max_tokens)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == max_tokens
+    for n in range(1, max_tokens + 1):
+        padded = next(t for t in sizes if t >= n)
+        assert padded <= (n + 64 if n <= 512 else 1.25 * n), (n, padded)

@@ -16,11 +16,13 @@
 #            chains), `gemv_sweep --fused` (fused kernel against the unfused pair, weights from HBM, PDL on/off),
 #            the whole GPU suite (is it back to ~210 s with cold_copies capped?), and fast mode's step_speed with
 #            the steps that prefill 64 fresh workload-A prompts traced
+#   graphs:  the engine, Triton-determinism, GEMV and kernel GPU tests (prefill CUDA graphs, fused norm + projection),
+#            then fast mode's step_speed with the prefill phase and TTFT traced
 #   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
 #            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
 #            at 256 and 512 rows (still 1.34-1.43x cuBLAS there); key segments of 128 and 64
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | sweeps}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -89,6 +91,13 @@ fused)
   echo "GPU suite: $(( $(date +%s) - start )) s"; tail -4 "$res/pytest_gpu.log"
   timeout 140 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 --prefill-phase 64 > "$res/fast.log" 2>&1
   grep -v "^ " "$res/fast.log" | tail -6; grep -A12 "batch-1 step" "$res/fast.log"; grep -A25 "prefill phase" "$res/fast.log"
+  ;;
+graphs)
+  timeout 230 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_determinism_triton.py \
+    tests/test_gemv.py tests/test_kernels.py -k "not sweep" > "$res/pytest_gpu.log" 2>&1; tail -15 "$res/pytest_gpu.log"
+  timeout 150 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 --prefill-phase 64 --ttft > "$res/fast.log" 2>&1
+  grep -v "^ " "$res/fast.log" | tail -8; grep -A12 "batch-1 step" "$res/fast.log"; grep -A14 "prefill phase" "$res/fast.log"
+  grep -A6 "^TTFT" "$res/fast.log"
   ;;
 sweeps)
   timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --tokens 8 16 32 --warps 1 2 4 \

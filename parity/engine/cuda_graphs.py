@@ -1,15 +1,20 @@
-"""CUDA graphs for decode steps: one graph per batch size on a ladder (1, 2, 4, 8, 16, 32, then every 32
-up to max_num_seqs), each replaying embedding -> layers -> LM head over static input buffers.
+"""CUDA graphs for the model's forward: decode steps (`DecodeGraphs`: one graph per batch size on a ladder (1, 2,
+4, 8, 16, 32, then every 32 up to max_num_seqs), embedding -> layers -> LM head) and steps that prefill
+(`PrefillGraphs`: one graph per token count on a ladder up to max_num_batched_tokens, embedding -> layers; the LM
+head runs after the replay on the rows that sample). An eager forward costs ~15-20 ms of host time at any size
+(~400 launches from Python); a prefill step of 8192 tokens is ~15 ms of kernels, so eager, it waits on the host.
 
-A decode batch of B sequences runs the smallest captured size >= B. Padding rows carry slot -1 (their
-K/V are not written) and context length 0 (attention returns zeros for them), so they never touch
-real sequences. Attention reads everything it needs from device tensors (`seq_lens`, `block_tables`),
-and the split-KV count is fixed by `max_model_len`, so one graph serves every context length. Kernels
-used under capture must not read the host lists of AttentionMetadata: they are placeholders here.
+A step runs the smallest captured size >= its own. Padding tokens carry slot -1 (their K/V are not written);
+padding sequences have context length 0 and own no query token (decode: the padding token), so attention gives
+them nothing and they never touch real sequences. Attention reads everything it needs from device tensors
+(`query_start_loc`, `seq_lens`, `block_tables`), and the split-KV count is fixed by `max_model_len`, so one graph
+serves every context length. Kernels used under capture must not read the host lists of AttentionMetadata: they
+are placeholders here.
 
 The model's inf/nan check (`check_finite`) cannot sync inside a graph, so each graph also writes a flag per
 row, `finite`, that the runner reads after the replay (and re-runs the step eagerly to name the layer); per
-row, so that a row whose result is dropped (a look-ahead step's row of a sequence that stopped) fails nobody.
+row, so that a row whose result is dropped (a look-ahead step's row of a sequence that stopped, a padding token)
+fails nobody.
 
 Graphs hold raw pointers: weight updates must copy into the existing parameters (weight sync does),
 and anything that reallocates the KV cache or the weights calls `ModelRunner.invalidate_cuda_graphs()`.
@@ -36,63 +41,74 @@ def batch_size_ladder(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
-class DecodeGraphs:
-    def __init__(self, model: DecoderModel, layer_caches, max_batch_size: int, max_model_len: int, block_size: int):
-        self.model = model
-        self.layer_caches = layer_caches
-        self.sizes = batch_size_ladder(max_batch_size)
-        self.max_model_len = max_model_len
-        device = next(model.parameters()).device
-        n, width = self.sizes[-1], -(-max_model_len // block_size)
-        # Pinned host mirrors of the static device inputs: written by the host, copied before each replay.
-        self.host_i64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)  # token ids, positions, slots
-        self.host_seq_lens = torch.zeros(n, dtype=torch.int32, pin_memory=True)
-        self.host_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=True)
-        self._row_owners: list[tuple[list[int] | None, int]] = [(None, 0)] * n  # see _write_tables
-        self.i64 = torch.zeros(3, n, dtype=torch.int64, device=device)
+def token_count_ladder(max_tokens: int) -> list[int]:
+    """Every 64 tokens up to 512, every 128 up to 1024, every 256 up to 2048, then every 512, and max_tokens: a step
+    pads its tokens by at most 64 up to 512 and by at most 25% past it."""
+    sizes = [t for lo, hi, step in ((64, 512, 64), (640, 1024, 128), (1280, 2048, 256), (2560, max_tokens, 512))
+             for t in range(lo, min(hi, max_tokens - 1) + 1, step)]
+    return sizes + [max_tokens]
+
+
+class StaticInputs:
+    """A graph set's static device inputs and their pinned host mirrors, written by the host and copied before each
+    replay: token ids, positions and slots [3, T]; query starts and sequence lengths [S + 1 | S]; block tables
+    [S, W]. Rows past a step's padded size are never read."""
+
+    def __init__(self, num_tokens: int, num_seqs: int, width: int, device: torch.device):
+        self.num_seqs = num_seqs
+        self.host_i64 = torch.zeros(3, num_tokens, dtype=torch.int64, pin_memory=True)
+        self.host_i32 = torch.zeros(2 * num_seqs + 1, dtype=torch.int32, pin_memory=True)
+        self.host_tables = torch.zeros(num_seqs, width, dtype=torch.int32, pin_memory=True)
+        self._row_owners: list[tuple[list[int] | None, int]] = [(None, 0)] * num_seqs  # see _write_tables
+        self.i64 = torch.zeros(3, num_tokens, dtype=torch.int64, device=device)
         self.i64[2].fill_(-1)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=device)
-        self.finite = torch.ones(n, dtype=torch.bool, device=device)  # per row: the replayed step's hidden states were finite
+        self.i32 = torch.zeros(2 * num_seqs + 1, dtype=torch.int32, device=device)
+        self.query_start_loc, self.seq_lens = self.i32[: num_seqs + 1], self.i32[num_seqs + 1 :]
+        self.block_tables = torch.zeros(num_seqs, width, dtype=torch.int32, device=device)
         # Recorded after the host-to-device copies: the pinned mirrors are rewritten only once they have landed
         # (the previous step may still be queued when the host prepares the next one).
         self._copied = torch.cuda.Event()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.deterministic = model.kernels.deterministic  # the kernel set baked into the graphs
-        self._capture()
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def meta(self, num_tokens: int, num_seqs: int, max_query_len: int, max_model_len: int) -> AttentionMetadata:
+        """The metadata a graph of `num_tokens` tokens and `num_seqs` sequences is captured with. Its host lists are
+        placeholders (the real ones live on the device): no kernel under capture reads them, and the query starts'
+        last entry (0) is not the token count, so deterministic attention zero-fills rows no sequence owns."""
         return AttentionMetadata(
-            query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=self.seq_lens[:bs],
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-            query_start_loc_cpu=list(range(bs + 1)),
-            seq_lens_cpu=[self.max_model_len] * bs,  # placeholder: the real lengths live on the device
-            block_tables=self.block_tables[:bs],
-            slot_mapping=self.i64[2, :bs],
+            query_start_loc=self.query_start_loc[: num_seqs + 1],
+            seq_lens=self.seq_lens[:num_seqs],
+            max_query_len=max_query_len,
+            max_seq_len=max_model_len,
+            query_start_loc_cpu=[0] * (num_seqs + 1),
+            seq_lens_cpu=[max_model_len] * num_seqs,
+            block_tables=self.block_tables[:num_seqs],
+            slot_mapping=self.i64[2, :num_tokens],
         )
 
-    def _forward(self, bs: int, meta: AttentionMetadata) -> None:
-        hidden = self.model(self.i64[0, :bs], self.i64[1, :bs], meta, self.layer_caches)
-        torch.all(torch.isfinite(hidden), dim=-1, out=self.finite[:bs])  # the model's own check cannot run in a graph
-        self.logits[:bs] = self.model.compute_logits(hidden)
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            meta = self._meta(bs)
-            self._forward(bs, meta)  # compiles the Triton kernels for this shape outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), dependent_launches(bs <= DEPENDENT_LAUNCH_MAX_BATCH):
-                self._forward(bs, meta)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+    def write(self, token_ids: list[int] | None, positions: list[int], slots: list[int], num_tokens: int,
+              query_starts: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> None:
+        """Copy one step's inputs, padded to `num_tokens` tokens and `len(query_starts) - 1` sequences (the caller
+        pads the query starts; sequences past `seq_lens` get length 0), to the device. `token_ids` None: the caller
+        writes them into `i64[0]` on the device."""
+        self._copied.synchronize()
+        n, s, bs = len(positions), len(seq_lens), len(query_starts) - 1
+        host = self.host_i64.numpy()
+        if token_ids is not None:
+            host[0, :n] = token_ids
+        host[1, :n] = positions
+        host[2, :n] = slots
+        host[:2, n:num_tokens] = 0
+        host[2, n:num_tokens] = -1
+        i32 = self.host_i32.numpy()
+        i32[: bs + 1] = query_starts
+        lens = i32[self.num_seqs + 1 :]
+        lens[:s] = seq_lens
+        lens[s:bs] = 0
+        self._write_tables(block_tables)
+        # Whole buffers (a few hundred KB): contiguous async copies.
+        self.i64.copy_(self.host_i64, non_blocking=True)
+        self.i32.copy_(self.host_i32, non_blocking=True)
+        self.block_tables.copy_(self.host_tables, non_blocking=True)
+        self._copied.record()
 
     def _write_tables(self, block_tables: list[list[int]]) -> None:
         """Copy block tables into the pinned mirror, row by row, skipping what is already there.
@@ -112,6 +128,43 @@ class DecodeGraphs:
                 tables[i, copied : len(table)] = table[copied:]
                 owners[i] = (table, len(table))
 
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderModel, layer_caches, max_batch_size: int, max_model_len: int, block_size: int):
+        self.model = model
+        self.layer_caches = layer_caches
+        self.sizes = batch_size_ladder(max_batch_size)
+        self.max_model_len = max_model_len
+        device = next(model.parameters()).device
+        n = self.sizes[-1]
+        self.inputs = StaticInputs(n, n, -(-max_model_len // block_size), device)
+        self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.finite = torch.ones(n, dtype=torch.bool, device=device)  # per row: the replayed step's hidden states were finite
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.deterministic = model.kernels.deterministic  # the kernel set baked into the graphs
+        self._capture()
+
+    def _forward(self, bs: int, meta: AttentionMetadata) -> None:
+        ids, positions = self.inputs.i64[0, :bs], self.inputs.i64[1, :bs]
+        hidden = self.model(ids, positions, meta, self.layer_caches)
+        torch.all(torch.isfinite(hidden), dim=-1, out=self.finite[:bs])  # the model's own check cannot run in a graph
+        self.logits[:bs] = self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        self.inputs.query_start_loc.copy_(torch.arange(self.sizes[-1] + 1))  # the padding sequences own a token each
+        pool = None
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            meta = self.inputs.meta(bs, bs, 1, self.max_model_len)
+            self._forward(bs, meta)  # compiles the Triton kernels for this shape outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), dependent_launches(bs <= DEPENDENT_LAUNCH_MAX_BATCH):
+                self._forward(bs, meta)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
     def padded_size(self, num_seqs: int) -> int | None:
         return next((b for b in self.sizes if b >= num_seqs), None)
 
@@ -122,24 +175,81 @@ class DecodeGraphs:
         known to the host)."""
         num_seqs = len(positions)
         bs = self.padded_size(num_seqs)
-        self._copied.synchronize()
-        host = self.host_i64.numpy()
-        if not isinstance(token_ids, torch.Tensor):
-            host[0, :num_seqs] = token_ids
-        host[1, :num_seqs] = positions
-        host[2, :num_seqs] = slots
-        host[:2, num_seqs:bs] = 0
-        host[2, num_seqs:bs] = -1
-        lens = self.host_seq_lens.numpy()
-        lens[:num_seqs] = seq_lens
-        lens[num_seqs:bs] = 0
-        self._write_tables(block_tables)
-        # Whole buffers (a few hundred KB): contiguous async copies; rows past bs are never read.
-        self.i64.copy_(self.host_i64, non_blocking=True)
-        self.seq_lens.copy_(self.host_seq_lens, non_blocking=True)
-        self.block_tables.copy_(self.host_tables, non_blocking=True)
-        self._copied.record()
-        if isinstance(token_ids, torch.Tensor):
-            self.i64[0, :num_seqs].copy_(token_ids)
+        on_device = isinstance(token_ids, torch.Tensor)
+        self.inputs.write(None if on_device else token_ids, positions, slots, bs, range(bs + 1), seq_lens,
+                          block_tables)
+        if on_device:
+            self.inputs.i64[0, :num_seqs].copy_(token_ids)
         self.graphs[bs].replay()
         return self.logits[:num_seqs]
+
+
+class PrefillGraphs:
+    """Graphs for steps whose sequences compute any number of tokens (prefill chunks, with decode rows beside
+    them), up to `max_tokens` tokens and `max_num_seqs` sequences: embedding -> layers -> final norm into a static
+    hidden-state buffer. The LM head runs after the replay on the rows that sample (a step samples far fewer rows
+    than it computes)."""
+
+    def __init__(self, model: DecoderModel, layer_caches, max_num_seqs: int, max_tokens: int, max_model_len: int,
+                 block_size: int):
+        self.model = model
+        self.layer_caches = layer_caches
+        self.sizes = token_count_ladder(max_tokens)
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        device = next(model.parameters()).device
+        n = self.sizes[-1]
+        self.inputs = StaticInputs(n, min(max_num_seqs, n), -(-max_model_len // block_size), device)
+        self.hidden = torch.empty(n, model.config.hidden_size, dtype=model.dtype, device=device)
+        self.finite = torch.ones(n, dtype=torch.bool, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.deterministic = model.kernels.deterministic
+        self.replays = 0  # steps run in these graphs
+        self._capture()
+
+    def _num_seqs(self, num_tokens: int) -> int:
+        """The sequences a graph of `num_tokens` tokens takes (each computes at least one token)."""
+        return min(self.max_num_seqs, num_tokens)
+
+    def _forward(self, t: int, meta: AttentionMetadata) -> None:
+        hidden = self.model(self.inputs.i64[0, :t], self.inputs.i64[1, :t], meta, self.layer_caches)
+        torch.all(torch.isfinite(hidden), dim=-1, out=self.finite[:t])
+        self.hidden[:t].copy_(hidden)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        for t in reversed(self.sizes):
+            s = self._num_seqs(t)
+            # Every token in one sequence (the warm-up forward then attends causally over real slots' K/V: slot -1
+            # writes nothing, so the cache keeps whatever it holds).
+            self.inputs.query_start_loc[: s + 1].fill_(t)
+            self.inputs.query_start_loc[0] = 0
+            meta = self.inputs.meta(t, s, t, self.max_model_len)
+            self._forward(t, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(t, meta)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[t] = graph
+        torch.cuda.synchronize()
+
+    def padded_size(self, num_tokens: int, num_seqs: int) -> int | None:
+        """The graph for a step of these sizes, or None where none is large enough."""
+        if num_seqs > self.max_num_seqs:
+            return None
+        return next((t for t in self.sizes if t >= num_tokens and self._num_seqs(t) >= num_seqs), None)
+
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], query_starts: list[int],
+            seq_lens: list[int], block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph for this step (`query_starts`: its sequences' query starts, then the token count): its
+        final hidden states [T, H] and per-token finite flags [T], views of static buffers valid until the next
+        replay."""
+        num_tokens = len(positions)
+        t = self.padded_size(num_tokens, len(seq_lens))
+        pad = [num_tokens] * (self._num_seqs(t) - len(seq_lens))  # padding sequences own no token
+        self.inputs.write(token_ids, positions, slots, t, query_starts + pad, seq_lens, block_tables)
+        self.graphs[t].replay()
+        self.replays += 1
+        return self.hidden[:num_tokens], self.finite[:num_tokens]

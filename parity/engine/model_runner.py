@@ -37,6 +37,21 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class FlatBatch:
+    """A scheduled batch flattened into one ragged batch of tokens, on the host."""
+
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+    starts: list[int]  # query start of each sequence, then the token count
+    seq_lens: list[int]
+    logits_rows: list[int]  # the rows that sample
+    sampled_seqs: list[int]  # indices into batch.seqs of the sequences that sample this step
+    # prompt_logprobs requests in prefill: (index into batch.seqs, first prompt token predicted, its hidden row, count)
+    prompt_chunks: list[tuple[int, int, int, int]]
+
+
+@dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -98,6 +113,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.kv_cache: torch.Tensor | None = None
         self.graphs = None  # DecodeGraphs, when enable_cuda_graphs() was called
+        self.prefill_graphs = None  # PrefillGraphs, likewise, for a model without MoE layers
         self._graph_config: tuple[int, int] | None = None
         self.sleep_state: SleepState | None = None
         self.num_blocks = self.num_kv_blocks()
@@ -125,7 +141,8 @@ class ModelRunner:
         return int(num_blocks)
 
     def _cuda_kv_budget(self) -> int:
-        """What is left under memory_utilization after weights and the activations of a full-size step."""
+        """What is left under memory_utilization after weights and the activations of a full-size step: twice, with
+        prefill graphs (their memory pool holds a full-size step's, and an eager step needs its own)."""
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         lens = [min(self.max_model_len, num_tokens - i) for i in range(0, num_tokens, self.max_model_len)]
@@ -138,6 +155,8 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         activations = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
         torch.cuda.empty_cache()
+        if not self.config.enforce_eager and not self.model.config.moe_layers:
+            activations *= 2
         return int(free - (1 - self.config.memory_utilization) * total - activations)
 
     def allocate_kv_cache(self) -> None:
@@ -292,13 +311,22 @@ class ModelRunner:
         return [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self.kv_cache.shape[1])]
 
     def enable_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
-        """Capture decode graphs now (and again, lazily, after `invalidate_cuda_graphs`)."""
+        """Capture decode graphs, and for a dense model prefill graphs, now (and again, lazily, after
+        `invalidate_cuda_graphs`)."""
         self._graph_config = (max_batch_size, max_model_len)
         self._capture_graphs()
+        if self._prefill_graphs_allowed:
+            self._capture_prefill_graphs()
 
     def invalidate_cuda_graphs(self) -> None:
-        """Drop captured graphs (the KV cache or weights moved); the next decode step captures anew."""
-        self.graphs = None
+        """Drop captured graphs (the KV cache or weights moved); the next step that can use them captures anew."""
+        self.graphs = self.prefill_graphs = None
+
+    @property
+    def _prefill_graphs_allowed(self) -> bool:
+        """Steps that prefill run in graphs where decode steps do, for a dense model (a MoE block's routing is
+        recorded and replayed on the eager path)."""
+        return self.device.type == "cuda" and not self.model.config.moe_layers
 
     def _capture_graphs(self) -> None:
         from parity.engine.cuda_graphs import DecodeGraphs
@@ -308,6 +336,16 @@ class ModelRunner:
         # Logged: after every sleep/wake cycle (the KV cache is re-allocated) the next decode step captures again.
         logger.info("captured decode CUDA graphs for %d batch sizes (up to %d) in %.2f s", len(self.graphs.sizes),
                     self.graphs.sizes[-1], time.perf_counter() - start)
+
+    def _capture_prefill_graphs(self) -> None:
+        from parity.engine.cuda_graphs import PrefillGraphs
+
+        start = time.perf_counter()
+        max_num_seqs, max_model_len = self._graph_config
+        self.prefill_graphs = PrefillGraphs(self.model, self.layer_caches, max_num_seqs,
+                                            self.config.max_num_batched_tokens, max_model_len, self.block_size)
+        logger.info("captured prefill CUDA graphs for %d token counts (up to %d) in %.2f s",
+                    len(self.prefill_graphs.sizes), self.prefill_graphs.sizes[-1], time.perf_counter() - start)
 
     def _graphs_for(self, batch: ScheduledBatch):
         """The decode graphs, if they can run this batch (every sequence computes exactly one token)."""
@@ -319,6 +357,21 @@ class ModelRunner:
             return None  # the chosen experts are recorded on the eager path
         return self._decode_graphs(len(batch.seqs))
 
+    def _prefill_graphs_for(self, batch: ScheduledBatch):
+        """The prefill graphs, if they can run this batch: no prompt_logprobs (they read the hidden states of
+        prompt rows, which the next replay overwrites), no recorded experts, and a graph large enough."""
+        if self._graph_config is None or not self._prefill_graphs_allowed:
+            return None
+        if any(s.params.prompt_logprobs is not None and s.in_prefill for s in batch.seqs):
+            return None
+        if any(s.params.return_routed_experts for s in batch.seqs):
+            return None
+        if self.prefill_graphs is None or self.prefill_graphs.deterministic != self.model.kernels.deterministic:
+            self._capture_prefill_graphs()
+        if self.prefill_graphs.padded_size(sum(batch.num_new_tokens), len(batch.seqs)) is None:
+            return None
+        return self.prefill_graphs
+
     def _decode_graphs(self, num_seqs: int):
         """The decode graphs (captured at first use and after a switch of kernel mode), or None when there are
         none or they cannot take `num_seqs` sequences."""
@@ -328,41 +381,39 @@ class ModelRunner:
             self._capture_graphs()
         return self.graphs
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        logits_rows: list[int] = []
-        sampled: list[int] = []
-        prompt_chunks: list[tuple[int, int, int, int]] = []
+    def flatten(self, batch: ScheduledBatch) -> FlatBatch:
+        flat = FlatBatch([], [], [], [0], [], [], [], [])
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             begin = seq.num_computed_tokens
             end = begin + n
             num_prompt_rows = min(end, len(seq.prompt_ids) - 1) - begin  # rows that predict a later prompt token
             if seq.params.prompt_logprobs is not None and num_prompt_rows > 0:
-                prompt_chunks.append((i, begin + 1, starts[-1], num_prompt_rows))
-            tokens.extend(_token_range(seq, begin, end))
-            positions.extend(range(begin, end))
-            slots.extend(_slots(seq.block_table, begin, end, bs))
-            starts.append(starts[-1] + n)
-            seq_lens.append(end)
+                flat.prompt_chunks.append((i, begin + 1, flat.starts[-1], num_prompt_rows))
+            flat.tokens.extend(_token_range(seq, begin, end))
+            flat.positions.extend(range(begin, end))
+            flat.slots.extend(_slots(seq.block_table, begin, end, bs))
+            flat.starts.append(flat.starts[-1] + n)
+            flat.seq_lens.append(end)
             if end == seq.num_tokens:  # every known token is in the cache: the next one is sampled
-                logits_rows.append(starts[-1] - 1)
-                sampled.append(i)
+                flat.logits_rows.append(flat.starts[-1] - 1)
+                flat.sampled_seqs.append(i)
+        return flat
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        flat = self.flatten(batch)
         # two host-to-device copies: the int64 columns and the int32 ones, split into views on the device
-        i64 = to_device(tokens + positions + slots + logits_rows, torch.int64, self.device)
-        t = len(tokens)
-        meta = self._attention_metadata(batch.seqs, starts, seq_lens, max(batch.num_new_tokens), i64[2 * t : 3 * t])
+        i64 = to_device(flat.tokens + flat.positions + flat.slots + flat.logits_rows, torch.int64, self.device)
+        t = len(flat.tokens)
+        meta = self._attention_metadata(batch.seqs, flat.starts, flat.seq_lens, max(batch.num_new_tokens),
+                                        i64[2 * t : 3 * t])
         return StepInputs(
             input_ids=i64[:t],
             positions=i64[t : 2 * t],
             meta=meta,
             logits_rows=i64[3 * t :],
-            sampled_seqs=sampled,
-            prompt_chunks=prompt_chunks,
+            sampled_seqs=flat.sampled_seqs,
+            prompt_chunks=flat.prompt_chunks,
         )
 
     @torch.inference_mode()
@@ -380,6 +431,8 @@ class ModelRunner:
                 out.sampled_seqs = sampled
                 out.logits = out.logits[to_device(sampled, torch.int64, out.logits.device)] if sampled else None
             return out
+        if (prefill_graphs := self._prefill_graphs_for(batch)) is not None:
+            return self._execute_prefill_graph(prefill_graphs, batch)
         inputs = self.prepare(batch)
         if any(s.params.return_routed_experts for s in batch.seqs):
             with self.model.routing.recording() as routing:
@@ -446,6 +499,17 @@ class ModelRunner:
         # the flag is overwritten by the next replay: its own copy goes to the host with the step's results
         finite = HostCopy(graphs.finite[: len(seqs)].clone()) if self.model.check_finite else None
         return ForwardOutput(logits, list(range(len(seqs))), [], finite)
+
+    def _execute_prefill_graph(self, graphs, batch: ScheduledBatch) -> ForwardOutput:
+        """Replay the graph that takes this step's tokens; the LM head runs on the rows that sample."""
+        flat = self.flatten(batch)
+        hidden, finite = graphs.run(flat.tokens, flat.positions, flat.slots, flat.starts, flat.seq_lens,
+                                    [seq.block_table for seq in batch.seqs])
+        finite = HostCopy(finite.clone()) if self.model.check_finite else None
+        if not flat.sampled_seqs:
+            return ForwardOutput(None, [], [], finite)
+        rows = to_device(flat.logits_rows, torch.int64, self.device)
+        return ForwardOutput(self.model.compute_logits(hidden[rows]), flat.sampled_seqs, [], finite)
 
     def raise_nonfinite(self, batch: ScheduledBatch) -> None:
         """A replayed decode step produced inf/nan: re-run it eagerly, whose check names the layer (re-running

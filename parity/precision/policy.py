@@ -66,9 +66,10 @@ class PrecisionPolicy:
 
 # Sub-modules of a decoder layer in execution order, and how an error message calls them.
 _PARTS = {
-    "input_layernorm": "residual add + input norm",
+    # a norm module also runs the projection that reads it (`RMSNorm.forward(into=)`): its output is that projection's
+    "input_layernorm": "residual add + input norm + qkv projection",
     "self_attn": "attention",
-    "post_attention_layernorm": "residual add + post-attention norm",
+    "post_attention_layernorm": "residual add + post-attention norm (+ a dense MLP's gate_up and SiLU)",
     "mlp": "mlp",
 }
 
