@@ -147,7 +147,7 @@ def test_prefill_graphs_match_eager_with_chunks_and_decode_rows_beside_them(gpu_
     eng = Engine.from_pretrained(path, **kw)
     assert eng.runner.prefill_graphs.sizes == [64, 128, 192, 256, 300]
     out = eng.generate(PROMPTS, params)
-    assert eng.runner.prefill_graphs.replays >= 3  # 738 prompt tokens in chunks of at most 300
+    assert eng.runner.prefill_graphs.replays >= 2  # 588 prompt tokens in chunks of at most 300
     for r, o in zip(ref, out):
         if deterministic:
             assert o.output_ids == r.output_ids and o.output_logprobs == r.output_logprobs
