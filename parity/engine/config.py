@@ -48,7 +48,8 @@ class EngineConfig:
     deterministic: batch-invariant kernels, so logprobs do not depend on batch composition.
     check_finite: raise NonFiniteActivationError, naming the layer, when a forward produces inf/nan
         (e.g. fp16 overflow). Every precision switch is documented in parity.precision.policy.
-    enforce_eager: no CUDA graphs.
+    enforce_eager: no CUDA graphs (otherwise decode steps and, for a dense model, steps that prefill replay them:
+        parity.engine.cuda_graphs).
     async_scheduling: queue the next decode step on the device before the host books the current one (vLLM's
         async scheduling; results are step by step's but for the differences parity.engine.step_pipeline lists).
     """
