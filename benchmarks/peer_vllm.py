@@ -105,8 +105,10 @@ def run_parity(job: dict, prompts, lens_b) -> dict:
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(job["model"], device=job["device"], dtype="bf16",
                                     deterministic=job["mode"] == "deterministic", max_num_seqs=job["max_num_seqs"],
-                                    max_model_len=job["max_model_len"], kv_cache_memory=job.get("kv_cache_memory"))
-    res = {"init_s": time.perf_counter() - t0, "settings": {k: job[k] for k in ("max_num_seqs", "max_model_len")}}
+                                    max_model_len=job["max_model_len"], kv_cache_memory=job.get("kv_cache_memory"),
+                                    **({"max_num_batched_tokens": n} if (n := job["parity_batched_tokens"]) else {}))
+    res = {"init_s": time.perf_counter() - t0, "settings": {k: job[k] for k in ("max_num_seqs", "max_model_len")},
+           "max_num_batched_tokens": engine.config.max_num_batched_tokens}
     # Warm-up on other prompts (no prefix-cache hits later): full-size prefill chunks and sampling at B's
     # temperature, so that no kernel variant compiles inside a timed run.
     warm = random_prompts(min(64, len(prompts)), job["vocab"], *((100, 1024) if job["device"] == "cuda" else (10, 40)),
@@ -271,6 +273,8 @@ def main() -> None:
                     help="max_model_lens that deterministic mode runs at (default: the longest)")
     ap.add_argument("--same-kv-pool", action="store_true",
                     help="also run parity fast at the longest max_model_len with the KV pool of the shortest")
+    ap.add_argument("--parity-max-num-batched-tokens", type=int, default=None,
+                    help="parity's prefill chunk (default: EngineConfig's, 8192; vLLM 0.20 picks 16384 on an H200)")
     ap.add_argument("--time-budget", type=float, default=540.0, help="seconds; later configurations are skipped")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -301,6 +305,7 @@ def main() -> None:
         (tmp / "prompts.json").write_text(json.dumps({"prompts": prompts, "lens_b": lens_b}))
         common = {"model": str(model), "prompts": str(tmp / "prompts.json"), "device": device, "vocab": vocab,
                   "output_len": args.output_len, "max_num_seqs": 256 if not args.smoke else 8,
+                  "parity_batched_tokens": args.parity_max_num_batched_tokens,
                   "latency_prompt_len": latency_len, "latency_new_tokens": latency_new}
         jobs = configurations(args, missing is None)
         for job in jobs:

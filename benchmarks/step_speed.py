@@ -152,6 +152,7 @@ def main() -> None:
     ap = workload_parser(__doc__, "tiny model on CPU, a few prompts: checks the script only")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the prefill chunk (EngineConfig's default)")
     ap.add_argument("--rounds", type=int, default=1, help="off/on pairs, the order alternating")
     ap.add_argument("--batch1-tokens", type=int, default=256)
     ap.add_argument("--deterministic", action="store_true",
@@ -179,7 +180,8 @@ def main() -> None:
         path = write_tiny_model(Path(tmp) / "model", spec)
         t0 = time.perf_counter()
         engine = Engine.from_pretrained(path, device=args.device, dtype="bf16", max_num_seqs=args.max_num_seqs,
-                                        max_model_len=args.max_model_len, deterministic=args.deterministic)
+                                        max_model_len=args.max_model_len, deterministic=args.deterministic,
+                                        max_num_batched_tokens=args.max_num_batched_tokens)
         results["init_s"] = time.perf_counter() - t0
         vocab = engine.model_config.vocab_size
         prompts = tp.random_prompts(args.num_prompts, vocab, lo, hi, seed=0)

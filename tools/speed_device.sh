@@ -18,11 +18,12 @@
 #            the steps that prefill 64 fresh workload-A prompts traced
 #   graphs:  the engine, Triton-determinism, GEMV and kernel GPU tests (prefill CUDA graphs, fused norm + projection),
 #            then fast mode's step_speed with the prefill phase and TTFT traced
+#   chunk:   fast mode's step_speed at prefill chunks of 8192 and 16384 tokens (vLLM 0.20 takes 16384 on an H200)
 #   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
 #            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
 #            at 256 and 512 rows (still 1.34-1.43x cuBLAS there); key segments of 128 and 64
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | sweeps}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -98,6 +99,12 @@ graphs)
   timeout 150 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 --prefill-phase 64 --ttft > "$res/fast.log" 2>&1
   grep -v "^ " "$res/fast.log" | tail -8; grep -A12 "batch-1 step" "$res/fast.log"; grep -A14 "prefill phase" "$res/fast.log"
   grep -A6 "^TTFT" "$res/fast.log"
+  ;;
+chunk)
+  for n in 8192 16384; do
+    timeout 130 python3 -m benchmarks.step_speed --out "$res/fast$n" --rounds 1 --max-num-batched-tokens $n \
+      --prefill-phase 64 > "$res/fast$n.log" 2>&1; echo "== max_num_batched_tokens $n"; grep -v "^ " "$res/fast$n.log" | tail -5
+  done
   ;;
 sweeps)
   timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --tokens 8 16 32 --warps 1 2 4 \
