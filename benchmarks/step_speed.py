@@ -19,6 +19,7 @@ of --kernel-batches (default: batch 1; torch.profiler sees inside graphs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -101,18 +102,53 @@ def prefill_kernels(engine: Engine, vocab: int, prompt_len: int, top: int) -> di
     }
 
 
+@contextlib.contextmanager
+def host_timers(engine: Engine):
+    """Seconds the host spends in each part of a step, accumulated while the block runs: scheduling, the runner's
+    forward (host side: inputs, launches or replay), sampling's launches, waiting for the device's results, and the
+    rest of booking them."""
+    from parity.engine import sampler, step_pipeline
+
+    totals = dict.fromkeys(("schedule", "forward", "sample", "wait", "book"), 0.0)
+    patches = [(engine.scheduler, "schedule", "schedule"), (engine.runner, "execute", "forward"),
+               (step_pipeline, "sample_sequences", "sample"), (sampler.HostCopy, "wait", "wait"),
+               (engine.pipeline, "_book", "book")]
+
+    def timed(fn, name):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - start
+        return run
+
+    saved = [(obj, attr, obj.__dict__.get(attr)) for obj, attr, _ in patches]
+    for obj, attr, name in patches:
+        setattr(obj, attr, timed(getattr(obj, attr), name))
+    try:
+        yield totals
+    finally:
+        for obj, attr, old in saved:
+            if old is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+    totals["book"] -= totals["wait"]  # the waits happen inside booking
+
+
 def prefill_phase_kernels(engine: Engine, vocab: int, num_prompts: int, lengths: tuple[int, int], top: int) -> dict:
-    """Workload A's opening, traced: `num_prompts` fresh prompts U[lengths] admitted at once, stepped until none is
-    still prefilling (the steps that prefill, chunked to max_num_batched_tokens). Wall time and kernels by name, to
-    set against the step's ideal (its matmul FLOPs at the GPU's rate)."""
+    """Workload A's opening: `num_prompts` fresh prompts U[lengths] admitted at once, stepped until none is still
+    prefilling (the steps that prefill, chunked to max_num_batched_tokens). Once untraced, with the host's time per
+    part of a step (`host_timers`), then on other prompts traced: kernels by name, to set against the wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     clock = tp.Clock(engine.device)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    prompts = tp.random_prompts(num_prompts, vocab, *lengths, seed=8000)
     sched = engine.scheduler
-    cuda = engine.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+
+    def run(seed: int) -> tuple[int, float, int]:
+        prompts = tp.random_prompts(num_prompts, vocab, *lengths, seed=seed)
         start = clock.now()
         for p in prompts:
             engine.add_request(p, params)
@@ -121,10 +157,19 @@ def prefill_phase_kernels(engine: Engine, vocab: int, num_prompts: int, lengths:
             engine.step()
             steps += 1
         wall = clock.now() - start
-    engine.abort_all()
+        engine.abort_all()
+        return steps, wall, sum(map(len, prompts))
+
+    with host_timers(engine) as host:
+        steps, wall, tokens = run(8000)
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        traced_steps, traced_wall, _ = run(8001)
     kernel_s, rows = kernel_table(prof, 1000)
     return {
-        "prompts": num_prompts, "prompt_tokens": sum(map(len, prompts)), "steps": steps, "wall_ms": wall * 1e3,
+        "prompts": num_prompts, "prompt_tokens": tokens, "steps": steps, "wall_ms": wall * 1e3,
+        "host_ms": {k: v * 1e3 for k, v in host.items()},
+        "traced_steps": traced_steps, "traced_wall_ms": traced_wall * 1e3,
         "kernel_ms": kernel_s * 1e3, "launches": sum(r["calls"] for r in rows),
         "top": [{"name": r["name"], "us": r["ms"] * 1e3, "calls": r["calls"]} for r in rows[:top]],
     }
@@ -219,8 +264,11 @@ def main() -> None:
         for r in ttft["host_top"]:
             print(f"  {r['self_us']:8.1f} us {r['calls']:5d}x  {r['name']}")
     if pre := results.get("prefill_phase"):
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in pre["host_ms"].items())
         print(f"prefill phase: {pre['prompts']} prompts, {pre['prompt_tokens']} tokens, {pre['steps']} steps, "
-              f"{pre['wall_ms']:.1f} ms wall (traced), {pre['launches']} launches, {pre['kernel_ms']:.2f} ms of kernels")
+              f"{pre['wall_ms']:.1f} ms wall; host ms: {parts}")
+        print(f"  traced (other prompts): {pre['traced_steps']} steps, {pre['traced_wall_ms']:.1f} ms wall, "
+              f"{pre['launches']} launches, {pre['kernel_ms']:.2f} ms of kernels")
         for r in pre["top"]:
             print(f"  {r['us']:8.1f} us {r['calls']:5d}x  {r['name']}")
 

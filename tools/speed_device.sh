@@ -103,7 +103,8 @@ graphs)
 chunk)
   for n in 8192 16384; do
     timeout 130 python3 -m benchmarks.step_speed --out "$res/fast$n" --rounds 1 --max-num-batched-tokens $n \
-      --prefill-phase 64 > "$res/fast$n.log" 2>&1; echo "== max_num_batched_tokens $n"; grep -v "^ " "$res/fast$n.log" | tail -5
+      --prefill-phase 64 > "$res/fast$n.log" 2>&1; echo "== max_num_batched_tokens $n"; grep -v "^ " "$res/fast$n.log" | tail -6
+    grep -A1 "prefill phase" "$res/fast$n.log"
   done
   ;;
 sweeps)
