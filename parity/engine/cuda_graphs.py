@@ -104,10 +104,12 @@ class StaticInputs:
         lens[:s] = seq_lens
         lens[s:bs] = 0
         self._write_tables(block_tables)
-        # Whole buffers (a few hundred KB): contiguous async copies.
+        # Contiguous async copies: the whole token and length buffers (a few KB to ~200 KB), the block tables' rows
+        # of the step's sequences only (a padding sequence's row is never read; the whole [S, W] buffer is 512 KB at
+        # 256 sequences x 8192 / 16 blocks, and the three copies took 16.6 us of a batch-1 step's trace with it).
         self.i64.copy_(self.host_i64, non_blocking=True)
         self.i32.copy_(self.host_i32, non_blocking=True)
-        self.block_tables.copy_(self.host_tables, non_blocking=True)
+        self.block_tables[:s].copy_(self.host_tables[:s], non_blocking=True)
         self._copied.record()
 
     def _write_tables(self, block_tables: list[list[int]]) -> None:
