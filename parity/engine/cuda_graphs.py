@@ -69,16 +69,19 @@ class StaticInputs:
         # (the previous step may still be queued when the host prepares the next one).
         self._copied = torch.cuda.Event()
 
-    def meta(self, num_tokens: int, num_seqs: int, max_query_len: int, max_model_len: int) -> AttentionMetadata:
+    def meta(self, num_tokens: int, num_seqs: int, max_query_len: int, max_model_len: int,
+             query_starts: list[int]) -> AttentionMetadata:
         """The metadata a graph of `num_tokens` tokens and `num_seqs` sequences is captured with. Its host lists are
-        placeholders (the real ones live on the device): no kernel under capture reads them, and the query starts'
-        last entry (0) is not the token count, so deterministic attention zero-fills rows no sequence owns."""
+        placeholders (the real ones live on the device) that no kernel under capture reads, except that
+        deterministic attention skips zero-filling its output where the host query starts end at the token count
+        (every row has a sequence: a decode graph's padding sequences own a token each), so `query_starts` says
+        whether they do."""
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: num_seqs + 1],
             seq_lens=self.seq_lens[:num_seqs],
             max_query_len=max_query_len,
             max_seq_len=max_model_len,
-            query_start_loc_cpu=[0] * (num_seqs + 1),
+            query_start_loc_cpu=query_starts,
             seq_lens_cpu=[max_model_len] * num_seqs,
             block_tables=self.block_tables[:num_seqs],
             slot_mapping=self.i64[2, :num_tokens],
@@ -157,7 +160,7 @@ class DecodeGraphs:
         self.inputs.query_start_loc.copy_(torch.arange(self.sizes[-1] + 1))  # the padding sequences own a token each
         pool = None
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            meta = self.inputs.meta(bs, bs, 1, self.max_model_len)
+            meta = self.inputs.meta(bs, bs, 1, self.max_model_len, list(range(bs + 1)))
             self._forward(bs, meta)  # compiles the Triton kernels for this shape outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -227,7 +230,7 @@ class PrefillGraphs:
             # writes nothing, so the cache keeps whatever it holds).
             self.inputs.query_start_loc[: s + 1].fill_(t)
             self.inputs.query_start_loc[0] = 0
-            meta = self.inputs.meta(t, s, t, self.max_model_len)
+            meta = self.inputs.meta(t, s, t, self.max_model_len, [0] * (s + 1))  # padding tokens have no sequence
             self._forward(t, meta)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
