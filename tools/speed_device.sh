@@ -94,7 +94,7 @@ fused)
   grep -v "^ " "$res/fast.log" | tail -6; grep -A12 "batch-1 step" "$res/fast.log"; grep -A25 "prefill phase" "$res/fast.log"
   ;;
 graphs)
-  timeout 230 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_determinism_triton.py \
+  timeout 320 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_determinism_triton.py \
     tests/test_gemv.py tests/test_kernels.py -k "not sweep" > "$res/pytest_gpu.log" 2>&1; tail -15 "$res/pytest_gpu.log"
   timeout 150 python3 -m benchmarks.step_speed --out "$res/fast" --rounds 1 --prefill-phase 64 --ttft > "$res/fast.log" 2>&1
   grep -v "^ " "$res/fast.log" | tail -8; grep -A12 "batch-1 step" "$res/fast.log"; grep -A14 "prefill phase" "$res/fast.log"
