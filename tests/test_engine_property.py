@@ -40,7 +40,7 @@ def apply(engine: Engine, op: str, weights: dict, current: str) -> str:
     if op == "good":
         assert len(engine.generate([[7, 8, 9], "hello"], SAMPLED)) == 4
     elif op == "bad_prompt":
-        with pytest.raises(ValueError, match="prompt 1: token id 0 must be an int"):
+        with pytest.raises(ValueError, match="prompt 1: the token at position 0 must be an int id"):
             engine.generate([[5, 6], [1.5, 2]], GREEDY)
     elif op == "bad_params":
         with pytest.raises(ValueError, match="prompt 0: params must be a SamplingParams"):

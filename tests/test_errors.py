@@ -98,7 +98,7 @@ def test_request_larger_than_whole_kv_cache(llama_dir):
 
 
 def test_token_id_outside_vocabulary(engine):
-    with pytest.raises(ValueError, match="token id 99999 outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"token id 99999 at position 1 is outside the vocabulary \[0, "):
         engine.add_request([1, 99999])
 
 
@@ -148,9 +148,9 @@ def test_failing_step_fails_its_requests_and_leaves_the_engine_usable(llama_dir)
 @pytest.mark.parametrize(
     "prompt, message",
     [
-        ([1.7, 2.2], r"prompt 0: token id 0 must be an int, got 1\.7"),
-        ([5, True], r"prompt 0: token id 1 must be an int, got True"),
-        ([5, "6"], r"prompt 0: token id 1 must be an int, got '6'"),
+        ([1.7, 2.2], r"prompt 0: the token at position 0 must be an int id, got 1\.7"),
+        ([5, True], r"prompt 0: the token at position 1 must be an int id, got True"),
+        ([5, "6"], r"prompt 0: the token at position 1 must be an int id, got '6'"),
         (None, "prompt 0: expected text, a list of token ids or a list of chat messages, got NoneType"),
         ("tensor", r"prompt 0: .*got Tensor \(pass tensor.tolist\(\)\)"),
         (["Hello", "there"], "prompt 0: a list of strings is not one prompt"),

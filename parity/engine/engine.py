@@ -127,7 +127,8 @@ class Engine:
         bad = next(((i, t) for i, t in enumerate(prompt) if isinstance(t, bool) or not isinstance(t, numbers.Integral)),
                    None)
         if bad is not None:
-            raise ValueError(f"{label}: token id {bad[0]} must be an int, got {bad[1]!r} ({type(bad[1]).__name__})")
+            raise ValueError(f"{label}: the token at position {bad[0]} must be an int id, got {bad[1]!r} "
+                             f"({type(bad[1]).__name__})")
         return [int(t) for t in prompt]
 
     def apply_chat_template(self, messages: Seq[Mapping[str, str]]) -> list[int]:
@@ -247,8 +248,8 @@ class Engine:
                              f"{self.model_config.architecture} has no MoE layers")
         vocab = self.model_config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:  # min/max loop in C; then find the first offender
-            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
-            raise ValueError(f"{label}: token id {bad} outside the vocabulary [0, {vocab})")
+            pos, bad = next((i, t) for i, t in enumerate(prompt_ids) if not 0 <= t < vocab)
+            raise ValueError(f"{label}: token id {bad} at position {pos} is outside the vocabulary [0, {vocab})")
         try:
             params.check_vocab(vocab)
             if params.stop:
