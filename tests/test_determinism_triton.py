@@ -202,6 +202,24 @@ def test_log_softmax_rows_invariant_close_and_differentiable(vocabs):
     torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("vocabs", [(2500, 9000), pytest.param((2500, 151936), id="gpu", marks=pytest.mark.gpu)])
+def test_argmax_logprob_is_the_log_softmax_at_torchs_argmax(vocabs):
+    """The greedy pick in one pass: torch.argmax's token (the first of tied maxima, within a block and across
+    vocabulary chunks) and exactly the chunked log-softmax's value there; a row with one finite token, a row whose
+    maximum sits past filtered chunks."""
+    for vocab in vocabs:
+        logits = 5 * _randn(7, vocab)
+        logits[1, 100:] = float("-inf")
+        logits[3, 1:] = float("-inf")
+        logits[4, 7] = logits[4, vocab - 5] = logits[4].max() + 1  # tied across chunks
+        logits[5, 10] = logits[5, 11] = logits[5].max() + 1  # tied within a block
+        logits[6, : vocab - 3] = float("-inf")
+        tokens, logprobs = ti.argmax_logprob(logits)
+        assert torch.equal(tokens, logits.argmax(-1))
+        assert torch.equal(logprobs, ti.log_softmax(logits)[torch.arange(7, device=DEVICE), tokens])
+        assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+
+
 def test_rms_norm_wrapper_is_row_invariant_with_reference_gradients():
     x = _randn(11, 64).requires_grad_()
     r = _randn(11, 64, seed=1)

@@ -113,3 +113,32 @@ def test_stop_tokens_and_eos(llama_dir):
     assert stopped.output_ids == free.output_ids[: first + 1]  # the stop token is kept
     assert stopped.finish_reason == "stop"
     assert free.finish_reason == "length" and len(free.output_ids) == 8
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_greedy_batch_takes_the_one_pass_pick_with_the_same_results(deterministic):
+    """A batch that is all greedy on unchanged logits samples through `Kernels.argmax_logprob`, with the results of
+    the full log-softmax path (tokens, their logprobs, raw logprobs); a batch with a sampled row, a filter or top
+    logprobs keeps the full path."""
+    from parity.engine.sampler import sample_async
+    from parity.kernels.dispatch import Kernels
+
+    kernels = Kernels(deterministic=deterministic)
+    logits = 4 * torch.randn(5, 300, generator=torch.Generator().manual_seed(3))
+    logits[2, 17] = logits[2, 40] = logits[2].max() + 1  # a tie: the first maximum
+    calls = []
+
+    def pick(x):
+        calls.append(x.shape[0])
+        return kernels.argmax_logprob(x)
+
+    greedy = [SamplingParams(temperature=0)] * 5
+    args = (logits, greedy, [0] * 5, [0] * 5, kernels.log_softmax)
+    picked = sample_async(*args, argmax_logprob=pick).result()
+    full = sample_async(*args).result()
+    assert calls == [5] and picked == full and picked.token_ids[2] == 17
+    for other in (SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=0, top_k=3),
+                  SamplingParams(temperature=0, logprobs=2)):
+        params = greedy[:4] + [other]
+        sample_async(logits, params, [0] * 5, [0] * 5, kernels.log_softmax, argmax_logprob=pick).result()
+    assert calls == [5]

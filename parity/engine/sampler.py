@@ -145,9 +145,17 @@ def sample_async(
     steps: list[int],
     log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
     history: TokenHistory | None = None,
+    argmax_logprob: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> PendingSample:
     """sample() without waiting for the device: the kernels are queued and their results copied to the host
-    with non_blocking copies."""
+    with non_blocking copies. `argmax_logprob` (`Kernels.argmax_logprob`, the model's) serves a batch that is all
+    greedy on unchanged logits and asks for no top logprobs: the tokens and their logprobs in one pass."""
+    num = [p.logprobs for p in params]
+    plain = _leaves_logits_unchanged(params) and not shapes_logits(params) and all(n is None for n in num)
+    if argmax_logprob is not None and plain and all(p.greedy for p in params):
+        tokens, chosen = argmax_logprob(logits)
+        chosen = chosen.double()
+        return PendingSample(tokens, HostCopy(torch.stack([tokens.double(), chosen, chosen])), None)
     raw_logprobs = log_softmax(logits)
     shaped = apply_history_processors(logits, params, history)
     unchanged = _leaves_logits_unchanged(params) and not shapes_logits(params)
@@ -161,7 +169,6 @@ def sample_async(
     rows = torch.arange(logits.shape[0], device=logits.device)
     # float32 -> float64 is exact, so the values equal three .tolist() calls
     picked = torch.stack([tokens.double(), logprobs[rows, tokens].double(), raw_logprobs[rows, tokens].double()])
-    num = [p.logprobs for p in params]
     if all(n is None for n in num):
         return PendingSample(tokens, HostCopy(picked), None)
     top, k = _top_logprobs_rows(logprobs, tokens, num)
@@ -175,6 +182,7 @@ def sample_sequences(
     token_counts: TokenCounts,
     log_softmax: Callable[[torch.Tensor], torch.Tensor] = _log_softmax,
     steps: list[int] | None = None,
+    argmax_logprob: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> PendingSample:
     """sample_async() for the engine's sequences (one row each): their params, seeds and steps (default: the
     tokens each has generated), and their token history when some row needs it, from the device-resident
@@ -184,7 +192,7 @@ def sample_sequences(
     if shapes_logits(params):
         history = token_counts.history(seqs, logits.shape[-1], logits.device, eos_token_ids)
     steps = [len(s.output_ids) for s in seqs] if steps is None else steps
-    return sample_async(logits, params, [s.seed for s in seqs], steps, log_softmax, history)
+    return sample_async(logits, params, [s.seed for s in seqs], steps, log_softmax, history, argmax_logprob)
 
 
 @torch.inference_mode()

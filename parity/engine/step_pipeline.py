@@ -180,8 +180,9 @@ class StepPipeline:
         sample = None
         if forward.logits is not None:
             seqs = [batch.seqs[i] for i in forward.sampled_seqs]
+            kernels = self.model.kernels
             sample = sample_sequences(forward.logits, seqs, self.eos_token_ids, self.scheduler.token_counts,
-                                      self.model.kernels.log_softmax)
+                                      kernels.log_softmax, argmax_logprob=kernels.argmax_logprob)
         return LaunchedStep(batch, forward, sample, weights, [s.num_computed_tokens for s in batch.seqs],
                             forward.sampled_seqs)
 
@@ -228,8 +229,10 @@ class StepPipeline:
         if rows != list(range(tokens.shape[0])):
             tokens = tokens[to_device(rows, torch.int64, tokens.device)]
         forward = self.runner.execute_decode(seqs, positions, tokens)
+        kernels = self.model.kernels
         sample = sample_sequences(forward.logits, seqs, self.eos_token_ids, self.scheduler.token_counts,
-                                  self.model.kernels.log_softmax, steps=[len(s.output_ids) + 1 for s in seqs])
+                                  kernels.log_softmax, steps=[len(s.output_ids) + 1 for s in seqs],
+                                  argmax_logprob=kernels.argmax_logprob)
         return LaunchedStep(ScheduledBatch(seqs, [1] * len(seqs)), forward, sample, step.weights, positions,
                             forward.sampled_seqs, reserved=reserved)
 

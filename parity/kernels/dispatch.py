@@ -162,3 +162,14 @@ class Kernels:
     def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         """log-softmax over the vocabulary of float32 logits [N, V] (the sampler's and the trainer's)."""
         return implementation(self.mode, logits).log_softmax(logits)
+
+    def argmax_logprob(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's argmax of float32 logits [N, V] (int64, the first of tied maxima) and its value in
+        `log_softmax(logits)`: a greedy sample. An implementation may compute both in one pass over the logits
+        (Triton: without writing the [N, V] log-softmax; deterministic mode's gives log_softmax's bits, fast mode's the
+        same kernels' values, within 1e-6 of torch's); the others take them from log_softmax."""
+        fused = getattr(implementation(self.mode, logits), "argmax_logprob", None)
+        if fused is not None:
+            return fused(logits)
+        tokens = logits.argmax(dim=-1)
+        return tokens, self.log_softmax(logits).gather(-1, tokens[:, None])[:, 0]

@@ -24,8 +24,8 @@ from parity.kernels.triton.moe import fused_moe, moe_route
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
-__all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "linear_silu_and_mul",
-           "log_softmax", "moe_route", "rms_norm", "rms_norm_linear", "rope_and_cache", "silu_and_mul"]
+__all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32",
+           "linear_silu_and_mul", "log_softmax", "moe_route", "rms_norm", "rms_norm_linear", "rope_and_cache", "silu_and_mul"]
 
 # Up to this many rows a matmul may leave cuBLAS for a Triton kernel: the deterministic kernel's narrow tile (its
 # 16-row BLOCK_M) or, up to gemv.MAX_ROWS rows, the matrix-vector kernel. benchmarks/invariant_linear_sweep.py on
@@ -192,6 +192,11 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
         name = _timed_choice(op, rows, candidates, weight, bias, residual=residual is not None)
         return NORM_LINEAR_KERNELS[name](x, norm_weight, eps, weight, bias, residual, silu_and_mul=silu_and_mul)
     return _rms_norm_then_linear(x, norm_weight, eps, weight, bias, residual, silu_and_mul)
+
+
+# A greedy sample: deterministic mode's one pass over the logits, the chunked log-softmax's values at the argmax (the
+# same bits as `log_softmax` below up to FEW_ROWS rows, within 1e-6 of torch's above).
+argmax_logprob = invariant.argmax_logprob
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,8 @@ from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 from parity.kernels.triton.sampling import gumbel_argmax
 
-__all__ = ["apply_rotary", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32", "log_softmax",
-           "moe_route", "rms_norm",
+__all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32",
+           "log_softmax", "moe_route", "rms_norm",
            "rope_and_cache", "silu_and_mul"]
 
 # The router's softmax and top-k in torch (a row's kernel follows the row length E): the engine and the trainer,
@@ -216,23 +216,43 @@ LOG_SOFTMAX_BLOCK = 1024 if INTERPRET else 2048
 
 
 @triton.jit
-def _chunk_max_sum_kernel(x_ptr, part_ptr, V, stride_x, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """(max, sum of exp(x - max)) of one chunk of one row; a chunk that is all -inf (filtered tokens) gives (-inf, 0)."""
+def _chunk_max_sum_kernel(x_ptr, part_ptr, arg_ptr, V, stride_x, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                          ARGMAX: tl.constexpr):
+    """(max, sum of exp(x - max)) of one chunk of one row; a chunk that is all -inf (filtered tokens) gives (-inf, 0).
+    With ARGMAX, also the index of the chunk's first maximum (its first index if all -inf)."""
     wait_for_previous()
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     m = float("-inf")
     total = 0.0
+    best = chunk * CHUNK
     for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, V), BLOCK):
         x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        block_max = tl.max(x, axis=0)
+        if ARGMAX:  # a later block takes over only with a strictly larger maximum: the first one wins a tie
+            best = tl.where(block_max > m, start + tl.argmax(x, axis=0, tie_break_left=True), best)
+        m_new = tl.maximum(m, block_max)
         scale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))  # keeps exp(-inf - -inf) out
         total = total * scale + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new)), axis=0)
         m = m_new
     part = part_ptr + (row * tl.num_programs(1) + chunk) * 2
     tl.store(part, m)
     tl.store(part + 1, total)
+    if ARGMAX:
+        tl.store(arg_ptr + row * tl.num_programs(1) + chunk, best)
+
+
+@triton.jit
+def _row_max_lse(part_ptr, row, NUM_CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """A row's (max per chunk [CHUNKS_P2], max, logsumexp) from its chunks' (max, sum) partials, merged in one fixed
+    order: the one merge both the log-softmax and the argmax pick use, so their logsumexps are the same bits."""
+    c = tl.arange(0, CHUNKS_P2)
+    part = part_ptr + (row * NUM_CHUNKS + c) * 2
+    m_c = tl.load(part, mask=c < NUM_CHUNKS, other=float("-inf"))
+    s_c = tl.load(part + 1, mask=c < NUM_CHUNKS, other=0.0)
+    m = tl.max(m_c, axis=0)
+    return m_c, m, m + tl.log(tl.sum(tl.where(s_c == 0.0, 0.0, s_c * tl.exp(m_c - m)), axis=0))
 
 
 @triton.jit
@@ -242,17 +262,38 @@ def _chunk_log_softmax_kernel(x_ptr, part_ptr, out_ptr, V, stride_x, stride_o, N
     wait_for_previous()
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    c = tl.arange(0, CHUNKS_P2)
-    part = part_ptr + (row * NUM_CHUNKS + c) * 2
-    m_c = tl.load(part, mask=c < NUM_CHUNKS, other=float("-inf"))
-    s_c = tl.load(part + 1, mask=c < NUM_CHUNKS, other=0.0)
-    m = tl.max(m_c, axis=0)
-    lse = m + tl.log(tl.sum(tl.where(s_c == 0.0, 0.0, s_c * tl.exp(m_c - m)), axis=0))
+    _, _, lse = _row_max_lse(part_ptr, row, NUM_CHUNKS, CHUNKS_P2)
     offs = tl.arange(0, BLOCK)
     for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, V), BLOCK):
         mask = start + offs < V
         x = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + start + offs, x - lse, mask=mask)
+
+
+@triton.jit
+def _argmax_logprob_kernel(part_ptr, arg_ptr, token_ptr, logprob_ptr, NUM_CHUNKS: tl.constexpr,
+                           CHUNKS_P2: tl.constexpr):
+    """A row's first maximum (the first chunk holding the row's maximum, then that chunk's first) and its
+    log-softmax value, max - logsumexp: the value `_chunk_log_softmax_kernel` writes there (x is the max)."""
+    wait_for_previous()
+    row = tl.program_id(0).to(tl.int64)
+    m_c, m, lse = _row_max_lse(part_ptr, row, NUM_CHUNKS, CHUNKS_P2)
+    c = tl.arange(0, CHUNKS_P2)
+    arg_c = tl.load(arg_ptr + row * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=0)
+    first = tl.min(tl.where((m_c == m) & (c < NUM_CHUNKS), c, CHUNKS_P2), axis=0)
+    tl.store(token_ptr + row, tl.sum(tl.where(c == first, arg_c, 0), axis=0).to(tl.int64))
+    tl.store(logprob_ptr + row, m - lse)
+
+
+def _chunk_partials(x: torch.Tensor, argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Every (row, chunk)'s (max, sum) partials [N, chunks, 2], with argmax each chunk's first maximum [N, chunks]."""
+    rows, vocab = x.shape
+    chunks = triton.cdiv(vocab, LOG_SOFTMAX_CHUNK)
+    part = torch.empty(rows, chunks, 2, dtype=torch.float32, device=x.device)
+    arg = torch.empty(rows, chunks, dtype=torch.int32, device=x.device) if argmax else None
+    _chunk_max_sum_kernel[(rows, chunks)](x, part, arg if argmax else part, vocab, x.stride(0), CHUNK=LOG_SOFTMAX_CHUNK,
+                                          BLOCK=LOG_SOFTMAX_BLOCK, ARGMAX=argmax, num_warps=4, **LAUNCH)
+    return part, arg, chunks
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -261,12 +302,23 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     rows, vocab = x.shape
     if rows and vocab:
-        chunks = triton.cdiv(vocab, LOG_SOFTMAX_CHUNK)
-        part = torch.empty(rows, chunks, 2, dtype=torch.float32, device=x.device)
-        grid = (rows, chunks)
-        _chunk_max_sum_kernel[grid](x, part, vocab, x.stride(0), CHUNK=LOG_SOFTMAX_CHUNK, BLOCK=LOG_SOFTMAX_BLOCK,
-                                    num_warps=4, **LAUNCH)
-        _chunk_log_softmax_kernel[grid](x, part, out, vocab, x.stride(0), out.stride(0), NUM_CHUNKS=chunks,
-                                        CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=LOG_SOFTMAX_CHUNK,
-                                        BLOCK=LOG_SOFTMAX_BLOCK, num_warps=4, **LAUNCH)
+        part, _, chunks = _chunk_partials(x, argmax=False)
+        _chunk_log_softmax_kernel[(rows, chunks)](x, part, out, vocab, x.stride(0), out.stride(0), NUM_CHUNKS=chunks,
+                                                  CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=LOG_SOFTMAX_CHUNK,
+                                                  BLOCK=LOG_SOFTMAX_BLOCK, num_warps=4, **LAUNCH)
     return out
+
+
+def argmax_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax of float32 logits [N, V] (int64 [N]: the first of tied maxima, as torch.argmax) and its
+    log-softmax value (float32 [N]), the same bits as `log_softmax(logits)` there, reading the logits once: a greedy
+    sample without the [N, V] log-softmax written and read back."""
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    rows, vocab = x.shape
+    tokens = torch.zeros(rows, dtype=torch.int64, device=x.device)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows and vocab:
+        part, arg, chunks = _chunk_partials(x, argmax=True)
+        _argmax_logprob_kernel[(rows,)](part, arg, tokens, logprobs, NUM_CHUNKS=chunks,
+                                        CHUNKS_P2=triton.next_power_of_2(chunks), num_warps=1, **LAUNCH)
+    return tokens, logprobs
