@@ -53,6 +53,7 @@ class Variant:
     floats: tuple[str, ...] = ("qk_scale", "eps")
     ints: dict = field(default_factory=dict)  # integer arguments known at launch (N, K of a GEMM), for divisibility
     maxnreg: int | None = None  # a cap on registers per thread (ptxas spills the rest)
+    pointers: dict = field(default_factory=dict)  # pointer types other than the defaults below (name -> "*fp32")
 
 
 def _signature(v: Variant) -> tuple[dict, dict]:
@@ -64,7 +65,8 @@ def _signature(v: Variant) -> tuple[dict, dict]:
         if name in v.constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*i32" if name in INTEGER_POINTERS else "*fp32" if name in FLOAT32_POINTERS else "*bf16"
+            default = "*i32" if name in INTEGER_POINTERS else "*fp32" if name in FLOAT32_POINTERS else "*bf16"
+            sig[name] = v.pointers.get(name, default)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in v.floats:
             sig[name] = "fp32"
@@ -146,6 +148,15 @@ def variants() -> list[Variant]:
         out.append(Variant(f"fast GEMV {name} {n}x{k}, {rows} row(s), {label}: {block_n}x{cfg['BLOCK_K']}", gemv._gemv_kernel,
                            dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"],
                            cfg["num_stages"], ints=dict(N=n // 2 if parts.get("GLU") else n, K=k)))
+    chunks = -(-151936 // invariant.LOG_SOFTMAX_CHUNK)
+    chunked = dict(CHUNK=invariant.LOG_SOFTMAX_CHUNK, BLOCK=invariant.LOG_SOFTMAX_BLOCK)
+    logits = {"x_ptr": "*fp32", "out_ptr": "*fp32", "arg_ptr": "*i32", "token_ptr": "*i64", "logprob_ptr": "*fp32"}
+    out += [Variant(f"log-softmax chunk (max, sum){' + argmax' if argmax else ''}", invariant._chunk_max_sum_kernel,
+                    dict(chunked, ARGMAX=argmax), 4, 3, pointers=logits) for argmax in (False, True)]
+    out.append(Variant("log-softmax chunk write", invariant._chunk_log_softmax_kernel,
+                       dict(chunked, NUM_CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks)), 4, 3, pointers=logits))
+    out.append(Variant("argmax + its log-softmax, merge", invariant._argmax_logprob_kernel,
+                       dict(NUM_CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks)), 1, 3, pointers=logits))
     return out
 
 
