@@ -36,10 +36,13 @@ def test_the_decode_kernels_compile_for_sm90_and_report_their_resources(tmp_path
                    check=True, capture_output=True, timeout=600)
     rows = {r["name"]: r for r in json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]}
     assert len(rows) == len(kr.variants())
+    no_dot = ("fast GEMV", "log-softmax", "argmax")  # their loads feed no dot: plain loads into registers
     for row in rows.values():
-        assert 16 <= row["registers"] <= 255 and row["shared_bytes"] > 0 and row["programs_per_sm"] >= 1, row
-        if not row["name"].startswith("fast GEMV"):  # the GEMV's loads feed no dot: plain loads into registers
-            assert row["async_copies"] > 0, row  # every tensor-core key / K loop is software-pipelined
+        assert 16 <= row["registers"] <= 255 and row["programs_per_sm"] >= 1, row
+        if row["name"].startswith(no_dot):
+            assert row["stack_bytes"] == 0, row
+        else:
+            assert row["shared_bytes"] > 0 and row["async_copies"] > 0, row  # every tensor-core loop is pipelined
     fused = rows["fast GEMV gate_up 6144x1024, 4 row(s), norm+has_residual+glu: 2x1024"]
     assert fused["stack_bytes"] == 0, fused  # the fused norm and SiLU parts spill nothing
     capped = rows["deterministic attention, decode, segment 256, maxnreg 128"]
