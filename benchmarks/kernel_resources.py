@@ -119,19 +119,22 @@ def variants() -> list[Variant]:
     heads, kv_heads, head_dim, page = 16, 8, 128, 16
     tile = invariant.attention_tile(heads, kv_heads)
     det = dict(GROUP=heads // kv_heads, NUM_HEADS=heads, HEAD_DIM=head_dim, PAGE_SIZE=page, PAGED=True,
-               TOKENS=tile["tokens"], HEADS=tile["heads"], BLOCK_N=64, BLOCK_D=head_dim)
+               TOKENS=tile["tokens"], HEADS=tile["heads"], SKIP_SINGLE=False, BLOCK_N=64, BLOCK_D=head_dim)
     segment = invariant.KEY_SEGMENT or 256
     out = [Variant(f"deterministic attention, decode, segment {seg}{', split' if split else ''}"
                    f"{f', maxnreg {cap}' if cap else ''}", attention._prefill_kernel, dict(det, SEGMENT=seg, SPLIT=split),
                    4, 3, maxnreg=cap)
            for seg, split, cap in ((0, False, None), (segment, False, None), (segment, True, None), (segment, False, 128),
                                    (segment, True, 128))]
-    out.append(Variant("fast attention, prefill (64 tokens x 1 head)", attention._prefill_kernel,
-                       dict(det, TOKENS=64, HEADS=1, SEGMENT=0, SPLIT=False), 4, 2))
+    out += [Variant(f"fast attention, prefill (64 tokens x 1 head){', decode rows skipped' if skip else ''}",
+                    attention._prefill_kernel, dict(det, TOKENS=64, HEADS=1, SEGMENT=0, SPLIT=False, SKIP_SINGLE=skip),
+                    4, 2) for skip in (False, True)]
     fast_decode = dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim,
                        PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim)
     out += [Variant(f"fast attention, decode, {splits} split(s)", attention._decode_kernel,
-                    dict(fast_decode, NUM_SPLITS=splits), 4, 2) for splits in (1, 16)]
+                    dict(fast_decode, NUM_SPLITS=splits, MIXED=False), 4, 2) for splits in (1, 16)]
+    out.append(Variant("fast attention, decode rows of a mixed step, 1 split", attention._decode_kernel,
+                       dict(fast_decode, NUM_SPLITS=1, MIXED=True), 4, 2))
     for n, k, m in ((4096, 1024, 1), (4096, 1024, 256), (4096, 1024, 2048), (4096, 12288, 1)):
         cfg = invariant.linear_config(n, k, m)
         tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}

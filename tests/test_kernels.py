@@ -234,6 +234,32 @@ def test_decode_split_merge_counters_reset_between_launches(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_mixed_step_decode_rows_take_the_split_decode_kernel(device):
+    """A step with prefill chunks and decode rows (long contexts: the decode kernel splits them): the decode rows in
+    the decode kernel, the rest in the prefill kernel, equal to the float64 reference either way and to one prefill
+    kernel for every row (single_token_seqs False), with every split counter back at 0. Then padded as a prefill
+    CUDA graph pads: sequences that own no token (length 0) and tokens that no sequence owns."""
+    gen = torch.Generator().manual_seed(9)
+    dtype = torch.bfloat16
+    cases = [(2 * 16 * 128 - 1, 1), (0, 37), (600, 1), (40, 9)]
+    q, kc, vc, meta = paged_case(device, dtype, cases, 4, 2, 64, 16, gen)
+    assert ta.decode_num_splits(meta.num_seqs, 2, meta.max_seq_len, 132) > 1
+    truth = attention_truth(q, kc, vc, meta, 0.125)
+    mixed = ta.paged_attention(q, kc, vc, meta, 0.125)
+    assert rel_err(mixed, truth) < TOL[dtype] and not ta._COUNTERS[q.device].any()
+    meta.single_token_seqs = False
+    assert rel_err(ta.paged_attention(q, kc, vc, meta, 0.125), truth) < TOL[dtype]
+    tokens = q.shape[0]
+    padded = AttentionMetadata(
+        torch.cat([meta.query_start_loc, torch.full((3,), tokens, dtype=torch.int32, device=device)]),
+        torch.cat([meta.seq_lens, torch.zeros(3, dtype=torch.int32, device=device)]), 64, 4096, [0] * 8,
+        [4096] * 7, torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables[:3])]))
+    out = ta.paged_attention(torch.cat([q, randn(64 - tokens, 4, 64, dtype=dtype, device=device, gen=gen)]), kc, vc,
+                             padded, 0.125)
+    assert rel_err(out[:tokens], truth) < TOL[dtype] and not ta._COUNTERS[q.device].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_padding_rows_give_zeros(device):
     """CUDA-graph padding rows (seq_len 0) produce zeros, not NaN, and leave real rows alone."""
     gen = torch.Generator().manual_seed(7)

@@ -478,6 +478,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             block_tables=i32[2 * s + 1 :].view(tables.shape),
             slot_mapping=slot_mapping,
+            single_token_seqs=any(b - a == 1 for a, b in zip(starts, starts[1:])),
         )
 
     @staticmethod

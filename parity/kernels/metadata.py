@@ -24,6 +24,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     block_tables: torch.Tensor | None = None  # int32 [num_seqs, max_blocks]; None = no KV cache
     slot_mapping: torch.Tensor | None = None  # int64 [num_tokens]; -1 marks padding tokens
+    # Whether some sequence may compute exactly one token (a decode row) beside longer queries: fast attention then
+    # runs those rows in its decode kernel. True where unknown (a CUDA graph's metadata), never wrong to say.
+    single_token_seqs: bool = True
 
     @property
     def num_seqs(self) -> int:
@@ -42,4 +45,5 @@ class AttentionMetadata:
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=starts,
             seq_lens_cpu=list(seq_lens),
+            single_token_seqs=1 in seq_lens,
         )

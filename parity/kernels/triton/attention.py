@@ -151,7 +151,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
     GROUP: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, TOKENS: tl.constexpr, HEADS: tl.constexpr, SEGMENT: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     wait_for_previous()
     # The program's rows: TOKENS consecutive query tokens of one sequence x HEADS query heads of one GQA
@@ -173,7 +173,7 @@ def _prefill_kernel(
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     tile = pid - (q_start // TOKENS + seq)
-    if tile * TOKENS >= q_len:
+    if tile * TOKENS >= q_len or (SKIP_SINGLE and q_len == 1):  # a single-token query: the decode kernel's
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
@@ -243,14 +243,15 @@ def _prefill_kernel(
 
 def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int,
             tokens: int, heads: int, segment: int = 0, split: bool = False, num_warps: int = 4,
-            num_stages: int = 2, maxnreg: int | None = None) -> None:
+            num_stages: int = 2, maxnreg: int | None = None, skip_single: bool = False) -> None:
     """Causal attention of the ragged batch q into `out`, `tokens` query tokens x `heads` heads per program;
     K/V from the paged cache (`block_tables`) or, with `block_tables=None`, packed like q.
 
     `segment` > 0 (a multiple of 64): the keys in fixed segments of that many positions from 0, each its own online
     softmax, merged in order; `split` (decode steps only: one query per sequence, paged): the segments run in
     programs of their own, up to `meta.max_seq_len`, and give the same bits as one program walking them.
-    `maxnreg` caps the registers per thread (ptxas spills the rest; deterministic mode caps its segmented launches)."""
+    `maxnreg` caps the registers per thread (ptxas spills the rest; deterministic mode caps its segmented launches).
+    `skip_single`: sequences with a single-token query are left to the decode kernel (their rows are not written)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[-2]
     group = num_heads // num_kv_heads
@@ -274,14 +275,16 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
         GROUP=group, NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens,
-        HEADS=heads, SEGMENT=segment, SPLIT=split, BLOCK_N=64, BLOCK_D=block_d,
+        HEADS=heads, SEGMENT=segment, SPLIT=split, SKIP_SINGLE=skip_single, BLOCK_N=64, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}), **LAUNCH,
     )
 
 
-def _fast_prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> None:
+def _fast_prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int,
+                  skip_single: bool = False) -> None:
     """Fast mode: 16 or 64 query tokens of one head per program, from the longest query of this step."""
-    prefill(q, k, v, out, meta, scale, block_tables, page_size, tokens=16 if meta.max_query_len <= 16 else 64, heads=1)
+    prefill(q, k, v, out, meta, scale, block_tables, page_size, tokens=16 if meta.max_query_len <= 16 else 64, heads=1,
+            skip_single=skip_single)
 
 
 # --------------------------------------------------------------------------------------------- decode
@@ -291,15 +294,18 @@ def _decode_kernel(
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     wait_for_previous()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
     token = tl.load(query_start_loc_ptr + seq)
+    if MIXED:  # beside longer queries (the prefill kernel's): only the sequences that compute one token
+        if tl.load(query_start_loc_ptr + seq + 1) - token != 1:
+            return
+    seq_len = tl.load(seq_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -385,8 +391,10 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, splits: int | None = None) -> None:
-    """Fast mode's split-KV decode step; `splits` overrides `decode_num_splits` (benchmarks/decode_attention_sweep.py)."""
+def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, splits: int | None = None,
+            mixed: bool = False) -> None:
+    """Fast mode's split-KV decode step; `splits` overrides `decode_num_splits` (benchmarks/decode_attention_sweep.py).
+    `mixed`: q holds longer queries too; only the sequences that compute one token are attended (one row each)."""
     num_seqs = meta.num_seqs
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
@@ -404,7 +412,7 @@ def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, spl
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
+        NUM_SPLITS=splits, MIXED=mixed, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2, **LAUNCH,
     )
 
@@ -416,8 +424,13 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) 
     if q.shape[0] and meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
         _decode(q, k_cache, v_cache, out, meta, scale)
     elif q.shape[0]:
+        # Decode rows beside prefill chunks go to the decode kernel, which reads each KV head's keys once for its
+        # whole GQA group, where the prefill kernel would give each of them a 64-row tile of one head.
+        mixed = meta.single_token_seqs
         _fast_prefill(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), out, meta, scale, meta.block_tables,
-                      k_cache.shape[1])
+                      k_cache.shape[1], skip_single=mixed)
+        if mixed:
+            _decode(q, k_cache, v_cache, out, meta, scale, mixed=True)
     return out
 
 
