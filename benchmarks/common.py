@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +119,14 @@ def run_worker(argv: list[str], env: dict, timeout: float, log: Path, stdin: str
         finally:
             leftovers = stop_process_group(proc.pid)
     return WorkerRun(code, log.read_text(errors="replace"), leftovers)
+
+
+def timed(fn: Callable, add: Callable[[float], None], clock: Callable[[], float] = time.perf_counter) -> Callable:
+    """`fn`, passing the seconds each call takes (by `clock`) to `add`, also when it raises."""
+    def run(*args, **kwargs):
+        start = clock()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            add(clock() - start)
+    return run

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import throughput as tp
-from benchmarks.common import run_env, workload_parser
+from benchmarks.common import run_env, timed, workload_parser
 from benchmarks.kernel_profile import kernel_table
 from parity import Engine, SamplingParams
 from parity.testing.factory import write_tiny_model
@@ -114,18 +114,12 @@ def host_timers(engine: Engine):
                (step_pipeline, "sample_sequences", "sample"), (sampler.HostCopy, "wait", "wait"),
                (engine.pipeline, "_book", "book")]
 
-    def timed(fn, name):
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                totals[name] += time.perf_counter() - start
-        return run
+    def into(name):
+        return lambda seconds: totals.__setitem__(name, totals[name] + seconds)
 
     saved = [(obj, attr, obj.__dict__.get(attr)) for obj, attr, _ in patches]
     for obj, attr, name in patches:
-        setattr(obj, attr, timed(getattr(obj, attr), name))
+        setattr(obj, attr, timed(getattr(obj, attr), into(name)))
     try:
         yield totals
     finally:

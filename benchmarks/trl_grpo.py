@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import free_memory, run_env
+from benchmarks.common import free_memory, run_env, timed
 
 START = time.perf_counter()  # --budget-s counts from here
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -123,19 +123,13 @@ class StepRecorder:
         self._t0 = self._gen = self._sync = 0.0
         rec = self
 
-        def timed(fn, field):
-            def run(*a, **k):
-                start = rec.now()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    setattr(rec, field, getattr(rec, field) + rec.now() - start)
-            return run
+        def into(field):
+            return lambda seconds: setattr(rec, field, getattr(rec, field) + seconds)
 
-        trainer._generate = timed(trainer._generate, "_gen")
+        trainer._generate = timed(trainer._generate, into("_gen"), rec.now)
         generation = getattr(trainer, "vllm_generation", None)
         if generation is not None:
-            generation.sync_weights = timed(generation.sync_weights, "_sync")
+            generation.sync_weights = timed(generation.sync_weights, into("_sync"), rec.now)
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
