@@ -22,6 +22,9 @@ and anything that reallocates the KV cache or the weights calls `ModelRunner.inv
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -47,6 +50,26 @@ def token_count_ladder(max_tokens: int) -> list[int]:
     sizes = [t for lo, hi, step in ((64, 512, 64), (640, 1024, 128), (1280, 2048, 256), (2560, max_tokens, 512))
              for t in range(lo, min(hi, max_tokens - 1) + 1, step)]
     return sizes + [max_tokens]
+
+
+def capture_graphs(sizes: list[int], step_for: Callable[[int], Callable[[], None]],
+                   dependent_launch_max: int = 0) -> dict[int, torch.cuda.CUDAGraph]:
+    """One graph per size, largest first, so smaller graphs reuse its memory pool. `step_for(size)` sets up the
+    size's inputs and returns the forward to capture, which runs once uncaptured first (Triton compiles its kernels
+    for the shape outside the capture). Sizes up to `dependent_launch_max` capture with programmatic dependent launch."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    pool = None
+    for size in reversed(sizes):
+        step = step_for(size)
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool), dependent_launches(size <= dependent_launch_max):
+            step()
+        pool = graph.pool() if pool is None else pool
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs
 
 
 class StaticInputs:
@@ -145,7 +168,6 @@ class DecodeGraphs:
         self.inputs = StaticInputs(n, n, -(-max_model_len // block_size), device)
         self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=device)
         self.finite = torch.ones(n, dtype=torch.bool, device=device)  # per row: the replayed step's hidden states were finite
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.deterministic = model.kernels.deterministic  # the kernel set baked into the graphs
         self._capture()
 
@@ -158,17 +180,12 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         self.inputs.query_start_loc.copy_(torch.arange(self.sizes[-1] + 1))  # the padding sequences own a token each
-        pool = None
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            meta = self.inputs.meta(bs, bs, 1, self.max_model_len, list(range(bs + 1)))
-            self._forward(bs, meta)  # compiles the Triton kernels for this shape outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), dependent_launches(bs <= DEPENDENT_LAUNCH_MAX_BATCH):
-                self._forward(bs, meta)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+
+        def step(bs: int) -> Callable[[], None]:
+            return functools.partial(self._forward, bs, self.inputs.meta(bs, bs, 1, self.max_model_len,
+                                                                         list(range(bs + 1))))
+
+        self.graphs = capture_graphs(self.sizes, step, DEPENDENT_LAUNCH_MAX_BATCH)
 
     def padded_size(self, num_seqs: int) -> int | None:
         return next((b for b in self.sizes if b >= num_seqs), None)
@@ -207,7 +224,6 @@ class PrefillGraphs:
         self.inputs = StaticInputs(n, min(max_num_seqs, n), -(-max_model_len // block_size), device)
         self.hidden = torch.empty(n, model.config.hidden_size, dtype=model.dtype, device=device)
         self.finite = torch.ones(n, dtype=torch.bool, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.deterministic = model.kernels.deterministic
         self.replays = 0  # steps run in these graphs
         self._capture()
@@ -223,22 +239,16 @@ class PrefillGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        pool = None
-        for t in reversed(self.sizes):
+        def step(t: int) -> Callable[[], None]:
             s = self._num_seqs(t)
             # Every token in one sequence (the warm-up forward then attends causally over real slots' K/V: slot -1
             # writes nothing, so the cache keeps whatever it holds).
             self.inputs.query_start_loc[: s + 1].fill_(t)
             self.inputs.query_start_loc[0] = 0
             meta = self.inputs.meta(t, s, t, self.max_model_len, [0] * (s + 1))  # padding tokens have no sequence
-            self._forward(t, meta)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(t, meta)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[t] = graph
-        torch.cuda.synchronize()
+            return functools.partial(self._forward, t, meta)
+
+        self.graphs = capture_graphs(self.sizes, step)
 
     def padded_size(self, num_tokens: int, num_seqs: int) -> int | None:
         """The graph for a step of these sizes, or None where none is large enough."""

@@ -155,7 +155,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         activations = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
         torch.cuda.empty_cache()
-        if not self.config.enforce_eager and not self.model.config.moe_layers:
+        if not self.config.enforce_eager and self._prefill_graphs_allowed:
             activations *= 2
         return int(free - (1 - self.config.memory_utilization) * total - activations)
 
@@ -347,24 +347,22 @@ class ModelRunner:
         logger.info("captured prefill CUDA graphs for %d token counts (up to %d) in %.2f s",
                     len(self.prefill_graphs.sizes), self.prefill_graphs.sizes[-1], time.perf_counter() - start)
 
+    @staticmethod
+    def _needs_eager(batch: ScheduledBatch) -> bool:
+        """Whether the batch must run eagerly whatever graphs exist: prompt logits read the hidden states of prompt
+        rows (a replay's are overwritten by the next), and the chosen experts are recorded on the eager path."""
+        return any((s.params.prompt_logprobs is not None and s.in_prefill) or s.params.return_routed_experts
+                   for s in batch.seqs)
+
     def _graphs_for(self, batch: ScheduledBatch):
         """The decode graphs, if they can run this batch (every sequence computes exactly one token)."""
-        if any(n != 1 for n in batch.num_new_tokens):
+        if any(n != 1 for n in batch.num_new_tokens) or self._needs_eager(batch):
             return None
-        if any(s.params.prompt_logprobs is not None and s.in_prefill for s in batch.seqs):
-            return None  # prompt logits need the eager path's hidden states
-        if any(s.params.return_routed_experts for s in batch.seqs):
-            return None  # the chosen experts are recorded on the eager path
         return self._decode_graphs(len(batch.seqs))
 
     def _prefill_graphs_for(self, batch: ScheduledBatch):
-        """The prefill graphs, if they can run this batch: no prompt_logprobs (they read the hidden states of
-        prompt rows, which the next replay overwrites), no recorded experts, and a graph large enough."""
-        if self._graph_config is None or not self._prefill_graphs_allowed:
-            return None
-        if any(s.params.prompt_logprobs is not None and s.in_prefill for s in batch.seqs):
-            return None
-        if any(s.params.return_routed_experts for s in batch.seqs):
+        """The prefill graphs, if they can run this batch (`_needs_eager`) and one is large enough."""
+        if self._graph_config is None or not self._prefill_graphs_allowed or self._needs_eager(batch):
             return None
         if self.prefill_graphs is None or self.prefill_graphs.deterministic != self.model.kernels.deterministic:
             self._capture_prefill_graphs()
@@ -513,11 +511,11 @@ class ModelRunner:
         return ForwardOutput(self.model.compute_logits(hidden[rows]), flat.sampled_seqs, [], finite)
 
     def raise_nonfinite(self, batch: ScheduledBatch) -> None:
-        """A replayed decode step produced inf/nan: re-run it eagerly, whose check names the layer (re-running
-        writes the same K/V into the same slots)."""
+        """A replayed step (decode or prefill graph) produced inf/nan: re-run it eagerly, whose check names the layer
+        (re-running writes the same K/V into the same slots)."""
         inputs = self.prepare(batch)
         self.model(inputs.input_ids, inputs.positions, inputs.meta, self.layer_caches)
-        raise NonFiniteActivationError("a decode step (CUDA graph) produced inf/nan; the eager re-run did not")
+        raise NonFiniteActivationError("a CUDA-graph step produced inf/nan; the eager re-run did not")
 
 
 def _int32_columns(values: list[int], tables: np.ndarray, device: torch.device) -> torch.Tensor:
