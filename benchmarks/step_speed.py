@@ -206,6 +206,8 @@ def main() -> None:
     args = ap.parse_args()
     if bad := [b for b in args.kernel_batches if not 1 <= b <= args.max_num_seqs]:
         ap.error(f"--kernel-batches: each must be in [1, --max-num-seqs={args.max_num_seqs}], got {bad}")
+    if args.prefill_phase < 0:
+        ap.error(f"--prefill-phase: a number of prompts >= 0, got {args.prefill_phase}")
     args.device = "cpu" if args.smoke else "cuda"
     spec = replace(tp.SMOKE, max_position_embeddings=40960) if args.smoke else tp.LONG_CONTEXT_SPECS[args.spec]
     if args.smoke:
