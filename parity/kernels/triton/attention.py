@@ -33,8 +33,10 @@ from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 
-# Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw integers; in that mode the dots
-# upcast to float32 first (products of bf16/fp16 values are exact in float32, so the maths is the same).
+# Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw integers, and its float32 tl.dot is numpy's
+# BLAS matmul, whose sums for a row depend on where the row sits in the tile (OpenBLAS 0.3.31's AVX-512 kernels).
+# In that mode the dots are float32 products summed over K in order by numpy (products of bf16/fp16 values are
+# exact in float32, so the maths is the same), one order for every row, as the GPU's MMA chain is.
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 LOG2E = 1.4426950408889634
 
@@ -42,7 +44,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _dot(a, b):
     if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     if a.dtype == tl.float32:  # an fp32 model keeps full fp32 products (Triton's default would be tf32)
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
