@@ -119,29 +119,68 @@ def _no_keys(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi,
+              stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+              PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The log2-scaled scores [rows, BLOCK_N] of the rows' queries against keys [start_n, start_n + BLOCK_N) (masked
+    past hi and past each row's own position q_pos) and those keys' values [BLOCK_N, D]."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hi
+    if PAGED:
+        page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+        kv_rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+    else:
+        kv_rows = (q_start + offs_n).to(tl.int64)
+    kv_mask = n_mask[:, None] & d_mask
+    k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+    return tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf")), v
+
+
+@triton.jit
 def _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, lo, hi,
                  stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online softmax of the rows' queries over keys [lo, hi), in BLOCK_N tiles from lo. Keys past a row's own
     position (q_pos) are masked for it; a tile with none of its keys left leaves its numbers unchanged."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d[None, :] < HEAD_DIM
     m_i, l_i, acc = _no_keys(ROWS, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        if PAGED:
-            page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-            kv_rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
-        else:
-            kv_rows = (q_start + offs_n).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask
-        k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        s, v = _key_tile(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi,
+                         stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, PAGED, BLOCK_N,
+                         BLOCK_D)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_segments(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, hi,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, ROWS: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, SEGMENT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keys [0, hi) in fixed segments of SEGMENT positions, each an online softmax of its own (`_attend_keys` over
+    it), merged in order: the same operations on the same values as one `_attend_keys` call per segment, in one
+    loop over the key tiles, so the loads stay pipelined across segment boundaries (a loop per segment restarts
+    the pipeline at each). The merge runs at every tile and is kept only at a segment's last one: a select, not a
+    branch, so the loop body stays one block the pipeliner can overlap."""
+    m_t, l_t, acc_t = _no_keys(ROWS, BLOCK_D)
+    m_s, l_s, acc_s = _no_keys(ROWS, BLOCK_D)
+    for start_n in range(0, hi, BLOCK_N):
+        s, v = _key_tile(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi,
+                         stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, PAGED, BLOCK_N,
+                         BLOCK_D)
+        m_s, l_s, acc_s = _online_softmax_step(s, v, m_s, l_s, acc_s)
+        last = ((start_n + BLOCK_N) % SEGMENT == 0) | (start_n + BLOCK_N >= hi)
+        m_m, l_m, acc_m = _merge_segment(m_t, l_t, acc_t, m_s, l_s, acc_s)
+        m_t = tl.where(last, m_m, m_t)
+        l_t = tl.where(last, l_m, l_t)
+        acc_t = tl.where(last, acc_m, acc_t)
+        m_s = tl.where(last, float("-inf"), m_s)
+        l_s = tl.where(last, 0.0, l_s)
+        acc_s = tl.where(last, 0.0, acc_s)
+    return m_t, l_t, acc_t
 
 
 # The batch's sequence count and block-table width change every step: not specialised on (each new
@@ -200,13 +239,9 @@ def _prefill_kernel(
     elif not SPLIT:
         # Fixed key segments from position 0, each an online softmax of its own, merged in order: the numbers a
         # split decode gets from the same segments computed by separate programs.
-        m_t, l_t, acc_t = _no_keys(ROWS, BLOCK_D)
-        for seg_lo in range(0, kv_end, SEGMENT):
-            m_s, l_s, acc_s = _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
-                                           seg_lo, tl.minimum(seg_lo + SEGMENT, kv_end),
-                                           stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-                                           ROWS, HEAD_DIM, PAGE_SIZE, PAGED, BLOCK_N, BLOCK_D)
-            m_t, l_t, acc_t = _merge_segment(m_t, l_t, acc_t, m_s, l_s, acc_s)
+        m_t, l_t, acc_t = _attend_segments(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
+                                           kv_end, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+                                           ROWS, HEAD_DIM, PAGE_SIZE, PAGED, SEGMENT, BLOCK_N, BLOCK_D)
     else:
         # Split decode (one query per sequence): this program takes segment program_id(2) and stores its
         # (max, sum, accumulator) per (token, head); the last of the sequence's segments to finish, counted by
