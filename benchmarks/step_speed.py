@@ -244,8 +244,14 @@ def main() -> None:
             results["ttft"] = prefill_kernels(engine, vocab, args.context, 25)
         if args.prefill_phase:
             results["prefill_phase"] = prefill_phase_kernels(engine, vocab, args.prefill_phase, (lo, hi), 25)
+        if args.device == "cuda" and not args.deterministic:
+            from parity.kernels.triton.fast import few_row_choices
+            results["few_row_choices"] = few_row_choices()
         (args.out / "step_speed.json").write_text(json.dumps(results, indent=1))
     print(summary(results["runs"]))
+    for c in results.get("few_row_choices", []):
+        times = ", ".join(f"{name} {us:.2f}" for name, us in c["us"].items())
+        print(f"few-row {c['op']} x{c['rows']} {tuple(c['weight'])}: {c['chosen']} (us a call: {times})")
     for k in results["step_kernels"]:
         print(f"batch-{k['batch']} step: {k['launches_per_step']:.0f} launches, {k['kernel_us_per_step']:.0f} us of "
               f"kernels, {k['wall_ms_per_step_traced']:.3f} ms wall (traced)")

@@ -36,6 +36,9 @@ __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_a
 # only when clearly faster than cuBLAS.
 FEW_ROWS = 16
 FASTER_MARGIN = 0.8  # a Triton kernel's time / cuBLAS's below which it is taken (a near tie keeps cuBLAS)
+# A fused kernel's time / the unfused pair's below which it is taken: the two round alike, so only timing noise
+# argues for the pair, and in a step's graph the fused one also saves the launch gap the timing half hides.
+FUSED_MARGIN = 0.97
 AGREEMENT = 1e-2  # relative L2 distance from cuBLAS's output above which a kernel is refused (bf16: ~1e-3)
 # The few-row kernels are timed reading weights from HBM, as a decode step does (every layer's weights pass through
 # once; an H100/H200 L2 holds 50 MB): each timed call reads another copy of the weight, `COLD_BYTES` of copies in all.
@@ -43,9 +46,13 @@ COLD_BYTES = 96 * 2**20
 MAX_COLD_COPIES = 32  # a weight of a few KB (a test model's) stays in cache whatever the count; 32 keeps timing quick
 FEW_ROW_KERNELS: dict[str, Callable] = {"cublas": F.linear, "narrow_tile": invariant.linear, "gemv": gemv.gemv}
 _FEW_ROW_CHOICE: dict[tuple, str] = {}
+_FEW_ROW_TIMES: dict[tuple, dict[str, float]] = {}  # each timed key's candidates, microseconds a call
 
 
-def _graph_time(fn: Callable[[], object], reps: int = 5) -> float:
+TIMED_REPS = 5
+
+
+def _graph_time(fn: Callable[[], object], reps: int = TIMED_REPS) -> float:
     """Milliseconds for `reps` back-to-back calls replayed from a CUDA graph (eager launches of a few-us kernel
     would time the host)."""
     fn()
@@ -81,13 +88,13 @@ def _outputs(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor
 
 
 def _timed_choice(op: str, m: int, candidates: dict[str, Callable], weight: torch.Tensor,
-                  bias: torch.Tensor | None, residual: bool = False) -> str:
+                  bias: torch.Tensor | None, *, margin: float, residual: bool = False) -> str:
     """The name of the fastest of `candidates` (each fn(x, weight, bias), or with `residual` fn(x, weight, bias,
     residual) for a residual like x; the first is the baseline) for `op` on [m, K] x weight, timed once per (m, op,
     the weight's shape, dtype and device, whether there is a bias) on random inputs and cold copies of the weight;
     with `residual` the op is keyed as `op + "+residual"`, so a choice timed without a residual never serves a call
     with one. A candidate whose output (each of them, for a tuple) differs from the baseline's by more than
-    AGREEMENT, or that raises, is never taken; another is taken only below FASTER_MARGIN x the baseline's time.
+    AGREEMENT, or that raises, is never taken; another is taken only below `margin` x the baseline's time.
     Inside a CUDA-graph capture nothing can be timed: the baseline, without caching the answer (the engine runs
     each graph's batch size once uncaptured before capturing it)."""
     baseline = next(iter(candidates))
@@ -116,16 +123,30 @@ def _timed_choice(op: str, m: int, candidates: dict[str, Callable], weight: torc
         weights = cold_copies(weight)
         times = {name: _graph_time(lambda f=candidates[name]: [f(x, w, bias, *extra) for w in weights])
                  for name in names}
+        calls = TIMED_REPS * len(weights)
         del weights
+        _FEW_ROW_TIMES[key] = {name: t * 1e3 / calls for name, t in times.items()}
         best = min(times, key=times.get)
-        _FEW_ROW_CHOICE[key] = best if times[best] < FASTER_MARGIN * times[baseline] else baseline
+        _FEW_ROW_CHOICE[key] = best if times[best] < margin * times[baseline] else baseline
     return _FEW_ROW_CHOICE[key]
 
 
 def few_row_kernel(m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The name in FEW_ROW_KERNELS of the fastest kernel for [m, K] x weight^T, timed on first sight of the shape."""
     names = [name for name in FEW_ROW_KERNELS if name != "gemv" or m <= gemv.MAX_ROWS]
-    return _timed_choice("linear", m, {name: FEW_ROW_KERNELS[name] for name in names}, weight, bias)
+    return _timed_choice("linear", m, {name: FEW_ROW_KERNELS[name] for name in names}, weight, bias,
+                         margin=FASTER_MARGIN)
+
+
+def few_row_choices() -> list[dict]:
+    """Every timed few-row choice so far: the op, rows, weight shape, the kernel taken and each candidate's
+    microseconds a call (weights from HBM), for benchmark reports."""
+    choices = []
+    for key, chosen in _FEW_ROW_CHOICE.items():
+        rows, op, shape, _, _, has_bias = key
+        times = {name: round(t, 2) for name, t in _FEW_ROW_TIMES.get(key, {}).items()}
+        choices.append({"op": op, "rows": rows, "weight": list(shape), "bias": has_bias, "chosen": chosen, "us": times})
+    return choices
 
 
 def _few_rows(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> int:
@@ -154,7 +175,8 @@ GATE_UP_KERNELS: dict[str, Callable] = {"pair": _linear_then_silu_and_mul, "fuse
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu_and_mul(linear(x, weight, bias)) for weight [2I, K] holding gate rows then up rows."""
     if rows := _few_rows(x, weight, gemv.MAX_ROWS):
-        return GATE_UP_KERNELS[_timed_choice("gate_up", rows, GATE_UP_KERNELS, weight, bias)](x, weight, bias)
+        name = _timed_choice("gate_up", rows, GATE_UP_KERNELS, weight, bias, margin=FUSED_MARGIN)
+        return GATE_UP_KERNELS[name](x, weight, bias)
     return _linear_then_silu_and_mul(x, weight, bias)
 
 
@@ -189,7 +211,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
         candidates = {name: _norm_candidate(fn, norm_weight, eps, silu_and_mul)
                       for name, fn in NORM_LINEAR_KERNELS.items()}
         op = "norm_gate_up" if silu_and_mul else "norm_linear"
-        name = _timed_choice(op, rows, candidates, weight, bias, residual=residual is not None)
+        name = _timed_choice(op, rows, candidates, weight, bias, residual=residual is not None, margin=FUSED_MARGIN)
         return NORM_LINEAR_KERNELS[name](x, norm_weight, eps, weight, bias, residual, silu_and_mul=silu_and_mul)
     return _rms_norm_then_linear(x, norm_weight, eps, weight, bias, residual, silu_and_mul)
 
