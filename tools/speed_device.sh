@@ -19,11 +19,14 @@
 #   graphs:  the engine, Triton-determinism, GEMV and kernel GPU tests (prefill CUDA graphs, fused norm + projection),
 #            then fast mode's step_speed with the prefill phase and TTFT traced
 #   chunk:   fast mode's step_speed at prefill chunks of 8192 and 16384 tokens (vLLM 0.20 takes 16384 on an H200)
+#   segments: deterministic attention's key segments in one loop (GPU determinism and few-row-choice tests, the
+#            attention sweep with 8- and 32-token tiles: same bits?), then step_speed in both modes with the
+#            few-row choices and the batch-1 and batch-256 kernel tables
 #   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
 #            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
 #            at 256 and 512 rows (still 1.34-1.43x cuBLAS there); key segments of 128 and 64
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | sweeps}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -105,6 +108,17 @@ chunk)
     timeout 130 python3 -m benchmarks.step_speed --out "$res/fast$n" --rounds 1 --max-num-batched-tokens $n \
       --prefill-phase 64 > "$res/fast$n.log" 2>&1; echo "== max_num_batched_tokens $n"; grep -v "^ " "$res/fast$n.log" | tail -6
     grep -A1 "prefill phase" "$res/fast$n.log"
+  done
+  ;;
+segments)
+  timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_determinism_triton.py tests/test_kernels.py \
+    > "$res/pytest_gpu.log" 2>&1; tail -6 "$res/pytest_gpu.log"
+  timeout 130 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --warps 4 --stages 2 3 \
+    --maxnreg 0 128 --tokens 8 32 > "$res/tiles.log" 2>&1; tail -12 "$res/tiles.log"
+  for mode in fast deterministic; do
+    flag=$([ $mode = deterministic ] && echo --deterministic)
+    timeout 130 python3 -m benchmarks.step_speed --out "$res/$mode" --rounds 1 --kernel-batches 1 256 $flag \
+      > "$res/$mode.log" 2>&1; echo "== $mode"; grep -v "^ " "$res/$mode.log" | tail -40
   done
   ;;
 sweeps)
