@@ -118,7 +118,7 @@ segments)
   for mode in fast deterministic; do
     flag=$([ $mode = deterministic ] && echo --deterministic)
     timeout 130 python3 -m benchmarks.step_speed --out "$res/$mode" --rounds 1 --kernel-batches 1 256 $flag \
-      > "$res/$mode.log" 2>&1; echo "== $mode"; grep -v "^ " "$res/$mode.log" | tail -40
+      > "$res/$mode.log" 2>&1; echo "== $mode"; grep -v "^ " "$res/$mode.log" | tail -30; grep -A14 "batch-256 step" "$res/$mode.log"
   done
   ;;
 sweeps)
