@@ -22,9 +22,10 @@
 #   segments: deterministic attention's key segments in one loop (GPU determinism and few-row-choice tests, the
 #            attention sweep with 8- and 32-token tiles: same bits?), then step_speed in both modes with the
 #            few-row choices and the batch-1 and batch-256 kernel tables
-#   sweeps:  deterministic attention with taller tiles (8-32 query tokens a program) and 1-4 warps: the same bits
-#            as the 8-token, 4-warp tile? (a prefill with 4x fewer K/V reloads); deterministic qkv and gate_up tiles
-#            at 256 and 512 rows (still 1.34-1.43x cuBLAS there); key segments of 128 and 64
+#   sweeps:  deterministic attention with 16-token tiles (32 rows, still below the 64-row MMAs that made 32-token
+#            tiles give other bits on 2026-12-02) and 2-4 warps: the 8-token tile's bits with half the K/V reloads?;
+#            deterministic qkv and gate_up tiles at 256 and 512 rows with 64- and 128-deep K steps (1.28 against
+#            ~0.92 ms of matmuls in a batch-256 step); key segments of 128 and 64
 set -uo pipefail
 stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -122,14 +123,14 @@ segments)
   done
   ;;
 sweeps)
-  timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --tokens 8 16 32 --warps 1 2 4 \
+  timeout 200 python3 -m benchmarks.invariant_attention_sweep --out "$res/tiles" --tokens 8 16 --warps 2 4 \
     --stages 2 3 > "$res/tiles.log" 2>&1; tail -20 "$res/tiles.log"
   for seg in 128 64; do  # shorter key segments: more split programs at batch 1, at what cost at 256?
     timeout 100 python3 -m benchmarks.invariant_attention_sweep --out "$res/seg$seg" --segment $seg --warps 4 \
       --stages 2 3 > "$res/seg$seg.log" 2>&1; tail -3 "$res/seg$seg.log"
   done
   timeout 200 python3 -m benchmarks.invariant_linear_sweep --out "$res/lin256" --rows 256 512 --block-m 64 128 \
-    --block-n 64 128 --block-k 64 --stages 3 4 5 --warps 4 8 --shapes qkv gate_up > "$res/lin256.log" 2>&1
+    --block-n 64 128 --block-k 64 128 --stages 3 4 --warps 4 8 --shapes qkv gate_up > "$res/lin256.log" 2>&1
   grep -A8 "==" "$res/lin256.log"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
