@@ -142,3 +142,19 @@ def test_greedy_batch_takes_the_one_pass_pick_with_the_same_results(deterministi
         params = greedy[:4] + [other]
         sample_async(logits, params, [0] * 5, [0] * 5, kernels.log_softmax, argmax_logprob=pick).result()
     assert calls == [5]
+
+
+def test_mixed_and_all_sampled_batches_pick_argmax_and_gumbel_rows():
+    """Greedy rows take the argmax, sampled rows the reference Gumbel-max of their tempered log-softmax, whether
+    the batch mixes the two or samples every row (which skips the argmax pass)."""
+    from parity.engine.sampler import sample_async
+    from parity.kernels import reference
+
+    logits = torch.randn(4, 200, generator=torch.Generator().manual_seed(5))  # flat: a draw is seldom the argmax
+    seeds, steps = [11, 12, 13, 14], [3, 4, 5, 6]
+    hot = SamplingParams(temperature=0.6)
+    gumbel = reference.gumbel_argmax(torch.log_softmax(logits / 0.6, -1), torch.tensor(seeds), torch.tensor(steps))
+    mixed = sample_async(logits, [SamplingParams(temperature=0), hot, SamplingParams(temperature=0), hot],
+                         seeds, steps).result()
+    assert mixed.token_ids == [int(logits[0].argmax()), int(gumbel[1]), int(logits[2].argmax()), int(gumbel[3])]
+    assert sample_async(logits, [hot] * 4, seeds, steps).result().token_ids == gumbel.tolist()

@@ -159,12 +159,16 @@ def sample_async(
     raw_logprobs = log_softmax(logits)
     shaped = apply_history_processors(logits, params, history)
     logprobs = raw_logprobs if unchanged else log_softmax(_temperature_and_filters(shaped, params))
-    tokens = shaped.argmax(dim=-1)
-    if not all(p.greedy for p in params):
-        greedy = to_device([p.greedy for p in params], torch.bool, logits.device)
+    greedy_rows = [p.greedy for p in params]
+    if all(greedy_rows):
+        tokens = shaped.argmax(dim=-1)
+    else:
         seeds_t = to_device(seeds, torch.int64, logits.device)
         steps_t = to_device(steps, torch.int64, logits.device)
-        tokens = torch.where(greedy, tokens, gumbel_argmax(logprobs, seeds_t, steps_t))
+        tokens = gumbel_argmax(logprobs, seeds_t, steps_t)
+        if any(greedy_rows):  # an all-sampled batch (an RL rollout's) skips the argmax pass over [B, V]
+            greedy = to_device(greedy_rows, torch.bool, logits.device)
+            tokens = torch.where(greedy, shaped.argmax(dim=-1), tokens)
     rows = torch.arange(logits.shape[0], device=logits.device)
     # float32 -> float64 is exact, so the values equal three .tolist() calls
     picked = torch.stack([tokens.double(), logprobs[rows, tokens].double(), raw_logprobs[rows, tokens].double()])
