@@ -135,12 +135,17 @@ def variants() -> list[Variant]:
                     dict(fast_decode, NUM_SPLITS=splits, MIXED=False), 4, 2) for splits in (1, 16)]
     out.append(Variant("fast attention, decode rows of a mixed step, 1 split", attention._decode_kernel,
                        dict(fast_decode, NUM_SPLITS=1, MIXED=True), 4, 2))
-    for n, k, m in ((4096, 1024, 1), (4096, 1024, 256), (4096, 1024, 2048), (4096, 12288, 1)):
+    for n, k, m, glu in ((4096, 1024, 1, False), (4096, 1024, 256, False), (4096, 1024, 2048, False),
+                         (4096, 12288, 1, False), (6144, 1024, 1, True), (6144, 1024, 256, True),
+                         (6144, 1024, 2048, True)):
         cfg = invariant.linear_config(n, k, m)
         tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        out.append(Variant(f"deterministic matmul {n}x{k}, {m} row(s): {tiles['BLOCK_M']}x{tiles['BLOCK_N']}"
-                           f"x{tiles['BLOCK_K']}", invariant._linear_kernel, dict(tiles, HAS_BIAS=False),
-                           cfg["num_warps"], cfg["num_stages"], ints=dict(N=n, K=k)))
+        if glu:  # as invariant._linear_forward halves it: BLOCK_N gate and BLOCK_N up columns a program
+            tiles["BLOCK_N"] = max(32, tiles["BLOCK_N"] // 2)
+        out.append(Variant(f"deterministic matmul {n}x{k}{' + SiLU-and-mul' if glu else ''}, {m} row(s): "
+                           f"{tiles['BLOCK_M']}x{tiles['BLOCK_N']}x{tiles['BLOCK_K']}", invariant._linear_kernel,
+                           dict(tiles, HAS_BIAS=False, GLU=glu), cfg["num_warps"], cfg["num_stages"],
+                           ints=dict(N=n // 2 if glu else n, K=k)))
     for name, n, k, rows, parts in (("qkv", 4096, 1024, 1, {}), ("qkv", 4096, 1024, 1, dict(NORM=True, HAS_RESIDUAL=True)),
                                     ("o", 1024, 2048, 4, {}), ("gate_up", 6144, 1024, 1, dict(GLU=True)),
                                     ("gate_up", 6144, 1024, 4, dict(NORM=True, HAS_RESIDUAL=True, GLU=True))):

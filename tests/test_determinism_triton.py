@@ -32,6 +32,22 @@ def _rel(out, ref) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.float16, False), (torch.bfloat16, True)])
+def test_linear_silu_and_mul_is_the_pair_bit_for_bit(dtype, bias):
+    """The gate_up projection with SiLU-and-mul as its epilogue gives the bits of the matmul then silu_and_mul (what
+    the trainer's autograd forward runs), at every row count, and is close to float64."""
+    inter, k = 40, 96  # 2I = 80 weight rows: gate columns in two tiles, the last one partial
+    x, w = _randn(37, k, dtype=dtype), _randn(2 * inter, k, dtype=dtype, seed=1) * 0.2
+    b = _randn(2 * inter, dtype=dtype, seed=2) if bias else None
+    fused = ti.linear_silu_and_mul(x, w, b)
+    assert fused.shape == (37, inter) and torch.equal(fused, ti.silu_and_mul(ti.linear(x, w, b)))
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    ref = torch.nn.functional.silu(ref[:, :inter]) * ref[:, inter:]
+    assert _rel(fused, ref) < {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]  # three roundings
+    for rows in (slice(0, 1), slice(5, 30)):
+        assert torch.equal(ti.linear_silu_and_mul(x[rows], w, b), fused[rows])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_linear_is_row_invariant_and_close_to_torch(dtype):
     x, w, b = _randn(37, 80, dtype=dtype), _randn(70, 80, dtype=dtype, seed=1), _randn(70, dtype=dtype, seed=2)
@@ -283,6 +299,19 @@ def test_gpu_linear_rows_alone_equal_a_2048_row_batch_at_model_shapes(dtype):
         for m in (1, 5, 16, 17, 64, 128, 129, 256, 320, 512, 1024):
             assert torch.equal(ti.linear(x[:m].clone(), w, None, fp32), big[:m]), (n, k, m)
     assert ti.linear_config(4096, 1024, 1) != ti.linear_config(4096, 1024, 2048) != ti.linear_config(4096, 1024, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_linear_silu_and_mul_is_the_pair_bit_for_bit_at_model_shapes(dtype):
+    """The engine's fused gate_up + SiLU-and-mul against the pair the trainer's autograd forward runs: the same bits
+    at decode and prefill row counts (Qwen3-0.6B's and SmolLM2's gate_up weights)."""
+    for inter, k in ((3072, 1024), (1536, 576)):
+        w = _randn(2 * inter, k, dtype=dtype, seed=1) * 0.02
+        x = _randn(2048, k, dtype=dtype)
+        for m in (1, 3, 16, 64, 129, 256, 512, 2048):
+            pair = ti.silu_and_mul(ti.linear(x[:m], w))
+            assert torch.equal(ti.linear_silu_and_mul(x[:m], w), pair), (inter, k, m)
 
 
 @pytest.mark.gpu

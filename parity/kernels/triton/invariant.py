@@ -9,6 +9,9 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
   checks rows alone against a 2048-row batch at real shapes. With `fp32=True` (the LM head under logits_fp32)
   half-precision operands go through the tensor cores as they are (their products are exact in
   float32) with float32 sums and a float32 output, like the fast path's cuBLAS call: no fp32 weight copy.
+  `linear_silu_and_mul` runs the gate_up projection with SiLU-and-mul as its epilogue: each column's MMA chain as
+  `linear` runs it, rounded as `silu_and_mul` rounds it, so the engine's fused op and the trainer's autograd pair
+  (which keeps the two ops for their backward) give the same bits.
 - `attention`: `triton_attention.prefill` for prefill chunks, decode steps and the trainer's packed
   batch alike, with tiles fixed by the head layout (`attention_tile`: 16 rows = the GQA group x
   consecutive tokens; one token per tile at decode). Key tiles start at position 0 in BLOCK_N steps with
@@ -38,14 +41,14 @@ import triton.language as tl
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton.attention import _dot, prefill
-from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul  # one program per token
+from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul, silu_mul  # a token a program
 from parity.kernels.triton.moe import fused_moe  # fixed tiles: a token's experts never see the batch
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32",
-           "log_softmax", "moe_route", "rms_norm",
+           "linear_silu_and_mul", "log_softmax", "moe_route", "rms_norm",
            "rope_and_cache", "silu_and_mul"]
 
 # The router's softmax and top-k in torch (a row's kernel follows the row length E): the engine and the trainer,
@@ -57,10 +60,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # -------------------------------------------------------------------------------------------- matmul
 # Row counts are never specialised on (Triton compiles a separate variant for an argument equal to 1).
+# With GLU the weight holds 2N rows (gate rows, then up rows) and a program's BLOCK_N columns are gate columns and
+# the up columns N later, in two accumulators: each the MMA chain the plain kernel runs for that column, then rounded
+# and SiLU-and-mul'ed as `silu_and_mul` rounds them, so the fused op gives the unfused pair's bits.
 @triton.jit(do_not_specialize=["M"])
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     wait_for_previous()
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,15 +75,26 @@ def _linear_kernel(
     m_mask = offs_m[:, None] < M
     n_mask = offs_n[None, :] < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # GLU only
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_mask & (kk[None, :] < K), other=0.0)
-        b = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=n_mask & (kk[:, None] < K), other=0.0)
+        w_offs = offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None]
+        b = tl.load(w_ptr + w_offs, mask=n_mask & (kk[:, None] < K), other=0.0)
         acc += _dot(a, b)  # fp16/bf16: tensor cores, exact products, float32 sums; fp32: IEEE (not tf32)
+        if GLU:
+            b_up = tl.load(w_ptr + N * stride_wn + w_offs, mask=n_mask & (kk[:, None] < K), other=0.0)
+            acc_up += _dot(a, b_up)
+    dt = y_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask & n_mask)
+        if GLU:
+            acc_up += tl.load(b_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if GLU:
+        out = silu_mul(acc.to(dt).to(tl.float32), acc_up.to(dt).to(tl.float32), dt)
+    else:
+        out = acc.to(dt)
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], out, mask=m_mask & n_mask)
 
 
 FULL_GRID = 96  # output tiles from which a wider tile keeps the H200's 132 SMs busy enough (linear_config)
@@ -115,20 +132,26 @@ def linear_config(n: int, k: int, m: int, half: bool = True) -> dict:
 
 
 def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
-                    cfg: dict | None = None) -> torch.Tensor:
+                    cfg: dict | None = None, glu: bool = False) -> torch.Tensor:
+    """x2 W^T (+ b) [m, n], or with `glu` silu_and_mul of it [m, n / 2]. A GLU launch takes the plain one's tiles
+    for the whole weight with BLOCK_N halved (the same grid, each program reading BLOCK_N gate and BLOCK_N up rows),
+    but never below 32 columns, the narrowest tile the H200 sweeps checked for bits."""
     m, k = x2.shape
     n = weight.shape[0]
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     out_dtype = torch.float32 if fp32 else x2.dtype
+    cfg = cfg or linear_config(n, k, m, half=x2.dtype != torch.float32)
+    if glu:
+        n //= 2
+        cfg = dict(cfg, BLOCK_N=max(32, cfg["BLOCK_N"] // 2))
     y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
     if m == 0:
         return y
-    cfg = cfg or linear_config(n, k, m, half=x2.dtype != torch.float32)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, **cfg, **LAUNCH,
+        HAS_BIAS=bias is not None, GLU=glu, **cfg, **LAUNCH,
     )
     return y
 
@@ -141,6 +164,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if fp32 and x2.dtype != weight.dtype:
         x2, weight = x2.float(), weight.float()
     return _linear_forward(x2, weight, bias, fp32, tiles).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x, weight, bias)) for a gate_up weight [2I, K] in one launch, with the pair's bits: the
+    SiLU-and-mul is the matmul's epilogue, so the [T, 2I] projection is never written and read back."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if weight.shape[0] % 2 or x2.dtype != weight.dtype:
+        return silu_and_mul(linear(x, weight, bias))
+    return _linear_forward(x2, weight, bias, False, glu=True).reshape(*x.shape[:-1], weight.shape[0] // 2)
 
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
