@@ -139,9 +139,8 @@ def variants() -> list[Variant]:
                          (4096, 12288, 1, False), (6144, 1024, 1, True), (6144, 1024, 256, True),
                          (6144, 1024, 2048, True)):
         cfg = invariant.linear_config(n, k, m)
+        cfg = invariant.glu_config(cfg) if glu else cfg
         tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        if glu:  # as invariant._linear_forward halves it: BLOCK_N gate and BLOCK_N up columns a program
-            tiles["BLOCK_N"] = max(32, tiles["BLOCK_N"] // 2)
         out.append(Variant(f"deterministic matmul {n}x{k}{' + SiLU-and-mul' if glu else ''}, {m} row(s): "
                            f"{tiles['BLOCK_M']}x{tiles['BLOCK_N']}x{tiles['BLOCK_K']}", invariant._linear_kernel,
                            dict(tiles, HAS_BIAS=False, GLU=glu), cfg["num_warps"], cfg["num_stages"],

@@ -151,15 +151,15 @@ def sample_async(
     with non_blocking copies. `argmax_logprob` (`Kernels.argmax_logprob`, the model's) serves a batch that is all
     greedy on unchanged logits and asks for no top logprobs: the tokens and their logprobs in one pass."""
     num = [p.logprobs for p in params]
+    greedy_rows = [p.greedy for p in params]
     unchanged = _leaves_logits_unchanged(params) and not shapes_logits(params)
-    if argmax_logprob is not None and unchanged and all(n is None for n in num) and all(p.greedy for p in params):
+    if argmax_logprob is not None and unchanged and all(n is None for n in num) and all(greedy_rows):
         tokens, chosen = argmax_logprob(logits)
         chosen = chosen.double()
         return PendingSample(tokens, HostCopy(torch.stack([tokens.double(), chosen, chosen])), None)
     raw_logprobs = log_softmax(logits)
     shaped = apply_history_processors(logits, params, history)
     logprobs = raw_logprobs if unchanged else log_softmax(_temperature_and_filters(shaped, params))
-    greedy_rows = [p.greedy for p in params]
     if all(greedy_rows):
         tokens = shaped.argmax(dim=-1)
     else:

@@ -131,11 +131,16 @@ def linear_config(n: int, k: int, m: int, half: bool = True) -> dict:
     return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=32, BLOCK_K=deep_k, num_warps=4, num_stages=4)
 
 
+def glu_config(cfg: dict) -> dict:
+    """A GLU launch's tiles from the plain launch's for the whole gate_up weight: BLOCK_N halved (the same grid, each
+    program reading BLOCK_N gate and BLOCK_N up rows), but never below 32 columns, the narrowest tile the H200
+    sweeps checked for bits."""
+    return dict(cfg, BLOCK_N=max(32, cfg["BLOCK_N"] // 2))
+
+
 def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
                     cfg: dict | None = None, glu: bool = False) -> torch.Tensor:
-    """x2 W^T (+ b) [m, n], or with `glu` silu_and_mul of it [m, n / 2]. A GLU launch takes the plain one's tiles
-    for the whole weight with BLOCK_N halved (the same grid, each program reading BLOCK_N gate and BLOCK_N up rows),
-    but never below 32 columns, the narrowest tile the H200 sweeps checked for bits."""
+    """x2 W^T (+ b) [m, n], or with `glu` silu_and_mul of it [m, n / 2] (tiles: `glu_config`)."""
     m, k = x2.shape
     n = weight.shape[0]
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -144,7 +149,7 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     cfg = cfg or linear_config(n, k, m, half=x2.dtype != torch.float32)
     if glu:
         n //= 2
-        cfg = dict(cfg, BLOCK_N=max(32, cfg["BLOCK_N"] // 2))
+        cfg = glu_config(cfg)
     y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
     if m == 0:
         return y
