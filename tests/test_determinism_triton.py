@@ -165,18 +165,27 @@ def test_attention_key_segments_split_decode_equals_one_program_and_the_packed_b
     _check_split_decode(dtype, 4, 2, 32, [600, 300], [[600, 300], [401, 300], [257, 256]], monkeypatch)
 
 
-def test_attention_padding_rows_give_zeros():
-    """CUDA-graph padding: a sequence with one query row, context length 0 and slot -1 attends to nothing."""
-    k_cache = torch.zeros(4, 4, 2, 16, device=DEVICE)
+@pytest.mark.parametrize("context", [3, 300])  # 300 keys > SEGMENT: the step's segments run split
+def test_attention_padding_rows_give_zeros(context, monkeypatch):
+    """CUDA-graph padding: a sequence with one query row, context length 0 and slot -1 attends to nothing. Its row
+    is written as zeros by the kernel: the output buffer holds NaN before the launch."""
+    monkeypatch.setattr(ti, "KEY_SEGMENT", SEGMENT)
+    block = 16
+    pages = -(-context // block)
+    k_cache, v_cache = _randn(pages, block, 2, 16, seed=2), _randn(pages, block, 2, 16, seed=3)
+    tables = torch.zeros(2, pages, dtype=torch.int32, device=DEVICE)
+    tables[0] = torch.arange(pages)
     meta = AttentionMetadata(
         query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.tensor([3, 0], dtype=torch.int32, device=DEVICE), max_query_len=1, max_seq_len=3,
-        query_start_loc_cpu=[0, 1, 2], seq_lens_cpu=[3, 0], block_tables=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),
-        slot_mapping=torch.tensor([2, -1], device=DEVICE),
+        seq_lens=torch.tensor([context, 0], dtype=torch.int32, device=DEVICE), max_query_len=1, max_seq_len=context,
+        query_start_loc_cpu=[0, 1, 2], seq_lens_cpu=[context, 0], block_tables=tables,
+        slot_mapping=torch.tensor([context - 1, -1], device=DEVICE),
     )
     q, k = _randn(2, 4, 16), _randn(2, 2, 16, seed=1)
-    v_cache = k_cache.clone()
     store_kvcache(k, k, k_cache, v_cache, meta.slot_mapping)
+    assert ti.split_decode(2, 2, context) == (context > SEGMENT)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t: empty_like(t).fill_(float("nan")))
     out = ti.attention(q, k, k, (k_cache, v_cache), meta, 0.25)
     assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros_like(out[1]))
 

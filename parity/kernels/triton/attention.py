@@ -249,6 +249,10 @@ def _prefill_kernel(
         seg = tl.program_id(2)
         seg_lo = seg * SEGMENT
         if seg_lo >= kv_end:
+            if seg == 0:  # a row with no keys at all (CUDA-graph padding) is written as zeros
+                tl.store(out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+                         + offs_d[None, :], tl.zeros([ROWS, BLOCK_D], tl.float32).to(out_ptr.dtype.element_ty),
+                         mask=out_mask)
             return
         m_s, l_s, acc_s = _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
                                        seg_lo, tl.minimum(seg_lo + SEGMENT, kv_end),
