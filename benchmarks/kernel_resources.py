@@ -130,9 +130,12 @@ def variants() -> list[Variant]:
                     attention._prefill_kernel, dict(det, TOKENS=64, HEADS=1, SEGMENT=0, SPLIT=False, SKIP_SINGLE=skip),
                     4, 2) for skip in (False, True)]
     fast_decode = dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim,
-                       PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim)
+                       PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim, ROPE=False, NORM=False)
     out += [Variant(f"fast attention, decode, {splits} split(s)", attention._decode_kernel,
                     dict(fast_decode, NUM_SPLITS=splits, MIXED=False), 4, 2) for splits in (1, 16)]
+    out += [Variant(f"fast attention, decode with RoPE, q/k norm and the cache write, {splits} split(s)",
+                    attention._decode_kernel, dict(fast_decode, NUM_SPLITS=splits, MIXED=False, ROPE=True, NORM=True),
+                    4, 2, pointers={"slot_ptr": "*i64"}) for splits in (1, 16)]
     out.append(Variant("fast attention, decode rows of a mixed step, 1 split", attention._decode_kernel,
                        dict(fast_decode, NUM_SPLITS=1, MIXED=True), 4, 2))
     for n, k, m, glu in ((4096, 1024, 1, False), (4096, 1024, 256, False), (4096, 1024, 2048, False),

@@ -279,6 +279,48 @@ def test_decode_padding_rows_give_zeros(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_decode_with_rope_fused_is_rope_and_cache_then_attention(device, qk_norm, monkeypatch):
+    """Fast mode's decode step that rotates its own query and writes the step's key and value (`rope_decode`):
+    strided q/k/v views of the projection, contexts that split and one that does not, and a CUDA-graph padding row
+    (no keys, slot -1). The output and the whole cache have the bits of `rope_and_cache` then `paged_attention`."""
+    from parity.kernels.triton import fast
+
+    gen = torch.Generator().manual_seed(11)
+    dtype, heads, kv_heads, head_dim, block = torch.bfloat16, 4, 2, 64, 16
+    lens = [300, 17, 1] if device == "cpu" else [4000, 1, 777, 2049]
+    _, k_cache, v_cache, meta = paged_case(device, dtype, [(n - 1, 1) for n in lens], heads, kv_heads, head_dim,
+                                           block, gen)
+    rows = len(lens) + 1  # the padding row last
+    meta.seq_lens = torch.cat([meta.seq_lens, torch.zeros(1, dtype=torch.int32, device=device)])
+    meta.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
+    meta.block_tables = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables[:1])])
+    meta.seq_lens_cpu, meta.query_start_loc_cpu = meta.seq_lens_cpu + [0], list(range(rows + 1))
+    tables = meta.block_tables.cpu()
+    meta.slot_mapping = torch.tensor([int(tables[s, (n - 1) // block]) * block + (n - 1) % block
+                                      for s, n in enumerate(lens)] + [-1], device=device)
+    qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device, gen=gen)
+    q, k, v = (t.reshape(rows, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                                  kv_heads * head_dim], dim=-1))
+    angles = torch.rand(rows, head_dim // 2, generator=gen) * 100
+    cos, sin = (f(torch.cat([angles, angles], dim=-1)).to(device, dtype) for f in (torch.cos, torch.sin))
+    weights = [(1 + 0.2 * randn(head_dim, dtype=torch.float32, device="cpu", gen=gen)).to(device, dtype)
+               for _ in range(2)] if qk_norm else [None, None]
+    assert ta.decode_num_splits(rows, kv_heads, meta.max_seq_len, 132) > 1
+    pair_cache = (k_cache.clone(), v_cache.clone())
+    q_rot, k_rot = te.rope_and_cache(q, k, v, cos, sin, *weights, 1e-6, pair_cache, meta.slot_mapping)
+    pair = ta.paged_attention(q_rot, *pair_cache, meta, 0.125)
+
+    assert ta.rope_fuses_into_decode(q, k, v, cos, sin, (k_cache, v_cache), meta)
+    monkeypatch.setattr(fast, "rope_and_cache", None)  # the fused path must not call it
+    fused = fast.rope_and_attention(q, k, v, cos, sin, *weights, 1e-6, (k_cache, v_cache), meta, 0.125)
+    assert torch.equal(fused, pair) and torch.equal(fused[-1], torch.zeros_like(fused[-1]))
+    for got, want in zip((k_cache, v_cache), pair_cache):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # unused blocks are NaN
+    assert not ta._COUNTERS[q.device].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_attention_without_cache(device, dtype):
     gen = torch.Generator().manual_seed(8)

@@ -137,6 +137,17 @@ class Kernels:
         impl = implementation(self.mode, q, k, v, cos, sin, q_weight, k_weight)
         return impl.rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping)
 
+    def rope_and_attention(self, q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta: AttentionMetadata,
+                           scale: float) -> torch.Tensor:
+        """`rope_and_cache`, then `attention` of the rotated q and k. An implementation may fuse them (fast mode's
+        decode step: its attention kernel rotates the query and writes the step's key and value); the others run
+        this object's two ops."""
+        fused = getattr(implementation(self.mode, q, k, v, cos, sin, q_weight, k_weight), "rope_and_attention", None)
+        if fused is not None:
+            return fused(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta, scale)
+        q, k = self.rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta.slot_mapping)
+        return self.attention(q, k, v, kv_cache, meta, scale)
+
     def attention(
         self,
         q: torch.Tensor,

@@ -86,11 +86,11 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        # Qwen3's per-head q/k norm, RoPE and the KV-cache write: one kernel in fast mode on CUDA.
+        # Qwen3's per-head q/k norm, RoPE and the KV-cache write: one kernel in fast mode on CUDA, the decode
+        # step's attention kernel itself in a decode step.
         q_norm, k_norm = (self.q_norm.weight, self.k_norm.weight) if self.norm_per_head else (None, None)
         eps = self.q_norm.eps if self.norm_per_head else None
-        q, k = self.kernels.rope_and_cache(q, k, v, cos, sin, q_norm, k_norm, eps, kv_cache, meta.slot_mapping)
-        out = self.kernels.attention(q, k, v, kv_cache, meta, self.scale)
+        out = self.kernels.rope_and_attention(q, k, v, cos, sin, q_norm, k_norm, eps, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -17,13 +17,15 @@ sequence `s` lives in flat slot `block_tables[s, n // block_size] * block_size +
   log-sum-exp, so a step launches one kernel per layer, not two. Splits keep a batch of one with a long
   context spread over the whole GPU. The split count depends only on host-known sizes, and each program
   derives its range from the device-side `seq_lens`, so a CUDA graph captured once serves every
-  context length.
+  context length. `rope_decode` also has each program rotate (and per-head normalise) its query, and the
+  program whose split holds the step's position write the step's key and value, in place of `rope_and_cache`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,6 +34,7 @@ import triton.language as tl
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
+from parity.kernels.triton.rotary import cos_sin_halves, norm_rotate, store_rotated_kv
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw integers, and its float32 tl.dot is numpy's
 # BLAS matmul, whose sums for a row depend on where the row sits in the tile (OpenBLAS 0.3.31's AVX-512 kernels).
@@ -334,9 +337,11 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+    k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, eps,
+    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct, stride_st,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
 ):
     wait_for_previous()
     seq = tl.program_id(0)
@@ -356,7 +361,25 @@ def _decode_kernel(
     heads = kv_head * GROUP + offs_h
     h_mask = offs_h[:, None] < GROUP
     d_mask = offs_d[None, :] < HEAD_DIM
-    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask & d_mask, other=0.0)
+    if ROPE:  # `rope_decode`: q and this step's k, v come as the projection gives them (rope_and_cache's inputs)
+        HALF: tl.constexpr = BLOCK_D // 2
+        dt = q_ptr.dtype.element_ty
+        c1, c2, s1, s2 = cos_sin_halves(cos_ptr, sin_ptr, token, stride_ct, stride_st, HALF, HALF)
+        q1, q2 = norm_rotate(q_ptr + kv_head * GROUP * stride_qh, qw_ptr, token, stride_qt, stride_qh,
+                             c1, c2, s1, s2, eps, dt, GROUP, HALF, BLOCK_H, HALF, NORM)
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_H, BLOCK_D))  # [q1 | q2]
+        slot = tl.load(slot_ptr + token)
+        if (start <= seq_len - 1) & (seq_len - 1 < end) & (slot >= 0):  # the program whose keys include this step's
+            k1, k2 = norm_rotate(k_new_ptr + kv_head * stride_knh, kw_ptr, token, stride_knt, stride_knh,
+                                 c1, c2, s1, s2, eps, dt, 1, HALF, 2, HALF, NORM)
+            h = tl.arange(0, 2)[:, None]
+            j = tl.arange(0, HALF)[None, :]
+            store_rotated_kv(k_cache_ptr, v_cache_ptr, slot * stride_kt + (kv_head + h) * stride_kh + j, k1, k2,
+                             v_new_ptr + token * stride_vnt + (kv_head + h) * stride_vnh + j, h < 1, HALF)
+        tl.debug_barrier()  # the block's cache stores before any of its threads loads keys
+    else:
+        q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask & d_mask,
+                    other=0.0)
 
     # The one query sees every key of the sequence: its position is the last one.
     q_pos = tl.full([BLOCK_H], 0, tl.int32) + seq_len - 1
@@ -432,10 +455,27 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
+@dataclass(frozen=True)
+class StepRope:
+    """What `rope_and_cache` would apply before a decode step, for a decode kernel that applies it itself: this
+    step's k and v rows [T, KV, D] as the projection gives them, cos/sin [T, D], the per-head norm weights (None:
+    no norm) and the cache slot of each row (-1: padding)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    eps: float
+    slot_mapping: torch.Tensor
+
+
 def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, splits: int | None = None,
-            mixed: bool = False) -> None:
+            mixed: bool = False, rope: StepRope | None = None) -> None:
     """Fast mode's split-KV decode step; `splits` overrides `decode_num_splits` (benchmarks/decode_attention_sweep.py).
-    `mixed`: q holds longer queries too; only the sequences that compute one token are attended (one row each)."""
+    `mixed`: q holds longer queries too; only the sequences that compute one token are attended (one row each).
+    `rope`: q is unrotated, and the step's keys and values are not in the cache yet (`rope_decode`)."""
     num_seqs = meta.num_seqs
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
@@ -452,10 +492,44 @@ def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, spl
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
+        *_rope_arguments(rope, q),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         NUM_SPLITS=splits, MIXED=mixed, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=2, **LAUNCH,
+        BLOCK_D=triton.next_power_of_2(head_dim), ROPE=rope is not None,
+        NORM=rope is not None and rope.q_weight is not None, num_warps=4, num_stages=2, **LAUNCH,
     )
+
+
+def _rope_arguments(rope: StepRope | None, q: torch.Tensor) -> tuple:
+    """The decode kernel's RoPE operands, from `rope` (q stands in for the pointers when there is none)."""
+    if rope is None:
+        return (q,) * 7 + (0.0,) + (0,) * 6
+    norm = rope.q_weight is not None
+    return (rope.k, rope.v, rope.cos, rope.sin, rope.q_weight if norm else q, rope.k_weight if norm else q,
+            rope.slot_mapping, float(rope.eps) if norm else 0.0, *rope.k.stride()[:2], *rope.v.stride()[:2],
+            rope.cos.stride(0), rope.sin.stride(0))
+
+
+def rope_fuses_into_decode(q, k, v, cos, sin, kv_cache, meta: AttentionMetadata) -> bool:
+    """Whether `rope_decode` takes this step: one query per sequence over a paged cache (of the same layout for K and
+    V), a power-of-two head size (the kernel joins the two rotated halves) and unit-stride rows."""
+    if kv_cache is None or not q.shape[0] or meta.max_query_len != 1 or q.shape[0] != meta.num_seqs:
+        return False
+    k_cache, v_cache = kv_cache
+    head_dim = q.shape[-1]
+    return (head_dim & (head_dim - 1) == 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.shape == v_cache.shape and all(t.stride(-1) == 1 for t in (q, k, v, cos, sin)))
+
+
+def rope_decode(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+    """`rope_and_cache`, then `paged_attention`, of a decode step in one launch (`rope_fuses_into_decode`): each
+    program normalises and rotates its GQA group's query heads as `elementwise.rope_and_cache` does (the same
+    code), and the program whose split holds the step's position writes its rotated key and its value into the
+    cache before it reads keys. One launch a layer fewer on the batch-1 critical path."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _decode(q, *kv_cache, out, meta, scale, rope=StepRope(k, v, cos, sin, q_weight, k_weight, eps, meta.slot_mapping))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ public API

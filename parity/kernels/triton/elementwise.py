@@ -11,32 +11,9 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.triton.attention import store_kvcache
-from parity.kernels.triton.norm import rms_norm, scale_normalised
+from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
-
-
-@triton.jit
-def _norm_rotate(x_ptr, w_ptr, t, stride_t, stride_h, c1, c2, s1, s2, eps, dt: tl.constexpr,
-                 NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 NORM: tl.constexpr):
-    """Heads [BLOCK_H, 2 x BLOCK_HALF] of token t, RMS-normalised (NORM) as `reference.rms_norm` casts, then
-    rotated as torch computes x * cos + rotate_half(x) * sin: each product and the sum rounded to `dt`.
-    Returns both halves in `dt`."""
-    h = tl.arange(0, BLOCK_H)[:, None]
-    j = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (h < NUM_HEADS) & (j < HALF)
-    src = x_ptr + t * stride_t + h * stride_h + j
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    if NORM:
-        inv = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
-        w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
-        x1 = scale_normalised(x1, inv, w1, dt).to(dt).to(tl.float32)
-        x2 = scale_normalised(x2, inv, w2, dt).to(dt).to(tl.float32)
-    o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
-    return o1, o2
+from parity.kernels.triton.rotary import cos_sin_halves, norm_rotate, store_rotated_kv
 
 
 @triton.jit
@@ -50,20 +27,17 @@ def _rope_and_cache_kernel(
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)[None, :]
     jm = j < HALF
-    c1 = tl.load(cos_ptr + t * stride_ct + j, mask=jm, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * stride_ct + HALF + j, mask=jm, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * stride_st + j, mask=jm, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * stride_st + HALF + j, mask=jm, other=0.0).to(tl.float32)
+    c1, c2, s1, s2 = cos_sin_halves(cos_ptr, sin_ptr, t, stride_ct, stride_st, HALF, BLOCK_HALF)
     dt = q_out_ptr.dtype.element_ty
     hq = tl.arange(0, BLOCK_H)[:, None]
-    q1, q2 = _norm_rotate(q_ptr, qw_ptr, t, stride_qt, stride_qh, c1, c2, s1, s2, eps, dt,
+    q1, q2 = norm_rotate(q_ptr, qw_ptr, t, stride_qt, stride_qh, c1, c2, s1, s2, eps, dt,
                           NUM_HEADS, HALF, BLOCK_H, BLOCK_HALF, NORM)
     q_dst = q_out_ptr + t * NUM_HEADS * 2 * HALF + hq * 2 * HALF + j
     tl.store(q_dst, q1, mask=(hq < NUM_HEADS) & jm)
     tl.store(q_dst + HALF, q2, mask=(hq < NUM_HEADS) & jm)
     hk = tl.arange(0, BLOCK_KV)[:, None]
     kv_mask = (hk < NUM_KV_HEADS) & jm
-    k1, k2 = _norm_rotate(k_ptr, kw_ptr, t, stride_kt, stride_kh, c1, c2, s1, s2, eps, dt,
+    k1, k2 = norm_rotate(k_ptr, kw_ptr, t, stride_kt, stride_kh, c1, c2, s1, s2, eps, dt,
                           NUM_KV_HEADS, HALF, BLOCK_KV, BLOCK_HALF, NORM)
     k_dst = k_out_ptr + t * NUM_KV_HEADS * 2 * HALF + hk * 2 * HALF + j
     tl.store(k_dst, k1, mask=kv_mask)
@@ -71,13 +45,8 @@ def _rope_and_cache_kernel(
     if CACHE:
         slot = tl.load(slot_ptr + t)
         if slot >= 0:  # -1: a padding token, nothing to write
-            dst = slot * stride_cs + hk * stride_ch + j
-            cache_dt = k_cache_ptr.dtype.element_ty
-            tl.store(k_cache_ptr + dst, k1.to(cache_dt), mask=kv_mask)
-            tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dt), mask=kv_mask)
-            v_src = v_ptr + t * stride_vt + hk * stride_vh + j
-            tl.store(v_cache_ptr + dst, tl.load(v_src, mask=kv_mask).to(cache_dt), mask=kv_mask)
-            tl.store(v_cache_ptr + dst + HALF, tl.load(v_src + HALF, mask=kv_mask).to(cache_dt), mask=kv_mask)
+            store_rotated_kv(k_cache_ptr, v_cache_ptr, slot * stride_cs + hk * stride_ch + j, k1, k2,
+                             v_ptr + t * stride_vt + hk * stride_vh + j, kv_mask, HALF)
 
 
 def _launch(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, slot_mapping, q_out, k_out) -> None:

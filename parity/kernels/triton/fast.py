@@ -4,8 +4,9 @@ for the matmuls and the log-softmax (of a few rows: the chunked Triton kernels).
 Triton kernel where one times faster, and at most 4 rows may take one GEMV launch (`gemv.py`) where it times
 faster than the unfused ops: a decoder layer's RMSNorm (with the residual add) and the qkv or gate_up projection
 after it (`rms_norm_linear`), the gate_up projection and SiLU-and-mul (`linear_silu_and_mul`), or all three.
-Same signatures as `reference.py`, plus these two fused ops, which `Kernels` takes from an implementation that
-has them."""
+A decode step's attention kernel also applies RoPE (and the per-head q/k norm) and writes the step's
+keys and values (`rope_and_attention`). Same signatures as `reference.py`, plus these three fused ops, which
+`Kernels` takes from an implementation that has them."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ import torch.nn.functional as F
 from parity.kernels import reference
 from parity.kernels.dispatch import norm_then_linear
 from parity.kernels.triton import gemv, invariant
-from parity.kernels.triton.attention import attention
-from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul
+from parity.kernels.triton.attention import attention, rope_decode, rope_fuses_into_decode
+from parity.kernels.triton.elementwise import apply_rotary, fuses, rope_and_cache, silu_and_mul
 from parity.kernels.triton.moe import fused_moe, moe_route
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32",
-           "linear_silu_and_mul", "log_softmax", "moe_route", "rms_norm", "rms_norm_linear", "rope_and_cache", "silu_and_mul"]
+           "linear_silu_and_mul", "log_softmax", "moe_route", "rms_norm", "rms_norm_linear", "rope_and_attention",
+           "rope_and_cache", "silu_and_mul"]
 
 # Up to this many rows a matmul may leave cuBLAS for a Triton kernel: the deterministic kernel's narrow tile (its
 # 16-row BLOCK_M) or, up to gemv.MAX_ROWS rows, the matrix-vector kernel. benchmarks/invariant_linear_sweep.py on
@@ -254,3 +256,12 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16):
         return mm_fp32_out(x, weight)
     return reference.linear_fp32(x, weight)
+
+
+def rope_and_attention(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta, scale):
+    """`rope_and_cache`, then `attention`. A decode step over the paged cache does both in its attention kernel
+    (`attention.rope_decode`: the same rounding, one launch a layer fewer)."""
+    if fuses(q, k, v, cos, q_weight, k_weight) and rope_fuses_into_decode(q, k, v, cos, sin, kv_cache, meta):
+        return rope_decode(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta, scale)
+    q, k = rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta.slot_mapping)
+    return attention(q, k, v, kv_cache, meta, scale)
