@@ -283,7 +283,9 @@ def test_decode_padding_rows_give_zeros(device):
 def test_decode_with_rope_fused_is_rope_and_cache_then_attention(device, qk_norm, monkeypatch):
     """Fast mode's decode step that rotates its own query and writes the step's key and value (`rope_decode`):
     strided q/k/v views of the projection, contexts that split and one that does not, and a CUDA-graph padding row
-    (no keys, slot -1). The output and the whole cache have the bits of `rope_and_cache` then `paged_attention`."""
+    (no keys, slot -1). The output and the whole cache have the bits of `rope_and_cache` then `paged_attention`.
+    Compiled, the q/k norm's sum over a head may be reduced in another order (the two kernels' tiles differ), so on
+    the GPU the bits are required without the norm and closeness with it."""
     from parity.kernels.triton import fast
 
     gen = torch.Generator().manual_seed(11)
@@ -314,9 +316,11 @@ def test_decode_with_rope_fused_is_rope_and_cache_then_attention(device, qk_norm
     assert ta.rope_fuses_into_decode(q, k, v, cos, sin, (k_cache, v_cache), meta)
     monkeypatch.setattr(fast, "rope_and_cache", None)  # the fused path must not call it
     fused = fast.rope_and_attention(q, k, v, cos, sin, *weights, 1e-6, (k_cache, v_cache), meta, 0.125)
-    assert torch.equal(fused, pair) and torch.equal(fused[-1], torch.zeros_like(fused[-1]))
-    for got, want in zip((k_cache, v_cache), pair_cache):
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # unused blocks are NaN
+    assert torch.equal(fused[-1], torch.zeros_like(fused[-1]))
+    exact = device == "cpu" or not qk_norm
+    assert torch.equal(fused, pair) if exact else rel_err(fused, pair) < TOL[dtype]
+    for got, want in zip((k_cache, v_cache), pair_cache):  # unused blocks are NaN
+        torch.testing.assert_close(got, want, equal_nan=True, **({"rtol": 0, "atol": 0} if exact else {}))
     assert not ta._COUNTERS[q.device].any()
 
 

@@ -526,7 +526,8 @@ def rope_decode(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta: Atte
     """`rope_and_cache`, then `paged_attention`, of a decode step in one launch (`rope_fuses_into_decode`): each
     program normalises and rotates its GQA group's query heads as `elementwise.rope_and_cache` does (the same
     code), and the program whose split holds the step's position writes its rotated key and its value into the
-    cache before it reads keys. One launch a layer fewer on the batch-1 critical path."""
+    cache before it reads keys. One launch a layer fewer on the batch-1 critical path. Fast mode only: the norm's
+    sum over a head is reduced in this kernel's tile, which may order it differently from `rope_and_cache`'s."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _decode(q, *kv_cache, out, meta, scale, rope=StepRope(k, v, cos, sin, q_weight, k_weight, eps, meta.slot_mapping))
     return out

@@ -260,7 +260,7 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def rope_and_attention(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta, scale):
     """`rope_and_cache`, then `attention`. A decode step over the paged cache does both in its attention kernel
-    (`attention.rope_decode`: the same rounding, one launch a layer fewer)."""
+    (`attention.rope_decode`: the same code and rounding steps, one launch a layer fewer)."""
     if fuses(q, k, v, cos, q_weight, k_weight) and rope_fuses_into_decode(q, k, v, cos, sin, kv_cache, meta):
         return rope_decode(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta, scale)
     q, k = rope_and_cache(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta.slot_mapping)
