@@ -32,6 +32,10 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
 
+    def is_decode(self, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` query rows is a decode step: one query row per sequence, none besides."""
+        return self.max_query_len == 1 and num_tokens == self.num_seqs
+
     @classmethod
     def for_packed_sequences(cls, seq_lens: list[int], device: torch.device | str) -> AttentionMetadata:
         """Causal attention within each of several packed sequences, no KV cache (trainer path)."""

@@ -186,6 +186,13 @@ def _attend_segments(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_
     return m_t, l_t, acc_t
 
 
+@triton.jit
+def _rows(ptr, token, head, offs_d, stride_t, stride_h):
+    """Pointers [rows, BLOCK_D] to each row's (token, head) vector of a [T, H, D] tensor (computed where used: kept
+    live across the key loop they would cost registers)."""
+    return ptr + token.to(tl.int64)[:, None] * stride_t + head[:, None] * stride_h + offs_d[None, :]
+
+
 # The batch's sequence count and block-table width change every step: not specialised on (each new
 # divisibility class would compile a variant mid-run).
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
@@ -232,8 +239,7 @@ def _prefill_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
     out_mask = row_ok[:, None] & d_mask
-    q = tl.load(q_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=out_mask, other=0.0)
+    q = tl.load(_rows(q_ptr, q_start + tok, head, offs_d, stride_qt, stride_qh), mask=out_mask, other=0.0)
     kv_end = tl.minimum(seq_len, context + (tile + 1) * TOKENS)
     if SEGMENT == 0:  # one online softmax over all keys from position 0 (fast mode)
         m_t, l_t, acc_t = _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
@@ -253,9 +259,8 @@ def _prefill_kernel(
         seg_lo = seg * SEGMENT
         if seg_lo >= kv_end:
             if seg == 0:  # a row with no keys at all (CUDA-graph padding) is written as zeros
-                tl.store(out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
-                         + offs_d[None, :], tl.zeros([ROWS, BLOCK_D], tl.float32).to(out_ptr.dtype.element_ty),
-                         mask=out_mask)
+                tl.store(_rows(out_ptr, q_start + tok, head, offs_d, stride_ot, stride_oh),
+                         tl.zeros([ROWS, BLOCK_D], tl.float32).to(out_ptr.dtype.element_ty), mask=out_mask)
             return
         m_s, l_s, acc_s = _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
                                        seg_lo, tl.minimum(seg_lo + SEGMENT, kv_end),
@@ -281,8 +286,8 @@ def _prefill_kernel(
                             other=0.0, cache_modifier=".cg")
             m_t, l_t, acc_t = _merge_segment(m_t, l_t, acc_t, m_s, l_s, acc_s)
     out = acc_t / tl.where(l_t > 0, l_t, 1.0)[:, None]  # a row with no keys (CUDA-graph padding) gives zeros
-    tl.store(out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(_rows(out_ptr, q_start + tok, head, offs_d, stride_ot, stride_oh), out.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
 
 
 def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, page_size: int,
@@ -302,7 +307,7 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
     paged = block_tables is not None
     if segment % 64 or segment < 0:
         raise ValueError(f"segment must be 0 or a positive multiple of the 64-key tile, got {segment}")
-    if split and not (segment and paged and meta.max_query_len == 1 and q.shape[0] == meta.num_seqs):
+    if split and not (segment and paged and meta.is_decode(q.shape[0])):
         raise ValueError("split attention needs segment > 0, a paged cache and one query per sequence")
     grid0 = q.shape[0] // tokens + meta.num_seqs
     grid1 = num_kv_heads * triton.cdiv(group, heads)
@@ -513,7 +518,7 @@ def _rope_arguments(rope: StepRope | None, q: torch.Tensor) -> tuple:
 def rope_fuses_into_decode(q, k, v, cos, sin, kv_cache, meta: AttentionMetadata) -> bool:
     """Whether `rope_decode` takes this step: one query per sequence over a paged cache (of the same layout for K and
     V), a power-of-two head size (the kernel joins the two rotated halves) and unit-stride rows."""
-    if kv_cache is None or not q.shape[0] or meta.max_query_len != 1 or q.shape[0] != meta.num_seqs:
+    if kv_cache is None or not q.shape[0] or not meta.is_decode(q.shape[0]):
         return False
     k_cache, v_cache = kv_cache
     head_dim = q.shape[-1]
@@ -537,7 +542,7 @@ def rope_decode(q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, meta: Atte
 def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention of the ragged batch q: [T, H, D] over the paged cache [blocks, block_size, KV, D]."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q.shape[0] and meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
+    if q.shape[0] and meta.is_decode(q.shape[0]):
         _decode(q, k_cache, v_cache, out, meta, scale)
     elif q.shape[0]:
         # Decode rows beside prefill chunks go to the decode kernel, which reads each KV head's keys once for its

@@ -216,7 +216,7 @@ def split_decode(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> bool:
 
 
 def _attention_forward(q, k, v, meta: AttentionMetadata, scale: float, block_tables, page_size: int) -> torch.Tensor:
-    decode = block_tables is not None and meta.max_query_len == 1 and q.shape[0] == meta.num_seqs
+    decode = block_tables is not None and meta.is_decode(q.shape[0])
     split = decode and split_decode(meta.num_seqs, k.shape[-2], meta.max_seq_len)
     # Every row of q that a sequence owns is written, a row with no keys as zeros (split: by its segment 0), so only
     # rows past the last sequence need zeros from here.
