@@ -26,8 +26,10 @@
 #            tiles give other bits on 2026-12-02) and 2-4 warps: the 8-token tile's bits with half the K/V reloads?;
 #            deterministic qkv and gate_up tiles at 256 and 512 rows with 64- and 128-deep K steps (1.28 against
 #            ~0.92 ms of matmuls in a batch-256 step); key segments of 128 and 64
+#   norm:    the whole GPU suite (deterministic RMSNorm fused into the decode matmul, the norm kernel's MMA sum of
+#            squares), then deterministic step_speed with the batch-1 and batch-256 kernel tables
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -132,6 +134,14 @@ sweeps)
   timeout 200 python3 -m benchmarks.invariant_linear_sweep --out "$res/lin256" --rows 256 512 --block-m 64 128 \
     --block-n 64 128 --block-k 64 128 --stages 3 4 --warps 4 8 --shapes qkv gate_up > "$res/lin256.log" 2>&1
   grep -A8 "==" "$res/lin256.log"
+  ;;
+norm)
+  start=$(date +%s)
+  timeout 340 python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$res/pytest_gpu.log" 2>&1
+  echo "GPU suite: $(( $(date +%s) - start )) s"; grep -E "^(FAILED|ERROR)" "$res/pytest_gpu.log" | head -20; tail -3 "$res/pytest_gpu.log"
+  timeout 170 python3 -m benchmarks.step_speed --out "$res/deterministic" --rounds 1 --kernel-batches 1 256 \
+    --deterministic > "$res/deterministic.log" 2>&1; grep -v "^ " "$res/deterministic.log" | tail -14
+  grep -A22 "batch-1 step" "$res/deterministic.log"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
