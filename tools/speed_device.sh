@@ -28,8 +28,10 @@
 #            ~0.92 ms of matmuls in a batch-256 step); key segments of 128 and 64
 #   norm:    the whole GPU suite (deterministic RMSNorm fused into the decode matmul, the norm kernel's MMA sum of
 #            squares), then deterministic step_speed with the batch-1 and batch-256 kernel tables
+#   fixed:   the same with the norm's fixed-order sum (elementwise squares, pairwise column sums) in place of the
+#            MMA one, and the Triton-determinism, GEMV, kernel and causal-LM GPU tests in place of the whole suite
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -142,6 +144,14 @@ norm)
   timeout 170 python3 -m benchmarks.step_speed --out "$res/deterministic" --rounds 1 --kernel-batches 1 256 \
     --deterministic > "$res/deterministic.log" 2>&1; grep -v "^ " "$res/deterministic.log" | tail -14
   grep -A22 "batch-1 step" "$res/deterministic.log"
+  ;;
+fixed)
+  timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_determinism_triton.py tests/test_gemv.py \
+    tests/test_kernels.py tests/test_causal_lm.py --tb=line -rf > "$res/pytest_gpu.log" 2>&1
+  grep -E "^(FAILED|ERROR)" "$res/pytest_gpu.log" | head -20; tail -1 "$res/pytest_gpu.log"
+  timeout 150 python3 -m benchmarks.step_speed --out "$res/deterministic" --rounds 1 --kernel-batches 1 256 \
+    --deterministic > "$res/deterministic.log" 2>&1; grep -v "^ " "$res/deterministic.log" | tail -8
+  grep -A8 "batch-1 step" "$res/deterministic.log"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
