@@ -32,7 +32,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from parity.kernels.triton import attention, gemv, invariant
-from parity.kernels.triton import norm as triton_norm
 
 TARGET = GPUTarget("cuda", 90, 32)
 REGISTERS_PER_SM = 65536
@@ -116,8 +115,7 @@ def resources(v: Variant) -> dict:
 
 def variants() -> list[Variant]:
     """The decode step's attention (deterministic with and without key segments, split or not; fast mode's split-KV
-    kernel) and deterministic mode's matmul at the tiles `linear_config` gives 1, 256 and 2048 rows, and with its
-    RMSNorm prologue at 1 and 16 rows; the RMSNorm kernel with and without its fixed-order sum."""
+    kernel) and deterministic mode's matmul at the tiles `linear_config` gives 1, 256 and 2048 rows."""
     heads, kv_heads, head_dim, page = 16, 8, 128, 16
     tile = invariant.attention_tile(heads, kv_heads)
     det = dict(GROUP=heads // kv_heads, NUM_HEADS=heads, HEAD_DIM=head_dim, PAGE_SIZE=page, PAGED=True,
@@ -140,19 +138,16 @@ def variants() -> list[Variant]:
                     4, 2, pointers={"slot_ptr": "*i64"}) for splits in (1, 16)]
     out.append(Variant("fast attention, decode rows of a mixed step, 1 split", attention._decode_kernel,
                        dict(fast_decode, NUM_SPLITS=1, MIXED=True), 4, 2))
-    for n, k, m, glu, norm in ((4096, 1024, 1, False, False), (4096, 1024, 256, False, False),
-                               (4096, 1024, 2048, False, False), (4096, 12288, 1, False, False),
-                               (6144, 1024, 1, True, False), (6144, 1024, 256, True, False),
-                               (6144, 1024, 2048, True, False), (4096, 1024, 1, False, True),
-                               (6144, 1024, 16, True, True)):
+    for n, k, m, glu in ((4096, 1024, 1, False), (4096, 1024, 256, False), (4096, 1024, 2048, False),
+                         (4096, 12288, 1, False), (6144, 1024, 1, True), (6144, 1024, 256, True),
+                         (6144, 1024, 2048, True)):
         cfg = invariant.linear_config(n, k, m)
         cfg = invariant.glu_config(cfg) if glu else cfg
         tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        out.append(Variant(f"deterministic matmul {n}x{k}{' + SiLU-and-mul' if glu else ''}"
-                           f"{', RMSNorm + residual first' if norm else ''}, {m} row(s): "
+        out.append(Variant(f"deterministic matmul {n}x{k}{' + SiLU-and-mul' if glu else ''}, {m} row(s): "
                            f"{tiles['BLOCK_M']}x{tiles['BLOCK_N']}x{tiles['BLOCK_K']}", invariant._linear_kernel,
-                           dict(tiles, HAS_BIAS=False, GLU=glu, NORM=norm, HAS_RESIDUAL=norm), cfg["num_warps"],
-                           cfg["num_stages"], ints=dict(N=n // 2 if glu else n, K=k)))
+                           dict(tiles, HAS_BIAS=False, GLU=glu), cfg["num_warps"], cfg["num_stages"],
+                           ints=dict(N=n // 2 if glu else n, K=k)))
     for name, n, k, rows, parts in (("qkv", 4096, 1024, 1, {}), ("qkv", 4096, 1024, 1, dict(NORM=True, HAS_RESIDUAL=True)),
                                     ("o", 1024, 2048, 4, {}), ("gate_up", 6144, 1024, 1, dict(GLU=True)),
                                     ("gate_up", 6144, 1024, 4, dict(NORM=True, HAS_RESIDUAL=True, GLU=True))):
@@ -163,9 +158,6 @@ def variants() -> list[Variant]:
         out.append(Variant(f"fast GEMV {name} {n}x{k}, {rows} row(s), {label}: {block_n}x{cfg['BLOCK_K']}", gemv._gemv_kernel,
                            dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"],
                            cfg["num_stages"], ints=dict(N=n // 2 if parts.get("GLU") else n, K=k)))
-    out += [Variant(f"RMSNorm + residual{', fixed order' if fixed else ''}, {rows} row(s)", triton_norm._rms_norm_kernel,
-                    dict(N=1024, HAS_RESIDUAL=True, FIXED_ORDER=fixed, BLOCK_R=rows, BLOCK_N=1024), 4, 3)
-            for fixed in (False, True) for rows in (1, 4)]
     chunks = -(-151936 // invariant.LOG_SOFTMAX_CHUNK)
     chunked = dict(CHUNK=invariant.LOG_SOFTMAX_CHUNK, BLOCK=invariant.LOG_SOFTMAX_BLOCK)
     logits = {"x_ptr": "*fp32", "out_ptr": "*fp32", "arg_ptr": "*i32", "token_ptr": "*i64", "logprob_ptr": "*fp32"}

@@ -48,41 +48,6 @@ def test_linear_silu_and_mul_is_the_pair_bit_for_bit(dtype, bias):
         assert torch.equal(ti.linear_silu_and_mul(x[rows], w, b), fused[rows])
 
 
-def _norm_linear_pair(x, norm_w, w, b, residual, glu):
-    """What the trainer's autograd forward runs: the norm kernel, then the matmul (with SiLU-and-mul)."""
-    normed = ti.rms_norm(x, norm_w, 1e-6, residual)
-    h, summed = normed if residual is not None else (normed, None)
-    y = ti.linear_silu_and_mul(h, w, b) if glu else ti.linear(h, w, b)
-    return y, summed
-
-
-@pytest.mark.parametrize("dtype, residual, glu", [(torch.float32, True, False), (torch.float16, False, True),
-                                                  (torch.bfloat16, True, True), (torch.bfloat16, False, False)])
-def test_rms_norm_linear_is_the_pair_bit_for_bit(dtype, residual, glu):
-    """The norm as the matmul's prologue (up to FUSED_NORM_ROWS rows) gives the bits of the norm kernel then the
-    matmul, output and residual sum, and every row alone gives its bits in the batch. K = 300 leaves a partial
-    column step in the sum of squares and in the matmul's K loop."""
-    k, n = 300, 80
-    x, w = _randn(ti.FUSED_NORM_ROWS, k, dtype=dtype), _randn(n, k, dtype=dtype, seed=1) * 0.1
-    norm_w, b = 1 + 0.1 * _randn(k, dtype=dtype, seed=2), _randn(n, dtype=dtype, seed=3)
-    r = _randn(ti.FUSED_NORM_ROWS, k, dtype=dtype, seed=4) if residual else None
-    got = ti.rms_norm_linear(x, norm_w, 1e-6, w, b, r, silu_and_mul=glu)
-    y, summed = got if residual else (got, None)
-    want_y, want_sum = _norm_linear_pair(x, norm_w, w, b, r, glu)
-    assert y.shape == want_y.shape and torch.equal(y, want_y)
-    if residual:
-        assert torch.equal(summed, want_sum)
-        torch.testing.assert_close(summed, (x.float() + r.float()).to(dtype))  # the interpreter's bf16 casts truncate
-    for rows in (slice(0, 1), slice(3, 8)):
-        alone = ti.rms_norm_linear(x[rows], norm_w, 1e-6, w, b, r[rows] if residual else None, silu_and_mul=glu)
-        assert torch.equal(alone[0] if residual else alone, y[rows])
-    h = reference.rms_norm(x.double(), norm_w.double(), 1e-6, r.double() if residual else None)
-    h = h[0] if residual else h
-    ref = h @ w.double().T + b.double()
-    ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:] if glu else ref
-    assert _rel(y, ref) < {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_linear_is_row_invariant_and_close_to_torch(dtype):
     x, w, b = _randn(37, 80, dtype=dtype), _randn(70, 80, dtype=dtype, seed=1), _randn(70, dtype=dtype, seed=2)
@@ -356,25 +321,6 @@ def test_gpu_linear_silu_and_mul_is_the_pair_bit_for_bit_at_model_shapes(dtype):
         for m in (1, 3, 16, 64, 129, 256, 512, 2048):
             pair = ti.silu_and_mul(ti.linear(x[:m], w))
             assert torch.equal(ti.linear_silu_and_mul(x[:m], w), pair), (inter, k, m)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_rms_norm_linear_is_the_pair_bit_for_bit_at_model_shapes(dtype):
-    """The engine's decode-step norm + qkv and norm + gate_up (+ SiLU-and-mul) launches against the pair the
-    trainer's autograd forward runs, with the residual add: Qwen3-0.6B's, Qwen3-8B's and SmolLM2's shapes, at the
-    fused row counts and beyond them (where the op is the pair itself)."""
-    for n, k, glu in ((4096, 1024, False), (6144, 1024, True), (6144, 4096, False), (24576, 4096, True),
-                      (3072, 576, True)):
-        w = _randn(n, k, dtype=dtype, seed=1) * 0.02
-        norm_w = 1 + 0.1 * _randn(k, dtype=dtype, seed=2)
-        x, r = _randn(64, k, dtype=dtype), _randn(64, k, dtype=dtype, seed=3)
-        for m in (1, 2, 3, 8, 16, 17, 64):
-            y, summed = ti.rms_norm_linear(x[:m], norm_w, 1e-6, w, None, r[:m], silu_and_mul=glu)
-            want_y, want_sum = _norm_linear_pair(x[:m], norm_w, w, None, r[:m], glu)
-            assert torch.equal(y, want_y) and torch.equal(summed, want_sum), (n, k, m)
-            assert torch.equal(ti.rms_norm_linear(x[:m], norm_w, 1e-6, w, None, silu_and_mul=glu),
-                               _norm_linear_pair(x[:m], norm_w, w, None, None, glu)[0]), (n, k, m)
 
 
 @pytest.mark.gpu

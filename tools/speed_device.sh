@@ -26,10 +26,10 @@
 #            tiles give other bits on 2026-12-02) and 2-4 warps: the 8-token tile's bits with half the K/V reloads?;
 #            deterministic qkv and gate_up tiles at 256 and 512 rows with 64- and 128-deep K steps (1.28 against
 #            ~0.92 ms of matmuls in a batch-256 step); key segments of 128 and 64
-#   norm:    the whole GPU suite (deterministic RMSNorm fused into the decode matmul, the norm kernel's MMA sum of
-#            squares), then deterministic step_speed with the batch-1 and batch-256 kernel tables
-#   fixed:   the same with the norm's fixed-order sum (elementwise squares, pairwise column sums) in place of the
-#            MMA one, and the Triton-determinism, GEMV, kernel and causal-LM GPU tests in place of the whole suite
+#   norm:    the whole GPU suite, then deterministic step_speed with the batch-1 and batch-256 kernel tables (run on
+#            2026-12-03 against the deterministic norm fused into the decode matmul, since backed out: RESULTS.md)
+#   fixed:   the same with the Triton-determinism, GEMV, kernel and causal-LM GPU tests in place of the whole suite
+#            (the fused norm's second try, with a fixed-order sum of squares, also backed out)
 set -uo pipefail
 stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

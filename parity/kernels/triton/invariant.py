@@ -2,7 +2,7 @@
 
 Each kernel's reduction order is fixed by the shapes of one token's own work, never by the batch:
 - `linear`: tiled matmul, no split-K: a row's dot products are one chain of tensor-core MMA steps over K in
-  order (Triton folds `acc += _dot(a, b)` into the MMA's accumulator), whichever tile the row lands in.
+  order (Triton folds `acc += dot(a, b)` into the MMA's accumulator), whichever tile the row lands in.
   Measured on the H200 (benchmarks/invariant_linear_sweep.py, bf16): every BLOCK_M / BLOCK_N / BLOCK_K / warps tried
   gives the same bits at every M, so `linear_config` may give decode batch sizes narrow tiles and deeper K
   steps (with K a multiple of them: no masked tail) and keep wide tiles for prefill and the trainer; a GPU test
@@ -11,9 +11,7 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
   float32) with float32 sums and a float32 output, like the fast path's cuBLAS call: no fp32 weight copy.
   `linear_silu_and_mul` runs the gate_up projection with SiLU-and-mul as its epilogue: each column's MMA chain as
   `linear` runs it, rounded as `silu_and_mul` rounds it, so the engine's fused op and the trainer's autograd pair
-  (which keeps the two ops for their backward) give the same bits. `rms_norm_linear` (up to FUSED_NORM_ROWS rows:
-  decode) normalises the matmul's input in the matmul, its mean square taken in the fixed order of `rms_norm`
-  (`triton_norm.inverse_rms`), so one launch gives the bits of the norm kernel and the matmul run one after the other.
+  (which keeps the two ops for their backward) give the same bits.
 - `attention`: `triton_attention.prefill` for prefill chunks, decode steps and the trainer's packed
   batch alike, with tiles fixed by the head layout (`attention_tile`: 16 rows = the GQA group x
   consecutive tokens; one token per tile at decode). Key tiles start at position 0 in BLOCK_N steps with
@@ -26,34 +24,31 @@ Each kernel's reduction order is fixed by the shapes of one token's own work, ne
   walking them. K/V come from the paged cache (through the block table) or from the packed tensors,
   the same values either way.
 - `log_softmax`: fixed chunks of each row's vocabulary, a program each, their partials merged in a fixed order.
-- `rms_norm`: `triton_norm`'s kernel with its fixed-order sum of squares (programs own whole rows).
-- RoPE (with Qwen3's q/k norm and the cache write in one kernel) and SiLU-and-mul reuse `triton_elementwise`, whose
-  programs own one token's heads or single elements, so they are invariant already.
+- RMSNorm, RoPE (with Qwen3's q/k norm and the cache write in one kernel) and SiLU-and-mul reuse `triton_norm` /
+  `triton_elementwise`, whose programs own whole rows (RMSNorm), one token's heads (q/k norm + RoPE) or single
+  elements (SiLU), so they are invariant already.
 These are forward-only; `triton/invariant_autograd.py` wraps them for the trainer's parity forward.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from parity.kernels import reference
-from parity.kernels.dispatch import norm_then_linear
 from parity.kernels.metadata import AttentionMetadata
-from parity.kernels.triton import norm as triton_norm
 from parity.kernels.triton.attention import _dot, prefill
 from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul, silu_mul  # a token a program
 from parity.kernels.triton.moe import fused_moe  # fixed tiles: a token's experts never see the batch
-from parity.kernels.triton.norm import inverse_rms, scale_normalised, summed_chunk
+from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32",
-           "linear_silu_and_mul", "log_softmax", "moe_route", "rms_norm", "rms_norm_linear",
+           "linear_silu_and_mul", "log_softmax", "moe_route", "rms_norm",
            "rope_and_cache", "silu_and_mul"]
 
 # The router's softmax and top-k in torch (a row's kernel follows the row length E): the engine and the trainer,
@@ -68,14 +63,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # With GLU the weight holds 2N rows (gate rows, then up rows) and a program's BLOCK_N columns are gate columns and
 # the up columns N later, in two accumulators: each the MMA chain the plain kernel runs for that column, then rounded
 # and SiLU-and-mul'ed as `silu_and_mul` rounds them, so the fused op gives the unfused pair's bits.
-# With NORM the program first takes its rows' 1 / RMS as `rms_norm` does (`norm.inverse_rms`: the same fixed-order
-# sum, so the same bits) and normalises each K chunk as it loads it; with HAS_RESIDUAL x + residual, which the programs
-# of output column tile 0 also write to sum_ptr. Without NORM, r_ptr, norm_w_ptr, sum_ptr, stride_rm and eps go unread.
 @triton.jit(do_not_specialize=["M"])
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, norm_w_ptr, sum_ptr, M, N, K, stride_xm, stride_rm, stride_wn, stride_ym, eps,
-    HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     wait_for_previous()
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -83,19 +74,11 @@ def _linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m[:, None] < M
     n_mask = offs_n[None, :] < N
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    r_rows = r_ptr + offs_m[:, None].to(tl.int64) * stride_rm
-    if NORM:
-        inv = inverse_rms(x_rows, r_rows, sum_ptr + offs_m[:, None].to(tl.int64) * K, offs_m < M,
-                          tl.where(tl.program_id(1) == 0, K, 0), K, eps, HAS_RESIDUAL, BLOCK_M)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # GLU only
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        a = summed_chunk(x_rows, r_rows, kk, m_mask & (kk[None, :] < K), HAS_RESIDUAL)
-        if NORM:
-            norm_w = tl.load(norm_w_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-            a = scale_normalised(a.to(tl.float32), inv, norm_w, a.dtype).to(a.dtype)
+        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_mask & (kk[None, :] < K), other=0.0)
         w_offs = offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None]
         b = tl.load(w_ptr + w_offs, mask=n_mask & (kk[:, None] < K), other=0.0)
         acc += _dot(a, b)  # fp16/bf16: tensor cores, exact products, float32 sums; fp32: IEEE (not tf32)
@@ -155,27 +138,9 @@ def glu_config(cfg: dict) -> dict:
     return dict(cfg, BLOCK_N=max(32, cfg["BLOCK_N"] // 2))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """`triton_norm.rms_norm` with the fixed-order sum of squares that `rms_norm_linear`'s prologue repeats."""
-    return triton_norm.rms_norm(x, weight, eps, residual, fixed_order=True)
-
-
-@dataclass(frozen=True)
-class NormPrologue:
-    """rms_norm(x, weight, eps, residual) applied by the matmul to its own input rows (`_linear_kernel`'s NORM)."""
-    weight: torch.Tensor
-    eps: float
-    residual: torch.Tensor | None  # [m, k], contiguous rows
-
-
-FUSED_NORM_ROWS = 16  # rows up to which `rms_norm_linear` takes one launch (the rows' 1 / RMS costs each program a pass)
-
-
 def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
-                    cfg: dict | None = None, glu: bool = False,
-                    norm: NormPrologue | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x2 W^T (+ b) [m, n], or with `glu` silu_and_mul of it [m, n / 2] (tiles: `glu_config`); with `norm`, of
-    rms_norm(x2, ...) instead of x2, and then also x2 + residual when there is one (else None)."""
+                    cfg: dict | None = None, glu: bool = False) -> torch.Tensor:
+    """x2 W^T (+ b) [m, n], or with `glu` silu_and_mul of it [m, n / 2] (tiles: `glu_config`)."""
     m, k = x2.shape
     n = weight.shape[0]
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -186,19 +151,14 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         n //= 2
         cfg = glu_config(cfg)
     y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
-    residual = norm.residual if norm is not None else None
-    summed = torch.empty_like(x2) if residual is not None else None
     if m == 0:
-        return y, summed
+        return y
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _linear_kernel[grid](
-        x2, weight, bias if bias is not None else weight, y, residual if residual is not None else x2,
-        norm.weight if norm is not None else weight, summed if summed is not None else y, m, n, k, x2.stride(0),
-        residual.stride(0) if residual is not None else 0, weight.stride(0), y.stride(0),
-        norm.eps if norm is not None else 0.0,
-        HAS_BIAS=bias is not None, GLU=glu, NORM=norm is not None, HAS_RESIDUAL=residual is not None, **cfg, **LAUNCH,
+        x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, GLU=glu, **cfg, **LAUNCH,
     )
-    return y, summed
+    return y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32: bool = False,
@@ -208,7 +168,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x2 = x.reshape(-1, x.shape[-1])
     if fp32 and x2.dtype != weight.dtype:
         x2, weight = x2.float(), weight.float()
-    return _linear_forward(x2, weight, bias, fp32, tiles)[0].reshape(*x.shape[:-1], weight.shape[0])
+    return _linear_forward(x2, weight, bias, fp32, tiles).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,27 +177,7 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     x2 = x.reshape(-1, x.shape[-1])
     if weight.shape[0] % 2 or x2.dtype != weight.dtype:
         return silu_and_mul(linear(x, weight, bias))
-    return _linear_forward(x2, weight, bias, False, glu=True)[0].reshape(*x.shape[:-1], weight.shape[0] // 2)
-
-
-def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                    silu_and_mul: bool = False):
-    """linear (with `silu_and_mul`: linear_silu_and_mul) of rms_norm(x, norm_weight, eps, residual); y, or
-    (y, x + residual) with a residual, as rms_norm returns. Up to FUSED_NORM_ROWS rows of one dtype it is one
-    launch, the matmul normalising its input as `rms_norm` does (the same fixed-order mean square), so the bits
-    are the pair's, which larger batches and the trainer's autograd forward run."""
-    x2 = x.reshape(-1, x.shape[-1])
-    r2 = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-    dtypes = {t.dtype for t in (x2, norm_weight, weight, r2, bias) if t is not None}
-    if x2.shape[0] > FUSED_NORM_ROWS or len(dtypes) > 1 or (silu_and_mul and weight.shape[0] % 2):
-        return norm_then_linear(rms_norm, linear_silu_and_mul if silu_and_mul else linear, x, norm_weight, eps,
-                                weight, bias, residual)
-    r2 = r2 if r2 is None or r2.is_contiguous() else r2.contiguous()
-    y, summed = _linear_forward(x2, weight, bias, False, glu=silu_and_mul,
-                                norm=NormPrologue(norm_weight, float(eps), r2))
-    y = y.reshape(*x.shape[:-1], y.shape[-1])
-    return y if summed is None else (y, summed.reshape(x.shape))
+    return _linear_forward(x2, weight, bias, False, glu=True).reshape(*x.shape[:-1], weight.shape[0] // 2)
 
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
