@@ -32,6 +32,7 @@ from benchmarks import throughput as tp
 from benchmarks.common import run_env, timed, workload_parser
 from benchmarks.kernel_profile import kernel_table
 from parity import Engine, SamplingParams
+from parity.kernels.triton import pdl
 from parity.testing.factory import write_tiny_model
 
 B_TEMPERATURE = 0.6
@@ -68,6 +69,7 @@ def step_kernels(engine: Engine, batch: int, context: int, steps: int, top: int)
     kernel_s, rows = kernel_table(prof, 1000)
     return {
         "batch": batch, "steps": steps, "wall_ms_per_step_traced": wall / steps * 1e3,
+        "dependent_launches": bool(pdl.ENABLED.value),
         "kernel_us_per_step": kernel_s / steps * 1e6, "launches_per_step": sum(r["calls"] for r in rows) / steps,
         "top": [{"name": r["name"], "us_per_step": r["ms"] * 1e3 / steps, "per_step": r["calls"] / steps}
                 for r in rows[:top]],
@@ -252,6 +254,9 @@ def main() -> None:
     for c in results.get("few_row_choices", []):
         times = ", ".join(f"{name} {us:.2f}" for name, us in c["us"].items())
         print(f"few-row {c['op']} x{c['rows']} {tuple(c['weight'])}: {c['chosen']} (us a call: {times})")
+    if any(k["dependent_launches"] for k in results["step_kernels"]):
+        print("(programmatic dependent launch on: a kernel's time includes its wait for the previous one in the "
+              "small-batch graphs, so the times overlap; PARITY_PDL=0 gives each kernel's own)")
     for k in results["step_kernels"]:
         print(f"batch-{k['batch']} step: {k['launches_per_step']:.0f} launches, {k['kernel_us_per_step']:.0f} us of "
               f"kernels, {k['wall_ms_per_step_traced']:.3f} ms wall (traced)")
