@@ -30,8 +30,10 @@
 #            2026-12-03 against the deterministic norm fused into the decode matmul, since backed out: RESULTS.md)
 #   fixed:   the same with the Triton-determinism, GEMV, kernel and causal-LM GPU tests in place of the whole suite
 #            (the fused norm's second try, with a fixed-order sum of squares, also backed out)
+#   profile: each kernel's own time (PARITY_PDL=0: no overlap between launches) in the batch-1 and batch-256 decode
+#            steps of both modes at the 0.6B shapes and in fast mode at the 8B shapes, no workload rounds
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed | profile}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -152,6 +154,13 @@ fixed)
   timeout 150 python3 -m benchmarks.step_speed --out "$res/deterministic" --rounds 1 --kernel-batches 1 256 \
     --deterministic > "$res/deterministic.log" 2>&1; grep -v "^ " "$res/deterministic.log" | tail -8
   grep -A8 "batch-1 step" "$res/deterministic.log"
+  ;;
+profile)
+  for run in fast deterministic 8b; do
+    flags=$(case $run in deterministic) echo --deterministic ;; 8b) echo --spec qwen3-8b ;; esac)
+    PARITY_PDL=0 timeout $([ $run = 8b ] && echo 200 || echo 150) python3 -m benchmarks.step_speed --out "$res/$run" --rounds 0 --kernel-batches 1 256 \
+      $flags > "$res/$run.log" 2>&1; echo "== $run"; grep -A14 "step:" "$res/$run.log"
+  done
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
