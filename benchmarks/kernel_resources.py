@@ -122,22 +122,24 @@ def variants() -> list[Variant]:
                TOKENS=tile["tokens"], HEADS=tile["heads"], SKIP_SINGLE=False, BLOCK_N=64, BLOCK_D=head_dim)
     segment = invariant.KEY_SEGMENT or 256
     out = [Variant(f"deterministic attention, decode, segment {seg}{', split' if split else ''}"
-                   f"{f', maxnreg {cap}' if cap else ''}", attention._prefill_kernel, dict(det, SEGMENT=seg, SPLIT=split),
+                   f"{f', maxnreg {cap}' if cap else ''}", attention._prefill_kernel,
+                   dict(det, SEGMENT=seg, SPLIT=split, PREFETCH=split),
                    4, 3, maxnreg=cap)
            for seg, split, cap in ((0, False, None), (segment, False, None), (segment, True, None), (segment, False, 128),
                                    (segment, True, 128))]
     out += [Variant(f"fast attention, prefill (64 tokens x 1 head){', decode rows skipped' if skip else ''}",
-                    attention._prefill_kernel, dict(det, TOKENS=64, HEADS=1, SEGMENT=0, SPLIT=False, SKIP_SINGLE=skip),
+                    attention._prefill_kernel,
+                    dict(det, TOKENS=64, HEADS=1, SEGMENT=0, SPLIT=False, SKIP_SINGLE=skip, PREFETCH=False),
                     4, 2) for skip in (False, True)]
     fast_decode = dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim,
-                       PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim, ROPE=False, NORM=False)
+                       PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim, ROPE=False, NORM=False, PREFETCH=True)
     out += [Variant(f"fast attention, decode, {splits} split(s)", attention._decode_kernel,
                     dict(fast_decode, NUM_SPLITS=splits, MIXED=False), 4, 2) for splits in (1, 16)]
     out += [Variant(f"fast attention, decode with RoPE, q/k norm and the cache write, {splits} split(s)",
                     attention._decode_kernel, dict(fast_decode, NUM_SPLITS=splits, MIXED=False, ROPE=True, NORM=True),
                     4, 2, pointers={"slot_ptr": "*i64"}) for splits in (1, 16)]
     out.append(Variant("fast attention, decode rows of a mixed step, 1 split", attention._decode_kernel,
-                       dict(fast_decode, NUM_SPLITS=1, MIXED=True), 4, 2))
+                       dict(fast_decode, NUM_SPLITS=1, MIXED=True, PREFETCH=False), 4, 2))
     for n, k, m, glu in ((4096, 1024, 1, False), (4096, 1024, 256, False), (4096, 1024, 2048, False),
                          (4096, 12288, 1, False), (6144, 1024, 1, True), (6144, 1024, 256, True),
                          (6144, 1024, 2048, True)):
@@ -146,7 +148,8 @@ def variants() -> list[Variant]:
         tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         out.append(Variant(f"deterministic matmul {n}x{k}{' + SiLU-and-mul' if glu else ''}, {m} row(s): "
                            f"{tiles['BLOCK_M']}x{tiles['BLOCK_N']}x{tiles['BLOCK_K']}", invariant._linear_kernel,
-                           dict(tiles, HAS_BIAS=False, GLU=glu), cfg["num_warps"], cfg["num_stages"],
+                           dict(tiles, HAS_BIAS=False, GLU=glu, PREFETCH=m <= invariant.PREFETCH_ROWS),
+                           cfg["num_warps"], cfg["num_stages"],
                            ints=dict(N=n // 2 if glu else n, K=k)))
     for name, n, k, rows, parts in (("qkv", 4096, 1024, 1, {}), ("qkv", 4096, 1024, 1, dict(NORM=True, HAS_RESIDUAL=True)),
                                     ("o", 1024, 2048, 4, {}), ("gate_up", 6144, 1024, 1, dict(GLU=True)),

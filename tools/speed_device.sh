@@ -32,8 +32,11 @@
 #            (the fused norm's second try, with a fixed-order sum of squares, also backed out)
 #   profile: each kernel's own time (PARITY_PDL=0: no overlap between launches) in the batch-1 and batch-256 decode
 #            steps of both modes at the 0.6B shapes and in fast mode at the 8B shapes, no workload rounds
+#   prefetch: the kernel, GEMV and Triton-determinism GPU tests, then the batch-1 decode step (traced, dependent
+#            launches on) with the L2 prefetches before each kernel's wait and without (PARITY_PREFETCH=0): both
+#            modes at the 0.6B shapes, fast mode at the 8B shapes
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed | profile}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed | profile | prefetch}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -160,6 +163,17 @@ profile)
     flags=$(case $run in deterministic) echo --deterministic ;; 8b) echo --spec qwen3-8b ;; esac)
     PARITY_PDL=0 timeout $([ $run = 8b ] && echo 200 || echo 150) python3 -m benchmarks.step_speed --out "$res/$run" --rounds 0 --kernel-batches 1 256 \
       $flags > "$res/$run.log" 2>&1; echo "== $run"; grep -A14 "step:" "$res/$run.log"
+  done
+  ;;
+prefetch)
+  timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_determinism_triton.py \
+    tests/test_gemv.py > "$res/pytest_gpu.log" 2>&1; tail -4 "$res/pytest_gpu.log"
+  for run in fast deterministic 8b; do
+    flags=$(case $run in deterministic) echo --deterministic ;; 8b) echo --spec qwen3-8b ;; esac)
+    for pf in 1 0; do
+      PARITY_PREFETCH=$pf timeout 120 python3 -m benchmarks.step_speed --out "$res/$run-prefetch$pf" --rounds 0 \
+        $flags > "$res/$run-prefetch$pf.log" 2>&1; echo "== $run PARITY_PREFETCH=$pf"; grep -A6 "step:" "$res/$run-prefetch$pf.log"
+    done
   done
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;

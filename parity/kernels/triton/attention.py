@@ -33,7 +33,7 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
-from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
+from parity.kernels.triton.pdl import LAUNCH, prefetch_rows, wait_for_previous
 from parity.kernels.triton.rotary import cos_sin_halves, norm_rotate, store_rotated_kv
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw integers, and its float32 tl.dot is numpy's
@@ -159,6 +159,20 @@ def _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_star
 
 
 @triton.jit
+def _prefetch_keys(k_ptr, v_ptr, block_tables_ptr, seq, kv_head, lo, hi, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_bt, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """L2 prefetch of one KV head's keys and values at positions [lo, hi) of a paged sequence, before
+    `wait_for_previous`: the block table is a step input and the keys are earlier steps' (pdl.py: why that is safe)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+        rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        prefetch_rows(k_ptr + rows * stride_kt + kv_head * stride_kh, n_mask, HEAD_DIM, 8)
+        prefetch_rows(v_ptr + rows * stride_vt + kv_head * stride_vh, n_mask, HEAD_DIM, 8)
+
+
+@triton.jit
 def _attend_segments(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, hi,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, ROWS: tl.constexpr,
                      HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, SEGMENT: tl.constexpr,
@@ -202,9 +216,10 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
     GROUP: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, TOKENS: tl.constexpr, HEADS: tl.constexpr, SEGMENT: tl.constexpr, SPLIT: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    wait_for_previous()
+    # Until `wait_for_previous`, only step inputs (query starts, lengths, block tables) and earlier steps' keys are
+    # read: PREFETCH (split decode under dependent launch) streams the program's segment into L2 meanwhile.
     # The program's rows: TOKENS consecutive query tokens of one sequence x HEADS query heads of one GQA
     # group (HEADS > 1 reads each K/V tile once for several heads).
     pid = tl.program_id(0)
@@ -225,9 +240,15 @@ def _prefill_kernel(
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     tile = pid - (q_start // TOKENS + seq)
     if tile * TOKENS >= q_len or (SKIP_SINGLE and q_len == 1):  # a single-token query: the decode kernel's
+        wait_for_previous()
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
+    if PREFETCH:
+        seg_lo = tl.program_id(2) * SEGMENT
+        _prefetch_keys(k_ptr, v_ptr, block_tables_ptr, seq, kv_head, seg_lo, tl.minimum(seg_lo + SEGMENT, seq_len),
+                       stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, BLOCK_N)
+    wait_for_previous()
 
     ROWS: tl.constexpr = TOKENS * HEADS
     rows = tl.arange(0, ROWS)
@@ -324,7 +345,8 @@ def prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tables, p
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2), block_tables.stride(0) if paged else 0,
         GROUP=group, NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size, PAGED=paged, TOKENS=tokens,
-        HEADS=heads, SEGMENT=segment, SPLIT=split, SKIP_SINGLE=skip_single, BLOCK_N=64, BLOCK_D=block_d,
+        HEADS=heads, SEGMENT=segment, SPLIT=split, SKIP_SINGLE=skip_single, PREFETCH=split and bool(LAUNCH),
+        BLOCK_N=64, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}), **LAUNCH,
     )
 
@@ -346,20 +368,26 @@ def _decode_kernel(
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct, stride_st,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    wait_for_previous()
+    # Until `wait_for_previous`, only step inputs (query starts, lengths, block tables) and earlier steps' keys are
+    # read: PREFETCH (under dependent launch) streams the program's split into L2 meanwhile.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     token = tl.load(query_start_loc_ptr + seq)
     if MIXED:  # beside longer queries (the prefill kernel's): only the sequences that compute one token
         if tl.load(query_start_loc_ptr + seq + 1) - token != 1:
+            wait_for_previous()
             return
     seq_len = tl.load(seq_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    if PREFETCH:
+        _prefetch_keys(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, start, end, stride_kt, stride_kh,
+                       stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, BLOCK_N)
+    wait_for_previous()
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -501,7 +529,8 @@ def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, spl
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         NUM_SPLITS=splits, MIXED=mixed, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
         BLOCK_D=triton.next_power_of_2(head_dim), ROPE=rope is not None,
-        NORM=rope is not None and rope.q_weight is not None, num_warps=4, num_stages=2, **LAUNCH,
+        NORM=rope is not None and rope.q_weight is not None, PREFETCH=bool(LAUNCH), num_warps=4, num_stages=2,
+        **LAUNCH,
     )
 
 

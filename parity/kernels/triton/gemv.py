@@ -27,7 +27,7 @@ import triton.language as tl
 
 from parity.kernels.triton.elementwise import silu_mul
 from parity.kernels.triton.norm import scale_normalised
-from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
+from parity.kernels.triton.pdl import LAUNCH, prefetch_rows, wait_for_previous
 
 __all__ = ["MAX_ROWS", "gemv", "gemv_config", "gemv_silu_and_mul", "rms_norm_gemv"]
 
@@ -118,7 +118,6 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GLU: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    wait_for_previous()
     pid = tl.program_id(0)
     if GLU:  # tile row 2j is gate column j, row 2j + 1 up column j (W row N + j): one tile load streams both
         t = tl.arange(0, 2 * BLOCK_N)
@@ -128,7 +127,10 @@ def _gemv_kernel(
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         w_idx = cols
     tile_mask = cols < N
-    w_rows = w_ptr + w_idx[:, None].to(tl.int64) * stride_wn
+    w_rows = w_ptr + w_idx.to(tl.int64) * stride_wn
+    prefetch_rows(w_rows, tile_mask, K, 32)  # the weight streams while the previous kernel finishes
+    wait_for_previous()
+    w_rows = w_rows[:, None]
     offs_k = tl.arange(0, BLOCK_K)
     # A row past M reads and writes nothing: its K and N bounds are 0 (bounds rather than `mask & (M > r)`, which
     # the interpreter turns into an int32 mask).

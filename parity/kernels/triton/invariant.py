@@ -44,7 +44,7 @@ from parity.kernels.triton.attention import _dot, prefill
 from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul, silu_mul  # a token a program
 from parity.kernels.triton.moe import fused_moe  # fixed tiles: a token's experts never see the batch
 from parity.kernels.triton.norm import rms_norm
-from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
+from parity.kernels.triton.pdl import LAUNCH, prefetch_rows, wait_for_previous
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32",
@@ -67,10 +67,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PREFETCH:  # the program's weight rows stream while the previous kernel finishes
+        prefetch_rows(w_ptr + offs_n.to(tl.int64) * stride_wn, offs_n < N, K, 8)
+        if GLU:
+            prefetch_rows(w_ptr + (N + offs_n).to(tl.int64) * stride_wn, offs_n < N, K, 8)
     wait_for_previous()
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m[:, None] < M
     n_mask = offs_n[None, :] < N
@@ -97,6 +102,7 @@ def _linear_kernel(
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], out, mask=m_mask & n_mask)
 
 
+PREFETCH_ROWS = 16  # up to here a program's weight tile is read by it alone, and prefetching it pays (see pdl.py)
 FULL_GRID = 96  # output tiles from which a wider tile keeps the H200's 132 SMs busy enough (linear_config)
 
 
@@ -156,7 +162,7 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, GLU=glu, **cfg, **LAUNCH,
+        HAS_BIAS=bias is not None, GLU=glu, PREFETCH=m <= PREFETCH_ROWS, **cfg, **LAUNCH,
     )
     return y
 

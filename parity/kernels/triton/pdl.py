@@ -16,6 +16,12 @@ every launch took the batch-1 graph from 1.27 to 1.20 ms and left batch 256's at
 and decode at every batch size) fell from 25,343 to 24,176 tok/s (30,569 against 32,511 in a second round whose
 prompts were prefix-cached); where that loss comes from was not measured.
 Off under TRITON_INTERPRET (no inline assembly), before sm_90, and with PARITY_PDL=0.
+
+The one read allowed before the wait is an L2 prefetch (`prefetch_rows`) of memory that no kernel of the step
+writes: a GEMV's weight rows, a decode's cached keys of earlier steps. A kernel launched early then streams its
+weights while the previous kernel finishes, instead of after it; a prefetch only moves data into L2 (the GPU's
+point of coherence) and returns nothing, so it cannot change a result. PARITY_PREFETCH=0 turns the prefetches off
+(to time them against none).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["ENABLED", "LAUNCH", "dependent_launches", "wait_for_previous"]
+__all__ = ["ENABLED", "LAUNCH", "dependent_launches", "prefetch_rows", "wait_for_previous"]
 
 
 def _supported() -> bool:
@@ -40,6 +46,7 @@ def _supported() -> bool:
 
 _ON = _supported()
 ENABLED = tl.constexpr(_ON)
+PREFETCH = tl.constexpr(_ON and os.environ.get("PARITY_PREFETCH", "1") != "0")
 LAUNCH: dict = {}  # launch options for every kernel that waits; filled in place by `dependent_launches`
 
 
@@ -61,3 +68,20 @@ def wait_for_previous():
     if ENABLED:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_rows(row_ptrs, row_mask, length, SECTORS: tl.constexpr):
+    """Hint L2 to fetch `length` elements from each pointer of the block `row_ptrs` (rows where `row_mask` is false
+    are skipped): one `prefetch.global.L2` per 32-byte sector, SECTORS sectors of every row per step. Called before
+    `wait_for_previous` on read-only data only (the module docstring says why that is safe)."""
+    if PREFETCH:
+        per_sector: tl.constexpr = 256 // row_ptrs.dtype.element_ty.primitive_bitwidth  # elements a sector
+        offs = tl.arange(0, SECTORS) * per_sector
+        for k0 in range(0, length, SECTORS * per_sector):
+            k = k0 + offs
+            mask = row_mask[:, None] & (k[None, :] < length)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                "=r,l,r", [row_ptrs[:, None] + k[None, :], mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+                pack=1)
