@@ -159,7 +159,7 @@ def variants() -> list[Variant]:
         flags = {"HAS_BIAS": False, "NORM": False, "HAS_RESIDUAL": False, "GLU": False} | parts
         label = "+".join(key.lower() for key, on in parts.items() if on) or "plain"
         out.append(Variant(f"fast GEMV {name} {n}x{k}, {rows} row(s), {label}: {block_n}x{cfg['BLOCK_K']}", gemv._gemv_kernel,
-                           dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"],
+                           dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], PREFETCH=True), cfg["num_warps"],
                            cfg["num_stages"], ints=dict(N=n // 2 if parts.get("GLU") else n, K=k)))
     chunks = -(-151936 // invariant.LOG_SOFTMAX_CHUNK)
     chunked = dict(CHUNK=invariant.LOG_SOFTMAX_CHUNK, BLOCK=invariant.LOG_SOFTMAX_BLOCK)

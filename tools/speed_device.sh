@@ -34,7 +34,7 @@
 #            steps of both modes at the 0.6B shapes and in fast mode at the 8B shapes, no workload rounds
 #   prefetch: the kernel, GEMV and Triton-determinism GPU tests, then the batch-1 decode step (traced, dependent
 #            launches on) with the L2 prefetches before each kernel's wait and without (PARITY_PREFETCH=0): both
-#            modes at the 0.6B shapes, fast mode at the 8B shapes
+#            modes at the 0.6B shapes, fast mode at the 8B shapes (PREFETCH_RUNS="fast ...": those runs only, no tests)
 set -uo pipefail
 stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed | profile | prefetch}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -166,9 +166,9 @@ profile)
   done
   ;;
 prefetch)
-  timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_determinism_triton.py \
-    tests/test_gemv.py > "$res/pytest_gpu.log" 2>&1; tail -4 "$res/pytest_gpu.log"
-  for run in fast deterministic 8b; do
+  [ -n "${PREFETCH_RUNS:-}" ] || { timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py \
+    tests/test_determinism_triton.py tests/test_gemv.py > "$res/pytest_gpu.log" 2>&1; tail -4 "$res/pytest_gpu.log"; }
+  for run in ${PREFETCH_RUNS:-fast deterministic 8b}; do
     flags=$(case $run in deterministic) echo --deterministic ;; 8b) echo --spec qwen3-8b ;; esac)
     for pf in 1 0; do
       PARITY_PREFETCH=$pf timeout 120 python3 -m benchmarks.step_speed --out "$res/$run-prefetch$pf" --rounds 0 \

@@ -116,7 +116,7 @@ def _row_output(acc, dt: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr)
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, norm_w_ptr, sum_ptr, M, N, K, stride_xm, stride_rm, stride_wn, stride_ym, eps,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GLU: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if GLU:  # tile row 2j is gate column j, row 2j + 1 up column j (W row N + j): one tile load streams both
@@ -128,7 +128,8 @@ def _gemv_kernel(
         w_idx = cols
     tile_mask = cols < N
     w_rows = w_ptr + w_idx.to(tl.int64) * stride_wn
-    prefetch_rows(w_rows, tile_mask, K, 32)  # the weight streams while the previous kernel finishes
+    if PREFETCH:  # under dependent launch: the weight streams while the previous kernel finishes
+        prefetch_rows(w_rows, tile_mask, K, 32)
     wait_for_previous()
     w_rows = w_rows[:, None]
     offs_k = tl.arange(0, BLOCK_K)
@@ -230,7 +231,8 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y
         x2, weight, bias if bias is not None else weight, y, r2, norm_weight if norm_weight is not None else weight,
         residual_sum if residual_sum is not None else y, m, n, k, x2.stride(0), r2.stride(0), weight.stride(0),
         y.stride(0), float(eps), HAS_BIAS=bias is not None, NORM=norm_weight is not None,
-        HAS_RESIDUAL=residual is not None, GLU=glu, ROWS=triton.next_power_of_2(m), **tiles, **LAUNCH,
+        HAS_RESIDUAL=residual is not None, GLU=glu, ROWS=triton.next_power_of_2(m), PREFETCH=bool(LAUNCH), **tiles,
+        **LAUNCH,
     )
 
 

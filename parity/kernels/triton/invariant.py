@@ -102,7 +102,7 @@ def _linear_kernel(
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], out, mask=m_mask & n_mask)
 
 
-PREFETCH_ROWS = 16  # up to here a program's weight tile is read by it alone, and prefetching it pays (see pdl.py)
+PREFETCH_ROWS = 16  # up to here a program's weight tile is read by it alone: prefetched under dependent launch (pdl.py)
 FULL_GRID = 96  # output tiles from which a wider tile keeps the H200's 132 SMs busy enough (linear_config)
 
 
@@ -162,7 +162,7 @@ def _linear_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, GLU=glu, PREFETCH=m <= PREFETCH_ROWS, **cfg, **LAUNCH,
+        HAS_BIAS=bias is not None, GLU=glu, PREFETCH=m <= PREFETCH_ROWS and bool(LAUNCH), **cfg, **LAUNCH,
     )
     return y
 

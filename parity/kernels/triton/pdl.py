@@ -17,11 +17,13 @@ and decode at every batch size) fell from 25,343 to 24,176 tok/s (30,569 against
 prompts were prefix-cached); where that loss comes from was not measured.
 Off under TRITON_INTERPRET (no inline assembly), before sm_90, and with PARITY_PDL=0.
 
-The one read allowed before the wait is an L2 prefetch (`prefetch_rows`) of memory that no kernel of the step
-writes: a GEMV's weight rows, a decode's cached keys of earlier steps. A kernel launched early then streams its
-weights while the previous kernel finishes, instead of after it; a prefetch only moves data into L2 (the GPU's
-point of coherence) and returns nothing, so it cannot change a result. PARITY_PREFETCH=0 turns the prefetches off
-(to time them against none).
+Reads before the wait are allowed only of what no kernel of the step writes: the weights, the step's inputs (query
+starts, sequence lengths, block tables, copied in before a graph replays) and earlier steps' keys. Kernels launched
+with PDL use that window for L2 prefetches (`prefetch_rows`; a `PREFETCH` constexpr from `bool(LAUNCH)`) of a
+GEMV's weight rows or a decode's cached keys: they then stream while the previous kernel finishes, not after it.
+A prefetch only moves data into L2 (the GPU's point of coherence) and returns nothing, so it cannot change a
+result. Launched plainly, a kernel does not prefetch (it would only precede its own loads); PARITY_PREFETCH=0
+turns the prefetches off (to time them against none).
 """
 
 from __future__ import annotations
