@@ -31,7 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from parity.kernels.triton import attention, gemv, invariant
+from parity.kernels.triton import attention, gemv, invariant, pdl
 
 TARGET = GPUTarget("cuda", 90, 32)
 REGISTERS_PER_SM = 65536
@@ -107,10 +107,14 @@ def resources(v: Variant) -> dict:
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", dump))
     registers, stack = int(usage["REG"]), int(usage["STACK"]) + int(usage["LOCAL"])  # spills live in the stack frame
     shared = compiled.metadata.shared  # dynamic shared memory the launcher asks for
+    ptx = compiled.asm["ptx"]
+    prefetch, wait = ptx.find("prefetch.global.L2"), ptx.find("griddepcontrol.wait")
     return {"name": v.name, "num_warps": v.num_warps, "num_stages": v.num_stages, "registers": registers,
             "stack_bytes": stack, "shared_bytes": shared,
             "async_copies": compiled.asm["ttgir"].count("async_copy_global_to_local"),
-            "programs_per_sm": programs_per_sm(registers, shared, v.num_warps)}
+            "programs_per_sm": programs_per_sm(registers, shared, v.num_warps),
+            "prefetch_asked": bool(v.constexprs.get("PREFETCH")),
+            "l2_prefetch_before_wait": prefetch >= 0 and (wait < 0 or prefetch < wait)}
 
 
 def variants() -> list[Variant]:
@@ -174,10 +178,11 @@ def variants() -> list[Variant]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| kernel | warps | stages | registers | stack, spills (B) | shared (B) | pipelined loads | programs/SM |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | warps | stages | registers | stack, spills (B) | shared (B) | pipelined loads | programs/SM "
+             "| L2 prefetch before the wait |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['stack_bytes']} | "
-              f"{r['shared_bytes']} | {r['async_copies']} | {r['programs_per_sm']} |" for r in rows]
+              f"{r['shared_bytes']} | {r['async_copies']} | {r['programs_per_sm']} | "
+              f"{'yes' if r['l2_prefetch_before_wait'] else 'no'} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -187,6 +192,8 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("TRITON_INTERPRET=1 turns the kernels into interpreted functions, which do not compile: unset it")
+    # As on the H200: the dependent-launch wait and the prefetches compile in (a CPU build has them off)
+    pdl.ENABLED, pdl.PREFETCH = triton.language.constexpr(True), triton.language.constexpr(True)
     rows = [resources(v) for v in variants()]
     print(f"Triton {triton.__version__}, sm_90")
     print(table(rows))

@@ -446,3 +446,12 @@ def test_gpu_fast_rms_norm_linear_every_kernel_matches_float64_and_replays(rows,
         replayed = call()
     graph.replay()
     assert all(torch.equal(r, e) for r, e in zip(replayed, eager, strict=True))
+
+
+def test_few_row_matmuls_run_in_graphs_with_dependent_launch():
+    """fast._graph_time times the few-row candidates under programmatic dependent launch because every decode graph
+    that runs a few-row matmul launches with it: the engine's bound must cover FEW_ROWS."""
+    from parity.engine.cuda_graphs import DEPENDENT_LAUNCH_MAX_BATCH
+    from parity.kernels.triton import fast
+
+    assert fast.FEW_ROWS <= DEPENDENT_LAUNCH_MAX_BATCH

@@ -43,6 +43,10 @@ def test_the_decode_kernels_compile_for_sm90_and_report_their_resources(tmp_path
             assert row["stack_bytes"] == 0, row
         else:
             assert row["shared_bytes"] > 0 and row["async_copies"] > 0, row  # every tensor-core loop is pipelined
+    # the variants launched under dependent launch (PREFETCH) stream their weights / keys into L2 before the wait
+    assert sum(row["prefetch_asked"] for row in rows.values()) >= 8
+    for row in rows.values():
+        assert row["l2_prefetch_before_wait"] == row["prefetch_asked"], row
     fused = rows["fast GEMV gate_up 6144x1024, 4 row(s), norm+has_residual+glu: 2x1024"]
     assert fused["stack_bytes"] == 0, fused  # the fused norm and SiLU parts spill nothing
     capped = rows["deterministic attention, decode, segment 256, maxnreg 128"]

@@ -23,6 +23,7 @@ from parity.kernels.triton.attention import attention, rope_decode, rope_fuses_i
 from parity.kernels.triton.elementwise import apply_rotary, fuses, rope_and_cache, silu_and_mul
 from parity.kernels.triton.moe import fused_moe, moe_route
 from parity.kernels.triton.norm import rms_norm
+from parity.kernels.triton.pdl import dependent_launches
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32",
@@ -36,7 +37,7 @@ __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_a
 # 258 -> 175 us); for the other projections the two are within 0.96-1.14x. Which kernel is fastest depends on the
 # shape and the GPU, so each (rows, weight shape) is timed once, outside any capture, and a Triton kernel is taken
 # only when clearly faster than cuBLAS.
-FEW_ROWS = 16
+FEW_ROWS = 16  # at most the engine's DEPENDENT_LAUNCH_MAX_BATCH: a graph's few-row matmuls run under PDL
 # A Triton kernel's time / cuBLAS's below which it is taken (a near tie keeps cuBLAS). 0.85: on the H200
 # (2026-12-02) the GEMV ran Qwen3-0.6B's down projection (1024 x 3072) at one row in 5.53 us against cuBLAS's split-K
 # pair's 6.68 us (0.83x, each an average over 160 calls), which 0.8 refused.
@@ -59,11 +60,14 @@ TIMED_REPS = 5
 
 def _graph_time(fn: Callable[[], object], reps: int = TIMED_REPS) -> float:
     """Milliseconds for `reps` back-to-back calls replayed from a CUDA graph (eager launches of a few-us kernel
-    would time the host)."""
+    would time the host), captured with programmatic dependent launch as the decode graphs that run few-row
+    matmuls are (FEW_ROWS): the Triton kernels then overlap their launches and prefetch their
+    weights there, cuBLAS's do neither, and a choice timed without it mistook a near tie for cuBLAS's win."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may launch meanwhile
+    # other threads may launch meanwhile: thread-local capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"), dependent_launches():
         for _ in range(reps):
             fn()
     graph.replay()
