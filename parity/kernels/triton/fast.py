@@ -40,7 +40,8 @@ __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_a
 FEW_ROWS = 16  # at most the engine's DEPENDENT_LAUNCH_MAX_BATCH: a graph's few-row matmuls run under PDL
 # A Triton kernel's time / cuBLAS's below which it is taken (a near tie keeps cuBLAS). 0.85: on the H200
 # (2026-12-02) the GEMV ran Qwen3-0.6B's down projection (1024 x 3072) at one row in 5.53 us against cuBLAS's split-K
-# pair's 6.68 us (0.83x, each an average over 160 calls), which 0.8 refused.
+# pair's 6.68 us (0.83x, each an average over 160 calls), which 0.8 refused. Those were plain launches; timed under
+# dependent launch as now (`_graph_time`), the same GEMV took 4.66 against 6.65 us (0.70x, 2026-12-03).
 FASTER_MARGIN = 0.85
 # A fused kernel's time / the unfused pair's below which it is taken: the two round alike, so only timing noise
 # argues for the pair, and in a step's graph the fused one also saves the launch gap the timing half hides.
