@@ -193,7 +193,7 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("TRITON_INTERPRET=1 turns the kernels into interpreted functions, which do not compile: unset it")
     # As on the H200: the dependent-launch wait and the prefetches compile in (a CPU build has them off)
-    pdl.ENABLED, pdl.PREFETCH = triton.language.constexpr(True), triton.language.constexpr(True)
+    pdl.ENABLED, pdl.PREFETCH_ENABLED = triton.language.constexpr(True), triton.language.constexpr(True)
     rows = [resources(v) for v in variants()]
     print(f"Triton {triton.__version__}, sm_90")
     print(table(rows))

@@ -24,7 +24,6 @@ sequence `s` lives in flat slot `block_tables[s, n // block_size] * block_size +
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,24 +32,11 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
+from parity.kernels.triton.mma import dot
 from parity.kernels.triton.pdl import LAUNCH, prefetch_rows, wait_for_previous
 from parity.kernels.triton.rotary import cos_sin_halves, norm_rotate, store_rotated_kv
 
-# Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw integers, and its float32 tl.dot is numpy's
-# BLAS matmul, whose sums for a row depend on where the row sits in the tile (OpenBLAS 0.3.31's AVX-512 kernels).
-# In that mode the dots are float32 products summed over K in order by numpy (products of bf16/fp16 values are
-# exact in float32, so the maths is the same), one order for every row, as the GPU's MMA chain is.
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b):
-    if INTERPRET:
-        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-    if a.dtype == tl.float32:  # an fp32 model keeps full fp32 products (Triton's default would be tf32)
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -61,7 +47,7 @@ def _online_softmax_step(s, v, m_i, l_i, acc):
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot(p.to(v.dtype), v)
 
 
 @triton.jit
@@ -122,6 +108,13 @@ def _no_keys(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _paged_rows(block_tables_ptr, seq, stride_bt, offs_n, n_mask, PAGE_SIZE: tl.constexpr):
+    """The cache's flat slots (int64) of positions offs_n of sequence seq, through its block table."""
+    page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+    return page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+
+
+@triton.jit
 def _key_tile(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi,
               stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
               PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -132,14 +125,13 @@ def _key_tile(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hi
     if PAGED:
-        page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-        kv_rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        kv_rows = _paged_rows(block_tables_ptr, seq, stride_bt, offs_n, n_mask, PAGE_SIZE)
     else:
         kv_rows = (q_start + offs_n).to(tl.int64)
     kv_mask = n_mask[:, None] & d_mask
     k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+    s = dot(q, tl.trans(k.to(q.dtype))) * qk_scale
     return tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf")), v
 
 
@@ -166,8 +158,7 @@ def _prefetch_keys(k_ptr, v_ptr, block_tables_ptr, seq, kv_head, lo, hi, stride_
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-        rows = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        rows = _paged_rows(block_tables_ptr, seq, stride_bt, offs_n, n_mask, PAGE_SIZE)
         prefetch_rows(k_ptr + rows * stride_kt + kv_head * stride_kh, n_mask, HEAD_DIM, 8)
         prefetch_rows(v_ptr + rows * stride_vt + kv_head * stride_vh, n_mask, HEAD_DIM, 8)
 

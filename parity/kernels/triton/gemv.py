@@ -127,11 +127,11 @@ def _gemv_kernel(
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         w_idx = cols
     tile_mask = cols < N
-    w_rows = w_ptr + w_idx.to(tl.int64) * stride_wn
+    row_ptrs = w_ptr + w_idx.to(tl.int64) * stride_wn
     if PREFETCH:  # under dependent launch: the weight streams while the previous kernel finishes
-        prefetch_rows(w_rows, tile_mask, K, 32)
+        prefetch_rows(row_ptrs, tile_mask, K, 32)
     wait_for_previous()
-    w_rows = w_rows[:, None]
+    w_rows = row_ptrs[:, None]
     offs_k = tl.arange(0, BLOCK_K)
     # A row past M reads and writes nothing: its K and N bounds are 0 (bounds rather than `mask & (M > r)`, which
     # the interpreter turns into an int32 mask).

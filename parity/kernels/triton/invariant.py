@@ -40,8 +40,9 @@ import triton.language as tl
 
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
-from parity.kernels.triton.attention import _dot, prefill
+from parity.kernels.triton.attention import prefill
 from parity.kernels.triton.elementwise import apply_rotary, rope_and_cache, silu_and_mul, silu_mul  # a token a program
+from parity.kernels.triton.mma import dot
 from parity.kernels.triton.moe import fused_moe  # fixed tiles: a token's experts never see the batch
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.pdl import LAUNCH, prefetch_rows, wait_for_previous
@@ -86,10 +87,10 @@ def _linear_kernel(
         a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_mask & (kk[None, :] < K), other=0.0)
         w_offs = offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None]
         b = tl.load(w_ptr + w_offs, mask=n_mask & (kk[:, None] < K), other=0.0)
-        acc += _dot(a, b)  # fp16/bf16: tensor cores, exact products, float32 sums; fp32: IEEE (not tf32)
+        acc += dot(a, b)  # fp16/bf16: tensor cores, exact products, float32 sums; fp32: IEEE (not tf32)
         if GLU:
             b_up = tl.load(w_ptr + N * stride_wn + w_offs, mask=n_mask & (kk[:, None] < K), other=0.0)
-            acc_up += _dot(a, b_up)
+            acc_up += dot(a, b_up)
     dt = y_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from parity.kernels import reference
-from parity.kernels.triton.attention import _dot  # fp32: full-precision products; the interpreter: fp32
+from parity.kernels.triton.mma import dot  # fp32: full-precision products; the interpreter: fp32
 from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 
 BLOCK_M = 16  # pair rows per tile; small because a decode batch gives each expert only a few tokens
@@ -133,8 +133,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, tile_expert_ptr, num_pairs, 
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, Kdim, BLOCK_K):
         xs, w_ptrs, w_mask = _k_tiles(x_rows, valid, w_cols, n_mask, k0, Kdim, BLOCK_K)
-        acc_g += _dot(xs, tl.load(w_ptrs, mask=w_mask, other=0.0))
-        acc_u += _dot(xs, tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0))  # the up rows follow gate's
+        acc_g += dot(xs, tl.load(w_ptrs, mask=w_mask, other=0.0))
+        acc_u += dot(xs, tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0))  # the up rows follow gate's
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(h_ptr + rows[:, None] * stride_h + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=valid[:, None] & n_mask[None, :])
@@ -153,7 +153,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, tile_expert_ptr, num_pairs, E, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, Kdim, BLOCK_K):
         hs, w_ptrs, w_mask = _k_tiles(h_rows, valid, w_cols, n_mask, k0, Kdim, BLOCK_K)
-        acc += _dot(hs, tl.load(w_ptrs, mask=w_mask, other=0.0))
+        acc += dot(hs, tl.load(w_ptrs, mask=w_mask, other=0.0))
     safe_pairs = tl.where(valid, pairs, 0)
     tl.store(y_ptr + safe_pairs[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & n_mask[None, :])

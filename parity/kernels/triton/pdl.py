@@ -48,7 +48,7 @@ def _supported() -> bool:
 
 _ON = _supported()
 ENABLED = tl.constexpr(_ON)
-PREFETCH = tl.constexpr(_ON and os.environ.get("PARITY_PREFETCH", "1") != "0")
+PREFETCH_ENABLED = tl.constexpr(_ON and os.environ.get("PARITY_PREFETCH", "1") != "0")
 LAUNCH: dict = {}  # launch options for every kernel that waits; filled in place by `dependent_launches`
 
 
@@ -77,7 +77,7 @@ def prefetch_rows(row_ptrs, row_mask, length, SECTORS: tl.constexpr):
     """Hint L2 to fetch `length` elements from each pointer of the block `row_ptrs` (rows where `row_mask` is false
     are skipped): one `prefetch.global.L2` per 32-byte sector, SECTORS sectors of every row per step. Called before
     `wait_for_previous` on read-only data only (the module docstring says why that is safe)."""
-    if PREFETCH:
+    if PREFETCH_ENABLED:
         per_sector: tl.constexpr = 256 // row_ptrs.dtype.element_ty.primitive_bitwidth  # elements a sector
         offs = tl.arange(0, SECTORS) * per_sector
         for k0 in range(0, length, SECTORS * per_sector):
