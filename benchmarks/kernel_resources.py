@@ -54,6 +54,7 @@ class Variant:
     ints: dict = field(default_factory=dict)  # integer arguments known at launch (N, K of a GEMM), for divisibility
     maxnreg: int | None = None  # a cap on registers per thread (ptxas spills the rest)
     pointers: dict = field(default_factory=dict)  # pointer types other than the defaults below (name -> "*fp32")
+    prefetches: bool = False  # asks L2 for its data before the wait whatever its constexprs (pdl.prefetch_ahead)
 
 
 def _signature(v: Variant) -> tuple[dict, dict]:
@@ -113,7 +114,7 @@ def resources(v: Variant) -> dict:
             "stack_bytes": stack, "shared_bytes": shared,
             "async_copies": compiled.asm["ttgir"].count("async_copy_global_to_local"),
             "programs_per_sm": programs_per_sm(registers, shared, v.num_warps),
-            "prefetch_asked": bool(v.constexprs.get("PREFETCH")),
+            "prefetch_asked": v.prefetches or bool(v.constexprs.get("PREFETCH")),
             "l2_prefetch_before_wait": prefetch >= 0 and (wait < 0 or prefetch < wait)}
 
 
@@ -165,6 +166,8 @@ def variants() -> list[Variant]:
         out.append(Variant(f"fast GEMV {name} {n}x{k}, {rows} row(s), {label}: {block_n}x{cfg['BLOCK_K']}", gemv._gemv_kernel,
                            dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], PREFETCH=True), cfg["num_warps"],
                            cfg["num_stages"], ints=dict(N=n // 2 if parts.get("GLU") else n, K=k)))
+    out.append(Variant("L2 prefetch ahead of a layer's GEMVs", pdl._prefetch_ahead_kernel, dict(BLOCK=1024), 4, 1,
+                       prefetches=True))
     chunks = -(-151936 // invariant.LOG_SOFTMAX_CHUNK)
     chunked = dict(CHUNK=invariant.LOG_SOFTMAX_CHUNK, BLOCK=invariant.LOG_SOFTMAX_BLOCK)
     logits = {"x_ptr": "*fp32", "out_ptr": "*fp32", "arg_ptr": "*i32", "token_ptr": "*i64", "logprob_ptr": "*fp32"}

@@ -77,6 +77,14 @@ def dependent_launches(enabled: bool = True) -> contextlib.AbstractContextManage
     return _module("parity.kernels.triton.pdl").dependent_launches()
 
 
+def prefetch_weights(*weights: torch.Tensor) -> None:
+    """Ask L2 for these read-only weights before the kernels that read them run (`triton/pdl.py`,
+    `prefetch_ahead`): inside `dependent_launches` on CUDA only, a no-op elsewhere. It returns nothing and cannot
+    change a result, so the mode does not enter."""
+    if HAVE_TRITON and weights[0].is_cuda:
+        _module("parity.kernels.triton.pdl").prefetch_ahead(list(weights))
+
+
 def norm_then_linear(rms_norm: Callable, linear: Callable, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                      weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None):
     """linear(rms_norm(x, norm_weight, eps, residual), weight, bias) from the given ops, returned as rms_norm returns:
