@@ -36,3 +36,24 @@ def operands(rows, n, k, dtype, device, gen, bias):
 def truth(x, w, b):
     """x W^T (+ b) in float64."""
     return x.double() @ w.double().T + (b.double() if b is not None else 0)
+
+
+def replays_the_eager_bits_with_dependent_launches(chain, x: torch.Tensor) -> None:
+    """chain() (a tensor or a tuple of them) captured in a CUDA graph with dependent launches: a replay reads x as it
+    is at replay (zeroed: another first output) and, x restored, gives the eager call's bits."""
+    from parity.kernels.dispatch import dependent_launches
+
+    def outputs(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    x0 = x.clone()
+    eager = outputs(chain())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), dependent_launches():
+        replayed = outputs(chain())
+    x.zero_()
+    graph.replay()
+    assert not torch.equal(replayed[0], eager[0])
+    x.copy_(x0)
+    graph.replay()
+    assert all(torch.equal(r, e) for r, e in zip(replayed, eager))

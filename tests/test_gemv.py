@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_checks import DEVICES, TOL, operands, randn, rel_err, truth  # noqa: E402
+from kernel_checks import DEVICES, TOL, operands, randn, rel_err, replays_the_eager_bits_with_dependent_launches, truth  # noqa: E402
 
 from parity.kernels import reference  # noqa: E402
 from parity.kernels.triton import elementwise as te  # noqa: E402
@@ -141,27 +141,6 @@ def test_gpu_dependent_launches_in_a_graph_give_the_eager_bits():
         return tg.gemv(te.silu_and_mul(tg.gemv(h, w_up)), w_down)
 
     replays_the_eager_bits_with_dependent_launches(chain, x)
-
-
-def replays_the_eager_bits_with_dependent_launches(chain, x: torch.Tensor) -> None:
-    """chain() (a tensor or a tuple of them) captured in a CUDA graph with dependent launches: a replay reads x as it
-    is at replay (zeroed: another first output) and, x restored, gives the eager call's bits."""
-    from parity.kernels.dispatch import dependent_launches
-
-    def outputs(out):
-        return out if isinstance(out, tuple) else (out,)
-
-    x0 = x.clone()
-    eager = outputs(chain())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), dependent_launches():
-        replayed = outputs(chain())
-    x.zero_()
-    graph.replay()
-    assert not torch.equal(replayed[0], eager[0])
-    x.copy_(x0)
-    graph.replay()
-    assert all(torch.equal(r, e) for r, e in zip(replayed, eager))
 
 
 # The fused variants (`rms_norm_gemv`, `gemv_silu_and_mul`) against a float64 composition of the reference ops and

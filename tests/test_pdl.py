@@ -5,6 +5,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from kernel_checks import replays_the_eager_bits_with_dependent_launches  # noqa: E402
+
 from parity.kernels.triton import pdl  # noqa: E402
 
 MB = 2**20
@@ -55,7 +57,6 @@ def test_gpu_prefetch_ahead_between_two_kernels_keeps_their_order():
     from parity.kernels.dispatch import prefetch_weights
     from parity.kernels.triton import gemv as tg
     from parity.kernels.triton import norm as tn
-    from tests.test_gemv import replays_the_eager_bits_with_dependent_launches
 
     gen = torch.Generator(device="cuda").manual_seed(37)
     x = torch.randn(1, 1024, generator=gen, device="cuda").bfloat16()
