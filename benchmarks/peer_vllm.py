@@ -115,8 +115,9 @@ def run_parity(job: dict, prompts, lens_b) -> dict:
                           seed=99)
     throughput.run_parity(engine, warm, [8] * len(warm), clock)
     throughput.run_parity(engine, warm[:8], [8] * len(warm[:8]), clock, temperature=B_TEMPERATURE)
-    res["A"] = throughput.run_parity(engine, prompts, [job["output_len"]] * len(prompts), clock)
-    res["B"] = throughput.run_parity(engine, prompts, lens_b, clock, temperature=B_TEMPERATURE)
+    if not job.get("latency_only"):
+        res["A"] = throughput.run_parity(engine, prompts, [job["output_len"]] * len(prompts), clock)
+        res["B"] = throughput.run_parity(engine, prompts, lens_b, clock, temperature=B_TEMPERATURE)
 
     def generate_one(prompt: list[int], n: int) -> None:
         engine.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))

@@ -54,7 +54,6 @@ def test_gpu_prefetch_ahead_between_two_kernels_keeps_their_order():
     """norm -> prefetch ahead -> GEMV -> GEMV, captured with dependent launch as a decode graph is: the prefetch kernel
     lets the GEMV launch at once, and the GEMV must still read the norm's output (its wait is for the prefetch, which
     waits for the norm). The replay of x zeroed differs, x restored gives the eager bits."""
-    from parity.kernels.dispatch import prefetch_weights
     from parity.kernels.triton import gemv as tg
     from parity.kernels.triton import norm as tn
 
@@ -66,7 +65,7 @@ def test_gpu_prefetch_ahead_between_two_kernels_keeps_their_order():
 
     def chain():
         h = tn.rms_norm(x, norm_w, 1e-6)
-        prefetch_weights(w_up, w_down)
+        pdl.prefetch_ahead([w_up, w_down])
         return tg.gemv(tg.gemv(h, w_up), w_down)
 
     replays_the_eager_bits_with_dependent_launches(chain, x)

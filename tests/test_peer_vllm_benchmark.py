@@ -29,3 +29,19 @@ def test_smoke_run_without_vllm_times_both_modes_and_says_vllm_is_absent(tmp_pat
         assert row["ttft_ms"] > 0 and row["batch1_ms_per_token"] > 0
     table = [line for line in run.stdout.splitlines() if line.startswith("| workload A")]
     assert len(table) == 1 and table[0].split("|")[2].strip() == "-"  # vLLM's column empty, not made up
+
+
+@pytest.mark.slow
+def test_batch1_ab_runs_each_setting_in_turn(tmp_path):
+    """benchmarks.batch1_ab's smoke run: each value of the variable gets its rounds of the peer benchmark's batch-1
+    measure, in alternating order, and the table has a row per value."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.batch1_ab", "--smoke", "--out", str(tmp_path), "--rounds",
+                          "2", "--env", "PARITY_PREFETCH_AHEAD_MB=24,0"], cwd=ROOT, check=True, capture_output=True,
+                         text=True, timeout=900)
+    res = json.loads((tmp_path / "batch1_ab.json").read_text())
+    assert res["env_name"] == "PARITY_PREFETCH_AHEAD_MB" and list(res["runs"]) == ["24", "0"]
+    for runs in res["runs"].values():
+        assert len(runs) == 2 and all(r["error"] is None and r["batch1_ms_per_token"] > 0 for r in runs)
+    order = [line.split()[0] for line in run.stdout.splitlines() if line.startswith("PARITY_PREFETCH_AHEAD_MB=")]
+    assert order == ["PARITY_PREFETCH_AHEAD_MB=24", "PARITY_PREFETCH_AHEAD_MB=0",
+                     "PARITY_PREFETCH_AHEAD_MB=0", "PARITY_PREFETCH_AHEAD_MB=24"]

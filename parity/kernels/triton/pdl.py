@@ -53,7 +53,15 @@ PREFETCH_ENABLED = tl.constexpr(_ON and os.environ.get("PARITY_PREFETCH", "1") !
 LAUNCH: dict = {}  # launch options for every kernel that waits; filled in place by `dependent_launches`
 # `prefetch_ahead`'s bound on the bytes it asks L2 for at once: under half of the H100/H200's 50 MB L2, so the
 # prefetched weights and the keys decode attention streams meanwhile both fit. PARITY_PREFETCH_AHEAD_MB=0: none.
-AHEAD_BYTES = int(float(os.environ.get("PARITY_PREFETCH_AHEAD_MB", "24")) * 2**20)
+def _ahead_bytes() -> int:
+    value = os.environ.get("PARITY_PREFETCH_AHEAD_MB", "24")
+    try:
+        return int(float(value) * 2**20)
+    except ValueError:
+        raise ValueError(f"PARITY_PREFETCH_AHEAD_MB must be a number of MB (0: no prefetch ahead), got {value!r}") from None
+
+
+AHEAD_BYTES = _ahead_bytes()
 
 
 @contextmanager

@@ -1,0 +1,84 @@
+"""parity's batch-1 latency under settings that only an environment variable switches (PARITY_PREFETCH_AHEAD_MB,
+PARITY_PREFETCH, PARITY_PDL), measured as the peer benchmark measures it (one fresh 1024-token prompt, 512 greedy
+tokens: ms per token after the first, and the TTFT): each setting in a fresh process on one written model, the
+settings in turn for `--rounds` rounds, so that a same-call comparison sees the machine's drift in both.
+
+  python -m benchmarks.batch1_ab --out DIR --env PARITY_PREFETCH_AHEAD_MB=24,0 --rounds 2      # on the GPU
+  python -m benchmarks.batch1_ab --smoke --out /tmp/b1 --env PARITY_PREFETCH_AHEAD_MB=24,0     # CPU: the script
+
+Results: DIR/batch1_ab.json and a table of each setting's runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.peer_vllm import spawn
+from benchmarks.throughput import LONG_CONTEXT_SPECS, SMOKE
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--env", required=True, metavar="NAME=V1,V2,...", help="the variable and the values to compare")
+    ap.add_argument("--spec", choices=sorted(LONG_CONTEXT_SPECS), default="qwen3-0.6b")
+    ap.add_argument("--deterministic", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
+    args = ap.parse_args()
+    name, _, values = args.env.partition("=")
+    if not name or not values:
+        ap.error(f"--env must be NAME=V1,V2,... (got {args.env!r})")
+    values = values.split(",")
+    spec, device, prompt_len, new_tokens = LONG_CONTEXT_SPECS[args.spec], "cuda", 1024, 512
+    if args.smoke:
+        spec, device, prompt_len, new_tokens, args.max_model_len = SMOKE, "cpu", 32, 6, 128
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {v: [] for v in values}
+    saved = os.environ.get(name)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        model = tmp / "model"
+        env = spawn({"system": "write", "spec": asdict(spec), "model": str(model), "device": device}, tmp, None, 900)
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+        (tmp / "prompts.json").write_text(json.dumps({"prompts": [[1, 2, 3]], "lens_b": [1]}))  # unread: latency only
+        job = {"system": "parity", "mode": "deterministic" if args.deterministic else "fast", "model": str(model),
+               "prompts": str(tmp / "prompts.json"), "device": device, "vocab": vocab, "output_len": 1,
+               "max_num_seqs": 256 if device == "cuda" else 8, "max_model_len": args.max_model_len,
+               "parity_batched_tokens": None, "latency_prompt_len": prompt_len, "latency_new_tokens": new_tokens,
+               "latency_only": True}
+        for r in range(args.rounds):
+            for v in values if r % 2 == 0 else values[::-1]:
+                os.environ[name] = v
+                res = spawn(job, tmp, None, timeout=600)
+                runs[v].append({k: res.get(k) for k in ("batch1_ms_per_token", "ttft_ms", "error", "wall_s")})
+                print(f"{name}={v}", json.dumps(runs[v][-1])[-1500:], flush=True)
+    if saved is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = saved
+    lines = [f"| {name} | batch 1, ms per token (each run) | median | TTFT ms (median) |", "|---|---|---|---|"]
+    for v, rs in runs.items():
+        ms = [x["batch1_ms_per_token"] for x in rs if x["batch1_ms_per_token"] is not None]
+        ttft = [x["ttft_ms"] for x in rs if x["ttft_ms"] is not None]
+        lines.append(f"| {v} | {', '.join(f'{m:.3f}' for m in ms) or 'failed'} | "
+                     f"{statistics.median(ms) if ms else float('nan'):.3f} | "
+                     f"{statistics.median(ttft) if ttft else float('nan'):.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "batch1_ab.json").write_text(json.dumps(
+        {"env_name": name, "runs": runs, "spec": asdict(spec), "deterministic": args.deterministic,
+         "max_model_len": args.max_model_len, "run_env": env, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
