@@ -1,10 +1,12 @@
-"""parity's batch-1 latency under settings that only an environment variable switches (PARITY_PREFETCH_AHEAD_MB,
-PARITY_PREFETCH, PARITY_PDL), measured as the peer benchmark measures it (one fresh 1024-token prompt, 512 greedy
-tokens: ms per token after the first, and the TTFT): each setting in a fresh process on one written model, the
-settings in turn for `--rounds` rounds, so that a same-call comparison sees the machine's drift in both.
+"""parity's batch-1 latency under settings that only an environment variable switches (PARITY_PREFETCH, PARITY_PDL),
+measured as the peer benchmark measures it (one fresh 1024-token prompt, 512 greedy tokens: ms per token after the
+first, and the TTFT): each setting in a fresh process on one written model, the settings in turn for `--rounds`
+rounds, so that a same-call comparison sees the machine's drift in both. The profiler-traced step of
+`benchmarks/step_speed.py` is no substitute under dependent launch: on 2026-12-03 it showed a 25% gain where this
+measure, the same day, showed an 8% loss.
 
-  python -m benchmarks.batch1_ab --out DIR --env PARITY_PREFETCH_AHEAD_MB=24,0 --rounds 2      # on the GPU
-  python -m benchmarks.batch1_ab --smoke --out /tmp/b1 --env PARITY_PREFETCH_AHEAD_MB=24,0     # CPU: the script
+  python -m benchmarks.batch1_ab --out DIR --env PARITY_PREFETCH=1,0 --rounds 2      # on the GPU
+  python -m benchmarks.batch1_ab --smoke --out /tmp/b1 --env PARITY_PREFETCH=1,0     # CPU: the script
 
 Results: DIR/batch1_ab.json and a table of each setting's runs.
 """

@@ -54,7 +54,6 @@ class Variant:
     ints: dict = field(default_factory=dict)  # integer arguments known at launch (N, K of a GEMM), for divisibility
     maxnreg: int | None = None  # a cap on registers per thread (ptxas spills the rest)
     pointers: dict = field(default_factory=dict)  # pointer types other than the defaults below (name -> "*fp32")
-    prefetches: bool = False  # asks L2 for its data before the wait whatever its constexprs (pdl.prefetch_ahead)
 
 
 def _signature(v: Variant) -> tuple[dict, dict]:
@@ -114,7 +113,7 @@ def resources(v: Variant) -> dict:
             "stack_bytes": stack, "shared_bytes": shared,
             "async_copies": compiled.asm["ttgir"].count("async_copy_global_to_local"),
             "programs_per_sm": programs_per_sm(registers, shared, v.num_warps),
-            "prefetch_asked": v.prefetches or bool(v.constexprs.get("PREFETCH")),
+            "prefetch_asked": bool(v.constexprs.get("PREFETCH")),
             "l2_prefetch_before_wait": prefetch >= 0 and (wait < 0 or prefetch < wait)}
 
 
@@ -137,14 +136,14 @@ def variants() -> list[Variant]:
                     dict(det, TOKENS=64, HEADS=1, SEGMENT=0, SPLIT=False, SKIP_SINGLE=skip, PREFETCH=False),
                     4, 2) for skip in (False, True)]
     fast_decode = dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim,
-                       PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim, ROPE=False, NORM=False, PREFETCH=True)
+                       PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim, ROPE=False, NORM=False)
     out += [Variant(f"fast attention, decode, {splits} split(s)", attention._decode_kernel,
                     dict(fast_decode, NUM_SPLITS=splits, MIXED=False), 4, 2) for splits in (1, 16)]
     out += [Variant(f"fast attention, decode with RoPE, q/k norm and the cache write, {splits} split(s)",
                     attention._decode_kernel, dict(fast_decode, NUM_SPLITS=splits, MIXED=False, ROPE=True, NORM=True),
                     4, 2, pointers={"slot_ptr": "*i64"}) for splits in (1, 16)]
     out.append(Variant("fast attention, decode rows of a mixed step, 1 split", attention._decode_kernel,
-                       dict(fast_decode, NUM_SPLITS=1, MIXED=True, PREFETCH=False), 4, 2))
+                       dict(fast_decode, NUM_SPLITS=1, MIXED=True), 4, 2))
     for n, k, m, glu in ((4096, 1024, 1, False), (4096, 1024, 256, False), (4096, 1024, 2048, False),
                          (4096, 12288, 1, False), (6144, 1024, 1, True), (6144, 1024, 256, True),
                          (6144, 1024, 2048, True)):
@@ -164,10 +163,8 @@ def variants() -> list[Variant]:
         flags = {"HAS_BIAS": False, "NORM": False, "HAS_RESIDUAL": False, "GLU": False} | parts
         label = "+".join(key.lower() for key, on in parts.items() if on) or "plain"
         out.append(Variant(f"fast GEMV {name} {n}x{k}, {rows} row(s), {label}: {block_n}x{cfg['BLOCK_K']}", gemv._gemv_kernel,
-                           dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], PREFETCH=True), cfg["num_warps"],
+                           dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"],
                            cfg["num_stages"], ints=dict(N=n // 2 if parts.get("GLU") else n, K=k)))
-    out.append(Variant("L2 prefetch ahead of a layer's GEMVs", pdl._prefetch_ahead_kernel, dict(BLOCK=1024), 4, 1,
-                       prefetches=True))
     chunks = -(-151936 // invariant.LOG_SOFTMAX_CHUNK)
     chunked = dict(CHUNK=invariant.LOG_SOFTMAX_CHUNK, BLOCK=invariant.LOG_SOFTMAX_BLOCK)
     logits = {"x_ptr": "*fp32", "out_ptr": "*fp32", "arg_ptr": "*i32", "token_ptr": "*i64", "logprob_ptr": "*fp32"}

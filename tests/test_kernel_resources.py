@@ -36,15 +36,16 @@ def test_the_decode_kernels_compile_for_sm90_and_report_their_resources(tmp_path
                    check=True, capture_output=True, timeout=600)
     rows = {r["name"]: r for r in json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]}
     assert len(rows) == len(kr.variants())
-    no_dot = ("fast GEMV", "log-softmax", "argmax", "L2 prefetch")  # their loads feed no dot: plain loads into registers
+    no_dot = ("fast GEMV", "log-softmax", "argmax")  # their loads feed no dot: plain loads into registers
     for row in rows.values():
         assert 16 <= row["registers"] <= 255 and row["programs_per_sm"] >= 1, row
         if row["name"].startswith(no_dot):
             assert row["stack_bytes"] == 0, row
         else:
             assert row["shared_bytes"] > 0 and row["async_copies"] > 0, row  # every tensor-core loop is pipelined
-    # the variants launched under dependent launch (PREFETCH) stream their weights / keys into L2 before the wait
-    assert sum(row["prefetch_asked"] for row in rows.values()) >= 8
+    # deterministic mode's variants launched under dependent launch (PREFETCH: the few-row matmul, the split decode)
+    # stream their weights / keys into L2 before the wait; fast mode's kernels do not prefetch
+    assert sum(row["prefetch_asked"] for row in rows.values()) == 5
     for row in rows.values():
         assert row["l2_prefetch_before_wait"] == row["prefetch_asked"], row
     fused = rows["fast GEMV gate_up 6144x1024, 4 row(s), norm+has_residual+glu: 2x1024"]

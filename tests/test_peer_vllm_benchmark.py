@@ -36,12 +36,12 @@ def test_batch1_ab_runs_each_setting_in_turn(tmp_path):
     """benchmarks.batch1_ab's smoke run: each value of the variable gets its rounds of the peer benchmark's batch-1
     measure, in alternating order, and the table has a row per value."""
     run = subprocess.run([sys.executable, "-m", "benchmarks.batch1_ab", "--smoke", "--out", str(tmp_path), "--rounds",
-                          "2", "--env", "PARITY_PREFETCH_AHEAD_MB=24,0"], cwd=ROOT, check=True, capture_output=True,
+                          "2", "--env", "PARITY_PREFETCH=1,0"], cwd=ROOT, check=True, capture_output=True,
                          text=True, timeout=900)
     res = json.loads((tmp_path / "batch1_ab.json").read_text())
-    assert res["env_name"] == "PARITY_PREFETCH_AHEAD_MB" and list(res["runs"]) == ["24", "0"]
+    assert res["env_name"] == "PARITY_PREFETCH" and list(res["runs"]) == ["1", "0"]
     for runs in res["runs"].values():
         assert len(runs) == 2 and all(r["error"] is None and r["batch1_ms_per_token"] > 0 for r in runs)
-    order = [line.split()[0] for line in run.stdout.splitlines() if line.startswith("PARITY_PREFETCH_AHEAD_MB=")]
-    assert order == ["PARITY_PREFETCH_AHEAD_MB=24", "PARITY_PREFETCH_AHEAD_MB=0",
-                     "PARITY_PREFETCH_AHEAD_MB=0", "PARITY_PREFETCH_AHEAD_MB=24"]
+    order = [line.split()[0] for line in run.stdout.splitlines() if line.startswith("PARITY_PREFETCH=")]
+    assert order == ["PARITY_PREFETCH=1", "PARITY_PREFETCH=0",
+                     "PARITY_PREFETCH=0", "PARITY_PREFETCH=1"]

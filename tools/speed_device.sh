@@ -35,11 +35,10 @@
 #   prefetch: the kernel, GEMV and Triton-determinism GPU tests, then the batch-1 decode step (traced, dependent
 #            launches on) with the L2 prefetches before each kernel's wait and without (PARITY_PREFETCH=0): both
 #            modes at the 0.6B shapes, fast mode at the 8B shapes (PREFETCH_RUNS="fast ...": those runs only, no tests)
-#   ahead:   the prefetch-ahead GPU test, then the peer benchmark's batch-1 measure (benchmarks.batch1_ab, a process
-#            per run) in fast mode with a layer's o, gate_up and down weights asked of L2 while its attention runs
-#            (PARITY_PREFETCH_AHEAD_MB=24) and without (0): two rounds at the 0.6B shapes, one at the 8B shapes
+#   batch1:  the peer benchmark's batch-1 measure (benchmarks.batch1_ab, a process per run, two rounds) across an
+#            env switch, BATCH1_ENV (default PARITY_PREFETCH=1,0), in both modes at the 0.6B shapes
 set -uo pipefail
-stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed | profile | prefetch | ahead}
+stage=${1:?usage: speed_device.sh check | kernels | measure | gemv | pdl | fused | graphs | chunk | segments | sweeps | norm | fixed | profile | prefetch | batch1}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 res=$OUT/$stage
 mkdir -p "$res"
@@ -179,13 +178,12 @@ prefetch)
     done
   done
   ;;
-ahead)
-  timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py > "$res/pytest_gpu.log" 2>&1
-  tail -2 "$res/pytest_gpu.log"
-  timeout 200 python3 -m benchmarks.batch1_ab --out "$res/0.6b" --env PARITY_PREFETCH_AHEAD_MB=24,0 --rounds 2 \
-    > "$res/0.6b.log" 2>&1; tail -4 "$res/0.6b.log"
-  timeout 300 python3 -m benchmarks.batch1_ab --out "$res/8b" --spec qwen3-8b --env PARITY_PREFETCH_AHEAD_MB=24,0 \
-    --rounds 1 > "$res/8b.log" 2>&1; tail -4 "$res/8b.log"
+batch1)
+  for mode in fast deterministic; do
+    flag=$([ $mode = deterministic ] && echo --deterministic)
+    timeout 240 python3 -m benchmarks.batch1_ab --out "$res/$mode" $flag --env "${BATCH1_ENV:-PARITY_PREFETCH=1,0}" \
+      --rounds 2 > "$res/$mode.log" 2>&1; echo "== $mode"; tail -4 "$res/$mode.log"
+  done
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

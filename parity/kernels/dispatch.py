@@ -111,14 +111,6 @@ class Kernels:
             return fused(x, weight, bias)
         return self.silu_and_mul(self.linear(x, weight, bias))
 
-    def prefetch_weights(self, *weights: torch.Tensor) -> None:
-        """Ask L2 for these read-only weights before the kernels that read them run. An implementation may (fast mode
-        on CUDA, inside `dependent_launches`: `triton/pdl.py`, `prefetch_ahead`); it returns nothing and cannot change
-        a result. Deterministic mode does not: on the H200 it slowed that mode's batch-1 step (1.326 -> 1.475 ms)."""
-        ahead = getattr(implementation(self.mode, *weights), "prefetch_weights", None)
-        if ahead is not None:
-            ahead(list(weights))
-
     def rms_norm(self, x, weight, eps, residual=None):
         return implementation(self.mode, x, weight, residual).rms_norm(x, weight, eps, residual)
 

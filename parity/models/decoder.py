@@ -129,12 +129,8 @@ class DecoderLayer(nn.Module):
             residual, qkv = x, self.input_layernorm(x, into=qkv_proj)
         else:
             qkv, residual = self.input_layernorm(x, residual, into=qkv_proj)
-        # The weights read after attention, asked of L2 while it runs (fast mode's small-batch decode graphs only).
-        dense = isinstance(self.mlp, MLP)
-        later = (self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight) if dense else ()
-        self.self_attn.kernels.prefetch_weights(self.self_attn.o_proj.weight, *later)
         x = self.self_attn(qkv, cos, sin, kv_cache, meta)
-        if dense:
+        if isinstance(self.mlp, MLP):
             h, residual = self.post_attention_layernorm(x, residual, into=self.mlp.gate_up_proj, silu_and_mul=True)
         else:
             h, residual = self.post_attention_layernorm(x, residual)

@@ -359,10 +359,9 @@ def _decode_kernel(
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct, stride_st,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
 ):
-    # Until `wait_for_previous`, only step inputs (query starts, lengths, block tables) and earlier steps' keys are
-    # read: PREFETCH (under dependent launch) streams the program's split into L2 meanwhile.
+    # Until `wait_for_previous`, only step inputs (query starts, lengths), which no kernel of the step writes, are read.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -375,9 +374,6 @@ def _decode_kernel(
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    if PREFETCH:
-        _prefetch_keys(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, start, end, stride_kt, stride_kh,
-                       stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, BLOCK_N)
     wait_for_previous()
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -520,7 +516,7 @@ def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, spl
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         NUM_SPLITS=splits, MIXED=mixed, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
         BLOCK_D=triton.next_power_of_2(head_dim), ROPE=rope is not None,
-        NORM=rope is not None and rope.q_weight is not None, PREFETCH=bool(LAUNCH), num_warps=4, num_stages=2,
+        NORM=rope is not None and rope.q_weight is not None, num_warps=4, num_stages=2,
         **LAUNCH,
     )
 

@@ -5,8 +5,8 @@ Triton kernel where one times faster, and at most 4 rows may take one GEMV launc
 faster than the unfused ops: a decoder layer's RMSNorm (with the residual add) and the qkv or gate_up projection
 after it (`rms_norm_linear`), the gate_up projection and SiLU-and-mul (`linear_silu_and_mul`), or all three.
 A decode step's attention kernel also applies RoPE (and the per-head q/k norm) and writes the step's
-keys and values (`rope_and_attention`). Same signatures as `reference.py`, plus these three fused ops and the L2
-prefetch of a layer's later weights (`prefetch_weights`), which `Kernels` takes from an implementation that has them."""
+keys and values (`rope_and_attention`). Same signatures as `reference.py`, plus these three fused ops, which
+`Kernels` takes from an implementation that has them."""
 
 from __future__ import annotations
 
@@ -24,12 +24,11 @@ from parity.kernels.triton.elementwise import apply_rotary, fuses, rope_and_cach
 from parity.kernels.triton.moe import fused_moe, moe_route
 from parity.kernels.triton.norm import rms_norm
 from parity.kernels.triton.pdl import dependent_launches
-from parity.kernels.triton.pdl import prefetch_ahead as prefetch_weights
 from parity.kernels.triton.sampling import gumbel_argmax
 
 __all__ = ["apply_rotary", "argmax_logprob", "attention", "fused_moe", "gumbel_argmax", "linear", "linear_fp32",
-           "linear_silu_and_mul", "log_softmax", "moe_route", "prefetch_weights", "rms_norm", "rms_norm_linear",
-           "rope_and_attention", "rope_and_cache", "silu_and_mul"]
+           "linear_silu_and_mul", "log_softmax", "moe_route", "rms_norm", "rms_norm_linear", "rope_and_attention",
+           "rope_and_cache", "silu_and_mul"]
 
 # Up to this many rows a matmul may leave cuBLAS for a Triton kernel: the deterministic kernel's narrow tile (its
 # 16-row BLOCK_M) or, up to gemv.MAX_ROWS rows, the matrix-vector kernel. benchmarks/invariant_linear_sweep.py on
@@ -63,8 +62,9 @@ TIMED_REPS = 5
 def _graph_time(fn: Callable[[], object], reps: int = TIMED_REPS) -> float:
     """Milliseconds for `reps` back-to-back calls replayed from a CUDA graph (eager launches of a few-us kernel
     would time the host), captured with programmatic dependent launch as the decode graphs that run few-row
-    matmuls are (FEW_ROWS): the Triton kernels then overlap their launches and prefetch their
-    weights there, cuBLAS's do neither, and a choice timed without it mistook a near tie for cuBLAS's win."""
+    matmuls are (FEW_ROWS): the Triton kernels then overlap their launches (the narrow tile, deterministic mode's
+    kernel, also prefetches its weights), cuBLAS's do not, and a choice timed without it mistook a near tie for
+    cuBLAS's win."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

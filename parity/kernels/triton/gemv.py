@@ -27,7 +27,7 @@ import triton.language as tl
 
 from parity.kernels.triton.elementwise import silu_mul
 from parity.kernels.triton.norm import scale_normalised
-from parity.kernels.triton.pdl import LAUNCH, prefetch_rows, wait_for_previous
+from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
 
 __all__ = ["MAX_ROWS", "gemv", "gemv_config", "gemv_silu_and_mul", "rms_norm_gemv"]
 
@@ -116,7 +116,7 @@ def _row_output(acc, dt: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr)
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, norm_w_ptr, sum_ptr, M, N, K, stride_xm, stride_rm, stride_wn, stride_ym, eps,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GLU: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if GLU:  # tile row 2j is gate column j, row 2j + 1 up column j (W row N + j): one tile load streams both
@@ -127,11 +127,8 @@ def _gemv_kernel(
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         w_idx = cols
     tile_mask = cols < N
-    row_ptrs = w_ptr + w_idx.to(tl.int64) * stride_wn
-    if PREFETCH:  # under dependent launch: the weight streams while the previous kernel finishes
-        prefetch_rows(row_ptrs, tile_mask, K, 32)
     wait_for_previous()
-    w_rows = row_ptrs[:, None]
+    w_rows = (w_ptr + w_idx.to(tl.int64) * stride_wn)[:, None]
     offs_k = tl.arange(0, BLOCK_K)
     # A row past M reads and writes nothing: its K and N bounds are 0 (bounds rather than `mask & (M > r)`, which
     # the interpreter turns into an int32 mask).
@@ -231,7 +228,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y
         x2, weight, bias if bias is not None else weight, y, r2, norm_weight if norm_weight is not None else weight,
         residual_sum if residual_sum is not None else y, m, n, k, x2.stride(0), r2.stride(0), weight.stride(0),
         y.stride(0), float(eps), HAS_BIAS=bias is not None, NORM=norm_weight is not None,
-        HAS_RESIDUAL=residual is not None, GLU=glu, ROWS=triton.next_power_of_2(m), PREFETCH=bool(LAUNCH), **tiles,
+        HAS_RESIDUAL=residual is not None, GLU=glu, ROWS=triton.next_power_of_2(m), **tiles,
         **LAUNCH,
     )
 

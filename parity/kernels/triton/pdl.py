@@ -18,12 +18,15 @@ prompts were prefix-cached); where that loss comes from was not measured.
 Off under TRITON_INTERPRET (no inline assembly), before sm_90, and with PARITY_PDL=0.
 
 Reads before the wait are allowed only of what no kernel of the step writes: the weights, the step's inputs (query
-starts, sequence lengths, block tables, copied in before a graph replays) and earlier steps' keys. Kernels launched
-with PDL use that window for L2 prefetches (`prefetch_rows`; a `PREFETCH` constexpr from `bool(LAUNCH)`) of a
-GEMV's weight rows or a decode's cached keys: they then stream while the previous kernel finishes, not after it.
-A prefetch only moves data into L2 (the GPU's point of coherence) and returns nothing, so it cannot change a
-result. Launched plainly, a kernel does not prefetch (it would only precede its own loads); PARITY_PREFETCH=0
-turns the prefetches off (to time them against none).
+starts, sequence lengths, block tables, copied in before a graph replays) and earlier steps' keys. Deterministic
+mode's few-row matmul and split decode, launched with PDL, use that window for L2 prefetches (`prefetch_rows`; a
+`PREFETCH` constexpr from `bool(LAUNCH)`) of their weight rows or cached keys, which then stream while the previous
+kernel finishes: its batch-1 decode 1.336 -> 1.286 ms per token on the H200 (`benchmarks/batch1_ab.py`, two runs
+each). Fast mode's GEMV and decode attention measured slower with the same prefetches (1.029 -> 1.067 ms), and so
+did a layer asking L2 for its o, gate_up and down weights during its attention (1.026 -> 1.108 ms at 0.6B,
+4.81 -> 4.94 ms at 8B): they do not prefetch. A prefetch only moves data into L2 (the GPU's point of coherence) and
+returns nothing, so it cannot change a result. Launched plainly, a kernel does not prefetch (it would only precede
+its own loads); PARITY_PREFETCH=0 turns the prefetches off (to time them against none).
 """
 
 from __future__ import annotations
@@ -37,8 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["AHEAD_BYTES", "ENABLED", "LAUNCH", "ahead_sectors", "dependent_launches", "prefetch_ahead", "prefetch_rows",
-           "wait_for_previous"]
+__all__ = ["ENABLED", "LAUNCH", "dependent_launches", "prefetch_rows", "wait_for_previous"]
 
 
 def _supported() -> bool:
@@ -51,17 +53,6 @@ _ON = _supported()
 ENABLED = tl.constexpr(_ON)
 PREFETCH_ENABLED = tl.constexpr(_ON and os.environ.get("PARITY_PREFETCH", "1") != "0")
 LAUNCH: dict = {}  # launch options for every kernel that waits; filled in place by `dependent_launches`
-# `prefetch_ahead`'s bound on the bytes it asks L2 for at once: under half of the H100/H200's 50 MB L2, so the
-# prefetched weights and the keys decode attention streams meanwhile both fit. PARITY_PREFETCH_AHEAD_MB=0: none.
-def _ahead_bytes() -> int:
-    value = os.environ.get("PARITY_PREFETCH_AHEAD_MB", "24")
-    try:
-        return int(float(value) * 2**20)
-    except ValueError:
-        raise ValueError(f"PARITY_PREFETCH_AHEAD_MB must be a number of MB (0: no prefetch ahead), got {value!r}") from None
-
-
-AHEAD_BYTES = _ahead_bytes()
 
 
 @contextmanager
@@ -99,53 +90,3 @@ def prefetch_rows(row_ptrs, row_mask, length, SECTORS: tl.constexpr):
                 "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
                 "=r,l,r", [row_ptrs[:, None] + k[None, :], mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
                 pack=1)
-
-
-@triton.jit
-def _prefetch_ahead_kernel(w0_ptr, n0, w1_ptr, n1, w2_ptr, n2, w3_ptr, n3, BLOCK: tl.constexpr):
-    """L2 prefetch of sectors [0, n_i) of up to four tensors, the programs taking BLOCK sectors in turn. It writes
-    nothing, so it lets the next kernel launch at once; that kernel still waits for this one to finish, and this
-    one for the kernel before it, so every other kernel's reads and writes keep their order."""
-    if ENABLED:
-        gdc_launch_dependents()
-    start = tl.program_id(0) * BLOCK
-    step = tl.num_programs(0) * BLOCK
-    _prefetch_sectors(w0_ptr, n0, start, step, BLOCK)
-    _prefetch_sectors(w1_ptr, n1, start, step, BLOCK)
-    _prefetch_sectors(w2_ptr, n2, start, step, BLOCK)
-    _prefetch_sectors(w3_ptr, n3, start, step, BLOCK)
-    if ENABLED:
-        gdc_wait()
-
-
-@triton.jit
-def _prefetch_sectors(ptr, n, start, step, BLOCK: tl.constexpr):
-    per_sector: tl.constexpr = 256 // ptr.dtype.element_ty.primitive_bitwidth  # elements a 32-byte sector
-    for s0 in range(start, n, step):
-        sector = s0 + tl.arange(0, BLOCK)
-        prefetch_rows(ptr + sector.to(tl.int64) * per_sector, sector < n, 1, 1)
-
-
-def prefetch_ahead(weights: list[torch.Tensor]) -> None:
-    """Under dependent launch, ask L2 for these read-only weights (contiguous), in order, up to AHEAD_BYTES, while
-    the kernels before their readers run: a batch-1 decode layer's GEMVs read a few MB each and are latency-bound,
-    so their weights stream ahead. One launch; nothing outside `dependent_launches` (where no kernel overlaps
-    another, a prefetch would only delay the next)."""
-    if not (LAUNCH and PREFETCH_ENABLED and AHEAD_BYTES > 0):
-        return
-    args = [a for w, sectors in ahead_sectors(weights, AHEAD_BYTES) for a in (w, sectors)]
-    programs = torch.cuda.get_device_properties(weights[0].device).multi_processor_count
-    _prefetch_ahead_kernel[(programs,)](*args, BLOCK=1024, num_warps=4, **LAUNCH)
-
-
-def ahead_sectors(weights: list[torch.Tensor], budget: int) -> list[tuple[torch.Tensor, int]]:
-    """`_prefetch_ahead_kernel`'s four (tensor, 32-byte sectors from its start) pairs: the weights in order until
-    `budget` bytes (the last one cut short), then empty ranges."""
-    ranges = []
-    for w in weights[:4]:
-        nbytes = min(w.numel() * w.element_size(), budget)
-        if nbytes < 32:
-            break
-        ranges.append((w, nbytes // 32))
-        budget -= nbytes
-    return ranges + [(weights[0], 0)] * (4 - len(ranges))
