@@ -26,6 +26,12 @@ from benchmarks.peer_vllm import spawn
 from benchmarks.throughput import LONG_CONTEXT_SPECS, SMOKE
 
 
+def run_order(values: list[str], rounds: int) -> list[str]:
+    """The settings in turn, each round in the other direction from the one before (a drift up or down the call then
+    falls on every setting alike)."""
+    return [v for r in range(rounds) for v in (values if r % 2 == 0 else values[::-1])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("."))
@@ -57,12 +63,11 @@ def main() -> None:
                "max_num_seqs": 256 if device == "cuda" else 8, "max_model_len": args.max_model_len,
                "parity_batched_tokens": None, "latency_prompt_len": prompt_len, "latency_new_tokens": new_tokens,
                "latency_only": True}
-        for r in range(args.rounds):
-            for v in values if r % 2 == 0 else values[::-1]:
-                os.environ[name] = v
-                res = spawn(job, tmp, None, timeout=600)
-                runs[v].append({k: res.get(k) for k in ("batch1_ms_per_token", "ttft_ms", "error", "wall_s")})
-                print(f"{name}={v}", json.dumps(runs[v][-1])[-1500:], flush=True)
+        for v in run_order(values, args.rounds):
+            os.environ[name] = v
+            res = spawn(job, tmp, None, timeout=600)
+            runs[v].append({k: res.get(k) for k in ("batch1_ms_per_token", "ttft_ms", "error", "wall_s")})
+            print(f"{name}={v}", json.dumps(runs[v][-1])[-1500:], flush=True)
     if saved is None:
         os.environ.pop(name, None)
     else:
