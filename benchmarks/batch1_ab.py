@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.peer_vllm import spawn
+from benchmarks.peer_vllm import prepare, spawn
 from benchmarks.throughput import LONG_CONTEXT_SPECS, SMOKE
 
 
@@ -46,32 +46,26 @@ def main() -> None:
     if not name or not values:
         ap.error(f"--env must be NAME=V1,V2,... (got {args.env!r})")
     values = values.split(",")
-    spec, device, prompt_len, new_tokens = LONG_CONTEXT_SPECS[args.spec], "cuda", 1024, 512
+    if not all(values) or len(set(values)) != len(values):
+        ap.error(f"--env values must be distinct and non-empty (got {values})")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1 (got {args.rounds})")
+    spec, device, num_prompts = LONG_CONTEXT_SPECS[args.spec], "cuda", 256
     if args.smoke:
-        spec, device, prompt_len, new_tokens, args.max_model_len = SMOKE, "cpu", 32, 6, 128
+        spec, device, num_prompts, args.max_model_len = SMOKE, "cpu", 6, 128
     args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {v: [] for v in values}
-    saved = os.environ.get(name)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        model = tmp / "model"
-        env = spawn({"system": "write", "spec": asdict(spec), "model": str(model), "device": device}, tmp, None, 900)
-        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-        (tmp / "prompts.json").write_text(json.dumps({"prompts": [[1, 2, 3]], "lens_b": [1]}))  # unread: latency only
-        job = {"system": "parity", "mode": "deterministic" if args.deterministic else "fast", "model": str(model),
-               "prompts": str(tmp / "prompts.json"), "device": device, "vocab": vocab, "output_len": 1,
-               "max_num_seqs": 256 if device == "cuda" else 8, "max_model_len": args.max_model_len,
-               "parity_batched_tokens": None, "latency_prompt_len": prompt_len, "latency_new_tokens": new_tokens,
-               "latency_only": True}
+        # the peer benchmark's model and prompts (its warm-up takes 64 of them), then only its latency rows
+        env, common = prepare(tmp, spec, device, args.smoke, num_prompts, 1, None)
+        job = {**common, "system": "parity", "mode": "deterministic" if args.deterministic else "fast",
+               "max_model_len": args.max_model_len, "latency_only": True}
         for v in run_order(values, args.rounds):
-            os.environ[name] = v
+            os.environ[name] = v  # what the spawned process inherits
             res = spawn(job, tmp, None, timeout=600)
             runs[v].append({k: res.get(k) for k in ("batch1_ms_per_token", "ttft_ms", "error", "wall_s")})
             print(f"{name}={v}", json.dumps(runs[v][-1])[-1500:], flush=True)
-    if saved is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = saved
     lines = [f"| {name} | batch 1, ms per token (each run) | median | TTFT ms (median) |", "|---|---|---|---|"]
     for v, rs in runs.items():
         ms = [x["batch1_ms_per_token"] for x in rs if x["batch1_ms_per_token"] is not None]

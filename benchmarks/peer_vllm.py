@@ -129,8 +129,9 @@ def run_parity(job: dict, prompts, lens_b) -> dict:
     if device.type == "cuda":
         res["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries")
         # whole engine step against the CUDA graph's replay alone, at batch 1 and at the largest batch
+        batches = (1,) if job.get("latency_only") else (1, job["max_num_seqs"])
         res["decode"] = [throughput.decode_timing(engine, b, job["latency_prompt_len"], 16, None, clock)
-                         for b in (1, job["max_num_seqs"])]
+                         for b in batches]
     return res
 
 
@@ -214,6 +215,26 @@ def spawn(job: dict, tmp: Path, vllm_path: str | None, timeout: float) -> dict:
     return res
 
 
+def prepare(tmp: Path, spec, device: str, smoke: bool, num_prompts: int, output_len: int,
+            parity_batched_tokens: int | None) -> tuple[dict, dict]:
+    """Writes the model (in a process of its own) and the prompts under `tmp`: (the run header, or what went wrong;
+    the job fields every run on them shares). Prompts U[100, 1024] (smoke: U[10, 40]); the latency rows' prompt
+    1024 tokens and 512 new ones (smoke: 32 and 6)."""
+    lo, hi, latency_len, latency_new = (10, 40, 32, 6) if smoke else (100, 1024, 1024, 512)
+    model = tmp / "model"
+    env = spawn({"system": "write", "spec": asdict(spec), "model": str(model), "device": device}, tmp, None,
+                timeout=600)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    prompts = random_prompts(num_prompts, vocab, lo, hi, seed=0)
+    lens_b = output_lengths(num_prompts, *((4, 12) if smoke else (100, 1024)), seed=1)
+    (tmp / "prompts.json").write_text(json.dumps({"prompts": prompts, "lens_b": lens_b}))
+    common = {"model": str(model), "prompts": str(tmp / "prompts.json"), "device": device, "vocab": vocab,
+              "output_len": output_len, "max_num_seqs": 8 if smoke else 256,
+              "parity_batched_tokens": parity_batched_tokens,
+              "latency_prompt_len": latency_len, "latency_new_tokens": latency_new}
+    return env, common
+
+
 def configurations(args, have_vllm: bool) -> list[dict]:
     """In order of importance (later ones are skipped when time runs out): vLLM and parity in fast mode at the
     longest max_model_len, parity fast at the others, then deterministic mode (only at `--deterministic-lens`,
@@ -286,28 +307,17 @@ def main() -> None:
     deadline = t_start + args.time_budget
     spec = LONG_CONTEXT_SPECS[args.spec]
     device = "cuda"
-    lo, hi, latency_len, latency_new = 100, 1024, 1024, 512
     if args.smoke:
         spec, device = SMOKE, "cpu"
         args.num_prompts, args.output_len, args.max_model_lens = 6, 8, [128]
-        lo, hi, latency_len, latency_new = 10, 40, 32, 6
     args.out.mkdir(parents=True, exist_ok=True)
     missing = "--smoke runs parity alone" if args.smoke else vllm_missing(args.vllm_path)
     results: dict = {"vllm_absent": missing}
     print("vLLM:", missing or "present", flush=True)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        model = tmp / "model"
-        results["env"] = spawn({"system": "write", "spec": asdict(spec), "model": str(model), "device": device},
-                               tmp, None, timeout=600)
-        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-        prompts = random_prompts(args.num_prompts, vocab, lo, hi, seed=0)
-        lens_b = output_lengths(args.num_prompts, *((4, 12) if args.smoke else (100, 1024)), seed=1)
-        (tmp / "prompts.json").write_text(json.dumps({"prompts": prompts, "lens_b": lens_b}))
-        common = {"model": str(model), "prompts": str(tmp / "prompts.json"), "device": device, "vocab": vocab,
-                  "output_len": args.output_len, "max_num_seqs": 256 if not args.smoke else 8,
-                  "parity_batched_tokens": args.parity_max_num_batched_tokens,
-                  "latency_prompt_len": latency_len, "latency_new_tokens": latency_new}
+        results["env"], common = prepare(tmp, spec, device, args.smoke, args.num_prompts, args.output_len,
+                                         args.parity_max_num_batched_tokens)
         jobs = configurations(args, missing is None)
         for job in jobs:
             key = f"{job['system']}/{job['mode']}/{job['max_model_len']}"

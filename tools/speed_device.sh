@@ -32,7 +32,8 @@
 #            (the fused norm's second try, with a fixed-order sum of squares, also backed out)
 #   profile: each kernel's own time (PARITY_PDL=0: no overlap between launches) in the batch-1 and batch-256 decode
 #            steps of both modes at the 0.6B shapes and in fast mode at the 8B shapes, no workload rounds
-#   prefetch: the kernel, GEMV and Triton-determinism GPU tests, then the batch-1 decode step (traced, dependent
+#   prefetch: (its traced step misled on 2026-12-03: batch1 is the A/B to trust) the kernel, GEMV and
+#            Triton-determinism GPU tests, then the batch-1 decode step (traced, dependent
 #            launches on) with the L2 prefetches before each kernel's wait and without (PARITY_PREFETCH=0): both
 #            modes at the 0.6B shapes, fast mode at the 8B shapes (PREFETCH_RUNS="fast ...": those runs only, no tests)
 #   batch1:  the peer benchmark's batch-1 measure (benchmarks.batch1_ab, a process per run, two rounds) across an
