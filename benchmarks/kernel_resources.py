@@ -114,7 +114,9 @@ def resources(v: Variant) -> dict:
             "async_copies": compiled.asm["ttgir"].count("async_copy_global_to_local"),
             "programs_per_sm": programs_per_sm(registers, shared, v.num_warps),
             "prefetch_asked": bool(v.constexprs.get("PREFETCH")),
-            "l2_prefetch_before_wait": prefetch >= 0 and (wait < 0 or prefetch < wait)}
+            "l2_prefetch_before_wait": prefetch >= 0 and (wait < 0 or prefetch < wait),
+            "preload_asked": bool(v.constexprs.get("PRELOAD")),
+            "loads_before_wait": ptx[:wait].count("ld.global") if wait >= 0 else 0}
 
 
 def variants() -> list[Variant]:
@@ -136,11 +138,13 @@ def variants() -> list[Variant]:
                     dict(det, TOKENS=64, HEADS=1, SEGMENT=0, SPLIT=False, SKIP_SINGLE=skip, PREFETCH=False),
                     4, 2) for skip in (False, True)]
     fast_decode = dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim,
-                       PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim, ROPE=False, NORM=False)
+                       PAGE_SIZE=page, BLOCK_H=16, BLOCK_N=64, BLOCK_D=head_dim, ROPE=False, NORM=False,
+                       PRELOAD=False)
     out += [Variant(f"fast attention, decode, {splits} split(s)", attention._decode_kernel,
                     dict(fast_decode, NUM_SPLITS=splits, MIXED=False), 4, 2) for splits in (1, 16)]
     out += [Variant(f"fast attention, decode with RoPE, q/k norm and the cache write, {splits} split(s)",
-                    attention._decode_kernel, dict(fast_decode, NUM_SPLITS=splits, MIXED=False, ROPE=True, NORM=True),
+                    attention._decode_kernel, dict(fast_decode, NUM_SPLITS=splits, MIXED=False, ROPE=True, NORM=True,
+                                                   PRELOAD=splits > 1),
                     4, 2, pointers={"slot_ptr": "*i64"}) for splits in (1, 16)]
     out.append(Variant("fast attention, decode rows of a mixed step, 1 split", attention._decode_kernel,
                        dict(fast_decode, NUM_SPLITS=1, MIXED=True), 4, 2))
@@ -163,7 +167,8 @@ def variants() -> list[Variant]:
         flags = {"HAS_BIAS": False, "NORM": False, "HAS_RESIDUAL": False, "GLU": False} | parts
         label = "+".join(key.lower() for key, on in parts.items() if on) or "plain"
         out.append(Variant(f"fast GEMV {name} {n}x{k}, {rows} row(s), {label}: {block_n}x{cfg['BLOCK_K']}", gemv._gemv_kernel,
-                           dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"]), cfg["num_warps"],
+                           dict(flags, ROWS=rows, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
+                                PRELOAD=min(2, -(-k // cfg["BLOCK_K"]))), cfg["num_warps"],
                            cfg["num_stages"], ints=dict(N=n // 2 if parts.get("GLU") else n, K=k)))
     chunks = -(-151936 // invariant.LOG_SOFTMAX_CHUNK)
     chunked = dict(CHUNK=invariant.LOG_SOFTMAX_CHUNK, BLOCK=invariant.LOG_SOFTMAX_BLOCK)
@@ -179,10 +184,10 @@ def variants() -> list[Variant]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| kernel | warps | stages | registers | stack, spills (B) | shared (B) | pipelined loads | programs/SM "
-             "| L2 prefetch before the wait |", "|---|---|---|---|---|---|---|---|---|"]
+             "| L2 prefetch before the wait | global loads before the wait |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['stack_bytes']} | "
               f"{r['shared_bytes']} | {r['async_copies']} | {r['programs_per_sm']} | "
-              f"{'yes' if r['l2_prefetch_before_wait'] else 'no'} |" for r in rows]
+              f"{'yes' if r['l2_prefetch_before_wait'] else 'no'} | {r['loads_before_wait']} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -247,6 +247,33 @@ def test_fused_at_the_device_launches_match_the_unfused_kernels(rows):
     assert near_unfused(out, te.silu_and_mul(tg.gemv(normed, w, b, tiles)), torch.bfloat16)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_preloaded_weight_chunks_give_the_loop_s_bits(rows, monkeypatch):
+    """Under dependent launch the GEMV loads its first two W chunks before the wait (`pdl.preloads`) and sums them
+    before the loop's remaining ones: every variant gives the bits of the plain loop at the GPU's block choices, for
+    K of one chunk, of a partial second chunk and of more than two chunks."""
+    gen = torch.Generator().manual_seed(59)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 12
+
+    def every_variant():
+        outs = [tg.gemv(x, w, b, tiles), tg.gemv_silu_and_mul(x, w, b, halved)]
+        outs += tg.rms_norm_gemv(x, norm_w, EPS, w, b, residual=res, tiles=tiles)
+        return outs + [tg.rms_norm_gemv(x, norm_w, EPS, w, None, tiles=halved, silu_and_mul=True)]
+
+    for k in [16, 300, 2100] if rows == 1 else [300, 2100, 5000]:
+        tiles = tg._device_config(n, k, rows)
+        halved = dict(tiles, BLOCK_N=tiles["BLOCK_N"] // 2)
+        x, w, b = operands(rows, n, k, torch.bfloat16, device, gen, bias=True)
+        norm_w, res = norm_operands(rows, k, torch.bfloat16, device, gen, True)
+        monkeypatch.setattr(tg, "preloads", lambda: False)
+        loop = every_variant()
+        monkeypatch.setattr(tg, "preloads", lambda: True)
+        for got, want in zip(every_variant(), loop, strict=True):
+            assert torch.equal(got, want), k
+        assert rel_err(loop[0], truth(x, w, b)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_leading_dims_and_strided_rows(device):
     """x [..., K] (and the residual) flatten to their rows, read in place with a row stride wider than K; a 1-D x is

@@ -40,7 +40,8 @@ def test_the_decode_kernels_compile_for_sm90_and_report_their_resources(tmp_path
     for row in rows.values():
         assert 16 <= row["registers"] <= 255 and row["programs_per_sm"] >= 1, row
         if row["name"].startswith(no_dot):
-            assert row["stack_bytes"] == 0, row
+            # no spills; Triton 3.9's ptxas keeps an 8-byte frame in the preloaded one-row GLU GEMV (3.6's, none)
+            assert row["stack_bytes"] <= 8, row
         else:
             assert row["shared_bytes"] > 0 and row["async_copies"] > 0, row  # every tensor-core loop is pipelined
     # deterministic mode's variants launched under dependent launch (PREFETCH: the few-row matmul, the split decode)
@@ -48,6 +49,14 @@ def test_the_decode_kernels_compile_for_sm90_and_report_their_resources(tmp_path
     assert sum(row["prefetch_asked"] for row in rows.values()) == 5
     for row in rows.values():
         assert row["l2_prefetch_before_wait"] == row["prefetch_asked"], row
+    # fast mode's GEMV and split RoPE decode under dependent launch (PRELOAD) load their first weight chunks / key
+    # tile into registers before the wait; without it the GEMV loads nothing there, the decode only its step inputs
+    for row in rows.values():
+        if row["name"].startswith("fast GEMV"):
+            assert row["preload_asked"] and row["loads_before_wait"] > 0, row
+    rope = "fast attention, decode with RoPE, q/k norm and the cache write, {} split(s)"
+    assert rows[rope.format(16)]["preload_asked"] and not rows[rope.format(1)]["preload_asked"]
+    assert rows[rope.format(16)]["loads_before_wait"] > rows[rope.format(1)]["loads_before_wait"]
     fused = rows["fast GEMV gate_up 6144x1024, 4 row(s), norm+has_residual+glu: 2x1024"]
     assert fused["stack_bytes"] == 0, fused  # the fused norm and SiLU parts spill nothing
     capped = rows["deterministic attention, decode, segment 256, maxnreg 128"]

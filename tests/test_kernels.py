@@ -280,13 +280,18 @@ def test_decode_padding_rows_give_zeros(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_decode_with_rope_fused_is_rope_and_cache_then_attention(device, qk_norm, monkeypatch):
+@pytest.mark.parametrize("preload", [False, True])
+def test_decode_with_rope_fused_is_rope_and_cache_then_attention(device, qk_norm, preload, monkeypatch):
     """Fast mode's decode step that rotates its own query and writes the step's key and value (`rope_decode`):
     strided q/k/v views of the projection, contexts that split and one that does not, and a CUDA-graph padding row
     (no keys, slot -1). The output and the whole cache have the bits of `rope_and_cache` then `paged_attention`.
     Compiled, the q/k norm's sum over a head may be reduced in another order (the two kernels' tiles differ), so on
-    the GPU the bits are required without the norm and closeness with it."""
+    the GPU the bits are required without the norm and closeness with it. With `preload` (as under dependent launch)
+    each split's first key tile is read before the step's key is written (its slot holds NaN here) and patched: the
+    17- and 1-key contexts have the step's key in that tile, the 300-key one in a later tile."""
     from parity.kernels.triton import fast
+
+    monkeypatch.setattr(ta, "preloads", lambda: preload)
 
     gen = torch.Generator().manual_seed(11)
     dtype, heads, kv_heads, head_dim, block = torch.bfloat16, 4, 2, 64, 16
@@ -322,6 +327,51 @@ def test_decode_with_rope_fused_is_rope_and_cache_then_attention(device, qk_norm
     for got, want in zip((k_cache, v_cache), pair_cache):  # unused blocks are NaN
         torch.testing.assert_close(got, want, equal_nan=True, **({"rtol": 0, "atol": 0} if exact else {}))
     assert not ta._COUNTERS[q.device].any()
+
+
+@pytest.mark.gpu
+def test_gpu_rope_decode_after_its_projection_under_dependent_launch_gives_the_eager_bits():
+    """A decode step's qkv GEMV then `rope_decode` (16 splits, as the engine's graphs size them), captured with
+    dependent launches as the small-batch decode graphs are, so each split's first key tile is loaded before the
+    wait (`pdl.preloads`) while the GEMV runs. The step's slots are NaN again before the replay: the replay must
+    patch them into its preloaded tiles and write them, giving the eager launch's output and cache bits (no q/k norm,
+    whose sum another compiled variant may order differently)."""
+    from parity.kernels.dispatch import dependent_launches
+    from parity.kernels.triton import fast
+    from parity.kernels.triton import gemv as tg
+
+    gen = torch.Generator().manual_seed(12)
+    dtype, heads, kv_heads, head_dim, block = torch.bfloat16, 16, 8, 128, 16
+    lens = [1500, 17, 1, 700]
+    _, k_cache, v_cache, meta = paged_case("cuda", dtype, [(n - 1, 1) for n in lens], heads, kv_heads, head_dim,
+                                           block, gen)
+    meta.max_seq_len = 8192  # the graphs' max_model_len: 16 splits
+    tables = meta.block_tables.cpu()
+    meta.slot_mapping = torch.tensor([int(tables[s, (n - 1) // block]) * block + (n - 1) % block
+                                      for s, n in enumerate(lens)], device="cuda")
+    width = (heads + 2 * kv_heads) * head_dim
+    x, w, _ = operands(len(lens), width, 1024, dtype, "cuda", gen, False)
+    angles = torch.rand(len(lens), head_dim // 2, generator=gen) * 100
+    cos, sin = (f(torch.cat([angles, angles], dim=-1)).to("cuda", dtype) for f in (torch.cos, torch.sin))
+    slots = meta.slot_mapping.long()
+
+    def step():
+        q, k, v = (t.reshape(len(lens), -1, head_dim)
+                   for t in tg.gemv(x, w).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1))
+        return fast.rope_and_attention(q, k, v, cos, sin, None, None, 1e-6, (k_cache, v_cache), meta, 0.125)
+
+    assert ta.decode_num_splits(len(lens), kv_heads, meta.max_seq_len, ta._num_sms(x.device)) == 16
+    eager = step()
+    eager_cache = (k_cache.clone(), v_cache.clone())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), dependent_launches():
+        replayed = step()
+    for cache in (k_cache, v_cache):
+        cache.view(-1, kv_heads, head_dim)[slots] = float("nan")
+    graph.replay()
+    assert torch.equal(replayed, eager)
+    for got, want in zip((k_cache, v_cache), eager_cache):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -349,12 +349,13 @@ def test_an_engine_process_that_dies_fails_its_requests_and_health(llama_dir):
 def test_the_engine_process_pipe_reads_whole_step_messages_under_uvloop(llama_dir, offline):
     """uvicorn runs on uvloop when it is installed, and uvloop makes an fd it watches non-blocking; a step's
     message that had only partly arrived then read as a dead engine process (seen on the H200 at 256 clients).
-    Here steps' messages are megabytes (top-20 prompt and output logprobs of 16 x 4 samples finishing together)."""
+    Here the last step's message is ~3 MB, against a pipe buffer of 64 KiB (top-20 prompt and output logprobs of
+    16 x 4 samples finishing together)."""
     uvloop = pytest.importorskip("uvloop")
     from parity.server.engine_process import EngineProcess
 
-    prompts = [[3 + (5 * i + j) % 290 for j in range(300)] for i in range(16)]
-    params = SamplingParams(n=4, max_tokens=40, seed=11, temperature=1.0, ignore_eos=True, logprobs=20, prompt_logprobs=20)
+    prompts = [[3 + (5 * i + j) % 290 for j in range(60)] for i in range(16)]
+    params = SamplingParams(n=4, max_tokens=16, seed=11, temperature=1.0, ignore_eos=True, logprobs=20, prompt_logprobs=20)
     engine = EngineProcess(llama_dir, **OPTIONS)
 
     async def main():

@@ -33,7 +33,7 @@ import triton.language as tl
 from parity.kernels import reference
 from parity.kernels.metadata import AttentionMetadata
 from parity.kernels.triton.mma import dot
-from parity.kernels.triton.pdl import LAUNCH, prefetch_rows, wait_for_previous
+from parity.kernels.triton.pdl import LAUNCH, prefetch_rows, preloads, wait_for_previous
 from parity.kernels.triton.rotary import cos_sin_halves, norm_rotate, store_rotated_kv
 
 LOG2E = 1.4426950408889634
@@ -115,24 +115,40 @@ def _paged_rows(block_tables_ptr, seq, stride_bt, offs_n, n_mask, PAGE_SIZE: tl.
 
 
 @triton.jit
-def _key_tile(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi,
-              stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-              PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The log2-scaled scores [rows, BLOCK_N] of the rows' queries against keys [start_n, start_n + BLOCK_N) (masked
-    past hi and past each row's own position q_pos) and those keys' values [BLOCK_N, D]."""
+def _kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi, stride_kt, stride_kh, stride_vt,
+             stride_vh, stride_bt, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The keys and values [BLOCK_N, D] at positions [start_n, start_n + BLOCK_N) (zeros past hi), in the cache's
+    dtype, and those positions."""
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d[None, :] < HEAD_DIM
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hi
     if PAGED:
         kv_rows = _paged_rows(block_tables_ptr, seq, stride_bt, offs_n, n_mask, PAGE_SIZE)
     else:
         kv_rows = (q_start + offs_n).to(tl.int64)
-    kv_mask = n_mask[:, None] & d_mask
+    kv_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v, offs_n
+
+
+@triton.jit
+def _tile_scores(q, q_pos, qk_scale, k, offs_n, hi):
+    """The log2-scaled scores [rows, BLOCK_N] of the rows' queries against the key tile k at positions offs_n, masked
+    past hi and past each row's own position q_pos."""
     s = dot(q, tl.trans(k.to(q.dtype))) * qk_scale
-    return tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf")), v
+    return tl.where((offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < hi), s, float("-inf"))
+
+
+@triton.jit
+def _key_tile(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi,
+              stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+              PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_tile_scores` of the keys [start_n, start_n + BLOCK_N) and those keys' values [BLOCK_N, D]."""
+    k, v, offs_n = _kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi, stride_kt, stride_kh,
+                            stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, PAGED, BLOCK_N, BLOCK_D)
+    return _tile_scores(q, q_pos, qk_scale, k, offs_n, hi), v
 
 
 @triton.jit
@@ -142,6 +158,16 @@ def _attend_keys(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_star
     """Online softmax of the rows' queries over keys [lo, hi), in BLOCK_N tiles from lo. Keys past a row's own
     position (q_pos) are masked for it; a tile with none of its keys left leaves its numbers unchanged."""
     m_i, l_i, acc = _no_keys(ROWS, BLOCK_D)
+    return _attend_more_keys(m_i, l_i, acc, q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head,
+                             lo, hi, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, PAGED,
+                             BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _attend_more_keys(m_i, l_i, acc, q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, lo,
+                      hi, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM: tl.constexpr,
+                      PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_attend_keys` continued from the running (max, sum, accumulator) of the keys before lo."""
     for start_n in range(lo, hi, BLOCK_N):
         s, v = _key_tile(q, q_pos, qk_scale, k_ptr, v_ptr, block_tables_ptr, seq, q_start, kv_head, start_n, hi,
                          stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, PAGED, BLOCK_N,
@@ -350,6 +376,16 @@ def _fast_prefill(q, k, v, out, meta: AttentionMetadata, scale: float, block_tab
 
 
 # --------------------------------------------------------------------------------------------- decode
+@triton.jit
+def _patch_row(k, v, row, k_cache_ptr, v_cache_ptr, offset, BLOCK_D: tl.constexpr):
+    """Key and value tiles [BLOCK_N, D] with the rows where `row` holds replaced by the cache's key and value at
+    `offset` (the two caches share a layout), read back after this block stored them: the values as stored, and the
+    key's norm and rotation compiled exactly as without the patch."""
+    d = tl.arange(0, BLOCK_D)
+    return (tl.where(row[:, None], tl.load(k_cache_ptr + offset + d)[None, :], k),
+            tl.where(row[:, None], tl.load(v_cache_ptr + offset + d)[None, :], v))
+
+
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
@@ -359,9 +395,11 @@ def _decode_kernel(
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct, stride_st,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, PRELOAD: tl.constexpr,
 ):
-    # Until `wait_for_previous`, only step inputs (query starts, lengths), which no kernel of the step writes, are read.
+    # Until `wait_for_previous`, only step inputs (query starts, lengths, block tables), which no kernel of the step
+    # writes, are read, and with PRELOAD (`rope_decode` only) the split's first key tile: earlier steps' keys, but for
+    # the step's own, which this kernel writes and patches into that tile below.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -374,6 +412,10 @@ def _decode_kernel(
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    if PRELOAD:
+        k_first, v_first, offs_first = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, 0, kv_head, start, end,
+                                                stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM,
+                                                PAGE_SIZE, True, BLOCK_N, BLOCK_D)
     wait_for_previous()
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -389,7 +431,8 @@ def _decode_kernel(
                              c1, c2, s1, s2, eps, dt, GROUP, HALF, BLOCK_H, HALF, NORM)
         q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_H, BLOCK_D))  # [q1 | q2]
         slot = tl.load(slot_ptr + token)
-        if (start <= seq_len - 1) & (seq_len - 1 < end) & (slot >= 0):  # the program whose keys include this step's
+        holds = (start <= seq_len - 1) & (seq_len - 1 < end) & (slot >= 0)  # the program whose keys include the step's
+        if holds:
             k1, k2 = norm_rotate(k_new_ptr + kv_head * stride_knh, kw_ptr, token, stride_knt, stride_knh,
                                  c1, c2, s1, s2, eps, dt, 1, HALF, 2, HALF, NORM)
             h = tl.arange(0, 2)[:, None]
@@ -397,15 +440,28 @@ def _decode_kernel(
             store_rotated_kv(k_cache_ptr, v_cache_ptr, slot * stride_kt + (kv_head + h) * stride_kh + j, k1, k2,
                              v_new_ptr + token * stride_vnt + (kv_head + h) * stride_vnh + j, h < 1, HALF)
         tl.debug_barrier()  # the block's cache stores before any of its threads loads keys
+        if PRELOAD:
+            if holds & (seq_len - 1 < start + BLOCK_N):  # the step's key in the preloaded tile: read back as stored
+                k_first, v_first = _patch_row(k_first, v_first, offs_first == seq_len - 1, k_cache_ptr, v_cache_ptr,
+                                              slot * stride_kt + kv_head * stride_kh, BLOCK_D)
     else:
         q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask & d_mask,
                     other=0.0)
 
     # The one query sees every key of the sequence: its position is the last one.
     q_pos = tl.full([BLOCK_H], 0, tl.int32) + seq_len - 1
-    m_i, l_i, acc = _attend_keys(q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, 0, kv_head,
-                                 start, end, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
-                                 BLOCK_H, HEAD_DIM, PAGE_SIZE, True, BLOCK_N, BLOCK_D)
+    if PRELOAD:  # the first tile from registers, then the loop's own from its second: the same operations
+        m_i, l_i, acc = _no_keys(BLOCK_H, BLOCK_D)
+        m_i, l_i, acc = _online_softmax_step(_tile_scores(q, q_pos, qk_scale, k_first, offs_first, end), v_first,
+                                             m_i, l_i, acc)
+        m_i, l_i, acc = _attend_more_keys(m_i, l_i, acc, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr,
+                                          block_tables_ptr, seq, 0, kv_head, start + BLOCK_N, end, stride_kt,
+                                          stride_kh, stride_vt, stride_vh, stride_bt, HEAD_DIM, PAGE_SIZE, True,
+                                          BLOCK_N, BLOCK_D)
+    else:
+        m_i, l_i, acc = _attend_keys(q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, 0, kv_head,
+                                     start, end, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+                                     BLOCK_H, HEAD_DIM, PAGE_SIZE, True, BLOCK_N, BLOCK_D)
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty range (padding row, or split past the end) gives 0
     out_offs = token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -516,8 +572,8 @@ def _decode(q, k_cache, v_cache, out, meta: AttentionMetadata, scale: float, spl
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         NUM_SPLITS=splits, MIXED=mixed, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
         BLOCK_D=triton.next_power_of_2(head_dim), ROPE=rope is not None,
-        NORM=rope is not None and rope.q_weight is not None, num_warps=4, num_stages=2,
-        **LAUNCH,
+        NORM=rope is not None and rope.q_weight is not None, PRELOAD=rope is not None and splits > 1 and preloads(),
+        num_warps=4, num_stages=2, **LAUNCH,
     )
 
 

@@ -13,8 +13,12 @@ it (the qkv and gate_up projections), `gemv_silu_and_mul` applies SiLU-and-mul t
 storing it; `rms_norm_gemv(..., silu_and_mul=True)` does both in one launch. All round every intermediate as the
 unfused kernels do. Fast mode takes them where they time faster than the unfused pair: `gemv_silu_and_mul` for the
 gate_up projection alone (`fast.linear_silu_and_mul`), `rms_norm_gemv` for a decoder layer's input norm + qkv
-projection and its post-attention norm + gate_up projection with SiLU-and-mul (`fast.rms_norm_linear`). None has
-been timed on a GPU so far (`benchmarks/gemv_sweep.py --fused`).
+projection and its post-attention norm + gate_up projection with SiLU-and-mul (`fast.rms_norm_linear`), each timed
+against the unfused pair under dependent launch.
+
+Under dependent launch (`pdl.preloads`) a program loads its first one or two W chunks before `wait_for_previous`,
+so they stream while the previous kernel finishes; a layer's four projections at batch 1 were ~20 us of a 1 ms step,
+about 37% of the bandwidth, because each read started only once the kernel before it was done.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import triton.language as tl
 
 from parity.kernels.triton.elementwise import silu_mul
 from parity.kernels.triton.norm import scale_normalised
-from parity.kernels.triton.pdl import LAUNCH, wait_for_previous
+from parity.kernels.triton.pdl import LAUNCH, preloads, wait_for_previous
 
 __all__ = ["MAX_ROWS", "gemv", "gemv_config", "gemv_silu_and_mul", "rms_norm_gemv"]
 
@@ -96,6 +100,30 @@ def _row_dot(w, x_row_ptr, r_row_ptr, kk, mask, norm_w, inv, dt: tl.constexpr, N
 
 
 @triton.jit
+def _w_chunk(w_rows, kk, tile_mask, K):
+    """The program's W tile [rows, BLOCK_K] at columns kk (zeros past K), in W's dtype."""
+    return tl.load(w_rows + kk[None, :], mask=tile_mask[:, None] & (kk[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _accumulate(w, kk, acc0, acc1, acc2, acc3, x_ptr, r_ptr, norm_w_ptr, K, k1, k2, k3, stride_xm, stride_rm,
+                inv0, inv1, inv2, inv3, dt: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                ROWS: tl.constexpr):
+    """Each row's accumulator plus its partial dot products with one W chunk (columns kk)."""
+    w = w.to(tl.float32)
+    norm_w = tl.load(norm_w_ptr + kk, mask=kk < K, other=0.0).to(tl.float32) if NORM else 1.0
+    acc0 += _row_dot(w, x_ptr, r_ptr, kk, kk < K, norm_w, inv0, dt, NORM, HAS_RESIDUAL)  # M >= 1 when it runs
+    if ROWS > 1:
+        acc1 += _row_dot(w, x_ptr + stride_xm, r_ptr + stride_rm, kk, kk < k1, norm_w, inv1, dt, NORM, HAS_RESIDUAL)
+    if ROWS > 2:
+        acc2 += _row_dot(w, x_ptr + 2 * stride_xm, r_ptr + 2 * stride_rm, kk, kk < k2, norm_w, inv2, dt, NORM,
+                         HAS_RESIDUAL)
+        acc3 += _row_dot(w, x_ptr + 3 * stride_xm, r_ptr + 3 * stride_rm, kk, kk < k3, norm_w, inv3, dt, NORM,
+                         HAS_RESIDUAL)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _row_output(acc, dt: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr):
     """One row's BLOCK_N outputs in `dt`: its sums or, with GLU, silu(gate) * up of the tile's interleaved (gate, up)
     pairs, each rounded to `dt` first as the unfused GEMV's output is."""
@@ -116,7 +144,7 @@ def _row_output(acc, dt: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr)
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, norm_w_ptr, sum_ptr, M, N, K, stride_xm, stride_rm, stride_wn, stride_ym, eps,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GLU: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRELOAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if GLU:  # tile row 2j is gate column j, row 2j + 1 up column j (W row N + j): one tile load streams both
@@ -127,9 +155,14 @@ def _gemv_kernel(
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         w_idx = cols
     tile_mask = cols < N
-    wait_for_previous()
     w_rows = (w_ptr + w_idx.to(tl.int64) * stride_wn)[:, None]
     offs_k = tl.arange(0, BLOCK_K)
+    # Weights are no kernel's output (pdl.py): the first PRELOAD chunks (0-2) load while the previous kernel runs.
+    if PRELOAD > 0:
+        w_a = _w_chunk(w_rows, offs_k, tile_mask, K)
+    if PRELOAD > 1:
+        w_b = _w_chunk(w_rows, BLOCK_K + offs_k, tile_mask, K)
+    wait_for_previous()
     # A row past M reads and writes nothing: its K and N bounds are 0 (bounds rather than `mask & (M > r)`, which
     # the interpreter turns into an int32 mask).
     k1, k2, k3 = tl.where(M > 1, K, 0), tl.where(M > 2, K, 0), tl.where(M > 3, K, 0)
@@ -143,19 +176,20 @@ def _gemv_kernel(
     acc1 = tl.zeros(w_idx.shape, tl.float32)
     acc2 = tl.zeros(w_idx.shape, tl.float32)
     acc3 = tl.zeros(w_idx.shape, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # The preloaded chunks first, then the loop's: the same sums in the same order as the loop alone.
+    if PRELOAD > 0:
+        acc0, acc1, acc2, acc3 = _accumulate(w_a, offs_k, acc0, acc1, acc2, acc3, x_ptr, r_ptr, norm_w_ptr, K, k1, k2,
+                                             k3, stride_xm, stride_rm, inv0, inv1, inv2, inv3, dt, NORM, HAS_RESIDUAL,
+                                             ROWS)
+    if PRELOAD > 1:
+        acc0, acc1, acc2, acc3 = _accumulate(w_b, BLOCK_K + offs_k, acc0, acc1, acc2, acc3, x_ptr, r_ptr, norm_w_ptr,
+                                             K, k1, k2, k3, stride_xm, stride_rm, inv0, inv1, inv2, inv3, dt, NORM,
+                                             HAS_RESIDUAL, ROWS)
+    for k0 in range(PRELOAD * BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
-        w = tl.load(w_rows + kk[None, :], mask=tile_mask[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-        norm_w = tl.load(norm_w_ptr + kk, mask=kk < K, other=0.0).to(tl.float32) if NORM else 1.0
-        acc0 += _row_dot(w, x_ptr, r_ptr, kk, kk < K, norm_w, inv0, dt, NORM, HAS_RESIDUAL)  # M >= 1 when it runs
-        if ROWS > 1:
-            acc1 += _row_dot(w, x_ptr + stride_xm, r_ptr + stride_rm, kk, kk < k1, norm_w, inv1, dt, NORM,
-                             HAS_RESIDUAL)
-        if ROWS > 2:
-            acc2 += _row_dot(w, x_ptr + 2 * stride_xm, r_ptr + 2 * stride_rm, kk, kk < k2, norm_w, inv2, dt, NORM,
-                             HAS_RESIDUAL)
-            acc3 += _row_dot(w, x_ptr + 3 * stride_xm, r_ptr + 3 * stride_rm, kk, kk < k3, norm_w, inv3, dt, NORM,
-                             HAS_RESIDUAL)
+        acc0, acc1, acc2, acc3 = _accumulate(_w_chunk(w_rows, kk, tile_mask, K), kk, acc0, acc1, acc2, acc3, x_ptr,
+                                             r_ptr, norm_w_ptr, K, k1, k2, k3, stride_xm, stride_rm, inv0, inv1, inv2,
+                                             inv3, dt, NORM, HAS_RESIDUAL, ROWS)
     if HAS_BIAS:
         b = tl.load(b_ptr + w_idx, mask=tile_mask, other=0.0).to(tl.float32)
         acc0 += b
@@ -215,7 +249,8 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y
             residual_sum: torch.Tensor | None = None, glu: bool = False) -> None:
     """y [M, N] from one `_gemv_kernel` launch; the keyword operands switch on the fused variants' parts. Default
     tiles: `gemv_config` of the whole weight; with GLU its BLOCK_N halved, since a program's tile holds BLOCK_N gate
-    and BLOCK_N up rows: the same W tile and program count as the unfused gate_up GEMV's."""
+    and BLOCK_N up rows: the same W tile and program count as the unfused gate_up GEMV's. Under `pdl.preloads()`
+    the first (up to two) W chunks load before the wait (the same sums in the same order)."""
     (m, k), n = x2.shape, y.shape[1]
     if not (m and n):
         return
@@ -228,8 +263,8 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y
         x2, weight, bias if bias is not None else weight, y, r2, norm_weight if norm_weight is not None else weight,
         residual_sum if residual_sum is not None else y, m, n, k, x2.stride(0), r2.stride(0), weight.stride(0),
         y.stride(0), float(eps), HAS_BIAS=bias is not None, NORM=norm_weight is not None,
-        HAS_RESIDUAL=residual is not None, GLU=glu, ROWS=triton.next_power_of_2(m), **tiles,
-        **LAUNCH,
+        HAS_RESIDUAL=residual is not None, GLU=glu, ROWS=triton.next_power_of_2(m),
+        PRELOAD=min(2, triton.cdiv(k, tiles["BLOCK_K"])) if preloads() else 0, **tiles, **LAUNCH,
     )
 
 

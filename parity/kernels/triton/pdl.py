@@ -27,6 +27,12 @@ did a layer asking L2 for its o, gate_up and down weights during its attention (
 4.81 -> 4.94 ms at 8B): they do not prefetch. A prefetch only moves data into L2 (the GPU's point of coherence) and
 returns nothing, so it cannot change a result. Launched plainly, a kernel does not prefetch (it would only precede
 its own loads); PARITY_PREFETCH=0 turns the prefetches off (to time them against none).
+
+Fast mode instead loads into registers before the wait (`preloads()`): the GEMV its first one or two weight chunks,
+the split RoPE decode its split's first key tile (the step's own key, which that kernel writes, is read back after
+its store and patched in). The later code sums the preloaded chunks and tiles as the plain loop would, so the bits
+are the plain launch's. The batch-1 step fell from 1.028 to 0.899-0.912 ms per token on the H200
+(`benchmarks/batch1_ab.py`, PARITY_PRELOAD=1,0, two calls); PARITY_PRELOAD=0 turns it off.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["ENABLED", "LAUNCH", "dependent_launches", "prefetch_rows", "wait_for_previous"]
+__all__ = ["ENABLED", "LAUNCH", "dependent_launches", "prefetch_rows", "preloads", "wait_for_previous"]
 
 
 def _supported() -> bool:
@@ -52,7 +58,15 @@ def _supported() -> bool:
 _ON = _supported()
 ENABLED = tl.constexpr(_ON)
 PREFETCH_ENABLED = tl.constexpr(_ON and os.environ.get("PARITY_PREFETCH", "1") != "0")
+PRELOAD_ENABLED = _ON and os.environ.get("PARITY_PRELOAD", "1") != "0"
 LAUNCH: dict = {}  # launch options for every kernel that waits; filled in place by `dependent_launches`
+
+
+def preloads() -> bool:
+    """Whether a kernel launched now loads its first read-only operands into registers before `wait_for_previous`
+    (fast mode's GEMV: its first weight chunks; split decode: its first key tile): only under dependent launch,
+    where that load overlaps the previous kernel. PARITY_PRELOAD=0 turns it off (to time it against none)."""
+    return PRELOAD_ENABLED and bool(LAUNCH)
 
 
 @contextmanager
