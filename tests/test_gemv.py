@@ -117,7 +117,9 @@ def test_gemv_at_the_device_launches_matches_float64(rows):
     that fill no block, so their masks are checked here too, in the interpreter or compiled."""
     gen = torch.Generator().manual_seed(31)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for n, k in [(4100, 300), (1030, 2100), (100, 3000)]:
+    # N not a multiple of the 4 columns a program: the tail program's masks (the interpreter's cost is per program)
+    shapes = [(4102, 300), (1030, 2100), (102, 3000)] if device == "cuda" else [(42, 300), (30, 2100), (10, 3000)]
+    for n, k in shapes:
         x, w, b = operands(rows, n, k, torch.bfloat16, device, gen, bias=True)
         out = tg.gemv(x, w, b, tg._device_config(n, k, rows))
         assert rel_err(out, truth(x, w, b)) < TOL[torch.bfloat16], (n, k)
