@@ -1,4 +1,5 @@
-"""parity's batch-1 latency under settings that only an environment variable switches (PARITY_PREFETCH, PARITY_PDL),
+"""parity's batch-1 latency under settings that only an environment variable switches (PARITY_PRELOAD, PARITY_PREFETCH,
+PARITY_PDL),
 measured as the peer benchmark measures it (one fresh 1024-token prompt, 512 greedy tokens: ms per token after the
 first, and the TTFT): each setting in a fresh process on one written model, the settings in turn for `--rounds`
 rounds, so that a same-call comparison sees the machine's drift in both. The profiler-traced step of
